@@ -1,0 +1,381 @@
+"""FFN-level sparse assembly: dense experts in, a stock Mixtral / Qwen-MoE checkpoint out.
+
+`plan()` decides where every output tensor comes from without reading tensor data; `assemble()`
+executes the plan layer by layer: it reads one layer of every expert, fits that layer's router on
+the prompts, measures the routing report, and streams the tensors into sharded safetensors.
+Peak memory is one output shard plus one layer's experts, whatever the number of experts.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+import yaml
+from tqdm.auto import tqdm
+
+from moe_merge import card, report
+from moe_merge.arch import ARCHITECTURE_NAMES, FAMILIES, FORMATS, MLP_KEY, MLP_PROJS, MoEFormat, is_mlp_tensor, layer_of
+from moe_merge.config import MergeConfig
+from moe_merge.errors import CompatibilityError, ConfigError, SourceError
+from moe_merge.merge import static_merge
+from moe_merge.outdir import atomic_output_dir
+from moe_merge.probe import LayerRunner, Stream, make_streams, pad_token_for
+from moe_merge.routers import prompt_init
+from moe_merge.sources import Checkpoint, Expert, open_expert, resolve_path
+from moe_merge.writer import ShardWriter
+
+logger = logging.getLogger(__name__)
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja")
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# Dense-only config fields the MoE configs do not have.
+DENSE_ONLY_FIELDS = ("architectures", "model_type", "transformers_version", "_name_or_path", "auto_map",
+                     "mlp_bias", "pretraining_tp", "torch_dtype")
+
+
+@dataclass(frozen=True)
+class TensorPlan:
+    """One output tensor: its name and where it comes from."""
+
+    name: str
+    source: Literal["base", "static", "expert", "shared", "router", "shared_router"]
+    tensor: str | None = None  # input tensor name
+    expert: int | None = None
+
+
+@dataclass
+class Recipe:
+    """A validated config with its sources opened (lazily) and its output format chosen."""
+
+    config: MergeConfig
+    base: Checkpoint
+    experts: list[Expert]
+    shared: Expert | None
+    fmt: MoEFormat
+    labels: list[str] = field(default_factory=list)
+
+
+def open_recipe(config: MergeConfig, recipe_dir: Path | None = None) -> Recipe:
+    """Open the base and every expert and check they fit together, before any tensor is read."""
+    base = Checkpoint(resolve_path(config.base_model, recipe_dir))
+    if base.family not in FAMILIES:
+        raise CompatibilityError(
+            f"base {base.path}/config.json has model_type {base.family!r}; supported: {', '.join(FAMILIES)}"
+        )
+    experts = [open_expert(e.source_model, base, recipe_dir) for e in config.experts]
+    shared = open_expert(config.shared_experts[0].source_model, base, recipe_dir) if config.shared_experts else None
+    fmt = choose_format(config, base)
+    labels = [e.label for e in config.experts]
+    if len(set(labels)) != len(labels):
+        labels = [f"{i}:{label}" for i, label in enumerate(labels)]
+    return Recipe(config, base, experts, shared, fmt, labels)
+
+
+def choose_format(config: MergeConfig, base: Checkpoint) -> MoEFormat:
+    family = FAMILIES[base.family]
+    if config.architecture is not None:
+        key = ARCHITECTURE_NAMES.get(config.architecture.lower())
+        if key is None:
+            raise ConfigError(
+                f"`architecture: {config.architecture}` is not supported; choose one of {', '.join(ARCHITECTURE_NAMES)}"
+            )
+        fmt = FORMATS[key]
+        if fmt not in (family.moe, family.moe_with_shared):
+            raise ConfigError(f"`architecture: {config.architecture}` cannot be built from a {base.family} base")
+    else:
+        fmt = family.moe_with_shared if config.shared_experts else family.moe
+    if config.shared_experts and fmt.shared_expert_key is None:
+        raise ConfigError(
+            f"`shared_experts` needs an output with a shared expert (Qwen2-MoE), which a {base.family} base cannot become"
+        )
+    if fmt.shared_expert_key is not None and not config.shared_experts:
+        raise ConfigError(
+            "Qwen2-MoE output needs exactly one entry in `shared_experts` (e.g. the base: "
+            "`shared_experts: [{source_model: <base_model>}]`)"
+        )
+    for key in ("attention_bias", "mlp_bias"):
+        if base.config.get(key) and not (key == "attention_bias" and fmt.model_type == "qwen2_moe" and base.family == "qwen2"):
+            raise CompatibilityError(f"{base.path}/config.json sets `{key}: true`, which {fmt.architecture} cannot hold")
+    return fmt
+
+
+def moe_config(recipe: Recipe):
+    """The output config: the base's, plus the MoE fields of the chosen format."""
+    from transformers import AutoConfig
+
+    cfg = recipe.config
+    fields = {k: v for k, v in recipe.base.config.items() if k not in DENSE_ONLY_FIELDS}
+    n, inter = len(recipe.experts), recipe.base.config["intermediate_size"]
+    if recipe.fmt.model_type == "mixtral":
+        fields.pop("attention_bias", None)
+        fields.update(num_local_experts=n, num_experts_per_tok=cfg.experts_per_token)
+    else:
+        fields.update(num_experts=n, num_experts_per_tok=cfg.experts_per_token, moe_intermediate_size=inter,
+                      norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[])
+        if recipe.fmt.model_type == "qwen2_moe":
+            fields["qkv_bias"] = recipe.base.family == "qwen2"
+            fields.pop("attention_bias", None)
+            fields["shared_expert_intermediate_size"] = inter
+    if cfg.dtype:
+        fields["dtype"] = cfg.dtype
+    config = AutoConfig.for_model(recipe.fmt.model_type, **fields)
+    config.architectures = [recipe.fmt.architecture]
+    return config
+
+
+def plan(recipe: Recipe) -> list[TensorPlan]:
+    """Every output tensor, in write order (globals first, then layer by layer), without reading data."""
+    non_expert = "base" if recipe.config.non_expert == "base" else "static"
+    fmt, layers = recipe.fmt, recipe.base.config["num_hidden_layers"]
+    by_layer: dict[int | None, list[str]] = {}
+    for name in recipe.base.keys():
+        by_layer.setdefault(layer_of(name), []).append(name)
+    out: list[TensorPlan] = []
+    for name in sorted(by_layer.pop(None, []), key=lambda n: (not n.startswith("model.embed"), n)):
+        out.append(TensorPlan(name, non_expert, name))
+    for layer in range(layers):
+        for name in sorted(by_layer.get(layer, [])):
+            if not is_mlp_tensor(name):
+                out.append(TensorPlan(name, non_expert, name))
+        for e in range(len(recipe.experts)):
+            for proj in MLP_PROJS:
+                src = MLP_KEY.format(layer=layer, proj=proj)
+                out.append(TensorPlan(fmt.expert_tensor(layer, e, proj), "expert", src, e))
+        if recipe.shared is not None:
+            for proj in MLP_PROJS:
+                src = MLP_KEY.format(layer=layer, proj=proj)
+                out.append(TensorPlan(fmt.shared_expert_key.format(layer=layer, proj=proj), "shared", src))
+            out.append(TensorPlan(fmt.shared_router_key.format(layer=layer), "shared_router"))
+        out.append(TensorPlan(fmt.router_key.format(layer=layer), "router"))
+    return out
+
+
+class TensorReader:
+    """Produces each planned tensor from the sources, in the output dtype."""
+
+    def __init__(self, recipe: Recipe, dtype: torch.dtype | None, seed: int):
+        self.recipe, self.dtype, self.seed = recipe, dtype, seed
+
+    def __call__(self, p: TensorPlan) -> torch.Tensor:
+        cfg = self.recipe.config
+        if p.source == "base":
+            t = self.recipe.base.get(p.tensor)
+        elif p.source == "static":
+            base = self.recipe.base.get(p.tensor)
+            deltas = [self._checked(e, p.tensor, base).float() - base.float() for e in self.recipe.experts]
+            t = static_merge(cfg.non_expert, base, deltas, scale=cfg.merge.scale, density=cfg.merge.density,
+                             weights=cfg.merge.weights, seed=self.seed, name=p.tensor)
+        else:
+            expert = self.recipe.shared if p.source == "shared" else self.recipe.experts[p.expert]
+            spec = cfg.shared_experts[0] if p.source == "shared" else cfg.experts[p.expert]
+            t = self._checked(expert, p.tensor, None)
+            if spec.noise_scale:
+                g = torch.Generator().manual_seed(self.seed * 7919 + (p.expert or 0) * 104729 + len(p.name))
+                t = t + torch.randn(t.shape, generator=g).to(t.dtype) * spec.noise_scale
+            if spec.residual_scale is not None and p.tensor.endswith("down_proj.weight"):
+                t = t * spec.residual_scale
+        return t.to(self.dtype) if self.dtype else t
+
+    def _checked(self, expert: Expert, name: str, base: torch.Tensor | None) -> torch.Tensor:
+        t = expert.get(name)
+        want = tuple(base.shape) if base is not None else self.recipe.base.shape(name)
+        if tuple(t.shape) != want:
+            raise CompatibilityError(
+                f"tensor {name!r} has shape {tuple(t.shape)} in {expert.path} but {want} in the base "
+                f"{self.recipe.base.path}"
+            )
+        return t
+
+
+def assemble(
+    config: MergeConfig,
+    out_dir: Path | str,
+    *,
+    recipe_dir: Path | None = None,
+    force: bool = False,
+    device: str = "cpu",
+    dtype: str | None = None,
+    shard_size: int = 5 * 2**30,
+    seed: int | None = None,
+) -> Path:
+    """Build the MoE checkpoint described by `config` into `out_dir` (atomically)."""
+    from transformers import AutoTokenizer
+
+    recipe = open_recipe(config, recipe_dir)
+    if dtype:
+        config = config.model_copy(update={"dtype": dtype})
+        recipe.config = config
+    seed = config.seed if seed is None else seed
+    out_config = moe_config(recipe)
+    out_dtype = DTYPES.get(config.dtype or str(recipe.base.config.get("dtype") or recipe.base.config.get("torch_dtype")))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(recipe.base.path)
+    except Exception as e:
+        raise SourceError(f"cannot load the base tokenizer from {recipe.base.path}: {e}") from None
+    pad_token_for(tokenizer)
+    entries = plan(recipe)
+    read = TensorReader(recipe, out_dtype, seed)
+    layers = out_config.num_hidden_layers
+    logger.info("assembling %d experts x %d layers into %s (%s)", len(recipe.experts), layers,
+                recipe.fmt.architecture, out_dir)
+
+    with atomic_output_dir(out_dir, force=force) as tmp:
+        writer = ShardWriter(tmp, shard_size)
+        fitter = RouterFitter(recipe, out_config, tokenizer, seed, device)
+        by_layer: dict[int | None, list[TensorPlan]] = {}
+        for p in entries:
+            by_layer.setdefault(layer_of(p.name), []).append(p)
+        globals_ = by_layer.pop(None)
+        for p in globals_:
+            t = read(p)
+            writer.add(p.name, t)
+            if p.name == "model.embed_tokens.weight":
+                fitter.start(t)
+        for layer in tqdm(range(layers), desc="assembling layers", disable=None):
+            tensors = {p.name: read(p) for p in by_layer[layer] if p.tensor is not None}
+            routers = fitter.layer(layer, tensors)
+            for p in by_layer[layer]:
+                writer.add(p.name, tensors[p.name] if p.tensor is not None else routers[p.source].to(out_dtype or torch.float32))
+            del tensors
+        writer.finalize()
+        out_config.save_pretrained(tmp)
+        _write_generation_config(recipe.base.path, tmp)
+        for name in TOKENIZER_FILES:  # unchanged: no pad token injected into the user's files
+            if (recipe.base.path / name).is_file():
+                shutil.copy2(recipe.base.path / name, tmp / name)
+        resolved = config.model_dump(mode="json", exclude_defaults=False)
+        (tmp / "moe-merge.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+        rep = fitter.report()
+        report.write(rep, tmp)
+        card.write_card(tmp, recipe, rep)
+    return Path(out_dir)
+
+
+def _write_generation_config(base_path: Path, out: Path) -> None:
+    src = base_path / "generation_config.json"
+    if src.is_file():
+        shutil.copy2(src, out / "generation_config.json")
+    else:
+        from transformers import GenerationConfig
+
+        cfg = json.loads((base_path / "config.json").read_text())
+        GenerationConfig(**{k: cfg[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in cfg}).save_pretrained(out)
+
+
+class RouterFitter:
+    """Fits each layer's router on the prompts as the layers stream past, and records the routing report."""
+
+    def __init__(self, recipe: Recipe, out_config, tokenizer, seed: int, device: str):
+        self.recipe, self.config, self.tokenizer = recipe, out_config, tokenizer
+        self.spec = recipe.config.router_spec
+        self.runner = LayerRunner(out_config)
+        self.generator = torch.Generator().manual_seed(seed)
+        self.device = device
+        self.layers: list[dict] = []
+
+    def start(self, embed: torch.Tensor) -> None:
+        experts = self.recipe.config.experts
+        embed = embed.float()
+        self.calib = make_streams(self.tokenizer, embed, [e.positive_prompts for e in experts], force=True)
+        self.negative = make_streams(self.tokenizer, embed, [e.negative_prompts for e in experts], force=True)
+        self.examples = make_streams(self.tokenizer, embed, [e.examples for e in experts], force=True)
+        shared = self.recipe.config.shared_experts
+        self.shared_calib = make_streams(self.tokenizer, embed, [shared[0].positive_prompts], force=True)[0] if shared else None
+        evals = [e.eval_prompts if e.eval_prompts is not None else e.positive_prompts for e in experts]
+        self.evals = make_streams(self.tokenizer, embed, evals, force=False)
+        self.embed_means = [
+            prompt_init.TokenSet(s.hidden, s.mask).prompt_means() if s is not None else None
+            for s in self.calib + self.negative
+        ]
+
+    def layer(self, layer: int, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Fit this layer's routers; advance every stream through the finished layer."""
+        num_experts, hidden = len(self.recipe.experts), self.config.hidden_size
+        state = self._layer_state(layer, tensors, torch.zeros(num_experts, hidden))
+        module = self.runner.build(layer, state)
+        positive = self._features(module, self.calib)
+        negative = self._features(module, self.negative)
+        examples = self._features(module, self.examples)
+        shared_features = self._features(module, [self.shared_calib])[0] if self.shared_calib else None
+        weight = self._init(positive, negative, examples)
+        scale = None
+        calib_tokens = [s.tokens() for s in positive + examples if s is not None]
+        if self.spec.calibrate is not None and calib_tokens and self.spec.init != "uniform" and weight.abs().sum() > 0:
+            weight, scale = prompt_init.calibrate(weight, torch.cat(calib_tokens), self.spec.calibrate)
+        routers = {"router": weight}
+        if self.recipe.shared is not None:
+            routers["shared_router"] = self._shared_router(shared_features, positive)
+            module.mlp.shared_expert_gate.weight.data = routers["shared_router"].float()
+        module.mlp.gate.weight.data = weight.float()
+        stats = [self.runner.step(module, s)[1] if s is not None else None for s in self.evals]
+        self.layers.append(report.layer_stats(layer, stats, self.evals, weight, self.config.num_experts_per_tok, scale))
+        return routers
+
+    def _features(self, module, streams: list[Stream | None]) -> list[prompt_init.TokenSet | None]:
+        return [self.runner.step(module, s)[0] if s is not None else None for s in streams]
+
+    def _init(self, positive, negative, examples) -> torch.Tensor:
+        init, num_experts, hidden = self.spec.init, len(self.recipe.experts), self.config.hidden_size
+        if init == "hidden":
+            return prompt_init.hidden(positive, negative)
+        if init == "hidden_last":
+            return prompt_init.hidden_last(positive, negative)
+        if init == "fit":
+            sets = [_join(p, x) for p, x in zip(positive, examples)]
+            return prompt_init.fit(sets, self.spec.ridge)
+        if init == "cheap_embed":
+            pos, neg = self.embed_means[:num_experts], self.embed_means[num_experts:]
+            return prompt_init.cheap_embed(pos, neg)
+        if init == "random":
+            return prompt_init.random(num_experts, hidden, self.spec.random_std, self.generator)
+        return prompt_init.uniform(num_experts, hidden, self.generator)
+
+    def _shared_router(self, shared_features, positive) -> torch.Tensor:
+        """Qwen2-MoE's sigmoid gate on the shared expert: zero (a constant 0.5) unless the shared expert has
+        prompts, then their direction against the routed experts' prompts, as mergekit does."""
+        if shared_features is None:
+            return torch.zeros(1, self.config.hidden_size)
+        others = torch.cat([p.prompt_means() for p in positive if p is not None])
+        return prompt_init.direction_rows([shared_features.prompt_means()], [others])
+
+    def _layer_state(self, layer: int, tensors: dict[str, torch.Tensor], router: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The stock decoder layer's in-memory state dict (transformers 5 fused experts) from output tensors."""
+        fmt, prefix = self.recipe.fmt, f"model.layers.{layer}."
+        state = {}
+        expert_names = set()
+        for e in range(len(self.recipe.experts)):
+            expert_names.update(fmt.expert_tensor(layer, e, p) for p in MLP_PROJS)
+        for name, t in tensors.items():
+            if name not in expert_names and not (fmt.shared_expert_key and ".shared_expert." in name):
+                state[name.removeprefix(prefix)] = t
+        def stack(proj):
+            return torch.stack([tensors[fmt.expert_tensor(layer, e, proj)] for e in range(len(self.recipe.experts))])
+        state["mlp.experts.gate_up_proj"] = torch.cat([stack("gate_proj"), stack("up_proj")], dim=1)
+        state["mlp.experts.down_proj"] = stack("down_proj")
+        state["mlp.gate.weight"] = router
+        if self.recipe.shared is not None:
+            for proj in MLP_PROJS:
+                state[f"mlp.shared_expert.{proj}.weight"] = tensors[fmt.shared_expert_key.format(layer=layer, proj=proj)]
+            state["mlp.shared_expert_gate.weight"] = torch.zeros(1, self.config.hidden_size)
+        return state
+
+    def report(self) -> dict:
+        return report.summarise(self.layers, [e.label for e in self.recipe.config.experts], self.recipe.config)
+
+
+def _join(a: prompt_init.TokenSet | None, b: prompt_init.TokenSet | None) -> prompt_init.TokenSet:
+    parts = [s for s in (a, b) if s is not None]
+    if len(parts) == 1:
+        return parts[0]
+    width = max(s.states.shape[1] for s in parts)
+    pad = lambda s: (torch.nn.functional.pad(s.states, (0, 0, 0, width - s.states.shape[1])),
+                     torch.nn.functional.pad(s.mask, (0, width - s.mask.shape[1])))
+    (xa, ma), (xb, mb) = pad(parts[0]), pad(parts[1])
+    return prompt_init.TokenSet(torch.cat([xa, xb]), torch.cat([ma, mb]))

@@ -1,0 +1,21 @@
+"""Typed errors. Library code raises these; only the CLI turns them into exit codes."""
+
+
+class MoEMergeError(Exception):
+    """Base class: a problem with the user's inputs, with a message that says what to do."""
+
+
+class ConfigError(MoEMergeError):
+    """The recipe YAML is invalid (the message names the field and the line)."""
+
+
+class SourceError(MoEMergeError):
+    """A checkpoint or adapter cannot be read (the message names the file or tensor)."""
+
+
+class CompatibilityError(MoEMergeError):
+    """An expert does not fit the base (the message names both files and the field)."""
+
+
+class OutputExistsError(MoEMergeError):
+    """The output directory exists and --force was not given."""

@@ -1,0 +1,98 @@
+"""Run prompts through the MoE being assembled, one decoder layer at a time.
+
+Only one layer's weights are ever in memory. Each layer is the output architecture's own stock
+decoder layer, so what the routers are fitted on, and what the routing report measures, is what
+transformers will compute when it loads the result.
+
+Two kinds of prompt batch ("streams") flow through:
+- calibration streams of expert e are routed one-hot to e, which is what perfect routing would
+  do; their MLP inputs are the states expert e's router must recognise;
+- eval streams are routed by the routers just fitted, as the finished model routes them.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+
+import torch
+
+from moe_merge.routers.prompt_init import TokenSet
+
+
+@dataclass
+class Stream:
+    """A right-padded batch of prompts and its residual stream at the current layer."""
+
+    ids: torch.Tensor  # [B, T]
+    mask: torch.Tensor  # [B, T]
+    hidden: torch.Tensor  # [B, T, H]
+    expert: int  # the expert these prompts belong to
+    force: bool  # route one-hot to `expert` (calibration) or by the router (eval)
+
+
+def make_streams(tokenizer, embed: torch.Tensor, prompts: list[list[str]], force: bool) -> list[Stream | None]:
+    """One stream per expert from its prompts (None where an expert has none)."""
+    streams: list[Stream | None] = []
+    for expert, texts in enumerate(prompts):
+        if not texts:
+            streams.append(None)
+            continue
+        enc = tokenizer(texts, return_tensors="pt", padding=True, padding_side="right")
+        mask = enc["attention_mask"]
+        streams.append(Stream(enc["input_ids"], mask, embed[enc["input_ids"]].float(), expert, force))
+    return streams
+
+
+def pad_token_for(tokenizer) -> None:
+    """Batching needs a pad id; padded positions are masked everywhere, so any id will do.
+    This touches the in-memory tokenizer only, never the files copied to the output."""
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token or tokenizer.convert_ids_to_tokens(0)
+
+
+class LayerRunner:
+    """Holds the output config and builds stock decoder layers from per-layer state dicts."""
+
+    def __init__(self, config):
+        self.config = config
+        module = importlib.import_module(f"transformers.models.{config.model_type}.modeling_{config.model_type}")
+        prefix = config.architectures[0].removesuffix("ForCausalLM")
+        self.layer_cls = getattr(module, f"{prefix}DecoderLayer")
+        config._attn_implementation = "sdpa"
+        config._experts_implementation = "eager"
+        self.rotary = getattr(module, f"{prefix}RotaryEmbedding")(config)
+
+    def build(self, layer_idx: int, state_dict: dict[str, torch.Tensor]) -> torch.nn.Module:
+        with torch.device("meta"):
+            layer = self.layer_cls(self.config, layer_idx)
+        layer.load_state_dict({k: v.float() for k, v in state_dict.items()}, strict=True, assign=True)
+        return layer.eval()
+
+    @torch.no_grad()
+    def step(self, layer: torch.nn.Module, stream: Stream) -> tuple[TokenSet, torch.Tensor]:
+        """Advance `stream` through `layer`; return the MLP input and the router logits [B, T, E]."""
+        captured = {}
+
+        def grab_input(_module, args):
+            captured["x"] = args[0]
+
+        def route(_module, _args, out):
+            captured["logits"] = out[0]
+            if stream.force:
+                n = out[0].shape[0]
+                return out[0], torch.ones(n, 1, dtype=out[1].dtype), torch.full((n, 1), stream.expert)
+            return out
+
+        hooks = [layer.mlp.register_forward_pre_hook(grab_input), layer.mlp.gate.register_forward_hook(route)]
+        try:
+            b, t = stream.ids.shape
+            position_ids = torch.arange(t).unsqueeze(0).expand(b, t)
+            position_embeddings = self.rotary(stream.hidden, position_ids)
+            # Right padding and a causal mask: real tokens never see padding, so no mask is needed.
+            stream.hidden = layer(stream.hidden, attention_mask=None, position_ids=position_ids,
+                                  position_embeddings=position_embeddings)
+        finally:
+            for h in hooks:
+                h.remove()
+        return TokenSet(captured["x"], stream.mask), captured["logits"].reshape(b, t, -1)

@@ -1,0 +1,254 @@
+"""Lazy access to the base and the experts, tensor by tensor.
+
+An expert is either a full checkpoint directory or a PEFT LoRA adapter on top of the base; both
+answer `get(name)` (the expert's full weight) and `delta(name)` (its task vector). Nothing is read
+until asked for, and no file handle (or memory map) stays open between reads, so memory follows
+what the caller holds rather than what it has read.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from functools import cached_property
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from moe_merge.arch import FAMILIES
+from moe_merge.errors import CompatibilityError, SourceError
+
+logger = logging.getLogger(__name__)
+
+SAFE_INDEX, SAFE_SINGLE = "model.safetensors.index.json", "model.safetensors"
+BIN_INDEX, BIN_SINGLE = "pytorch_model.bin.index.json", "pytorch_model.bin"
+# Fields that must agree between the base and every expert, with why.
+MATCHING_FIELDS = ("model_type", "hidden_size", "num_hidden_layers", "vocab_size", "intermediate_size",
+                   "num_attention_heads", "num_key_value_heads")
+
+
+def resolve_path(ref: str, relative_to: Path | None = None) -> Path:
+    """A local directory for `ref`: a path (absolute, relative to CWD or to the recipe) or a cached Hub id."""
+    for candidate in (Path(ref).expanduser(), (relative_to / ref) if relative_to else None):
+        if candidate is not None and candidate.is_dir():
+            return candidate.absolute()
+    if ref.count("/") == 1 and not Path(ref).exists():
+        from huggingface_hub import snapshot_download
+
+        try:
+            return Path(snapshot_download(ref, local_files_only=True))
+        except Exception:
+            pass
+    raise SourceError(
+        f"model {ref!r} is not a local directory nor in the Hugging Face cache; moe-merge reads local checkpoints: "
+        f"fix the path, or download it first with `hf download {ref}`"
+    )
+
+
+class Checkpoint:
+    """A local Hugging Face checkpoint: config.json plus safetensors (single or sharded) or .bin."""
+
+    def __init__(self, path: Path | str):
+        self.path = Path(path)
+        config_file = self.path / "config.json"
+        if not config_file.is_file():
+            raise SourceError(f"{self.path} has no config.json; is it a Hugging Face model directory?")
+        try:
+            self.config: dict = json.loads(config_file.read_text())
+        except json.JSONDecodeError as e:
+            raise SourceError(f"{config_file} is not valid JSON: {e}") from None
+        self.weight_map = self._read_weight_map()
+
+    def _read_weight_map(self) -> dict[str, str]:
+        for index_name in (SAFE_INDEX, BIN_INDEX):
+            index_file = self.path / index_name
+            if index_file.is_file():
+                weight_map = json.loads(index_file.read_text())["weight_map"]
+                for shard in sorted(set(weight_map.values())):
+                    if not (self.path / shard).is_file():
+                        raise SourceError(f"{index_file} names shard {shard}, which is missing from {self.path}")
+                return weight_map
+        if (self.path / SAFE_SINGLE).is_file():
+            try:
+                with safe_open(self.path / SAFE_SINGLE, framework="pt") as f:
+                    return {k: SAFE_SINGLE for k in f.keys()}
+            except SafetensorError as e:
+                raise SourceError(f"{self.path / SAFE_SINGLE} is not a readable safetensors file ({e}); re-download or re-save it") from None
+        if (self.path / BIN_SINGLE).is_file():
+            return {k: BIN_SINGLE for k in self._load_bin(BIN_SINGLE)}
+        raise SourceError(
+            f"no weights in {self.path}: expected {SAFE_SINGLE}, {SAFE_INDEX}, {BIN_SINGLE} or {BIN_INDEX}"
+        )
+
+    def _load_bin(self, file: str) -> dict[str, torch.Tensor]:
+        try:  # mmap keeps it lazy; weights_only refuses pickled code
+            return torch.load(self.path / file, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as e:
+            raise SourceError(f"cannot read {self.path / file} safely ({e}); convert it to safetensors") from None
+
+    def keys(self) -> list[str]:
+        return list(self.weight_map)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.weight_map
+
+    def get(self, name: str) -> torch.Tensor:
+        file = self.weight_map.get(name)
+        if file is None:
+            raise SourceError(f"tensor {name!r} is not in {self.path}")
+        if file.endswith(".bin"):
+            return self._load_bin(file)[name].clone()
+        try:
+            with safe_open(self.path / file, framework="pt") as f:
+                return f.get_tensor(name)
+        except SafetensorError as e:
+            raise SourceError(f"cannot read tensor {name!r} from {self.path / file} ({e}); the file may be truncated") from None
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        file = self.weight_map[name]
+        if file.endswith(".bin"):
+            return tuple(self._load_bin(file)[name].shape)
+        with safe_open(self.path / file, framework="pt") as f:
+            return tuple(f.get_slice(name).get_shape())
+
+    @property
+    def family(self) -> str:
+        return self.config.get("model_type", "?")
+
+    def delta(self, name: str, base: Checkpoint) -> torch.Tensor:
+        return self.get(name).float() - base.get(name).float()
+
+
+class LoraExpert:
+    """A PEFT LoRA adapter seen as a full expert: weight = base + scaling * B @ A on adapted modules."""
+
+    def __init__(self, adapter_dir: Path | str, base: Checkpoint):
+        from peft import LoraConfig
+        from peft.utils import load_peft_weights
+        from peft.utils.other import get_pattern_key
+
+        self.path, self.base = Path(adapter_dir), base
+        self.config = base.config
+        try:
+            cfg = LoraConfig.from_pretrained(str(self.path))
+        except Exception as e:
+            raise SourceError(f"{self.path / 'adapter_config.json'} is not a readable LoRA config: {e}") from None
+        for field, why in (("use_dora", "DoRA"), ("lora_bias", "LoRA bias"), ("modules_to_save", "modules_to_save")):
+            if getattr(cfg, field, None):
+                raise SourceError(
+                    f"{self.path}: {why} adapters are not supported yet (`{field}` is set in adapter_config.json); "
+                    "merge it into a full checkpoint with peft's merge_and_unload and use that directory"
+                )
+        weights = load_peft_weights(str(self.path), device="cpu")
+        pairs: dict[str, dict[str, torch.Tensor]] = {}
+        for key, tensor in weights.items():
+            for part in ("lora_A", "lora_B"):
+                if f".{part}." in key:
+                    module = key.split(f".{part}.")[0].removeprefix("base_model.model.")
+                    pairs.setdefault(module, {})[part] = tensor
+                    break
+            else:
+                raise SourceError(f"{self.path}: tensor {key!r} is not a LoRA A/B matrix; only linear LoRA is supported")
+        self.factors: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = {}
+        for module, ab in sorted(pairs.items()):
+            name = f"{module}.weight"
+            if name not in base:
+                raise CompatibilityError(
+                    f"adapter {self.path} targets {module!r}, which base {base.path} does not have: "
+                    "the adapter was trained on another base"
+                )
+            A, B = ab["lora_A"], ab["lora_B"]
+            out_f, in_f = base.shape(name)
+            if cfg.fan_in_fan_out:
+                out_f, in_f = in_f, out_f
+            if A.shape[1] != in_f or B.shape[0] != out_f:
+                raise CompatibilityError(
+                    f"adapter {self.path} tensor {module}: lora_A {tuple(A.shape)} / lora_B {tuple(B.shape)} do not fit "
+                    f"base {base.path} weight {(out_f, in_f)}: the adapter was trained on another base"
+                )
+            rank = cfg.rank_pattern.get(get_pattern_key(cfg.rank_pattern.keys(), module), cfg.r)
+            alpha = cfg.alpha_pattern.get(get_pattern_key(cfg.alpha_pattern.keys(), module), cfg.lora_alpha)
+            scaling = alpha / rank**0.5 if cfg.use_rslora else alpha / rank
+            self.factors[name] = (A, B, scaling)
+        self.fan_in_fan_out = bool(cfg.fan_in_fan_out)
+        self.lora_config = cfg
+
+    @property
+    def family(self) -> str:
+        return self.base.family
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.base
+
+    def delta(self, name: str, base: Checkpoint | None = None) -> torch.Tensor:
+        if name not in self.factors:
+            return torch.zeros(self.base.shape(name))
+        A, B, scaling = self.factors[name]
+        d = scaling * (B.float() @ A.float())
+        return d.T if self.fan_in_fan_out else d
+
+    def get(self, name: str) -> torch.Tensor:
+        w = self.base.get(name)
+        if name not in self.factors:
+            return w
+        return (w.float() + self.delta(name)).to(w.dtype)
+
+
+Expert = Checkpoint | LoraExpert
+
+
+def is_adapter(path: Path) -> bool:
+    return (path / "adapter_config.json").is_file()
+
+
+def open_expert(ref: str, base: Checkpoint, relative_to: Path | None = None) -> Expert:
+    """Open an expert: a checkpoint directory, a LoRA adapter directory, or mergekit's `base+adapter`."""
+    if "+" in ref and not Path(ref).exists():
+        model_ref, adapter_ref = ref.split("+", 1)
+        model_path = resolve_path(model_ref, relative_to)
+        if model_path.resolve() != base.path.resolve():
+            raise CompatibilityError(
+                f"expert {ref!r} puts an adapter on {model_path}, but the base is {base.path}; "
+                "moe-merge applies adapters to the recipe's base_model only"
+            )
+        ref = adapter_ref
+    path = resolve_path(ref, relative_to)
+    if is_adapter(path):
+        return LoraExpert(path, base)
+    expert = Checkpoint(path)
+    check_compatible(base, expert)
+    return expert
+
+
+def check_compatible(base: Checkpoint, expert: Checkpoint) -> None:
+    """Raise if `expert` cannot be an expert of `base`: family, sizes, tensors and tokenizer must agree."""
+    if base.family not in FAMILIES:
+        raise CompatibilityError(
+            f"base {base.path}/config.json has model_type {base.family!r}; supported: {', '.join(FAMILIES)}"
+        )
+    for field in MATCHING_FIELDS:
+        a, b = base.config.get(field), expert.config.get(field)
+        if a != b:
+            raise CompatibilityError(
+                f"`{field}` differs: {a!r} in {base.path}/config.json but {b!r} in {expert.path}/config.json; "
+                "every expert must be fine-tuned from the base"
+            )
+    missing = sorted(set(base.weight_map) - set(expert.weight_map))
+    if missing:
+        raise CompatibilityError(f"{expert.path} lacks tensors the base {base.path} has, e.g. {missing[0]!r}")
+    base_vocab, expert_vocab = _tokenizer_vocab(base.path), _tokenizer_vocab(expert.path)
+    if base_vocab is not None and expert_vocab is not None and base_vocab != expert_vocab:
+        raise CompatibilityError(
+            f"tokenizers differ: {base.path}/tokenizer.json and {expert.path}/tokenizer.json have different "
+            "vocabularies; every expert must use the base's tokenizer"
+        )
+
+
+def _tokenizer_vocab(path: Path) -> dict | None:
+    file = path / "tokenizer.json"
+    if not file.is_file():
+        return None
+    data = json.loads(file.read_text())
+    added = {t["content"]: t["id"] for t in data.get("added_tokens", [])}
+    return {"vocab": data.get("model", {}).get("vocab"), "added": added}

@@ -1,0 +1,57 @@
+"""Streamed, sharded safetensors output with Hugging Face names and index."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+
+class ShardWriter:
+    """Buffer tensors up to `max_shard_bytes`, flush each full shard to disk, name them at the end.
+
+    Peak memory is one shard's buffer, whatever the model's size.
+    """
+
+    def __init__(self, out_dir: Path, max_shard_bytes: int):
+        self.out_dir, self.max_shard_bytes = Path(out_dir), max_shard_bytes
+        self.buffer: dict[str, torch.Tensor] = {}
+        self.buffer_bytes = 0
+        self.shards: list[list[str]] = []
+        self.names: set[str] = set()
+        self.total_bytes = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        if name in self.names:
+            raise ValueError(f"tensor {name!r} written twice")
+        self.names.add(name)
+        nbytes = tensor.numel() * tensor.element_size()
+        if self.buffer and self.buffer_bytes + nbytes > self.max_shard_bytes:
+            self.flush()
+        self.buffer[name] = tensor.contiguous()
+        self.buffer_bytes += nbytes
+        self.total_bytes += nbytes
+
+    def flush(self) -> None:
+        if not self.buffer:
+            return
+        save_file(self.buffer, self.out_dir / f"shard-{len(self.shards):05d}.tmp", metadata={"format": "pt"})
+        self.shards.append(list(self.buffer))
+        self.buffer, self.buffer_bytes = {}, 0
+
+    def finalize(self) -> list[str]:
+        """Rename shards to `model-0000i-of-0000n.safetensors` (or `model.safetensors`), write the index."""
+        self.flush()
+        n = len(self.shards)
+        names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        for i, name in enumerate(names):
+            (self.out_dir / f"shard-{i:05d}.tmp").rename(self.out_dir / name)
+        if n > 1:
+            index = {
+                "metadata": {"total_size": self.total_bytes},
+                "weight_map": {t: names[i] for i, shard in enumerate(self.shards) for t in sorted(shard)},
+            }
+            (self.out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        return names
