@@ -275,9 +275,8 @@ class RouterFitter:
     def __init__(self, recipe: Recipe, out_config, tokenizer, seed: int, device: str):
         self.recipe, self.config, self.tokenizer = recipe, out_config, tokenizer
         self.spec = recipe.config.router_spec
-        self.runner = LayerRunner(out_config)
+        self.runner = LayerRunner(out_config, device)
         self.generator = torch.Generator().manual_seed(seed)
-        self.device = device
         self.layers: list[dict] = []
 
     def start(self, embed: torch.Tensor) -> None:

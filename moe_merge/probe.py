@@ -54,19 +54,19 @@ def pad_token_for(tokenizer) -> None:
 class LayerRunner:
     """Holds the output config and builds stock decoder layers from per-layer state dicts."""
 
-    def __init__(self, config):
-        self.config = config
+    def __init__(self, config, device: str = "cpu"):
+        self.config, self.device = config, torch.device(device)
         module = importlib.import_module(f"transformers.models.{config.model_type}.modeling_{config.model_type}")
         prefix = config.architectures[0].removesuffix("ForCausalLM")
         self.layer_cls = getattr(module, f"{prefix}DecoderLayer")
         config._attn_implementation = "sdpa"
         config._experts_implementation = "eager"
-        self.rotary = getattr(module, f"{prefix}RotaryEmbedding")(config)
+        self.rotary = getattr(module, f"{prefix}RotaryEmbedding")(config).to(self.device)
 
     def build(self, layer_idx: int, state_dict: dict[str, torch.Tensor]) -> torch.nn.Module:
         with torch.device("meta"):
             layer = self.layer_cls(self.config, layer_idx)
-        layer.load_state_dict({k: v.float() for k, v in state_dict.items()}, strict=True, assign=True)
+        layer.load_state_dict({k: v.float().to(self.device) for k, v in state_dict.items()}, strict=True, assign=True)
         return layer.eval()
 
     @torch.no_grad()
@@ -80,14 +80,15 @@ class LayerRunner:
         def route(_module, _args, out):
             captured["logits"] = out[0]
             if stream.force:
-                n = out[0].shape[0]
-                return out[0], torch.ones(n, 1, dtype=out[1].dtype), torch.full((n, 1), stream.expert)
+                n, dev = out[0].shape[0], out[0].device
+                return out[0], torch.ones(n, 1, dtype=out[1].dtype, device=dev), torch.full((n, 1), stream.expert, device=dev)
             return out
 
         hooks = [layer.mlp.register_forward_pre_hook(grab_input), layer.mlp.gate.register_forward_hook(route)]
         try:
             b, t = stream.ids.shape
-            position_ids = torch.arange(t).unsqueeze(0).expand(b, t)
+            stream.hidden = stream.hidden.to(self.device)
+            position_ids = torch.arange(t, device=self.device).unsqueeze(0).expand(b, t)
             position_embeddings = self.rotary(stream.hidden, position_ids)
             # Right padding and a causal mask: real tokens never see padding, so no mask is needed.
             stream.hidden = layer(stream.hidden, attention_mask=None, position_ids=position_ids,
@@ -95,4 +96,4 @@ class LayerRunner:
         finally:
             for h in hooks:
                 h.remove()
-        return TokenSet(captured["x"], stream.mask), captured["logits"].reshape(b, t, -1)
+        return TokenSet(captured["x"].cpu(), stream.mask), captured["logits"].reshape(b, t, -1).cpu()

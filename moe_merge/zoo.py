@@ -111,7 +111,7 @@ def build_tokenizer():
     )
 
 
-def model_config(arch: str, vocab_size: int):
+def model_config(arch: str, vocab_size: int, **overrides):
     from transformers import AutoConfig
 
     if arch not in ARCHS:
@@ -129,8 +129,9 @@ def model_config(arch: str, vocab_size: int):
         eos_token_id=EOS_ID,
         pad_token_id=PAD_ID,
     )
-    extra = {"qwen3": {"head_dim": 16}, "mistral": {"sliding_window": None}}.get(arch, {})
-    return AutoConfig.for_model(arch, **common, **extra)
+    common.update({"qwen3": {"head_dim": 16}, "mistral": {"sliding_window": None}}.get(arch, {}))
+    common.update(overrides)
+    return AutoConfig.for_model(arch, **common)
 
 
 # ----------------------------------------------------------------------------- data and training

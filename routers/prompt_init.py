@@ -33,16 +33,21 @@ class TokenSet:
 
 
 def direction_rows(positive: list[torch.Tensor], negative: list[torch.Tensor | None]) -> torch.Tensor:
-    """One row per expert: mean positive minus mean negative, centred across experts, unit length.
+    """One row per expert: mean positive minus mean negative, centred across experts, orthogonal to
+    the grand mean, unit length.
 
-    Centring removes the direction every prompt shares (post-norm states have a large common
-    component), which would otherwise dominate every row and leave the router nearly flat.
+    Post-norm states share a large common component c. A router has no bias, so a row w meets
+    w·c on every token; unless w is orthogonal to c, that term swamps the small per-expert part.
+    Centring and projecting out the grand-mean direction removes it.
     """
-    rows = torch.stack([
-        p.mean(0) - (n.mean(0) if n is not None and len(n) else 0.0) for p, n in zip(positive, negative)
+    means = torch.stack([p.mean(0) for p in positive])
+    rows = means - torch.stack([
+        n.mean(0) if n is not None and len(n) else torch.zeros_like(means[0]) for n in negative
     ])
     if len(rows) > 1:
         rows = rows - rows.mean(0, keepdim=True)
+        shared = torch.nn.functional.normalize(means.mean(0), dim=0)
+        rows = rows - (rows @ shared)[:, None] * shared
     return rows / rows.norm(dim=-1, keepdim=True).clamp(min=1e-12)
 
 

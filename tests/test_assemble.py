@@ -1,0 +1,238 @@
+"""FFN-level sparse assembly into stock Mixtral / Qwen-MoE checkpoints."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from moe_merge.assemble import assemble
+from moe_merge.cli import main as cli_main
+from moe_merge.config import MergeConfig
+from tests.conftest import make_pico, pico_recipe, prompts_for, read_json, write_recipe
+
+
+def _assemble(recipe: dict, out, **kw):
+    return assemble(MergeConfig.model_validate(recipe), out, **kw)
+
+
+def _logits(model_dir, ids, route_to: int | None = None):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float64, experts_implementation="eager")
+    hooks = []
+    if route_to is not None:  # one-hot routing: every token to expert `route_to`, weight 1
+        def one_hot(_m, _a, out):
+            n = out[0].shape[0]
+            return out[0], torch.ones(n, 1, dtype=out[1].dtype), torch.full((n, 1), route_to)
+        hooks = [layer.mlp.gate.register_forward_hook(one_hot) for layer in model.model.layers]
+    with torch.no_grad():
+        out = model(input_ids=ids).logits
+    for h in hooks:
+        h.remove()
+    return out
+
+
+IDS = torch.tensor([[1, 24, 13, 14, 11, 25, 4, 6, 7, 8, 5]])
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen3"])
+def test_one_hot_routing_reproduces_each_expert(tmp_path, arch):
+    base = make_pico(tmp_path / "base", arch=arch)
+    experts = [make_pico(tmp_path / f"e{i}", arch=arch, seed=i + 1, base=base) for i in range(3)]
+    out = _assemble(pico_recipe({"base": base, "experts": experts}), tmp_path / "moe")
+    for i, expert in enumerate(experts):
+        torch.testing.assert_close(_logits(out, IDS, route_to=i), _logits(expert, IDS), rtol=0, atol=1e-10)
+
+
+def test_identical_experts_give_the_base(pico, tmp_path):
+    recipe = pico_recipe(pico, experts_per_token=2)
+    for e in recipe["experts"]:
+        e["source_model"] = str(pico["base"])
+    out = _assemble(recipe, tmp_path / "moe")
+    # Mixtral's router renormalises its top-k weights in float32, so they sum to 1 within ~1e-7.
+    torch.testing.assert_close(_logits(out, IDS), _logits(pico["base"], IDS), rtol=0, atol=1e-6)
+
+
+def test_output_is_stock_and_legacy_layout_and_loads_without_moe_merge(pico, tmp_path):
+    out = _assemble(pico_recipe(pico), tmp_path / "moe", shard_size=40_000)
+    index = read_json(out / "model.safetensors.index.json")
+    keys = set(index["weight_map"])
+    assert len(set(index["weight_map"].values())) > 1  # sharded
+    assert "model.layers.0.block_sparse_moe.experts.2.w1.weight" in keys
+    assert "model.layers.1.block_sparse_moe.gate.weight" in keys
+    assert not any("gate_up_proj" in k or ".mlp." in k for k in keys)
+    for shard in set(index["weight_map"].values()):
+        with safe_open(out / shard, framework="pt") as f:
+            for k in f.keys():
+                assert torch.isfinite(f.get_tensor(k)).all(), k
+    assert read_json(out / "config.json")["architectures"] == ["MixtralForCausalLM"]
+    assert (out / "tokenizer.json").read_bytes() == (pico["base"] / "tokenizer.json").read_bytes()
+    script = textwrap.dedent(f"""
+        import sys
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        model = AutoModelForCausalLM.from_pretrained({str(out)!r})
+        tok = AutoTokenizer.from_pretrained({str(out)!r})
+        ids = tok("shift abc=", return_tensors="pt")
+        out = model.generate(**ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
+        assert type(model).__name__ == "MixtralForCausalLM", type(model)
+        assert out.shape[1] > ids["input_ids"].shape[1]
+        assert "moe_merge" not in sys.modules
+        print("OK")
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, env=env)
+    assert result.returncode == 0 and "OK" in result.stdout, result.stderr[-2000:]
+
+
+def test_expert_tensors_come_from_their_expert(pico, tmp_path):
+    out = _assemble(pico_recipe(pico), tmp_path / "moe")
+    with safe_open(out / "model.safetensors", framework="pt") as f, \
+         safe_open(pico["experts"][1] / "model.safetensors", framework="pt") as e:
+        assert torch.equal(f.get_tensor("model.layers.1.block_sparse_moe.experts.1.w2.weight"),
+                           e.get_tensor("model.layers.1.mlp.down_proj.weight"))
+        assert torch.equal(f.get_tensor("model.layers.0.block_sparse_moe.experts.1.w3.weight"),
+                           e.get_tensor("model.layers.0.mlp.up_proj.weight"))
+
+
+def test_non_expert_average_merges_attention(tmp_path, pico):
+    full = [make_pico(tmp_path / f"full{i}", seed=10 + i, base=pico["base"], mlp_only=False) for i in range(2)]
+    recipe = pico_recipe({"base": pico["base"], "experts": full}, non_expert="average")
+    out = _assemble(recipe, tmp_path / "moe")
+    name = "model.layers.0.self_attn.q_proj.weight"
+    with safe_open(out / "model.safetensors", framework="pt") as f:
+        merged = f.get_tensor(name)
+    experts = []
+    for p in full:
+        with safe_open(p / "model.safetensors", framework="pt") as g:
+            experts.append(g.get_tensor(name))
+    torch.testing.assert_close(merged, (experts[0] + experts[1]) / 2)
+
+
+def test_lora_experts_and_qwen2_moe_with_shared_expert(zoo_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    recipe = {
+        "base_model": str(zoo_dir / "base"),
+        "experts_per_token": 1,
+        "shared_experts": [{"source_model": str(zoo_dir / "base")}],
+        "experts": [{"source_model": str(zoo_dir / "mlp" / n), "positive_prompts": prompts_for(i)}
+                    for i, n in enumerate(["shift", "back-lora"])],
+    }
+    out = _assemble(recipe, tmp_path / "moe")
+    assert read_json(out / "config.json")["architectures"] == ["Qwen2MoeForCausalLM"]
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert type(model).__name__ == "Qwen2MoeForCausalLM"
+    assert torch.isfinite(model(input_ids=IDS).logits).all()
+
+
+def test_report_and_model_card(pico, tmp_path):
+    from huggingface_hub import ModelCard
+
+    out = _assemble(pico_recipe(pico), tmp_path / "moe")
+    report = read_json(out / "routing_report.json")
+    assert len(report["layers"]) == 2 and len(report["layers"][0]["share"]) == 3
+    for lay in report["layers"]:
+        for row in lay["share"]:
+            assert abs(sum(row) - 1) < 1e-6
+    assert (out / "routing_report.png").read_bytes()[:4] == b"\x89PNG"
+    card = ModelCard.load(out / "README.md")
+    assert card.data.base_model_relation == "merge"
+    assert {"moe", "merge", "moe-merge"} <= set(card.data.tags)
+    assert card.data.base_model[0] == str(pico["base"])
+    assert (out / "moe-merge.yaml").is_file() and (out / "generation_config.json").is_file()
+
+
+def test_same_inputs_and_seed_give_identical_bytes(pico, tmp_path):
+    recipe = pico_recipe(pico, gate_mode="random")
+    a, b = _assemble(recipe, tmp_path / "a"), _assemble(recipe, tmp_path / "b")
+    assert (a / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()
+
+
+def test_cli_runs_a_mergekit_yaml_unchanged(pico, tmp_path):
+    recipe = {
+        "base_model": str(pico["base"]), "gate_mode": "hidden", "dtype": "bfloat16", "experts_per_token": 2,
+        "experts": [{"source_model": str(p), "positive_prompts": prompts_for(i), "negative_prompts": ["copy abc="]}
+                    for i, p in enumerate(pico["experts"])],
+    }
+    path = write_recipe(tmp_path / "mergekit.yml", recipe)
+    assert cli_main(["assemble", str(path), str(tmp_path / "moe")]) == 0
+    with safe_open(tmp_path / "moe" / "model.safetensors", framework="pt") as f:
+        assert f.get_tensor("model.layers.0.block_sparse_moe.gate.weight").dtype == torch.bfloat16
+
+
+# --- bad inputs: a clear error, and nothing left behind -------------------------------------------
+
+
+def _fails_cleanly(tmp_path, recipe_text: str, match: str, capsys):
+    path = tmp_path / "recipe.yaml"
+    path.write_text(recipe_text)
+    out = tmp_path / "out"
+    assert cli_main(["assemble", str(path), str(out)]) == 2
+    err = capsys.readouterr().err
+    assert match in err, err
+    assert "Traceback" not in err
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+
+
+def _yaml(recipe):
+    import yaml
+    return yaml.safe_dump(recipe)
+
+
+def test_missing_expert_directory(pico, tmp_path, capsys):
+    recipe = pico_recipe(pico)
+    recipe["experts"][1]["source_model"] = str(tmp_path / "nope")
+    _fails_cleanly(tmp_path, _yaml(recipe), "nope", capsys)
+
+
+def test_truncated_expert_safetensors(pico, tmp_path, capsys):
+    import shutil
+    broken = tmp_path / "broken"
+    shutil.copytree(pico["experts"][0], broken)
+    data = (broken / "model.safetensors").read_bytes()
+    (broken / "model.safetensors").write_bytes(data[: len(data) - 1000])
+    recipe = pico_recipe(pico)
+    recipe["experts"][0]["source_model"] = str(broken)
+    _fails_cleanly(tmp_path, _yaml(recipe), str(broken / "model.safetensors"), capsys)
+
+
+def test_mismatched_hidden_size(pico, tmp_path, capsys):
+    recipe = pico_recipe(pico)
+    recipe["experts"][2]["source_model"] = str(make_pico(tmp_path / "wide", hidden=48))
+    _fails_cleanly(tmp_path, _yaml(recipe), "`hidden_size` differs", capsys)
+
+
+def test_adapter_for_another_base(zoo_dir, pico, tmp_path, capsys):
+    recipe = pico_recipe(pico)
+    recipe["experts"][0]["source_model"] = str(zoo_dir / "mlp" / "back-lora")
+    _fails_cleanly(tmp_path, _yaml(recipe), "trained on another base", capsys)
+
+
+def test_unknown_yaml_field(pico, tmp_path, capsys):
+    recipe = pico_recipe(pico, gate_mod="hidden")
+    _fails_cleanly(tmp_path, _yaml(recipe), "`gate_mod`", capsys)
+
+
+def test_identical_prompts(pico, tmp_path, capsys):
+    recipe = pico_recipe(pico)
+    for e in recipe["experts"]:
+        e["positive_prompts"] = ["same prompt"]
+    _fails_cleanly(tmp_path, _yaml(recipe), "same positive and negative prompts", capsys)
+
+
+def test_existing_out_dir_needs_force(pico, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    path = write_recipe(tmp_path / "r.yaml", pico_recipe(pico))
+    assert cli_main(["assemble", str(path), str(out)]) == 2
+    assert "--force" in capsys.readouterr().err
+    assert (out / "keep.txt").read_text() == "mine"
+    assert cli_main(["assemble", str(path), str(out), "--force"]) == 0
+    assert not (out / "keep.txt").exists() and (out / "config.json").exists()
