@@ -3,9 +3,11 @@
     pip install mergekit==0.1.5            # in any environment; point MERGEKIT_MOE at its script
     python benchmarks/assemble.py [--experts-per-token 2] [--repeats 3]
 
-Both tools get the identical YAML (the zoo's MLP-only full fine-tunes: mergekit-moe takes no LoRA
-experts), run one after another in fresh processes. Prints the ratios moe-merge / mergekit-moe,
-then each output's per-task exact match, and writes JSON + markdown under benchmarks/results/.
+Two scenarios, each one YAML given to both tools, run one after another in fresh processes:
+- `zoo`: the zoo's three MLP-only full fine-tunes (mergekit-moe takes no LoRA experts); per-task
+  exact match of both outputs is reported too;
+- `wide`: eight untrained experts of 50 MB each, where tensor memory outweighs library imports.
+Prints the ratios moe-merge / mergekit-moe and writes JSON + markdown under benchmarks/results/.
 """
 
 from __future__ import annotations
@@ -51,68 +53,98 @@ def mergekit_command() -> str:
     return exe
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--experts-per-token", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=3, help="runs per tool; the median is reported")
-    args = parser.parse_args()
-
+def zoo_recipe(work: Path, experts_per_token: int) -> dict:
     zoo_dir = zoo.ensure_zoo()
     manifest = json.loads((zoo_dir / "zoo.json").read_text())
     experts = [
         {"source_model": str(zoo_dir / "mlp" / t), "positive_prompts": manifest["tasks"][t]["positive_prompts"]}
         for t in zoo.FULL_EXPERTS
     ]
-    recipe = {"base_model": str(zoo_dir / "base"), "gate_mode": "hidden", "dtype": "float32",
-              "experts_per_token": args.experts_per_token, "experts": experts}
-    mergekit = mergekit_command()
-    moe_merge = shutil.which("moe-merge") or sys.exit("moe-merge is not installed: pip install -e .")
-    work = Path(tempfile.mkdtemp(prefix="bench-assemble-"))
-    config = work / "recipe.yaml"
+    return {"base_model": str(zoo_dir / "base"), "gate_mode": "hidden", "dtype": "float32",
+            "experts_per_token": experts_per_token, "experts": experts}
+
+
+def wide_recipe(work: Path, experts_per_token: int) -> dict:
+    sizes = {"hidden": 256, "intermediate": 2048, "layers": 8}  # 50 MB of MLP weights per expert
+    base = zoo.pico_checkpoint(work / "wide-base", **sizes)
+    experts = [
+        {"source_model": str(zoo.pico_checkpoint(work / f"wide-{i}", seed=i + 1, base=base, **sizes)),
+         "positive_prompts": zoo.task_prompts(zoo.EXPERT_TASKS[i % 5])["positive_prompts"][:2] + [f"expert {i}="]}
+        for i in range(8)
+    ]
+    return {"base_model": str(base), "gate_mode": "hidden", "dtype": "float32",
+            "experts_per_token": experts_per_token, "experts": experts}
+
+
+SCENARIOS = {"zoo": zoo_recipe, "wide": wide_recipe}
+
+
+def run_scenario(name: str, work: Path, args) -> dict:
+    recipe = SCENARIOS[name](work, args.experts_per_token)
+    config = work / f"{name}.yaml"
     config.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    mergekit = mergekit_command()
     commands = {
-        "moe-merge": lambda out: [moe_merge, "assemble", str(config), str(out), "--force"],
+        "moe-merge": lambda out: [sys.executable, "-m", "moe_merge.cli", "assemble", str(config), str(out)],
         "mergekit-moe": lambda out: [mergekit, str(config), str(out), "--device", "cpu", "--quiet"],
     }
-    runs: dict[str, list[tuple[float, float]]] = {name: [] for name in commands}
+    runs: dict[str, list[tuple[float, float]]] = {tool: [] for tool in commands}
     for _ in range(args.repeats):
-        for name, cmd in commands.items():
-            out = work / name
+        for tool, cmd in commands.items():
+            out = work / f"{name}-{tool}"
             shutil.rmtree(out, ignore_errors=True)
-            runs[name].append(measure(cmd(out)))
-    summary = {
-        name: {"wall_s": statistics.median(r[0] for r in rs), "peak_rss_mib": statistics.median(r[1] for r in rs)}
-        for name, rs in runs.items()
+            runs[tool].append(measure(cmd(out)))
+    tools = {
+        tool: {"wall_s": statistics.median(r[0] for r in rs), "peak_rss_mib": statistics.median(r[1] for r in rs)}
+        for tool, rs in runs.items()
     }
-    quality = {name: evaluate(work / name) for name in commands}
-    ratios = {k: summary["moe-merge"][k] / summary["mergekit-moe"][k] for k in ("wall_s", "peak_rss_mib")}
+    result = {
+        "experts": len(recipe["experts"]),
+        "tools": tools,
+        "ratios_moe_merge_over_mergekit": {
+            k: tools["moe-merge"][k] / tools["mergekit-moe"][k] for k in ("wall_s", "peak_rss_mib")
+        },
+    }
+    if name == "zoo":
+        result["exact_match"] = {tool: evaluate(work / f"{name}-{tool}") for tool in commands}
+    return result
 
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--experts-per-token", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3, help="runs per tool; the median is reported")
+    args = parser.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="bench-assemble-"))
     result = {
         "benchmark": "assemble",
         "date": dt.date.today().isoformat(),
-        "device": f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
-        "recipe": {"experts": [Path(e["source_model"]).name for e in experts], "gate_mode": "hidden",
-                   "experts_per_token": args.experts_per_token},
+        "device": f"CPU ({platform.machine()}, {os.cpu_count()} cores)",
+        "gate_mode": "hidden",
+        "experts_per_token": args.experts_per_token,
         "repeats": args.repeats,
-        "tools": summary,
-        "ratios_moe_merge_over_mergekit": ratios,
-        "exact_match": quality,
+        "scenarios": {name: run_scenario(name, work, args) for name in SCENARIOS},
     }
     lines = [
         f"# Assembly: moe-merge vs mergekit-moe 0.1.5 ({result['date']}, {result['device']})",
         "",
-        f"Same YAML: {len(experts)} MLP-only zoo experts, `gate_mode: hidden`, top-{args.experts_per_token}; "
-        f"median of {args.repeats} runs.",
+        f"Same YAML for both tools, `gate_mode: hidden`, top-{args.experts_per_token}; median of {args.repeats} runs. "
+        "`zoo`: 3 MLP-only zoo experts; `wide`: 8 untrained 50 MB experts.",
         "",
-        "| tool | wall (s) | peak RSS (MiB) | " + " | ".join(zoo.FULL_EXPERTS) + " |",
-        "|---|---|---|" + "---|" * len(zoo.FULL_EXPERTS),
+        "| scenario | tool | wall (s) | peak RSS (MiB) | wall ratio | RSS ratio |",
+        "|---|---|---|---|---|---|",
     ]
-    for name in commands:
-        s, q = summary[name], quality[name]
-        lines.append(f"| {name} | {s['wall_s']:.2f} | {s['peak_rss_mib']:.0f} | "
-                     + " | ".join(f"{q[t]:.0%}" for t in zoo.FULL_EXPERTS) + " |")
-    lines += ["", f"Ratios moe-merge / mergekit-moe: wall {ratios['wall_s']:.2f}, peak RSS {ratios['peak_rss_mib']:.2f} "
-              "(goal: both <= 1.0). Exact match is per task on 64 held-out words."]
+    for name, sc in result["scenarios"].items():
+        r = sc["ratios_moe_merge_over_mergekit"]
+        for tool, t in sc["tools"].items():
+            ratio = f"{r['wall_s']:.2f} | {r['peak_rss_mib']:.2f}" if tool == "moe-merge" else " | "
+            lines.append(f"| {name} | {tool} | {t['wall_s']:.2f} | {t['peak_rss_mib']:.0f} | {ratio} |")
+    quality = result["scenarios"]["zoo"]["exact_match"]
+    lines += ["", "Exact match per task on the zoo (64 held-out words each):", "",
+              "| tool | " + " | ".join(zoo.FULL_EXPERTS) + " |", "|---|" + "---|" * len(zoo.FULL_EXPERTS)]
+    for tool, q in quality.items():
+        lines.append(f"| {tool} | " + " | ".join(f"{q[t]:.0%}" for t in zoo.FULL_EXPERTS) + " |")
     text = "\n".join(lines) + "\n"
     print(text)
     RESULTS.mkdir(exist_ok=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -21,7 +22,7 @@ from tqdm.auto import tqdm
 
 from moe_merge import card, report
 from moe_merge.arch import ARCHITECTURE_NAMES, FAMILIES, FORMATS, MLP_KEY, MLP_PROJS, MoEFormat, is_mlp_tensor, layer_of
-from moe_merge.config import MergeConfig
+from moe_merge.config import PROMPT_INITS, MergeConfig
 from moe_merge.errors import CompatibilityError, ConfigError, SourceError
 from moe_merge.merge import static_merge
 from moe_merge.outdir import atomic_output_dir
@@ -177,7 +178,7 @@ class TensorReader:
             spec = cfg.shared_experts[0] if p.source == "shared" else cfg.experts[p.expert]
             t = self._checked(expert, p.tensor, None)
             if spec.noise_scale:
-                g = torch.Generator().manual_seed(self.seed * 7919 + (p.expert or 0) * 104729 + len(p.name))
+                g = torch.Generator().manual_seed(self.seed ^ zlib.crc32(p.name.encode()))
                 t = t + torch.randn(t.shape, generator=g).to(t.dtype) * spec.noise_scale
             if spec.residual_scale is not None and p.tensor.endswith("down_proj.weight"):
                 t = t * spec.residual_scale
@@ -306,7 +307,7 @@ class RouterFitter:
         weight = self._init(positive, negative, examples)
         scale = None
         calib_tokens = [s.tokens() for s in positive + examples if s is not None]
-        if self.spec.calibrate is not None and calib_tokens and self.spec.init != "uniform" and weight.abs().sum() > 0:
+        if self.spec.calibrate is not None and self.spec.init in PROMPT_INITS and calib_tokens:
             weight, scale = prompt_init.calibrate(weight, torch.cat(calib_tokens), self.spec.calibrate)
         routers = {"router": weight}
         if self.recipe.shared is not None:
@@ -366,7 +367,7 @@ class RouterFitter:
         return state
 
     def report(self) -> dict:
-        return report.summarise(self.layers, [e.label for e in self.recipe.config.experts], self.recipe.config)
+        return report.summarise(self.layers, self.recipe.labels, self.recipe.config)
 
 
 def _join(a: prompt_init.TokenSet | None, b: prompt_init.TokenSet | None) -> prompt_init.TokenSet:

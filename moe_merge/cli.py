@@ -48,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="output dtype (default: the recipe's `dtype`, else the base's)")
     p.add_argument("--shard-size", type=parse_size, default="5G", help="maximum shard size, e.g. 5G, 500M (default 5G)")
     p.add_argument("--seed", type=int, help="seed for random routers, noise and DARE (default: the recipe's `seed`, 0)")
-    p.add_argument("-v", "--verbose", action="count", default=0, help=argparse.SUPPRESS)
+    p.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
     p = sub.add_parser(
         "zoo",
@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out_dir", type=Path, help="where to write the zoo")
     p.add_argument("--arch", choices=["llama", "mistral", "qwen2", "qwen3"], default="llama", help="base family")
     p.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists")
-    p.add_argument("-v", "--verbose", action="count", default=0, help=argparse.SUPPRESS)
+    p.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
     p = sub.add_parser(
         "demo",
@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
         "exact match for every expert, the base and the assembled MoE, and generates a few samples.",
     )
     p.add_argument("--out", type=Path, default=Path("demo-out"), help="where to write the assembled models")
-    p.add_argument("-v", "--verbose", action="count", default=0, help=argparse.SUPPRESS)
+    p.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser
 
 

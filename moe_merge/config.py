@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from moe_merge.errors import ConfigError
 
 GateInit = Literal["hidden", "fit", "hidden_last", "cheap_embed", "random", "uniform"]
+PROMPT_INITS = ("hidden", "fit", "hidden_last", "cheap_embed")  # the modes that read prompts
 # mergekit-moe's gate_mode spellings and what each becomes here.
 GATE_MODE_ALIASES = {"hidden_avg": "hidden", "uniform_random": "uniform"}
 
@@ -107,7 +108,7 @@ class MergeConfig(_Strict):
             raise ValueError(f"`gate_mode: {self.gate_mode}` and `router.init: {self.router.init}` disagree; give one")
         if self.merge.weights is not None and len(self.merge.weights) != len(self.experts):
             raise ValueError(f"`merge.weights` has {len(self.merge.weights)} entries for {len(self.experts)} experts")
-        if self.gate_init in ("hidden", "fit", "hidden_last", "cheap_embed"):
+        if self.gate_init in PROMPT_INITS:
             for i, e in enumerate(self.experts):
                 if not e.positive_prompts:
                     raise ValueError(f"`experts[{i}].positive_prompts` is empty; gate_mode `{self.gate_init}` needs prompts")

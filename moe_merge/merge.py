@@ -9,7 +9,6 @@ from __future__ import annotations
 import zlib
 
 import torch
-from peft.utils import merge_utils
 
 STATIC_METHODS = ("average", "task_arithmetic", "ties", "dare_linear", "dare_ties")
 DEFAULT_SCALE = {"average": 1.0, "task_arithmetic": 0.3, "ties": 1.0, "dare_linear": 1.0, "dare_ties": 1.0}
@@ -27,6 +26,8 @@ def merge_deltas(
 ) -> torch.Tensor:
     """The merged task vector (float32). DARE's random drop is seeded by (`seed`, `name`), so the result
     does not depend on the order tensors are visited in."""
+    from peft.utils import merge_utils  # imported on use: it costs memory a plain assembly does not need
+
     if method not in STATIC_METHODS:
         raise ValueError(f"unknown static merge {method!r}; choose one of {', '.join(STATIC_METHODS)}")
     n = len(deltas)

@@ -285,6 +285,30 @@ def _save(model, tokenizer, path: Path) -> None:
     tokenizer.save_pretrained(path)
 
 
+def pico_checkpoint(path: Path, arch: str = "llama", seed: int = 0, base: Path | None = None, mlp_only: bool = True,
+                    hidden: int = 32, intermediate: int = 64, layers: int = 2) -> Path:
+    """An untrained checkpoint for tests and benchmarks; with `base`, a copy of it whose MLPs (or every
+    weight) are perturbed, i.e. an expert that differs from the base only where asked."""
+    from transformers import AutoModelForCausalLM
+
+    tok = build_tokenizer()
+    extra = {"head_dim": hidden // 4} if arch == "qwen3" else {}
+    config = model_config(arch, len(tok), hidden_size=hidden, intermediate_size=intermediate,
+                          num_hidden_layers=layers, **extra)
+    torch.manual_seed(seed)
+    if base is None:
+        model = AutoModelForCausalLM.from_config(config)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(base)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if not mlp_only or ".mlp." in name:
+                    p.add_(torch.randn_like(p) * 0.05)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
 def zoo_recipe(zoo_dir: Path, variant: str, **overrides) -> dict:
     """A moe-merge recipe (as a dict) that assembles one variant of the zoo."""
     manifest = json.loads((Path(zoo_dir) / "zoo.json").read_text())
