@@ -246,7 +246,7 @@ def assemble(
                 writer.add(p.name, tensors[p.name] if p.tensor is not None else routers[p.source].to(out_dtype or torch.float32))
             del tensors
         writer.finalize()
-        out_config.save_pretrained(tmp)
+        _write_config(out_config, tmp)
         _write_generation_config(recipe.base.path, tmp)
         for name in TOKENIZER_FILES:  # unchanged: no pad token injected into the user's files
             if (recipe.base.path / name).is_file():
@@ -257,6 +257,19 @@ def assemble(
         report.write(rep, tmp)
         card.write_card(tmp, recipe, rep)
     return Path(out_dir)
+
+
+def _write_config(config, out: Path) -> None:
+    """config.json, plus the legacy top-level RoPE keys: transformers 4.x ignores `rope_parameters` and
+    would otherwise fall back to its own default `rope_theta` (1e6 for Mixtral), a different model."""
+    config.save_pretrained(out)
+    data = json.loads((out / "config.json").read_text())
+    rope = data.get("rope_parameters")
+    if isinstance(rope, dict) and "rope_theta" in rope:
+        data["rope_theta"] = rope["rope_theta"]
+        if rope.get("rope_type", "default") != "default":
+            data["rope_scaling"] = {k: v for k, v in rope.items() if k != "rope_theta"}
+        (out / "config.json").write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def _write_generation_config(base_path: Path, out: Path) -> None:

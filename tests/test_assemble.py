@@ -71,7 +71,9 @@ def test_output_is_stock_and_legacy_layout_and_loads_without_moe_merge(pico, tmp
         with safe_open(out / shard, framework="pt") as f:
             for k in f.keys():
                 assert torch.isfinite(f.get_tensor(k)).all(), k
-    assert read_json(out / "config.json")["architectures"] == ["MixtralForCausalLM"]
+    config = read_json(out / "config.json")
+    assert config["architectures"] == ["MixtralForCausalLM"]
+    assert config["rope_theta"] == config["rope_parameters"]["rope_theta"]  # what transformers 4.x reads
     assert (out / "tokenizer.json").read_bytes() == (pico["base"] / "tokenizer.json").read_bytes()
     script = textwrap.dedent(f"""
         import sys
