@@ -69,7 +69,7 @@ def open_recipe(config: MergeConfig, recipe_dir: Path | None = None) -> Recipe:
     if base.family not in FAMILIES:
         raise CompatibilityError(
             f"base {base.path}/config.json has model_type {base.family!r}; supported: {', '.join(FAMILIES)}"
-        )
+        )  # checked here too, as a recipe whose experts are all adapters never calls check_compatible
     experts = [open_expert(e.source_model, base, recipe_dir) for e in config.experts]
     shared = open_expert(config.shared_experts[0].source_model, base, recipe_dir) if config.shared_experts else None
     fmt = choose_format(config, base)

@@ -116,9 +116,6 @@ class Checkpoint:
     def family(self) -> str:
         return self.config.get("model_type", "?")
 
-    def delta(self, name: str, base: Checkpoint) -> torch.Tensor:
-        return self.get(name).float() - base.get(name).float()
-
 
 class LoraExpert:
     """A PEFT LoRA adapter seen as a full expert: weight = base + scaling * B @ A on adapted modules."""
@@ -172,16 +169,8 @@ class LoraExpert:
             scaling = alpha / rank**0.5 if cfg.use_rslora else alpha / rank
             self.factors[name] = (A, B, scaling)
         self.fan_in_fan_out = bool(cfg.fan_in_fan_out)
-        self.lora_config = cfg
 
-    @property
-    def family(self) -> str:
-        return self.base.family
-
-    def __contains__(self, name: str) -> bool:
-        return name in self.base
-
-    def delta(self, name: str, base: Checkpoint | None = None) -> torch.Tensor:
+    def delta(self, name: str) -> torch.Tensor:
         if name not in self.factors:
             return torch.zeros(self.base.shape(name))
         A, B, scaling = self.factors[name]
