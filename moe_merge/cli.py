@@ -30,10 +30,14 @@ def build_parser() -> argparse.ArgumentParser:
         "adapters) into one Hugging Face mixture-of-experts model.",
     )
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-v info, -vv debug)")
+    # -v is accepted after the verb too; SUPPRESS keeps a verb's parser from resetting a leading -v
+    verbose = argparse.ArgumentParser(add_help=False)
+    verbose.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS, help="more logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser(
         "assemble",
+        parents=[verbose],
         help="build a stock Mixtral / Qwen-MoE checkpoint from a recipe YAML",
         description="Build a stock Mixtral / Qwen-MoE checkpoint from a recipe YAML (a mergekit-moe YAML works "
         "unchanged). Each decoder layer's MLP becomes one expert per entry of `experts`, with a router "
@@ -48,10 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="output dtype (default: the recipe's `dtype`, else the base's)")
     p.add_argument("--shard-size", type=parse_size, default="5G", help="maximum shard size, e.g. 5G, 500M (default 5G)")
     p.add_argument("--seed", type=int, help="seed for random routers, noise and DARE (default: the recipe's `seed`, 0)")
-    p.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
     p = sub.add_parser(
         "zoo",
+        parents=[verbose],
         help="build the tiny test zoo: a base LM, full fine-tunes and LoRA adapters",
         description="Build the deterministic tiny zoo: a small base LM trained on letter-mapping tasks, then "
         "full fine-tuned experts and PEFT LoRA adapters on new tasks, in two variants (`full/`: every weight "
@@ -60,17 +64,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out_dir", type=Path, help="where to write the zoo")
     p.add_argument("--arch", choices=["llama", "mistral", "qwen2", "qwen3"], default="llama", help="base family")
     p.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists")
-    p.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
     p = sub.add_parser(
         "demo",
+        parents=[verbose],
         help="build the zoo, assemble it, print routing and per-task accuracy",
         description="End-to-end demo on the tiny zoo (cached in $MOE_MERGE_CACHE or ~/.cache/moe_merge): "
         "assembles the MLP-only and the full fine-tune variants, prints the routing report and each task's "
         "exact match for every expert, the base and the assembled MoE, and generates a few samples.",
     )
     p.add_argument("--out", type=Path, default=Path("demo-out"), help="where to write the assembled models")
-    p.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser
 
 

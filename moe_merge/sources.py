@@ -58,6 +58,7 @@ class Checkpoint:
             self.config: dict = json.loads(config_file.read_text())
         except json.JSONDecodeError as e:
             raise SourceError(f"{config_file} is not valid JSON: {e}") from None
+        self._bin_files: dict[str, dict[str, torch.Tensor]] = {}  # memory-mapped, unpickled once per file
         self.weight_map = self._read_weight_map()
 
     def _read_weight_map(self) -> dict[str, str]:
@@ -82,10 +83,12 @@ class Checkpoint:
         )
 
     def _load_bin(self, file: str) -> dict[str, torch.Tensor]:
-        try:  # mmap keeps it lazy; weights_only refuses pickled code
-            return torch.load(self.path / file, map_location="cpu", weights_only=True, mmap=True)
-        except Exception as e:
-            raise SourceError(f"cannot read {self.path / file} safely ({e}); convert it to safetensors") from None
+        if file not in self._bin_files:
+            try:  # mmap keeps it lazy; weights_only refuses pickled code
+                self._bin_files[file] = torch.load(self.path / file, map_location="cpu", weights_only=True, mmap=True)
+            except Exception as e:
+                raise SourceError(f"cannot read {self.path / file} safely ({e}); convert it to safetensors") from None
+        return self._bin_files[file]
 
     def keys(self) -> list[str]:
         return list(self.weight_map)
