@@ -1,0 +1,49 @@
+"""Torch references for the merged matmuls: the slow, obvious definitions every fast path is tested against.
+
+All three rest on one identity: x·(W0 + Σ_e w_e Δ_e)ᵀ = x·W0ᵀ + Σ_e w_e (x·Δ_eᵀ). They are exact,
+differentiable in x, merge_weights and the weights, and run on any device and dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def merged_linear(x: torch.Tensor, merge_weights: torch.Tensor, deltas: torch.Tensor,
+                  base: torch.Tensor | None = None) -> torch.Tensor:
+    """y[m] = x[m]·(base + Σ_e merge_weights[m, e]·deltas[e])ᵀ.
+
+    Args:
+        x: `[M, K]` inputs, one row per token.
+        merge_weights: `[M, E]` one row of merge weights per token.
+        deltas: `[E, N, K]` task vectors, or full expert weights when `base` is None (SMEAR's Σ p_e W_e).
+        base: `[N, K]` or None.
+    Returns: `[M, N]`.
+    """
+    per_expert = torch.matmul(x.unsqueeze(0), deltas.transpose(-1, -2))  # [E, M, N]
+    y = torch.einsum("me,emn->mn", merge_weights.to(per_expert.dtype), per_expert)
+    return y if base is None else y + x @ base.T
+
+
+def lowrank_merged_linear(x: torch.Tensor, merge_weights: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+                          base: torch.Tensor | None = None) -> torch.Tensor:
+    """y[m] = x[m]·(base + Σ_e merge_weights[m, e]·B_e·A_e)ᵀ, never forming B_e·A_e.
+
+    Args:
+        x: `[M, K]`; merge_weights: `[M, E]`; A: `[E, r, K]`; B: `[E, N, r]`; base: `[N, K]` or None.
+    Returns: `[M, N]`.
+    """
+    shrunk = torch.einsum("mk,erk->mer", x, A)  # [M, E, r]
+    shrunk = shrunk * merge_weights.to(shrunk.dtype).unsqueeze(-1)
+    y = torch.einsum("mer,enr->mn", shrunk, B)
+    return y if base is None else y + x @ base.T
+
+
+def merge_weights_into(base: torch.Tensor | None, deltas: torch.Tensor, merge_weights: torch.Tensor) -> torch.Tensor:
+    """Per-sequence merged weights `[S, N, K]` = base + Σ_e merge_weights[s, e]·deltas[e].
+
+    Args:
+        base: `[N, K]` or None; deltas: `[E, N, K]`; merge_weights: `[S, E]`.
+    """
+    merged = torch.einsum("se,enk->snk", merge_weights.to(deltas.dtype), deltas)
+    return merged if base is None else merged + base
