@@ -133,7 +133,7 @@ def moe_config(recipe: Recipe):
 
 def plan(recipe: Recipe) -> list[TensorPlan]:
     """Every output tensor, in write order (globals first, then layer by layer), without reading data."""
-    non_expert = "base" if recipe.config.non_expert == "base" else "static"
+    non_expert = "base" if recipe.config.static_method == "base" else "static"
     fmt, layers = recipe.fmt, recipe.base.config["num_hidden_layers"]
     by_layer: dict[int | None, list[str]] = {}
     for name in recipe.base.keys():
@@ -171,7 +171,7 @@ class TensorReader:
         elif p.source == "static":
             base = self.recipe.base.get(p.tensor)
             deltas = [self._checked(e, p.tensor, base).float() - base.float() for e in self.recipe.experts]
-            t = static_merge(cfg.non_expert, base, deltas, scale=cfg.merge.scale, density=cfg.merge.density,
+            t = static_merge(cfg.static_method, base, deltas, scale=cfg.merge.scale, density=cfg.merge.density,
                              weights=cfg.merge.weights, seed=self.seed, name=p.tensor)
         else:
             expert = self.recipe.shared if p.source == "shared" else self.recipe.experts[p.expert]
@@ -221,6 +221,11 @@ def assemble(
     except Exception as e:
         raise SourceError(f"cannot load the base tokenizer from {recipe.base.path}: {e}") from None
     pad_token_for(tokenizer)
+    if config.dynamic:
+        from moe_merge.dynamic import assemble_dynamic
+
+        return assemble_dynamic(recipe, Path(out_dir), tokenizer=tokenizer, force=force, dtype=out_dtype,
+                                shard_size=shard_size, seed=seed, tokenizer_files=TOKENIZER_FILES)
     entries = plan(recipe)
     read = TensorReader(recipe, out_dtype, seed)
     layers = out_config.num_hidden_layers

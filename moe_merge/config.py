@@ -7,8 +7,11 @@ A mergekit-moe YAML is a valid recipe as it is; our keys extend it. Vocabulary u
 - **delta / task vector**: expert minus base, per tensor.
 - **router**: maps a hidden state to merge weights; HF calls it `gate` in checkpoint keys.
 - **merge weights**: the router's output, `[..., num_experts]`; after top-k they sum to 1.
-- **level**: where experts are swapped in (`ffn` here; `block` and `model` need the dynamic runtime).
-- **method**: `sparse` (Mixtral top-k output mixing) here; `smear | wemoe | twin` need the dynamic runtime.
+- **level**: which parameters are per input: `ffn` (the MLP), `block` (every linear layer of a decoder
+  block), `model` (whole expert models above shared first layers).
+- **method**: `sparse` (top-k output mixing; at FFN level a stock Mixtral/Qwen-MoE), `smear` (routed
+  parameter averaging), `wemoe` (base + routed task vectors), `twin` (shared merge + routed low-rank
+  exclusive parts). Everything but sparse FFN is a moe_merge dynamic model.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from moe_merge.errors import ConfigError
 
 GateInit = Literal["hidden", "fit", "hidden_last", "cheap_embed", "random", "uniform"]
 PROMPT_INITS = ("hidden", "fit", "hidden_last", "cheap_embed")  # the modes that read prompts
+DYNAMIC_INITS = ("hidden", "random", "uniform")  # what the dynamic model's routers accept
 # mergekit-moe's gate_mode spellings and what each becomes here.
 GATE_MODE_ALIASES = {"hidden_avg": "hidden", "uniform_random": "uniform"}
 
@@ -49,14 +53,25 @@ class ExpertSpec(_Strict):
 
 
 class RouterSpec(_Strict):
-    """How router weights are initialised from prompts (training-free)."""
+    """The routers: their kind, how they turn logits into merge weights, and their training-free start."""
 
     init: GateInit = "hidden"
+    kind: Literal["linear", "mlp", "constant"] = Field(
+        "linear", description="dynamic models: linear, mlp (2 layers + ReLU), constant (input-independent, WEMoE depth 0)")
+    hidden_size: int | None = Field(None, ge=2, description="mlp routers: hidden width (default 2 x experts)")
+    granularity: Literal["token", "sequence"] = Field(
+        "sequence", description="dynamic models: one weight vector per sequence (from the prompt) or per token")
+    normalize: Literal["softmax", "topk", "none"] | None = Field(
+        None, description="softmax | topk (renormalised) | none (raw, WEMoE-style); default topk for sparse, else softmax")
+    top_k: int | None = Field(None, ge=1, description="`topk`: experts kept; default `experts_per_token`")
+    temperature: float = Field(1.0, gt=0.0, description="logits are divided by this before normalising")
     calibrate: float | None = Field(
         0.9, gt=0.0, lt=1.0,
-        description="scale each layer's router so the mean top probability on the prompts equals this; null keeps raw",
+        description="scale each router so the mean top probability on the prompts equals this; null keeps raw "
+        "(default 0.9 for sparse FFN routers; dynamic routers keep their discriminant's own scale unless set)",
     )
-    ridge: float = Field(1e-3, gt=0.0, description="`fit`: ridge strength, relative to the mean feature variance")
+    ridge: float = Field(1e-3, gt=0.0, description="ridge strength, relative to the mean feature variance "
+                         "(`fit`; dynamic routers' discriminant uses 0.1 unless set)")
     random_std: float = Field(0.02, gt=0.0, description="`random`: standard deviation of the router weights")
 
 
@@ -66,6 +81,23 @@ class StaticMergeSpec(_Strict):
     scale: float | None = Field(None, description="lambda on the merged task vector; default 0.3 for task_arithmetic, else 1.0")
     density: float = Field(0.5, gt=0.0, le=1.0, description="share of each task vector kept by ties / dare")
     weights: list[float] | None = Field(None, description="per-expert weights; default equal")
+
+
+class WemoeSpec(_Strict):
+    """Weight-Ensembling MoE: static task arithmetic outside the MLPs, routed task vectors inside."""
+
+    scale: float = Field(0.3, description="lambda of the static task arithmetic, and the constant routers' start")
+
+
+class TwinSpec(_Strict):
+    """Twin-Merging: a shared static merge plus each expert's exclusive part, compressed by SVD."""
+
+    shared: Literal["task_arithmetic", "ties"] = "task_arithmetic"
+    scale: float | None = Field(None, description="lambda of the shared merge (default 0.3 for task_arithmetic, 1 for ties)")
+    density: float = Field(0.5, gt=0.0, le=1.0, description="ties: share of each task vector kept")
+    rank: float = Field(0.5, gt=0.0, description="SVD rank of the exclusive parts: an integer, or a fraction (< 1) of min(out, in)")
+    router_layer: int = Field(0, ge=0, description="the router reads the hidden states entering this layer (0: the "
+                              "embeddings); layers below it keep the shared parameters")
 
 
 class MergeConfig(_Strict):
@@ -78,9 +110,14 @@ class MergeConfig(_Strict):
     experts_per_token: int = Field(2, ge=1)
     level: Literal["ffn", "block", "model"] = "ffn"
     method: Literal["sparse", "smear", "wemoe", "twin"] = "sparse"
-    non_expert: Literal["base", "average", "task_arithmetic", "ties", "dare_linear", "dare_ties"] = "base"
+    non_expert: Literal["base", "average", "task_arithmetic", "ties", "dare_linear", "dare_ties"] | None = Field(
+        None, description="static merge of what is not routed; default base (sparse ffn), average (sparse, smear), "
+        "task_arithmetic (wemoe); twin uses its shared merge")
     merge: StaticMergeSpec = StaticMergeSpec()
     router: RouterSpec | None = None
+    wemoe: WemoeSpec = WemoeSpec()
+    twin: TwinSpec = TwinSpec()
+    dense_layers: int = Field(0, ge=0, description="model level: leading layers shared (statically merged) by all experts")
     seed: int = 0
 
     @field_validator("gate_mode", mode="before")
@@ -95,11 +132,24 @@ class MergeConfig(_Strict):
 
     @model_validator(mode="after")
     def _check(self) -> MergeConfig:
-        if self.level != "ffn" or self.method != "sparse":
-            raise ValueError(
-                f"`level: {self.level}` with `method: {self.method}` needs the dynamic merging runtime, which this "
-                "version does not have yet; use `level: ffn` and `method: sparse` for a stock Mixtral/Qwen-MoE"
-            )
+        if self.level == "model" and self.method != "sparse":
+            raise ValueError(f"`level: model` mixes whole expert models, which is `method: sparse`, not `{self.method}`")
+        if self.dynamic:
+            if self.shared_experts:
+                raise ValueError("`shared_experts` is a Qwen2-MoE feature of sparse FFN-level models only")
+            if self.gate_init not in DYNAMIC_INITS:
+                raise ValueError(f"router init `{self.gate_init}` is for stock sparse FFN-level routers; dynamic models "
+                                 f"take one of {', '.join(DYNAMIC_INITS)}")
+            if self.router_spec.granularity == "token" and (self.level == "model" or self.method == "twin"):
+                raise ValueError(f"{self.method} at {self.level} level routes once per sequence; "
+                                 "`router.granularity` must be `sequence`")
+            if self.router_spec.kind == "constant" and self.gate_init == "hidden":
+                raise ValueError("a `constant` router ignores its input, so it cannot start from prompts; "
+                                 "set `router.init: random` (WEMoE: starts at task arithmetic) or `uniform`")
+        elif self.router and (self.router.kind != "linear" or self.router.granularity != "sequence"
+                              or self.router.normalize not in (None, "topk")):
+            raise ValueError("sparse FFN-level output is a stock Mixtral/Qwen-MoE: its routers are linear, per token "
+                             "and top-k; `router.kind/granularity/normalize` apply to dynamic models")
         if self.experts_per_token > len(self.experts):
             raise ValueError(
                 f"`experts_per_token` is {self.experts_per_token} but there are only {len(self.experts)} experts"
@@ -119,6 +169,38 @@ class MergeConfig(_Strict):
                     "give each expert prompts of its own task"
                 )
         return self
+
+    @property
+    def dynamic(self) -> bool:
+        """Whether the output is a moe_merge dynamic model rather than a stock sparse MoE."""
+        return not (self.method == "sparse" and self.level == "ffn")
+
+    @property
+    def static_method(self) -> str:
+        if self.non_expert is not None:
+            return self.non_expert
+        return {"wemoe": "task_arithmetic", "twin": self.twin.shared}.get(
+            self.method, "average" if self.dynamic else "base")
+
+    @property
+    def calibration_target(self) -> float | None:
+        if self.dynamic and not (self.router and "calibrate" in self.router.model_fields_set):
+            return None
+        return self.router_spec.calibrate
+
+    @property
+    def ridge(self) -> float:
+        if self.dynamic and not (self.router and "ridge" in self.router.model_fields_set):
+            return 0.1
+        return self.router_spec.ridge
+
+    @property
+    def top_k(self) -> int:
+        return self.router_spec.top_k or self.experts_per_token
+
+    @property
+    def normalize(self) -> str:
+        return self.router_spec.normalize or ("topk" if self.method == "sparse" else "softmax")
 
     @property
     def gate_init(self) -> str:

@@ -77,6 +77,28 @@ def fit(examples: list[TokenSet], ridge: float = 0.1) -> torch.Tensor:
     return w.T.float()
 
 
+def lda(positive: list[torch.Tensor], negative: list[torch.Tensor | None], ridge: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Linear discriminant from pooled prompt representations ([n_e, H] per expert): weight [E, H], bias [E].
+
+    Class means whitened by the shared within-class covariance (ridge-regularised, `ridge` relative to
+    its mean variance); the bias makes it the nearest-mean classifier in that metric. Pooled prompts of
+    one task still differ in their content words; whitening discounts exactly those directions, which
+    the centred-direction rows of `hidden` cannot. Negative prompts move their expert's mean away from them.
+    """
+    pos = [p.double() for p in positive]
+    means = torch.stack([p.mean(0) for p in pos])  # [E, H]
+    grand = means.mean(0)
+    for e, n in enumerate(negative):
+        if n is not None and len(n):
+            means[e] = means[e] - n.double().mean(0) + grand
+    centred = torch.cat([p - p.mean(0) for p in pos])
+    cov = centred.T @ centred / max(len(centred), 1)
+    reg = ridge * cov.diagonal().mean().clamp(min=1e-12) + 1e-12
+    weight = torch.linalg.solve(cov + reg * torch.eye(len(cov), dtype=cov.dtype), (means - grand).T).T  # [E, H]
+    bias = -(weight * (means + grand)).sum(1) / 2  # nearest whitened mean, relative to the grand mean
+    return weight.float(), bias.float()
+
+
 def cheap_embed(positive_embeds: list[torch.Tensor], negative_embeds: list[torch.Tensor | None]) -> torch.Tensor:
     """Token embeddings averaged per prompt (`[B, H]` each); the same rows serve every layer."""
     return direction_rows(positive_embeds, negative_embeds)
@@ -92,14 +114,18 @@ def uniform(num_experts: int, hidden_size: int, generator: torch.Generator) -> t
     return (torch.rand(num_experts, hidden_size, generator=generator) * 2 - 1) * bound
 
 
-def calibrate(weight: torch.Tensor, states: torch.Tensor, target: float, iters: int = 60) -> tuple[torch.Tensor, float]:
-    """Scale `weight` so the mean top softmax probability over `states` ([N, H]) equals `target`.
+def calibrate(weight: torch.Tensor, states: torch.Tensor, target: float, iters: int = 60,
+              bias: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
+    """Scale `weight` (and the caller scales `bias` alike) so the mean top softmax probability over
+    `states` ([N, H]) equals `target`.
 
     The mean top probability grows with the scale, so bisection on log-scale finds it. Without
     this, raw prompt directions give logits whose spread is set by the hidden-state norm: routing
     ends up flat or one-hot by accident.
     """
     logits = states.float() @ weight.float().T  # [N, E]
+    if bias is not None:
+        logits = logits + bias.float()
 
     def confidence(log_s: float) -> float:
         return torch.softmax(logits * torch.e**log_s, dim=-1).max(-1).values.mean().item()

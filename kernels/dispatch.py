@@ -1,0 +1,100 @@
+"""Which implementation runs a merged matmul, and which strategy a per-sequence prefill takes.
+
+Two decisions live here, both cheap and made per call:
+
+- **backend**: the Triton kernels or the torch reference. `MOE_MERGE_KERNELS` chooses: `auto` (the
+  default) runs Triton on CUDA tensors of a dtype the kernels cover and the reference on anything
+  else; `triton` forces the kernels (on CPU tensors only under `TRITON_INTERPRET=1`); `torch` forces
+  the reference. Nothing here imports triton unless the kernels are about to run.
+- **strategy** for one weight vector per sequence: K-concatenation (expand the weights to every token)
+  or materialise-then-GEMM (form W_s = W0 + Σ_e w_se Δ_e once per sequence, then a batched GEMM).
+  `crossover_tokens` is the cost model; its device rates are measured by `benchmarks/kernels.py`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+ENV_VAR = "MOE_MERGE_KERNELS"
+Backend = Literal["auto", "triton", "torch"]
+BACKENDS: tuple[Backend, ...] = ("auto", "triton", "torch")
+Strategy = Literal["kconcat", "materialise"]
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what the Triton kernels take
+
+
+def backend() -> Backend:
+    """The backend `MOE_MERGE_KERNELS` asks for (read on every call, so it can change between calls)."""
+    value = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
+    if value not in BACKENDS:
+        raise ValueError(f"{ENV_VAR}={os.environ[ENV_VAR]!r} is not a kernel backend; set it to one of "
+                         f"{', '.join(BACKENDS)} (or unset it for auto)")
+    return value  # type: ignore[return-value]
+
+
+def use_triton(*tensors: torch.Tensor | None) -> bool:
+    """Whether a call on these tensors (None entries ignored) runs the Triton kernels.
+
+    Raises when the kernels are required but cannot run: `triton` forced on CPU tensors without the
+    interpreter, or triton not installed where the kernels are chosen (no silent fallback).
+    """
+    mode = backend()
+    if mode == "torch":
+        return False
+    given = [t for t in tensors if t is not None]
+    on_cuda = all(t.is_cuda for t in given)
+    if mode == "auto" and not (on_cuda and given[0].dtype in SUPPORTED_DTYPES):
+        return False
+    try:
+        from moe_merge.kernels.kernel_utils import INTERPRETER
+    except ImportError as err:
+        raise ImportError(f"the Triton kernels need triton ({err}); `pip install 'moe-merge[triton]'`, "
+                          f"or set {ENV_VAR}=torch to run the torch reference") from err
+    if not on_cuda and not INTERPRETER:
+        raise RuntimeError(f"{ENV_VAR}=triton got tensors on {given[0].device}; the kernels run on CUDA tensors, or on "
+                           "CPU under the Triton interpreter: set TRITON_INTERPRET=1 before moe_merge's kernels are "
+                           f"first used, or set {ENV_VAR}=auto")
+    return True
+
+
+@dataclass(frozen=True)
+class DeviceRates:
+    """The two device figures the strategy depends on, both measured (never a spec-sheet peak)."""
+
+    bandwidth: float  # bytes/s: device-to-device copy
+    matmul_flops: float  # flop/s: dense bf16 GEMM
+
+
+# Provisional until a GPU run of benchmarks/kernels.py replaces them with its printed DeviceRates:
+# FIELD-NOTES' H100 figures, 3.0 TB/s copy and a ridge of ~267 flop/byte (8.0e14 flop/s).
+RATES = DeviceRates(bandwidth=3.0e12, matmul_flops=8.0e14)
+
+
+def crossover_tokens(sequences: int, experts: int, has_base: bool = True, element_size: int = 2,
+                     rates: DeviceRates = RATES) -> float:
+    """Tokens per sequence beyond which materialise-then-GEMM beats K-concatenation.
+
+    With G = E + has_base weight segments of P elements each, S sequences of T tokens, b bytes per
+    element, copy bandwidth BW and GEMM rate F (prefill is compute-bound for K-concat):
+    - K-concatenation: 2·S·T·P·G flops, its weights read once;
+    - materialise: read G·P, write S·P and read them back in the GEMM, (G + 2S)·P·b bytes, then
+      2·S·T·P flops.
+    They cost the same at T* = (F / BW)·b·(G + 2S) / (2·S·(G − 1)); with one segment (G = 1) there is
+    nothing to merge and materialising never pays (infinity).
+    """
+    segments = experts + int(has_base)
+    if segments <= 1:
+        return math.inf
+    ridge = rates.matmul_flops / rates.bandwidth  # flop/byte
+    return ridge * element_size * (segments + 2 * sequences) / (2 * sequences * (segments - 1))
+
+
+def choose_strategy(tokens: int, sequences: int, experts: int, has_base: bool = True,
+                    element_size: int = 2) -> Strategy:
+    """`materialise` when each sequence is longer than `crossover_tokens`, else `kconcat`."""
+    crossover = crossover_tokens(sequences, experts, has_base, element_size)
+    return "materialise" if tokens > crossover else "kconcat"

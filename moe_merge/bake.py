@@ -1,0 +1,121 @@
+"""Bake a dynamic model for one fixed mix into a plain dense checkpoint of the base architecture.
+
+For parameter-merging methods (smear, wemoe, twin) any merge-weight vector bakes: each merged linear
+becomes W0 + Σ_e w_e Δ_e. Sparse block and model levels mix outputs, which no single dense model
+computes, so they bake only for one-hot (top-1) weights: the chosen expert's layers.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+
+from moe_merge.errors import ConfigError
+from moe_merge.merged_linear import MergedLinear
+from moe_merge.modeling import MoEMergeDecoderLayer, MoEMergeForCausalLM, MoEMergeSparseBlock
+from moe_merge.outdir import atomic_output_dir
+from moe_merge.routers.router import Router
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "generation_config.json")
+
+
+def weights_for_prompt(model: MoEMergeForCausalLM, tokenizer, prompt: str) -> torch.Tensor:
+    """The merge weights [R, E] the model's routers give `prompt`."""
+    if model.config.router_granularity != "sequence":
+        raise ConfigError("this model routes each token, so a prompt gives no single mix; bake it with --weights")
+    with torch.no_grad():
+        return model(**tokenizer(prompt, return_tensors="pt"), use_cache=False).merge_weights[0].float()
+
+
+def _expert_of(w: torch.Tensor, where: str) -> int:
+    e = int(w.argmax())
+    if not torch.allclose(w, torch.nn.functional.one_hot(torch.tensor(e), len(w)).to(w)):
+        raise ConfigError(f"sparse output mixing cannot be baked into one dense model: {where} mixes "
+                          f"{[round(x, 3) for x in w.tolist()]}; give one-hot weights (e.g. --weights 0,1,0)")
+    return e
+
+
+@torch.no_grad()
+def baked_state(model: MoEMergeForCausalLM, weights: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The base architecture's state dict for merge weights [R, E] (or [E] for every router)."""
+    cfg = model.config
+    w = weights.float().expand(cfg.num_routers, cfg.num_experts)
+    inner, state = model.model, {}
+
+    def put(prefix: str, module: torch.nn.Module) -> None:
+        for k, v in module.state_dict().items():
+            state[prefix + k] = v
+
+    state["model.embed_tokens.weight"] = inner.embed_tokens.weight
+    for i, layer in enumerate(inner.layers):
+        dst = f"model.layers.{i}."
+        if isinstance(layer, MoEMergeDecoderLayer):
+            wi = w[0] if cfg.method == "twin" else w[i]
+            merged = {n: m for n, m in layer.named_modules() if isinstance(m, MergedLinear)}
+            for n, m in merged.items():
+                weight, bias = m.merged(wi)
+                state[f"{dst}{n}.weight"] = weight
+                if bias is not None:
+                    state[f"{dst}{n}.bias"] = bias
+            for n, m in layer.named_modules():
+                if not isinstance(m, (MergedLinear, Router)) and n.split(".")[0] != "router":
+                    for k, v in m.named_parameters(recurse=False):
+                        state[f"{dst}{n}.{k}"] = v
+        elif isinstance(layer, MoEMergeSparseBlock):
+            put(dst, layer.experts[_expert_of(w[i], f"layer {i}'s router")])
+        else:
+            put(dst, layer)
+    if cfg.level == "model":
+        expert = inner.experts[_expert_of(w[0], "the model router")]
+        for j, layer in enumerate(expert.layers):
+            put(f"model.layers.{cfg.dense_layers + j}.", layer)
+        state["model.norm.weight"] = expert.norm.weight
+        state["lm_head.weight"] = expert.lm_head.weight
+    else:
+        state["model.norm.weight"] = inner.norm.weight
+        state["lm_head.weight"] = model.lm_head.weight
+    return state
+
+
+def baked_model(model: MoEMergeForCausalLM, weights: torch.Tensor):
+    from transformers import AutoModelForCausalLM
+
+    text = model.config.text_config
+    dense = AutoModelForCausalLM.from_config(text, dtype=model.dtype)
+    state = baked_state(model, weights)
+    if text.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    dense.load_state_dict(state, strict=not text.tie_word_embeddings)
+    if text.tie_word_embeddings:
+        dense.tie_weights()
+    return dense.eval()
+
+
+def bake(model_dir: Path | str, out_dir: Path | str, *, weights: list[float] | None = None, prompt: str | None = None,
+         force: bool = False) -> Path:
+    """Write the dense checkpoint for a fixed mix (`weights`, one per expert) or the mix the routers give `prompt`."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model_dir = Path(model_dir)
+    if (weights is None) == (prompt is None):
+        raise ConfigError("give exactly one of --weights and --prompt")
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    if not isinstance(model, MoEMergeForCausalLM):
+        raise ConfigError(f"{model_dir} is a {type(model).__name__}, not a moe-merge dynamic model")
+    if weights is not None:
+        if len(weights) != model.config.num_experts:
+            raise ConfigError(f"--weights has {len(weights)} values but {model_dir} has {model.config.num_experts} experts "
+                              f"({', '.join(model.config.expert_names or [])})")
+        w = torch.tensor(weights, dtype=torch.float32)
+    else:
+        w = weights_for_prompt(model, AutoTokenizer.from_pretrained(model_dir), prompt)
+    dense = baked_model(model, w)
+    with atomic_output_dir(out_dir, force=force) as tmp:
+        dense.save_pretrained(tmp)
+        for name in TOKENIZER_FILES:
+            if (model_dir / name).is_file():
+                shutil.copy2(model_dir / name, tmp / name)
+    return Path(out_dir)

@@ -1,0 +1,490 @@
+"""The dynamic merging model: routers compute merge weights per input, and every dynamic linear layer
+applies W0 + Σ_e w_e Δ_e to its input, batched and with the KV cache.
+
+Read top to bottom: config → decoder layers → model → causal LM. Attention, RoPE, norms, masks and
+the cache are the base family's own transformers modules; dynamic projections are swapped in.
+
+Methods and levels (the vocabulary of the recipe):
+- `smear` / `wemoe` at `ffn` | `block`: one router per layer, merging that layer's MLP (ffn) or every
+  linear layer of the block (block). The rest of the model is a static merge.
+- `twin` at `ffn` | `block`: one router at the bottom, reading the hidden states entering layer
+  `router_layer` of the same forward pass; its weights serve every layer from there on. The layers
+  below it use the shared (static) parameters.
+- `sparse` at `block`: each layer holds every expert's whole decoder layer and mixes the top-k outputs.
+- `sparse` at `model`: `dense_layers` shared layers, then one router picks expert models for the rest
+  (layers, final norm and LM head) and mixes their logits.
+
+Merge weights are per sequence (the masked mean over the prompt decides them once, at prefill) or per
+token. Per-sequence weights come back as `outputs.merge_weights` [B, R, E] (R routers) and are passed
+back in as `merge_weights=` at every decode step; `generate` does this by itself. Passing
+`merge_weights` yourself ([E], [B, E] or [B, R, E]) forces a mix.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+from dataclasses import dataclass
+
+import torch
+from huggingface_hub.dataclasses import strict
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PreTrainedConfig, PreTrainedModel
+from transformers import initialization as init
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
+from transformers.configuration_utils import SubConfigSpec
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.utils import ModelOutput
+
+from moe_merge.merged_linear import MergedLinear
+from moe_merge.routers.router import Router, masked_mean, normalize
+
+LEVELS = ("ffn", "block", "model")
+METHODS = ("sparse", "smear", "wemoe", "twin")
+ATTN_PROJS = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP_PROJS = ("gate_proj", "up_proj", "down_proj")
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+@strict
+class MoEMergeConfig(PreTrainedConfig):
+    r"""A base-architecture config (`text_config`) plus how its experts are merged.
+
+    `delta_forms` maps each dynamic projection name (e.g. `gate_proj`) to its merged-linear form
+    (`full` | `dense` | `lowrank`); `delta_ranks` gives the rank of the low-rank ones.
+    """
+
+    model_type = "moe_merge"
+    sub_configs_defaults = {"text_config": SubConfigSpec(config_class=AutoConfig, model_type="llama")}
+
+    text_config: dict | PreTrainedConfig | None = None
+    num_experts: int = 2
+    expert_names: list[str] | None = None
+    method: str = "smear"
+    level: str = "ffn"
+    delta_forms: dict[str, str] | None = None
+    delta_ranks: dict[str, int] | None = None
+    router_kind: str = "linear"
+    router_hidden_size: int | None = None
+    router_granularity: str = "sequence"
+    router_normalize: str = "softmax"
+    router_top_k: int = 1
+    router_temperature: float = 1.0
+    router_layer: int = 0
+    dense_layers: int = 0
+    tie_word_embeddings: bool = False
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        if self.method not in METHODS or self.level not in LEVELS:
+            raise ValueError(f"`method` {self.method!r} / `level` {self.level!r}: choose from {METHODS} / {LEVELS}")
+        if self.text_config.model_type not in FAMILIES:
+            raise ValueError(f"base model_type {self.text_config.model_type!r} is not supported; use one of {FAMILIES}")
+        if self.method == "sparse" and self.level == "ffn":
+            raise ValueError("sparse FFN-level models are stock Mixtral/Qwen-MoE checkpoints, not moe_merge models")
+        if self.method != "sparse" and self.level == "model":
+            raise ValueError("`level: model` is a sparse mixture of expert models; use `method: sparse`")
+        if self.level == "model" or self.method == "twin":
+            if self.router_granularity != "sequence":
+                raise ValueError(f"{self.method} at {self.level} level routes once per sequence; "
+                                 "set `router.granularity: sequence`")
+        self.tie_word_embeddings = bool(self.text_config.tie_word_embeddings)
+        self.delta_forms = self.delta_forms or {}
+        self.delta_ranks = self.delta_ranks or {}
+
+    @property
+    def num_routers(self) -> int:
+        """R: routers whose weights `merge_weights` [B, R, E] holds."""
+        return 1 if self.method == "twin" or self.level == "model" else self.text_config.num_hidden_layers
+
+
+@dataclass
+class MoEMergeOutput(ModelOutput):
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    past_key_values: Cache | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    merge_weights: torch.FloatTensor | None = None  # [B, R, E] per sequence, [B, R, T, E] per token
+    router_logits: torch.FloatTensor | None = None  # same shape, before normalisation; None where forced
+
+
+def _family_module(text_config):
+    return importlib.import_module(f"transformers.models.{text_config.model_type}.modeling_{text_config.model_type}")
+
+
+def _stock(text_config, name: str):
+    prefix = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3"}[text_config.model_type]
+    return getattr(_family_module(text_config), prefix + name)
+
+
+def stock_layer(text_config, layer_idx: int, cache_idx: int | None = None) -> nn.Module:
+    """The base family's own decoder layer; `cache_idx` is where its attention keeps its KV cache."""
+    layer = _stock(text_config, "DecoderLayer")(text_config, layer_idx)
+    layer.self_attn.layer_idx = layer_idx if cache_idx is None else cache_idx
+    return layer
+
+
+@contextlib.contextmanager
+def merging(linears: list[MergedLinear], weights: torch.Tensor | None):
+    for m in linears:
+        m.merge_weights = weights
+    try:
+        yield
+    finally:
+        for m in linears:
+            m.merge_weights = None
+
+
+class Routing:
+    """How merge weights come from router inputs, as the config says."""
+
+    def __init__(self, config: MoEMergeConfig):
+        self.granularity, self.mode = config.router_granularity, config.router_normalize
+        self.temperature, self.top_k = config.router_temperature, config.router_top_k
+        # WEMoE routes each token and averages the router outputs; the others route the pooled states.
+        self.pool_outputs = config.method == "wemoe"
+
+    def __call__(self, router: Router, states: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """states [B, T, H], mask [B, T] -> (weights, logits): [B, E] per sequence or [B, T, E] per token."""
+        if self.granularity == "token":
+            logits = router(states)
+            return normalize(logits, self.mode, self.temperature, self.top_k), logits
+        if self.pool_outputs:
+            logits = masked_mean(router(states), mask)
+        else:
+            logits = router(masked_mean(states, mask))
+        return normalize(logits, self.mode, self.temperature, self.top_k), logits
+
+
+class MoEMergeDecoderLayer(GradientCheckpointingLayer):
+    """The base family's decoder layer with its dynamic projections merged per input (smear, wemoe, twin).
+
+    With its own router (smear, wemoe) it routes on the input of the part it merges: the MLP input at
+    ffn level, the attention input at block level. Without one (twin), weights come from the model.
+    """
+
+    def __init__(self, config: MoEMergeConfig, layer_idx: int, routed: bool):
+        super().__init__()
+        text = config.text_config
+        stock = stock_layer(text, layer_idx)
+        self.input_layernorm, self.self_attn = stock.input_layernorm, stock.self_attn
+        self.post_attention_layernorm, self.mlp = stock.post_attention_layernorm, stock.mlp
+        self.level = config.level
+        self.attn_linears: list[MergedLinear] = []
+        self.mlp_linears: list[MergedLinear] = []
+        for owner, names, merged in ((self.self_attn, ATTN_PROJS, self.attn_linears), (self.mlp, MLP_PROJS, self.mlp_linears)):
+            for name in names:
+                if name in config.delta_forms:
+                    old = getattr(owner, name)
+                    new = MergedLinear(old.in_features, old.out_features, config.num_experts, config.delta_forms[name],
+                                       config.delta_ranks.get(name), bias=old.bias is not None)
+                    setattr(owner, name, new)
+                    merged.append(new)
+        self.router = Router(text.hidden_size, config.num_experts, config.router_kind, config.router_hidden_size) if routed else None
+        self.routing = Routing(config)
+
+    def _route(self, states, prompt_mask, given):
+        if self.router is None or (prompt_mask is None and self.routing.granularity == "sequence"):
+            return given, None
+        mask = prompt_mask if prompt_mask is not None else torch.ones(states.shape[:2], device=states.device)
+        weights, logits = self.routing(self.router, states, mask)
+        return (weights if given is None else given), logits
+
+    def forward(self, hidden_states, merge_weights=None, prompt_mask=None, attention_mask=None, position_ids=None,
+                past_key_values=None, position_embeddings=None, **kwargs):
+        """merge_weights: this layer's [B, E] (or [B, T, E]) if already known; prompt_mask: [B, T] at prefill,
+        None once the weights are fixed. Returns (hidden_states, weights used, router logits or None)."""
+        residual = hidden_states
+        x = self.input_layernorm(hidden_states)
+        logits = None
+        if self.level == "block":
+            merge_weights, logits = self._route(x, prompt_mask, merge_weights)
+        with merging(self.attn_linears, merge_weights):
+            x, _ = self.self_attn(hidden_states=x, attention_mask=attention_mask, position_ids=position_ids,
+                                  past_key_values=past_key_values, position_embeddings=position_embeddings, **kwargs)
+        hidden_states = residual + x
+        residual = hidden_states
+        x = self.post_attention_layernorm(hidden_states)
+        if self.level == "ffn":
+            merge_weights, logits = self._route(x, prompt_mask, merge_weights)
+        with merging(self.mlp_linears, merge_weights):
+            x = self.mlp(x)
+        return residual + x, merge_weights, logits
+
+
+class MoEMergeSparseBlock(GradientCheckpointingLayer):
+    """`sparse` at block level: every expert's whole decoder layer, mixed by top-k weights.
+
+    Each expert layer keeps its own KV cache, so every expert runs on every sequence: a sequence's
+    cache then matches whatever weights it was routed with.
+    """
+
+    def __init__(self, config: MoEMergeConfig, layer_idx: int):
+        super().__init__()
+        text = config.text_config
+        L = text.num_hidden_layers
+        self.experts = nn.ModuleList(stock_layer(text, layer_idx, layer_idx + e * L) for e in range(config.num_experts))
+        self.router = Router(text.hidden_size, config.num_experts, config.router_kind, config.router_hidden_size)
+        self.routing = Routing(config)
+
+    def forward(self, hidden_states, merge_weights=None, prompt_mask=None, **kwargs):
+        logits = None
+        if prompt_mask is not None or self.routing.granularity == "token":
+            mask = prompt_mask if prompt_mask is not None else torch.ones(hidden_states.shape[:2], device=hidden_states.device)
+            weights, logits = self.routing(self.router, hidden_states, mask)
+            merge_weights = weights if merge_weights is None else merge_weights
+        w = merge_weights.to(hidden_states.dtype)
+        w = w.unsqueeze(1) if w.dim() == 2 else w  # [B, 1 or T, E]
+        out = sum(w[..., e : e + 1] * expert(hidden_states, **kwargs) for e, expert in enumerate(self.experts))
+        return out, merge_weights, logits
+
+
+class MoEMergeExpertStack(nn.Module):
+    """`sparse` at model level: one expert model above the shared layers: its layers, final norm and head."""
+
+    def __init__(self, config: MoEMergeConfig, expert: int):
+        super().__init__()
+        text = config.text_config
+        L = text.num_hidden_layers
+        self.layers = nn.ModuleList(stock_layer(text, i, i + expert * L) for i in range(config.dense_layers, L))
+        self.norm = _stock(text, "RMSNorm")(text.hidden_size, eps=text.rms_norm_eps)
+        self.lm_head = nn.Linear(text.hidden_size, text.vocab_size, bias=False)
+
+
+class MoEMergePreTrainedModel(PreTrainedModel):
+    config_class = MoEMergeConfig
+    config: MoEMergeConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["MoEMergeDecoderLayer", "MoEMergeSparseBlock", "MoEMergeExpertStack",
+                         "LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer", "Qwen3DecoderLayer"]
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_attention_backend = True
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        """Random weights for `from_config`; loading and building overwrite every one of them."""
+        std = self.config.text_config.initializer_range
+        if isinstance(module, MergedLinear):
+            for name, p in module.named_parameters(recurse=False):
+                init.normal_(p, 0.0, std) if name in ("weight", "expert_weight", "lora_A") else init.zeros_(p)
+        elif isinstance(module, Router):
+            for p in module.parameters(recurse=False):
+                init.zeros_(p)
+        else:
+            super()._init_weights(module)
+
+
+class MoEMergeModel(MoEMergePreTrainedModel):
+    def __init__(self, config: MoEMergeConfig):
+        super().__init__(config)
+        text = config.text_config
+        if text._attn_implementation is None:
+            text._attn_implementation = config._attn_implementation or "sdpa"
+        L = text.num_hidden_layers
+        self.embed_tokens = nn.Embedding(text.vocab_size, text.hidden_size, text.pad_token_id)
+        self.rotary_emb = _stock(text, "RotaryEmbedding")(config=text)
+        self.router = None
+        if config.method == "twin":
+            if not 0 <= config.router_layer < L:
+                raise ValueError(f"twin `router_layer` is {config.router_layer}; it must be in [0, {L})")
+            self.layers = nn.ModuleList(
+                stock_layer(text, i) if i < config.router_layer else MoEMergeDecoderLayer(config, i, routed=False)
+                for i in range(L)
+            )
+            self.router = Router(text.hidden_size, config.num_experts, config.router_kind, config.router_hidden_size)
+        elif config.level == "model":
+            if not 0 <= config.dense_layers < L:
+                raise ValueError(f"`dense_layers` is {config.dense_layers}; it must be in [0, {L})")
+            self.layers = nn.ModuleList(stock_layer(text, i) for i in range(config.dense_layers))
+            self.router = Router(text.hidden_size, config.num_experts, config.router_kind, config.router_hidden_size)
+            self.experts = nn.ModuleList(MoEMergeExpertStack(config, e) for e in range(config.num_experts))
+        elif config.method == "sparse":
+            self.layers = nn.ModuleList(MoEMergeSparseBlock(config, i) for i in range(L))
+        else:
+            self.layers = nn.ModuleList(MoEMergeDecoderLayer(config, i, routed=True) for i in range(L))
+        if config.level != "model":
+            self.norm = _stock(text, "RMSNorm")(text.hidden_size, eps=text.rms_norm_eps)
+        self.routing = Routing(config)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    # ------------------------------------------------------------------------------------ helpers
+
+    def _layer_types(self) -> list[str]:
+        text = self.config.text_config
+        types = getattr(text, "layer_types", None)
+        if types is None:
+            kind = "sliding_attention" if getattr(text, "sliding_window", None) else "full_attention"
+            types = [kind] * text.num_hidden_layers
+        return list(types)
+
+    def _ensure_cache_layers(self, cache: Cache) -> None:
+        """Sparse block and model levels keep one KV cache per expert layer: E x the base's layers.
+        Generation builds the cache from the base config, so the missing layers are added here."""
+        text = self.config.text_config
+        types = self._layer_types()
+        needed = text.num_hidden_layers * (self.config.num_experts if self.config.method == "sparse" else 1)
+        while isinstance(cache, DynamicCache) and len(cache.layers) < needed:
+            kind = types[len(cache.layers) % len(types)]
+            cache.layers.append(DynamicSlidingWindowLayer(sliding_window=text.sliding_window)
+                                if kind == "sliding_attention" else DynamicLayer())
+
+    def _masks(self, inputs_embeds, attention_mask, past_key_values, position_ids) -> dict:
+        kwargs = dict(config=self.config.text_config, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                      past_key_values=past_key_values, position_ids=position_ids)
+        masks = {"full_attention": create_causal_mask(**kwargs)}
+        if "sliding_attention" in self._layer_types():
+            masks["sliding_attention"] = create_sliding_window_causal_mask(**kwargs)
+        return masks
+
+    def _given_weights(self, merge_weights: torch.Tensor | None, batch: int) -> torch.Tensor | None:
+        """[E] | [B, E] | [B, R, E] -> [B, R, E]."""
+        if merge_weights is None:
+            return None
+        R, E = self.config.num_routers, self.config.num_experts
+        w = merge_weights
+        if w.shape[-1] != E:
+            raise ValueError(f"`merge_weights` has {w.shape[-1]} experts in its last dimension; this model has {E}")
+        if w.dim() == 1:
+            w = w.expand(batch, E)
+        if w.dim() == 2:
+            w = w.unsqueeze(1).expand(-1, R, -1)
+        if w.dim() != 3 or w.shape[:2] != (batch, R):
+            raise ValueError(f"`merge_weights` must be [E], [B, E] or [B, R, E] = [{batch}, {R}, {E}]; got {tuple(merge_weights.shape)}")
+        return w
+
+    # ------------------------------------------------------------------------------------ forward
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None, inputs_embeds=None,
+                use_cache=None, merge_weights=None, output_hidden_states=None, **kwargs):
+        """Returns (last hidden state [B, T, H] or, at model level, [E, B, T, H]; cache; hidden states;
+        merge weights; router logits)."""
+        if (input_ids is None) ^ (inputs_embeds is not None):
+            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        B, T, _ = inputs_embeds.shape
+        use_cache = getattr(self.config.text_config, "use_cache", True) if use_cache is None else use_cache
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache(config=self.config.text_config)
+        if past_key_values is not None:
+            self._ensure_cache_layers(past_key_values)
+        past = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if position_ids is None:
+            if attention_mask is not None:  # left padding: count real tokens, as if each sequence ran alone
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]
+            else:
+                position_ids = (torch.arange(T, device=inputs_embeds.device) + past).unsqueeze(0)
+        given = self._given_weights(merge_weights, B)
+        sequence = self.config.router_granularity == "sequence"
+        prefill = past == 0
+        if sequence and not prefill and given is None:
+            raise ValueError(
+                "this model routes once per sequence, at prefill; pass the prefill's `outputs.merge_weights` back as "
+                "`merge_weights=` at every decode step (`generate` does this)"
+            )
+        # At prefill the routers read the prompt (also when weights are forced: their logits are reported);
+        # afterwards per-sequence weights are fixed and only per-token routers run.
+        prompt_mask = None
+        if prefill:
+            prompt_mask = attention_mask[:, -T:] if attention_mask is not None else torch.ones(B, T, device=inputs_embeds.device)
+
+        masks = self._masks(inputs_embeds, attention_mask, past_key_values, position_ids)
+        types = self._layer_types()
+        h = inputs_embeds
+        position_embeddings = self.rotary_emb(h, position_ids)
+        common = dict(position_ids=position_ids, past_key_values=past_key_values, position_embeddings=position_embeddings)
+        all_hidden = [h] if output_hidden_states else None
+        used, logits = [], []
+
+        def route_once(states):
+            weights, lg = self.routing(self.router, states, prompt_mask) if prompt_mask is not None else (None, None)
+            w = given[:, 0] if given is not None else weights
+            used.append(w)
+            logits.append(lg)
+            return w
+
+        for i, layer in enumerate(self.layers):
+            if self.config.method == "twin" and i == self.config.router_layer:
+                twin_weights = route_once(h)
+            if isinstance(layer, (MoEMergeDecoderLayer, MoEMergeSparseBlock)):
+                w_in = given[:, 0 if self.config.method == "twin" else i] if given is not None else (
+                    twin_weights if self.config.method == "twin" else None)
+                h, w, lg = layer(h, merge_weights=w_in, prompt_mask=prompt_mask, attention_mask=masks[types[i]], **common, **kwargs)
+                if self.config.method != "twin":
+                    used.append(w)
+                    logits.append(lg)
+            else:
+                h = layer(h, attention_mask=masks[types[i]], **common, **kwargs)
+            if output_hidden_states:
+                all_hidden.append(h)
+
+        if self.config.level == "model":
+            w = route_once(h)
+            outs = []
+            for expert in self.experts:
+                x = h
+                for j, layer in enumerate(expert.layers):
+                    x = layer(x, attention_mask=masks[types[self.config.dense_layers + j]], **common, **kwargs)
+                outs.append(expert.norm(x))
+            last = torch.stack(outs)  # [E, B, T, H]
+        else:
+            last = self.norm(h)
+        return last, past_key_values, tuple(all_hidden) if all_hidden else None, _stack(used, 1), _stack(logits, 1)
+
+
+def _stack(xs: list, dim: int) -> torch.Tensor | None:
+    return None if not xs or any(x is None for x in xs) else torch.stack(xs, dim)
+
+
+class MoEMergeForCausalLM(MoEMergePreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: MoEMergeConfig):
+        super().__init__(config)
+        self.model = MoEMergeModel(config)
+        text = config.text_config
+        if config.level != "model":
+            self.lm_head = nn.Linear(text.hidden_size, text.vocab_size, bias=False)
+        self.vocab_size = text.vocab_size
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.embed_tokens
+
+    def get_output_embeddings(self):
+        return None if self.config.level == "model" else self.lm_head
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None, inputs_embeds=None,
+                labels=None, use_cache=None, merge_weights=None, logits_to_keep: int | torch.Tensor = 0,
+                output_hidden_states=None, **kwargs) -> MoEMergeOutput:
+        last, cache, hidden, weights, router_logits = self.model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+            past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
+            merge_weights=merge_weights, output_hidden_states=output_hidden_states, **kwargs,
+        )
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        if self.config.level == "model":
+            w = weights[:, 0].to(last.dtype)  # [B, E]
+            logits = sum(w[:, e, None, None] * expert.lm_head(last[e][:, keep]) for e, expert in enumerate(self.model.experts))
+        else:
+            logits = self.lm_head(last[:, keep])
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.vocab_size, **kwargs)
+        return MoEMergeOutput(loss=loss, logits=logits, past_key_values=cache, hidden_states=hidden,
+                              merge_weights=weights, router_logits=router_logits)
+
+    def _update_model_kwargs_for_generation(self, outputs, model_kwargs, *args, **kwargs):
+        """Keep the per-sequence weights decided at prefill beside the cache for every later step."""
+        model_kwargs = super()._update_model_kwargs_for_generation(outputs, model_kwargs, *args, **kwargs)
+        if outputs.merge_weights is not None and outputs.merge_weights.dim() == 3:
+            model_kwargs["merge_weights"] = outputs.merge_weights
+        return model_kwargs
+
+
+AutoConfig.register("moe_merge", MoEMergeConfig, exist_ok=True)
+AutoModelForCausalLM.register(MoEMergeConfig, MoEMergeForCausalLM, exist_ok=True)

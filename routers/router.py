@@ -1,0 +1,122 @@
+"""Routers of the dynamic model: a hidden state in, merge-weight logits out, then a normalisation.
+
+Kinds (`kind`):
+- `linear`: W h + b;
+- `mlp`: W2 ReLU(W1 h + b1) + b2, two layers;
+- `constant`: b alone, merge weights that do not depend on the input (WEMoE's depth 0, AdaMerging).
+
+Every kind can start as a prompt-initialised linear router (`set_rows`; the MLP is set up so its
+output is exactly that linear router's) or as a constant (`set_constant`; WEMoE starts its routers at
+task arithmetic, b = lambda with the last weight at zero).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+KINDS = ("linear", "mlp", "constant")
+NORMALIZATIONS = ("softmax", "topk", "none")
+
+
+class Router(nn.Module):
+    def __init__(self, hidden_size: int, num_experts: int, kind: str = "linear", mlp_hidden_size: int | None = None):
+        super().__init__()
+        if kind not in KINDS:
+            raise ValueError(f"unknown router kind {kind!r}; choose one of {', '.join(KINDS)}")
+        self.kind, self.num_experts = kind, num_experts
+        if kind == "linear":
+            self.proj = nn.Linear(hidden_size, num_experts)
+        elif kind == "mlp":
+            width = mlp_hidden_size or 2 * num_experts
+            if width < 2 * num_experts:
+                raise ValueError(f"an MLP router needs at least 2 x {num_experts} hidden units, got {width}")
+            self.fc1 = nn.Linear(hidden_size, width)
+            self.fc2 = nn.Linear(width, num_experts)
+        else:
+            self.bias = nn.Parameter(torch.zeros(num_experts))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., H] -> logits [..., E], in float32 whatever the model dtype."""
+        x = x.to(self._dtype())
+        if self.kind == "linear":
+            return self.proj(x).float()
+        if self.kind == "mlp":
+            return self.fc2(torch.relu(self.fc1(x))).float()
+        return self.bias.float().expand(*x.shape[:-1], self.num_experts)
+
+    def _dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    @torch.no_grad()
+    def set_rows(self, rows: torch.Tensor, bias: torch.Tensor | None = None,
+                 generator: torch.Generator | None = None) -> None:
+        """Become the linear router h -> rows @ h + bias. The MLP uses ReLU(z) - ReLU(-z) = z."""
+        num_experts = rows.shape[0]
+        bias = torch.zeros(num_experts) if bias is None else bias
+        if self.kind == "linear":
+            self.proj.weight.copy_(rows)
+            self.proj.bias.copy_(bias)
+        elif self.kind == "mlp":
+            self.fc1.weight[:num_experts] = rows
+            self.fc1.weight[num_experts : 2 * num_experts] = -rows
+            extra = self.fc1.weight[2 * num_experts :]
+            extra.copy_(torch.randn(extra.shape, generator=generator) * 0.02)
+            self.fc1.bias.zero_()
+            self.fc1.bias[:num_experts] = bias
+            self.fc1.bias[num_experts : 2 * num_experts] = -bias
+            eye = torch.eye(num_experts, dtype=rows.dtype)
+            self.fc2.weight.zero_()
+            self.fc2.weight[:, :num_experts] = eye
+            self.fc2.weight[:, num_experts : 2 * num_experts] = -eye
+            self.fc2.bias.zero_()
+        else:
+            raise ValueError("a `constant` router has no input weights to initialise from prompts; use init `random`")
+
+    @torch.no_grad()
+    def set_constant(self, value: float, generator: torch.Generator | None = None, std: float = 0.02) -> None:
+        """Output `value` for every expert whatever the input; hidden weights random, so training can move off it."""
+        if self.kind == "linear":
+            self.proj.weight.zero_()
+            self.proj.bias.fill_(value)
+        elif self.kind == "mlp":
+            self.fc1.weight.copy_(torch.randn(self.fc1.weight.shape, generator=generator) * std)
+            self.fc1.bias.zero_()
+            self.fc2.weight.zero_()
+            self.fc2.bias.fill_(value)
+        else:
+            self.bias.fill_(value)
+
+    @torch.no_grad()
+    def set_random(self, std: float, generator: torch.Generator | None = None) -> None:
+        for p in self.parameters():
+            p.copy_(torch.randn(p.shape, generator=generator) * std if p.dim() > 1 else torch.zeros_like(p))
+
+    @torch.no_grad()
+    def scale_(self, factor: float) -> None:
+        """Multiply the output logits by `factor` (temperature calibration)."""
+        last = {"linear": self.proj, "mlp": self.fc2}.get(self.kind)
+        if last is None:
+            self.bias.mul_(factor)
+        else:
+            last.weight.mul_(factor)
+            last.bias.mul_(factor)
+
+
+def normalize(logits: torch.Tensor, mode: str, temperature: float = 1.0, top_k: int = 1) -> torch.Tensor:
+    """Merge weights from router logits [..., E]: softmax, top-k renormalised softmax, or raw (`none`)."""
+    if mode == "softmax":
+        return torch.softmax(logits / temperature, dim=-1)
+    if mode == "topk":
+        top, idx = torch.topk(logits / temperature, top_k, dim=-1)
+        return torch.zeros_like(logits).scatter(-1, idx, torch.softmax(top, dim=-1))
+    if mode == "none":
+        return logits
+    raise ValueError(f"unknown router normalisation {mode!r}; choose one of {', '.join(NORMALIZATIONS)}")
+
+
+def masked_mean(states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over each sequence's real tokens: states [B, T, D], mask [B, T] (1 = real) -> [B, D].
+    Left or right padding changes nothing."""
+    m = mask.to(states.dtype).unsqueeze(-1)
+    return (states * m).sum(1) / m.sum(1).clamp(min=1)
