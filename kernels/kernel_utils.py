@@ -3,6 +3,8 @@
 Importing this module imports triton; `moe_merge.kernels` does so only when a kernel is about to run.
 """
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -30,8 +32,12 @@ def fill_split(tiles: int, max_split: int, device: torch.device) -> int:
     """
     if device.type != "cuda" or INTERPRETER:
         return 1
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(max_split, triton.cdiv(2 * sms, tiles)))
+    return max(1, min(max_split, triton.cdiv(2 * _sm_count(device.index), tiles)))
+
+
+@functools.cache
+def _sm_count(device_index: int) -> int:  # a tensor's CUDA device always has an index
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 def split_output(split: int, rows: int, cols: int, dtype: torch.dtype, device: torch.device

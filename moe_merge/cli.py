@@ -23,6 +23,13 @@ def parse_size(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not a size; write e.g. 5G, 500M or a byte count") from None
 
 
+def parse_weights(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers, e.g. 0.5,0.5,0") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="moe-merge",
@@ -38,11 +45,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "assemble",
         parents=[verbose],
-        help="build a stock Mixtral / Qwen-MoE checkpoint from a recipe YAML",
-        description="Build a stock Mixtral / Qwen-MoE checkpoint from a recipe YAML (a mergekit-moe YAML works "
-        "unchanged). Each decoder layer's MLP becomes one expert per entry of `experts`, with a router "
-        "initialised from the experts' prompts. Writes sharded safetensors, config, tokenizer, the resolved "
-        "recipe, a routing report (JSON + PNG) and a model card.",
+        help="build a MoE or dynamic-merge model from a recipe YAML",
+        description="Build a model from a recipe YAML (a mergekit-moe YAML works unchanged). `method: sparse` at "
+        "`level: ffn` writes a stock Mixtral / Qwen-MoE checkpoint: each layer's MLP becomes one expert per entry "
+        "of `experts`. Every other method/level (smear, wemoe, twin; block and model levels) writes a moe_merge "
+        "dynamic model whose routers merge the experts per input. Routers start from the experts' prompts. "
+        "Writes sharded safetensors, config, tokenizer, the resolved recipe, a routing report (JSON + PNG) and "
+        "a model card.",
     )
     p.add_argument("config", type=Path, help="recipe YAML (see the YAML reference in README.md)")
     p.add_argument("out_dir", type=Path, help="output directory; written to a temporary sibling and renamed")
@@ -52,6 +61,37 @@ def build_parser() -> argparse.ArgumentParser:
                    help="output dtype (default: the recipe's `dtype`, else the base's)")
     p.add_argument("--shard-size", type=parse_size, default="5G", help="maximum shard size, e.g. 5G, 500M (default 5G)")
     p.add_argument("--seed", type=int, help="seed for random routers, noise and DARE (default: the recipe's `seed`, 0)")
+
+    p = sub.add_parser(
+        "generate",
+        parents=[verbose],
+        help="generate text with a model and show the merge weights it used",
+        description="Greedy generation (or sampling with --temperature) from a moe-merge output directory. "
+        "For a dynamic model, prints the per-sequence merge weights decided from the prompt (--show-routing: "
+        "every router's).",
+    )
+    p.add_argument("model_dir", type=Path, help="a moe-merge output directory")
+    p.add_argument("prompt", help="the prompt text")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate (default 32)")
+    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 = greedy (default)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    p.add_argument("--show-routing", action="store_true", help="print the merge weights of every router")
+
+    p = sub.add_parser(
+        "bake",
+        parents=[verbose],
+        help="write a plain dense checkpoint of the base architecture for one fixed mix",
+        description="Bake a dynamic model for a fixed mix into a stock dense checkpoint (no remote code): each "
+        "merged linear layer becomes W0 + sum_e w_e delta_e. The mix is given as one weight per expert "
+        "(--weights) or taken from what the routers give a prompt (--prompt). Sparse block/model models bake "
+        "only for one-hot weights.",
+    )
+    p.add_argument("model_dir", type=Path, help="a moe-merge dynamic model directory")
+    p.add_argument("out_dir", type=Path, help="output directory; written to a temporary sibling and renamed")
+    mix = p.add_mutually_exclusive_group(required=True)
+    mix.add_argument("--weights", type=parse_weights, help="comma-separated merge weights, one per expert, e.g. 1,0,0")
+    mix.add_argument("--prompt", help="use the merge weights the routers give this prompt")
+    p.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists")
 
     p = sub.add_parser(
         "zoo",
@@ -90,6 +130,15 @@ def main(argv: list[str] | None = None) -> int:
             out = assemble(config, args.out_dir, recipe_dir=args.config.parent.absolute(), force=args.force,
                            device=args.device, dtype=args.dtype, shard_size=args.shard_size, seed=args.seed)
             print(f"wrote {out}")
+        elif args.command == "generate":
+            from moe_merge.generate import generate
+
+            generate(args.model_dir, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                     seed=args.seed, show_routing=args.show_routing)
+        elif args.command == "bake":
+            from moe_merge.bake import bake
+
+            print(f"wrote {bake(args.model_dir, args.out_dir, weights=args.weights, prompt=args.prompt, force=args.force)}")
         elif args.command == "zoo":
             from moe_merge.zoo import build_zoo
 

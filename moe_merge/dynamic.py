@@ -11,6 +11,7 @@ Which tensor comes from where:
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import shutil
@@ -110,9 +111,9 @@ def model_config(recipe, text_config) -> MoEMergeConfig:
 class StaticMerge:
     """The static merge of one tensor over the experts, as the recipe says (cached: twin reads it twice)."""
 
-    def __init__(self, recipe, seed: int):
+    def __init__(self, recipe, seed: int, dtype: torch.dtype):
         cfg = recipe.config
-        self.recipe, self.seed, self.method = recipe, seed, cfg.static_method
+        self.recipe, self.seed, self.method, self.dtype = recipe, seed, cfg.static_method, dtype
         if cfg.method == "twin":
             self.scale, self.density, self.weights = cfg.twin.scale, cfg.twin.density, None
         elif cfg.method == "wemoe" and cfg.non_expert is None:
@@ -124,19 +125,24 @@ class StaticMerge:
     def __call__(self, name: str) -> torch.Tensor:
         if self._last is not None and self._last[0] == name:
             return self._last[1]
-        base = self.recipe.base.get(name).float()
+        base = self.recipe.base.get(name).to(self.dtype)
         if self.method == "base":
             t = base
         else:
-            deltas = [expert_tensor(e, name, base.shape) - base for e in self.recipe.experts]
+            deltas = [expert_tensor(e, name, base.shape, self.dtype) - base for e in self.recipe.experts]
             t = static_merge(self.method, base, deltas, scale=self.scale, density=self.density, weights=self.weights,
                              seed=self.seed, name=name)
         self._last = (name, t)
         return t
 
 
-def expert_tensor(expert, name: str, shape) -> torch.Tensor:
-    t = expert.get(name).float()
+def expert_tensor(expert, name: str, shape, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The expert's full weight, widened to `dtype` (a LoRA expert's base + B·A is formed in float32 or wider)."""
+    if isinstance(expert, LoraExpert) and name in expert.factors:
+        A, B, scaling = expert.factors[name]
+        t = expert.base.get(name).to(dtype) + scaling * (B.to(dtype) @ A.to(dtype))
+    else:
+        t = expert.get(name).to(dtype)
     if t.shape != shape:
         raise CompatibilityError(f"tensor {name!r} has shape {tuple(t.shape)} in {expert.path} but {tuple(shape)} in the base")
     return t
@@ -159,22 +165,24 @@ def svd_factors(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Ten
     A = torch.zeros(rank, d.shape[1], dtype=d.dtype)
     B = torch.zeros(d.shape[0], rank, dtype=d.dtype)
     A[:r], B[:, :r] = Vh[:r], U[:, :r] * S[:r]
-    return A.float(), B.float()
+    return A.to(delta.dtype), B.to(delta.dtype)
 
 
-def lora_factors(expert: LoraExpert, name: str, rank: int, shape) -> tuple[torch.Tensor, torch.Tensor]:
+def lora_factors(expert: LoraExpert, name: str, rank: int, shape, dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """The adapter's A [r, K] and scaling·B [N, r] for `name`, zero-padded to `rank` (zeros if not adapted)."""
-    A, B = torch.zeros(rank, shape[1]), torch.zeros(shape[0], rank)
+    A, B = torch.zeros(rank, shape[1], dtype=dtype), torch.zeros(shape[0], rank, dtype=dtype)
     if name in expert.factors:
         a, b, scaling = expert.factors[name]
-        A[: a.shape[0]], B[:, : b.shape[1]] = a.float(), b.float() * scaling
+        A[: a.shape[0]], B[:, : b.shape[1]] = a.to(dtype), b.to(dtype) * scaling
     return A, B
 
 
-def build_state(recipe, config: MoEMergeConfig, seed: int) -> dict[str, torch.Tensor]:
-    """Every tensor of the dynamic model except the routers, read tensor by tensor from the sources."""
+def build_state(recipe, config: MoEMergeConfig, seed: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Every tensor of the dynamic model except the routers, read tensor by tensor from the sources and
+    computed in `dtype` (float32; float64 for exactness tests)."""
     cfg, base, experts = recipe.config, recipe.base, recipe.experts
-    static = StaticMerge(recipe, seed)
+    static = StaticMerge(recipe, seed, dtype)
+    expert_tensor = functools.partial(globals()["expert_tensor"], dtype=dtype)
     L, d = config.text_config.num_hidden_layers, config.dense_layers
     state: dict[str, torch.Tensor] = {}
     for name in tqdm(base.keys(), desc="building", disable=None):
@@ -202,21 +210,21 @@ def build_state(recipe, config: MoEMergeConfig, seed: int) -> dict[str, torch.Te
             if not routed:
                 state[name] = static(name)
             else:
-                state.update(_routed(recipe, config, static, name, proj, shape))
+                state.update(_routed(recipe, config, static, name, proj, shape, dtype))
     if cfg.level == "model" and config.tie_word_embeddings:  # each expert's head is its own (tied) embedding
         for e, expert in enumerate(experts):
             state[f"model.experts.{e}.lm_head.weight"] = expert_tensor(expert, "model.embed_tokens.weight", base.shape("model.embed_tokens.weight"))
     return state
 
 
-def _routed(recipe, config, static, name: str, proj: str, shape) -> dict[str, torch.Tensor]:
+def _routed(recipe, config, static, name: str, proj: str, shape, dtype) -> dict[str, torch.Tensor]:
     """The merged-linear tensors of one routed projection's weight or bias."""
     experts, prefix, kind = recipe.experts, name.rsplit(".", 1)[0], name.rsplit(".", 1)[1]
     form = config.delta_forms[proj]
-    thetas = lambda: [expert_tensor(e, name, shape) for e in experts]  # noqa: E731
+    thetas = lambda: [expert_tensor(e, name, shape, dtype) for e in experts]  # noqa: E731
     if form == "full":
         return {f"{prefix}.expert_{kind}": torch.stack(thetas())}
-    w0 = static(name) if config.method == "twin" else recipe.base.get(name).float()
+    w0 = static(name) if config.method == "twin" else recipe.base.get(name).to(dtype)
     out = {f"{prefix}.{kind}": w0}
     if kind == "bias":
         out[f"{prefix}.delta_bias"] = torch.stack([t - w0 for t in thetas()])
@@ -227,22 +235,22 @@ def _routed(recipe, config, static, name: str, proj: str, shape) -> dict[str, to
         if config.method == "twin":
             factors = [svd_factors(t - w0, rank) for t in thetas()]
         else:
-            factors = [lora_factors(e, name, rank, shape) for e in experts]
+            factors = [lora_factors(e, name, rank, shape, dtype) for e in experts]
         out[f"{prefix}.lora_A"] = torch.stack([a for a, _ in factors])
         out[f"{prefix}.lora_B"] = torch.stack([b for _, b in factors])
     return out
 
 
-def build_model(recipe, seed: int) -> MoEMergeForCausalLM:
+def build_model(recipe, seed: int, dtype: torch.dtype = torch.float32) -> MoEMergeForCausalLM:
     """The dynamic model with its tensors in place and its routers at zero (see `init_routers`)."""
     from transformers import AutoConfig
     from transformers.initialization import no_init_weights
 
     text_config = AutoConfig.from_pretrained(recipe.base.path)
     config = model_config(recipe, text_config)
-    state = build_state(recipe, config, seed)
+    state = build_state(recipe, config, seed, dtype)
     with no_init_weights():
-        model = MoEMergeForCausalLM(config)
+        model = MoEMergeForCausalLM(config).to(dtype)
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if ".router." not in k and not k.startswith("model.router.")
                and not (k == "lm_head.weight" and config.tie_word_embeddings)]

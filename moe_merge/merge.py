@@ -24,7 +24,7 @@ def merge_deltas(
     seed: int = 0,
     name: str = "",
 ) -> torch.Tensor:
-    """The merged task vector (float32). DARE's random drop is seeded by (`seed`, `name`), so the result
+    """The merged task vector (float32, or float64 for float64 inputs). DARE's random drop is seeded by (`seed`, `name`), so the result
     does not depend on the order tensors are visited in."""
     from peft.utils import merge_utils  # imported on use: it costs memory a plain assembly does not need
 
@@ -33,7 +33,8 @@ def merge_deltas(
     n = len(deltas)
     w = torch.tensor(weights if weights is not None else [1.0 / n if method == "average" else 1.0] * n)
     w = w * (DEFAULT_SCALE[method] if scale is None else scale)
-    stacked = [d.float() for d in deltas]
+    stacked = [d.to(torch.promote_types(d.dtype, torch.float32)) for d in deltas]
+    w = w.to(stacked[0].dtype)
     if method in ("average", "task_arithmetic"):
         return merge_utils.task_arithmetic(stacked, w)
     if method == "ties":
@@ -45,4 +46,5 @@ def merge_deltas(
 
 def static_merge(method: str, base: torch.Tensor, deltas: list[torch.Tensor], **kwargs) -> torch.Tensor:
     """base + merged delta, in the base's dtype."""
-    return (base.float() + merge_deltas(method, deltas, **kwargs)).to(base.dtype)
+    merged = merge_deltas(method, deltas, **kwargs)
+    return (base.to(merged.dtype) + merged).to(base.dtype)

@@ -285,10 +285,14 @@ def _save(model, tokenizer, path: Path) -> None:
     tokenizer.save_pretrained(path)
 
 
-def pico_checkpoint(path: Path, arch: str = "llama", seed: int = 0, base: Path | None = None, mlp_only: bool = True,
+PERTURB = {"mlp": (".mlp.",), "linear": ("_proj.",), "all": ("",)}
+
+
+def pico_checkpoint(path: Path, arch: str = "llama", seed: int = 0, base: Path | None = None, perturb: str = "mlp",
                     hidden: int = 32, intermediate: int = 64, layers: int = 2) -> Path:
-    """An untrained checkpoint for tests and benchmarks; with `base`, a copy of it whose MLPs (or every
-    weight) are perturbed, i.e. an expert that differs from the base only where asked."""
+    """An untrained checkpoint for tests and benchmarks; with `base`, a copy of it with some weights
+    perturbed, i.e. an expert that differs from the base only where asked: its MLPs (`mlp`), every linear
+    layer of its blocks (`linear`), or every weight (`all`)."""
     from transformers import AutoModelForCausalLM
 
     tok = build_tokenizer()
@@ -302,7 +306,7 @@ def pico_checkpoint(path: Path, arch: str = "llama", seed: int = 0, base: Path |
         model = AutoModelForCausalLM.from_pretrained(base)
         with torch.no_grad():
             for name, p in model.named_parameters():
-                if not mlp_only or ".mlp." in name:
+                if any(part in name for part in PERTURB[perturb]):
                     p.add_(torch.randn_like(p) * 0.05)
     model.save_pretrained(path)
     tok.save_pretrained(path)

@@ -103,7 +103,7 @@ def test_expert_tensors_come_from_their_expert(pico, tmp_path):
 
 
 def test_non_expert_average_merges_attention(tmp_path, pico):
-    full = [make_pico(tmp_path / f"full{i}", seed=10 + i, base=pico["base"], mlp_only=False) for i in range(2)]
+    full = [make_pico(tmp_path / f"full{i}", seed=10 + i, base=pico["base"], perturb="all") for i in range(2)]
     recipe = pico_recipe({"base": pico["base"], "experts": full}, non_expert="average")
     out = _assemble(recipe, tmp_path / "moe")
     name = "model.layers.0.self_attn.q_proj.weight"

@@ -1,0 +1,242 @@
+"""The dynamic model: exact against slow references, with the cache, padding, beams, save/load and remote code."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from moe_merge.assemble import assemble, open_recipe
+from moe_merge.bake import baked_model
+from moe_merge.config import MergeConfig
+from moe_merge.dynamic import build_model, init_routers, svd_factors
+from moe_merge.errors import ConfigError
+from moe_merge.zoo import pico_checkpoint
+from tests.conftest import pico_recipe
+
+PROMPTS = ["shift abcd=", "mirror xy=", "back hello there="]
+# (method, level, which experts, extra recipe keys); twin at full rank is exact.
+CASES = [
+    ("smear", "ffn", "mlp", {}),
+    ("wemoe", "ffn", "mlp", {}),
+    ("twin", "ffn", "mlp", {"twin": {"rank": 64}}),
+    ("smear", "block", "linear", {}),
+    ("wemoe", "block", "linear", {}),
+    ("twin", "block", "linear", {"twin": {"rank": 64}}),
+    ("sparse", "block", "linear", {}),
+    ("sparse", "model", "linear", {}),
+    ("smear", "block", "lora", {}),
+    ("wemoe", "block", "lora", {}),
+    ("twin", "block", "lora", {"twin": {"rank": 64}}),
+]
+IDS = [f"{m}-{lv}-{x}" for m, lv, x, _ in CASES]
+
+
+@pytest.fixture(scope="session")
+def sources(pico, tmp_path_factory) -> dict:
+    """Experts of the pico base that differ in their MLPs, in every linear layer, or by a LoRA adapter."""
+    from peft import LoraConfig, get_peft_model
+
+    root = tmp_path_factory.mktemp("dyn")
+    linear = [pico_checkpoint(root / f"linear{i}", seed=20 + i, base=pico["base"], perturb="linear") for i in range(3)]
+    loras = []
+    for i in range(3):
+        torch.manual_seed(30 + i)
+        model = get_peft_model(AutoModelForCausalLM.from_pretrained(pico["base"]),
+                               LoraConfig(r=2 + i, lora_alpha=4, target_modules=["q_proj", "v_proj", "gate_proj", "down_proj"]))
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                torch.nn.init.normal_(p, std=0.1)
+        model.save_pretrained(root / f"lora{i}")
+        loras.append(root / f"lora{i}")
+    return {"base": pico["base"], "mlp": pico["experts"], "linear": linear, "lora": loras}
+
+
+def _recipe(sources, kind, **overrides) -> MergeConfig:
+    pico = {"base": sources["base"], "experts": sources[kind]}
+    return MergeConfig.model_validate(pico_recipe(pico, **overrides))
+
+
+def _build(sources, method, level, kind, extra):
+    config = _recipe(sources, kind, method=method, level=level, **extra)
+    recipe = open_recipe(config)
+    tok = AutoTokenizer.from_pretrained(recipe.base.path)
+    model = build_model(recipe, seed=0, dtype=torch.float64)
+    init_routers(model, tok, config, seed=0)
+    return model, tok, recipe
+
+
+def _expert_model(recipe, e):
+    from peft import PeftModel
+
+    # Loaded as stored (float32), then widened, as the dynamic model is: RoPE tables match to the bit.
+    path = recipe.experts[e].path
+    if (path / "adapter_config.json").is_file():
+        base = AutoModelForCausalLM.from_pretrained(recipe.base.path).double()
+        return PeftModel.from_pretrained(base, path, autocast_adapter_dtype=False).double().merge_and_unload().eval()
+    return AutoModelForCausalLM.from_pretrained(path).double().eval()
+
+
+@pytest.fixture(scope="module", params=CASES, ids=IDS)
+def built(request, sources):
+    method, level, kind, extra = request.param
+    return _build(sources, method, level, kind, extra)
+
+
+def _enc(tok, prompts=PROMPTS):
+    return tok(prompts, return_tensors="pt", padding=True, padding_side="left")
+
+
+def _positions(enc):
+    """The positions the dynamic model gives left-padded rows (as if each ran alone); stock models need them passed."""
+    return (enc["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+
+
+@torch.no_grad()
+def test_one_hot_weights_reproduce_each_expert(built):
+    model, tok, recipe = built
+    enc = _enc(tok)
+    real = enc["attention_mask"].bool()
+    for e in range(len(recipe.experts)):
+        one_hot = torch.nn.functional.one_hot(torch.tensor(e), len(recipe.experts)).double()
+        got = model(**enc, merge_weights=one_hot).logits
+        want = _expert_model(recipe, e)(**enc, position_ids=_positions(enc)).logits
+        torch.testing.assert_close(got[real], want[real], rtol=0, atol=1e-9)
+
+
+@torch.no_grad()
+def test_batched_routing_equals_each_sequence_baked_and_run_alone(built):
+    """Per-sample reference: bake each sequence's own merge weights into a dense model, run it alone."""
+    model, tok, recipe = built
+    out = model(**_enc(tok))
+    for b, prompt in enumerate(PROMPTS):
+        w = out.merge_weights[b]
+        if model.config.method == "sparse":  # output mixing bakes only one-hot: route this sample top-1
+            w = torch.nn.functional.one_hot(w.argmax(-1), len(recipe.experts)).double()
+            got = model(**tok([prompt], return_tensors="pt"), merge_weights=w[None]).logits[0]
+        else:
+            got = out.logits[b, -len(tok(prompt)["input_ids"]):]
+        want = baked_model(model, w)(**tok([prompt], return_tensors="pt")).logits[0]
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-9)
+
+
+@torch.no_grad()
+def test_left_padded_batch_equals_each_sequence_alone(built):
+    model, tok, _ = built
+    out = model(**_enc(tok))
+    for b, prompt in enumerate(PROMPTS):
+        alone = model(**tok([prompt], return_tensors="pt"))
+        torch.testing.assert_close(out.logits[b, -1], alone.logits[0, -1], rtol=0, atol=1e-10)
+        torch.testing.assert_close(out.merge_weights[b], alone.merge_weights[0], rtol=0, atol=1e-10)
+
+
+@torch.no_grad()
+def test_generate_with_cache_equals_generate_without(built):
+    model, tok, _ = built
+    kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    with_cache = model.generate(**_enc(tok), **kw)
+    without = model.generate(**_enc(tok), use_cache=False, **kw)
+    assert torch.equal(with_cache, without)
+
+
+@torch.no_grad()
+def test_beam_search_keeps_each_sequence_with_its_weights(built):
+    model, tok, _ = built
+    kw = dict(max_new_tokens=5, do_sample=False, pad_token_id=0, num_beams=3, num_return_sequences=2)
+    batch = model.generate(**_enc(tok), **kw)
+    assert batch.shape[0] == 2 * len(PROMPTS)
+    for b, prompt in enumerate(PROMPTS):
+        alone = model.generate(**tok([prompt], return_tensors="pt"), **kw)
+        new = alone.shape[1] - len(tok(prompt)["input_ids"])
+        assert torch.equal(batch[2 * b : 2 * b + 2, -new:], alone[:, -new:])
+
+
+@torch.no_grad()
+def test_uniform_weights_equal_the_static_average(sources):
+    model, tok, recipe = _build(sources, "smear", "ffn", "mlp", {})
+    experts = [_expert_model(recipe, e).state_dict() for e in range(3)]
+    average = _expert_model(recipe, 0)
+    average.load_state_dict({k: sum(sd[k] for sd in experts) / 3 for k in experts[0]})
+    enc = _enc(tok)
+    got = model(**enc, merge_weights=torch.full((3,), 1 / 3, dtype=torch.float64)).logits
+    real = enc["attention_mask"].bool()
+    torch.testing.assert_close(got[real], average(**enc, position_ids=_positions(enc)).logits[real], rtol=0, atol=1e-10)
+
+
+def test_full_rank_svd_reproduces_the_exclusive_deltas():
+    torch.manual_seed(0)
+    delta = torch.randn(12, 7, dtype=torch.float64)
+    A, B = svd_factors(delta, 7)
+    torch.testing.assert_close((B.double() @ A.double()), delta, rtol=0, atol=1e-5)  # factors are stored in float32
+    A, B = svd_factors(delta, 3)
+    s = torch.linalg.svdvals(delta)
+    residual = torch.linalg.matrix_norm(delta - B.double() @ A.double())
+    assert residual == pytest.approx(s[3:].norm().item(), rel=1e-5)  # Eckart–Young: the best rank-3 error
+
+
+def test_save_load_round_trips_bit_exactly_and_loads_as_remote_code(sources, tmp_path):
+    config = _recipe(sources, "lora", method="twin", level="block")
+    out = assemble(config, tmp_path / "twin")
+    for name in ("config.json", "model.safetensors", "modeling_moe_merge.py", "README.md", "routing_report.json",
+                 "routing_report.png", "moe-merge.yaml", "tokenizer.json"):
+        assert (out / name).is_file(), name
+    loaded = AutoModelForCausalLM.from_pretrained(out)
+    again = tmp_path / "again"
+    loaded.save_pretrained(again)
+    reloaded = AutoModelForCausalLM.from_pretrained(again)
+    a, b = loaded.state_dict(), reloaded.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    code = (
+        "import sys, torch\n"
+        "from transformers import AutoModelForCausalLM\n"
+        f"m = AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True)\n"
+        "print(type(m).__name__, m(torch.tensor([[1, 5, 6]])).logits.shape)\n"
+    )
+    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules")}
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    assert "MoEMergeForCausalLM" in run.stdout and "assert" not in run.stdout
+    blocked = "import sys; sys.modules['moe_merge'] = None\n" + code
+    run = subprocess.run([sys.executable, "-c", blocked], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert run.returncode != 0 and "pip install moe-merge" in run.stderr
+
+
+def test_decoding_without_the_prefill_weights_is_a_clear_error(sources):
+    model, tok, _ = _build(sources, "smear", "ffn", "mlp", {})
+    out = model(**tok(["shift ab="], return_tensors="pt"), use_cache=True)
+    with pytest.raises(ValueError, match="merge_weights"):
+        model(input_ids=torch.tensor([[5]]), past_key_values=out.past_key_values)
+
+
+def test_sparse_output_mixing_does_not_bake(sources):
+    model, _, _ = _build(sources, "sparse", "block", "linear", {})
+    with pytest.raises(ConfigError, match="one-hot"):
+        baked_model(model, torch.tensor([0.5, 0.5, 0.0], dtype=torch.float64))
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"method": "smear", "level": "model"}, "method: sparse"),
+    ({"method": "twin", "router": {"granularity": "token"}}, "sequence"),
+    ({"method": "wemoe", "router": {"kind": "constant"}}, "constant"),
+    ({"method": "smear", "gate_mode": "fit"}, "dynamic models take"),
+])
+def test_bad_dynamic_recipes_name_the_field(pico, overrides, message):
+    with pytest.raises(Exception, match=message):
+        MergeConfig.model_validate(pico_recipe(pico, **overrides))
+
+
+def test_token_level_routing_is_causal_and_batch_exact(sources):
+    model, tok, _ = _build(sources, "wemoe", "ffn", "mlp", {"router": {"granularity": "token"}})
+    with torch.no_grad():
+        out = model(**_enc(tok))
+        assert out.merge_weights.dim() == 4  # [B, R, T, E]
+        for b, prompt in enumerate(PROMPTS):
+            torch.testing.assert_close(out.logits[b, -1], model(**tok([prompt], return_tensors="pt")).logits[0, -1],
+                                       rtol=0, atol=1e-10)
+        kw = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
+        assert torch.equal(model.generate(**_enc(tok), **kw), model.generate(**_enc(tok), use_cache=False, **kw))
