@@ -9,11 +9,14 @@ import yaml
 
 from moe_merge import zoo
 
-RECIPES = {  # name -> recipe overrides on top of the zoo's experts and prompts
-    "gate_mode: hidden (mergekit's YAML)": {"gate_mode": "hidden", "experts_per_token": 2},
-    "router.init: fit, top-1": {"router": {"init": "fit"}, "experts_per_token": 1},
-    "router.init: fit, top-2": {"router": {"init": "fit"}, "experts_per_token": 2},
+SPARSE_FFN = {  # stock Mixtral outputs (Foundation): name -> recipe overrides
+    "sparse ffn, gate_mode hidden (mergekit's YAML)": {"gate_mode": "hidden", "experts_per_token": 2},
+    "sparse ffn, router.init fit, top-1": {"router": {"init": "fit"}, "experts_per_token": 1},
 }
+STATIC = ("average", "task_arithmetic", "ties")
+# Dynamic models, each with nothing but method and level set: training-free, prompt-initialised routers.
+DYNAMIC = [("smear", "ffn"), ("wemoe", "ffn"), ("twin", "ffn"), ("smear", "block"), ("wemoe", "block"),
+           ("twin", "block"), ("sparse", "block"), ("sparse", "model")]
 
 
 def evaluate(model_dir: Path) -> dict[str, float]:
@@ -25,8 +28,26 @@ def evaluate(model_dir: Path) -> dict[str, float]:
     return {t: zoo.exact_match(model, tok, t, zoo.task_prompts(t)["eval_words"]) for t in zoo.EXPERT_TASKS}
 
 
-def _row(name: str, scores: dict[str, float]) -> str:
-    return f"| {name} | " + " | ".join(f"{scores[t]:.0%}" for t in zoo.EXPERT_TASKS) + " |"
+def _row(name: str, scores: dict[str, float], experts: dict[str, float]) -> str:
+    worst = min(scores[t] / experts[t] for t in zoo.EXPERT_TASKS if experts[t] > 0)
+    return f"| {name} | " + " | ".join(f"{scores[t]:.0%}" for t in zoo.EXPERT_TASKS) + f" | {worst:.0%} |"
+
+
+def static_scores(zoo_dir: Path, variant: str, method: str) -> dict[str, float]:
+    """Exact match of a plain static merge of the variant's experts (the contrast row)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from moe_merge.assemble import open_recipe
+    from moe_merge.config import MergeConfig
+    from moe_merge.dynamic import StaticMerge
+
+    recipe = open_recipe(MergeConfig.model_validate(zoo.zoo_recipe(zoo_dir, variant, non_expert=method)))
+    merge = StaticMerge(recipe, seed=0, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(recipe.base.path)
+    model.load_state_dict({name: merge(name) for name in recipe.base.keys()}, strict=False)
+    tok = AutoTokenizer.from_pretrained(recipe.base.path)
+    return {t: zoo.exact_match(model, tok, t, zoo.task_prompts(t)["eval_words"]) for t in zoo.EXPERT_TASKS}
 
 
 def run_demo(out: Path) -> dict:
@@ -35,34 +56,43 @@ def run_demo(out: Path) -> dict:
 
     zoo_dir = zoo.ensure_zoo()
     manifest = json.loads((zoo_dir / "zoo.json").read_text())
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
     print(f"zoo: {zoo_dir}")
-    header = "| model | " + " | ".join(zoo.EXPERT_TASKS) + " |\n|---|" + "---|" * len(zoo.EXPERT_TASKS)
-    results: dict[str, dict[str, float]] = {}
+    header = ("| model | " + " | ".join(zoo.EXPERT_TASKS) + " | worst task vs its expert |\n|---|"
+              + "---|" * (len(zoo.EXPERT_TASKS) + 1))
+    results: dict[str, dict[str, dict[str, float]]] = {}
     for variant in zoo.VARIANTS:
+        experts = {t: manifest["exact_match"][rel][t] for t, rel in manifest["experts"][variant].items()}
+        rows = results[variant] = {"base": manifest["exact_match"]["base"], "experts (each on its own task)": experts}
         print(f"\n## {variant} fine-tunes ({'MLPs only' if variant == 'mlp' else 'every weight'}): exact match per task\n")
         print(header)
-        print(_row("base", manifest["exact_match"]["base"]))
-        for task, rel in manifest["experts"][variant].items():
-            print(_row(f"expert {rel}", manifest["exact_match"][rel]))
-        for name, overrides in RECIPES.items():
+        for name, scores in rows.items():
+            print(_row(name, scores, experts))
+        for method in STATIC:
+            rows[f"static {method}"] = scores = static_scores(zoo_dir, variant, method)
+            print(_row(f"static {method}", scores, experts))
+        runs = [(name, overrides) for name, overrides in SPARSE_FFN.items()]
+        runs += [(f"{method} {level}", {"method": method, "level": level}) for method, level in DYNAMIC]
+        for name, overrides in runs:
             recipe = zoo.zoo_recipe(zoo_dir, variant, **overrides)
-            target = Path(out) / f"{variant}-{len(results)}"
-            Path(out).mkdir(parents=True, exist_ok=True)
-            (Path(out) / f"{target.name}.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
+            target = out / f"{variant}-{name.split(',')[0].replace(' ', '-')}{'-' + str(len(rows)) if ',' in name else ''}"
+            (out / f"{target.name}.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
             assemble(MergeConfig.model_validate(recipe), target, force=True)
-            results[f"{variant}: {name}"] = scores = evaluate(target)
-            print(_row(f"MoE, {name}", scores))
-        report = json.loads((target / "routing_report.json").read_text())
-        print("\nrouting report of the last MoE: top-1 routing accuracy of each expert's eval tokens, per layer")
-        for lay in report["layers"]:
-            print(f"  layer {lay['layer']}: " + "  ".join(f"{e} {a:.0%}" for e, a in zip(report["experts"], lay["accuracy"])))
-        print("  tokens routed right at every layer: "
-              + "  ".join(f"{e} {a:.0%}" for e, a in zip(report["experts"], report["tokens_routed_right_at_every_layer"])))
-        for w in report["warnings"]:
-            print(f"  warning: {w}")
-    print("\nsamples from the last MoE (greedy):")
-    _samples(target)
-    print(f"\nmodels, recipes and routing reports (JSON + PNG) are in {Path(out).absolute()}")
+            rows[name] = scores = evaluate(target)
+            print(_row(name, scores, experts))
+        if variant == "full":
+            print("\nFFN level cannot recover what full fine-tunes learned in attention: only block level, model level "
+                  "and twin block touch it (see FIELD-NOTES).")
+    last = out / "mlp-smear-ffn"
+    report = json.loads((last / "routing_report.json").read_text())
+    print(f"\nrouting report of {last.name}: share of each expert's held-out prompts routed to it, per router")
+    for k, acc in enumerate(report["accuracy"]):
+        print(f"  router {k}: " + "  ".join(f"{e} {a:.0%}" for e, a in zip(report["experts"], acc)))
+    print(f"\nsamples from {last.name} (greedy), with the merge weights each prompt chose:")
+    _samples(last)
+    (out / "quality.json").write_text(json.dumps(results, indent=2))
+    print(f"\nmodels, recipes, routing reports (JSON + PNG) and quality.json are in {out.absolute()}")
     return results
 
 
@@ -74,6 +104,10 @@ def _samples(model_dir: Path) -> None:
     for task in zoo.EXPERT_TASKS:
         word = zoo.task_prompts(task)["eval_words"][0]
         enc = tok(zoo.prompt(task, word), return_tensors="pt")
-        out = model.generate(**enc, max_new_tokens=9, do_sample=False, pad_token_id=zoo.PAD_ID)
-        text = tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-        print(f"  {zoo.prompt(task, word)}{text:<10} (expected {zoo.apply_task(task, word)})")
+        out = model.generate(**enc, max_new_tokens=9, do_sample=False, pad_token_id=zoo.PAD_ID,
+                             return_dict_in_generate=True, output_scores=False)
+        text = tok.decode(out.sequences[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        weights = model(**enc, use_cache=False).merge_weights[0].mean(0)
+        top = int(weights.argmax())
+        print(f"  {zoo.prompt(task, word)}{text:<10} (expected {zoo.apply_task(task, word):<8}) "
+              f"routed to {model.config.expert_names[top]} ({weights[top]:.2f})")

@@ -24,10 +24,10 @@ from moe_merge.kernels import kernel_utils, lowrank_op, materialize_op, merged_l
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]  # bf16: the interpreter upcasts its dots
-TOL = {  # against float64, inputs of unit scale
+TOL = {  # against float64, inputs of unit scale; about 3x the worst error seen over five seeds
     torch.float32: dict(atol=1e-5, rtol=1e-5),
-    torch.float16: dict(atol=4e-3, rtol=4e-3),
-    torch.bfloat16: dict(atol=3e-2, rtol=3e-2),
+    torch.float16: dict(atol=2e-3, rtol=2e-3),
+    torch.bfloat16: dict(atol=1.6e-2, rtol=1.6e-2),
 }
 # (M, N, K, E): nothing a multiple of the blocks, one token and one expert, sixteen experts
 SHAPES = {"one-token-one-expert": (1, 16, 16, 1), "odd": (33, 17, 19, 3), "sixteen-experts": (2, 20, 24, 16)}
@@ -115,6 +115,12 @@ def test_merged_linear_errors_name_the_argument():
         merged_linear_op.merged_linear(x, w, deltas, base.half())
     with pytest.raises(ValueError, match="x is torch.float64; the Triton kernels take"):
         merged_linear_op.merged_linear(x.double(), w, deltas.double(), None)
+
+
+def test_empty_batches_and_reductions():
+    assert merged_linear_op.merged_linear(rand(0, 4), softmax_weights(0, 2), rand(2, 3, 4), None).shape == (0, 3)
+    y = lowrank_op.lowrank_merged_linear(rand(2, 0), softmax_weights(2, 2), rand(2, 1, 0), rand(2, 3, 1), rand(3, 0))
+    assert torch.equal(y, torch.zeros(2, 3, device=DEVICE))
 
 
 # --- lowrank_merged_linear ---------------------------------------------------------------------------
@@ -264,6 +270,7 @@ def test_strategy_follows_the_crossover(tokens, sequences, experts, expected):
     assert kernels.choose_strategy(tokens, sequences, experts) == expected
 
 
+@pytest.mark.skipif(DEVICE == "cuda", reason="CPU tensors take Triton only under the interpreter")
 @pytest.mark.parametrize(("env", "expected"), [(None, False), ("auto", False), ("torch", False), ("TRITON", True)])
 def test_cpu_tensors_take_triton_only_when_forced(env, expected, monkeypatch):
     if env is not None:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from moe_merge import kernels
-from moe_merge.kernels import reference
+from moe_merge.kernels import dispatch, reference
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
@@ -22,6 +22,14 @@ def _compiled(monkeypatch):
     from moe_merge.kernels import kernel_utils
     monkeypatch.delenv("MOE_MERGE_KERNELS", raising=False)
     assert not kernel_utils.INTERPRETER, "TRITON_INTERPRET=1 is set: these tests are for the compiled kernels"
+
+
+def test_auto_runs_triton_on_cuda_tensors_of_kernel_dtypes(monkeypatch):
+    x = torch.zeros(2, 3, device="cuda")
+    assert dispatch.use_triton(x) and dispatch.use_triton(x.half())
+    assert not dispatch.use_triton(x.double())  # a dtype the kernels do not take: the reference
+    monkeypatch.setenv("MOE_MERGE_KERNELS", "torch")
+    assert not dispatch.use_triton(x)
 
 
 def rel_error(got, expected):

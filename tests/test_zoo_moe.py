@@ -43,3 +43,16 @@ def test_fitted_routers_beat_prompt_mean_directions(mlp_moes):
     print("exact match, fit:", fit, "hidden:", hidden)
     mean = lambda s: sum(s.values()) / len(s)
     assert mean(fit) >= 0.05 and mean(fit) > mean(hidden) + 0.03
+
+
+@pytest.mark.parametrize("method", ["smear", "wemoe"])
+def test_training_free_ffn_merging_recovers_mlp_only_experts(zoo_dir, tmp_path, method):
+    """Goal: every FFN-level method reaches >= 95 % of the experts' accuracy on every task (MLP-only zoo),
+    with nothing in the recipe but the method, the level and the experts' prompts."""
+    import json
+
+    recipe = zoo.zoo_recipe(zoo_dir, "mlp", method=method, level="ffn")
+    scores = evaluate(assemble(MergeConfig.model_validate(recipe), tmp_path / method))
+    manifest = json.loads((zoo_dir / "zoo.json").read_text())
+    for task, rel in manifest["experts"]["mlp"].items():
+        assert scores[task] >= 0.95 * manifest["exact_match"][rel][task], (task, scores)
