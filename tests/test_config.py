@@ -29,7 +29,7 @@ def test_a_mergekit_moe_yaml_is_a_valid_recipe(tmp_path):
     config = load_config(_write(tmp_path, MERGEKIT_YAML))
     assert config.gate_init == "hidden"  # hidden_avg is our masked mean
     assert config.experts[1].residual_scale == 0.5
-    assert (config.level, config.method, config.non_expert) == ("ffn", "sparse", "base")
+    assert (config.level, config.method, config.static_method) == ("ffn", "sparse", "base")
 
 
 def test_unknown_field_names_field_and_line(tmp_path):

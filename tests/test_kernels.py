@@ -34,7 +34,8 @@ SHAPES = {"one-token-one-expert": (1, 16, 16, 1), "odd": (33, 17, 19, 3), "sixte
 
 
 @pytest.fixture(autouse=True)
-def _kernels_run_where_expected(monkeypatch):
+def _setup(monkeypatch):
+    torch.manual_seed(0)
     monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
     assert DEVICE == "cuda" or kernel_utils.INTERPRETER, \
         "the kernel modules were imported before TRITON_INTERPRET=1 was set; run tests/test_kernels.py on its own"

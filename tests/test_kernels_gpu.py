@@ -20,6 +20,7 @@ MAX_REL_ERROR = {torch.bfloat16: 1e-2, torch.float16: 2e-3}  # ‖y − fp32 ref
 @pytest.fixture(autouse=True)
 def _compiled(monkeypatch):
     from moe_merge.kernels import kernel_utils
+    torch.manual_seed(0)
     monkeypatch.delenv("MOE_MERGE_KERNELS", raising=False)
     assert not kernel_utils.INTERPRETER, "TRITON_INTERPRET=1 is set: these tests are for the compiled kernels"
 
