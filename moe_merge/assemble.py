@@ -59,7 +59,7 @@ class Recipe:
     base: Checkpoint
     experts: list[Expert]
     shared: Expert | None
-    fmt: MoEFormat
+    fmt: MoEFormat | None
     labels: list[str] = field(default_factory=list)
 
 
@@ -72,7 +72,7 @@ def open_recipe(config: MergeConfig, recipe_dir: Path | None = None) -> Recipe:
         )  # checked here too, as a recipe whose experts are all adapters never calls check_compatible
     experts = [open_expert(e.source_model, base, recipe_dir) for e in config.experts]
     shared = open_expert(config.shared_experts[0].source_model, base, recipe_dir) if config.shared_experts else None
-    fmt = choose_format(config, base)
+    fmt = None if config.dynamic else choose_format(config, base)  # dynamic models keep the base's family
     labels = [e.label for e in config.experts]
     if len(set(labels)) != len(labels):
         labels = [f"{i}:{label}" for i, label in enumerate(labels)]

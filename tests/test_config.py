@@ -57,10 +57,13 @@ def test_more_experts_per_token_than_experts_is_refused():
                                     "experts": [{"source_model": "a"}, {"source_model": "c"}]})
 
 
-def test_dynamic_levels_and_methods_say_what_is_missing():
-    with pytest.raises(ValueError, match="dynamic merging runtime"):
-        MergeConfig.model_validate({"base_model": "b", "level": "block", "gate_mode": "random",
-                                    "experts": [{"source_model": "a"}]})
+def test_block_level_makes_a_dynamic_model_and_sparse_ffn_keeps_stock_routers():
+    config = MergeConfig.model_validate({"base_model": "b", "level": "block", "gate_mode": "random",
+                                         "experts_per_token": 1, "experts": [{"source_model": "a"}]})
+    assert config.dynamic and config.static_method == "average" and config.normalize == "topk"
+    with pytest.raises(ValueError, match="stock Mixtral"):
+        MergeConfig.model_validate({"base_model": "b", "gate_mode": "random", "router": {"granularity": "token"},
+                                    "experts_per_token": 1, "experts": [{"source_model": "a"}]})
 
 
 def test_prompt_free_gate_modes_need_no_prompts():
