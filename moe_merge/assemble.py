@@ -214,7 +214,6 @@ def assemble(
         config = config.model_copy(update={"dtype": dtype})
         recipe.config = config
     seed = config.seed if seed is None else seed
-    out_config = moe_config(recipe)
     out_dtype = DTYPES.get(config.dtype or str(recipe.base.config.get("dtype") or recipe.base.config.get("torch_dtype")))
     try:
         tokenizer = AutoTokenizer.from_pretrained(recipe.base.path)
@@ -226,6 +225,7 @@ def assemble(
 
         return assemble_dynamic(recipe, Path(out_dir), tokenizer=tokenizer, force=force, dtype=out_dtype,
                                 shard_size=shard_size, seed=seed, tokenizer_files=TOKENIZER_FILES)
+    out_config = moe_config(recipe)
     entries = plan(recipe)
     read = TensorReader(recipe, out_dtype, seed)
     layers = out_config.num_hidden_layers
