@@ -12,14 +12,13 @@ from pathlib import Path
 
 import torch
 
+from moe_merge.assemble import TOKENIZER_FILES
 from moe_merge.errors import ConfigError
 from moe_merge.merged_linear import MergedLinear
 from moe_merge.modeling import MoEMergeDecoderLayer, MoEMergeForCausalLM, MoEMergeSparseBlock
 from moe_merge.outdir import atomic_output_dir
 from moe_merge.routers.router import Router
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "generation_config.json")
 
 
 def weights_for_prompt(model: MoEMergeForCausalLM, tokenizer, prompt: str) -> torch.Tensor:
@@ -115,7 +114,7 @@ def bake(model_dir: Path | str, out_dir: Path | str, *, weights: list[float] | N
     dense = baked_model(model, w)
     with atomic_output_dir(out_dir, force=force) as tmp:
         dense.save_pretrained(tmp)
-        for name in TOKENIZER_FILES:
+        for name in (*TOKENIZER_FILES, "generation_config.json"):
             if (model_dir / name).is_file():
                 shutil.copy2(model_dir / name, tmp / name)
     return Path(out_dir)

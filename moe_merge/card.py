@@ -7,17 +7,25 @@ from pathlib import Path
 import yaml
 
 
-def write_card(out_dir: Path, recipe, rep: dict) -> None:
-    from huggingface_hub import ModelCard, ModelCardData
+def _card_data(cfg, tags: list[str]):
+    """Hub metadata: every source is a base model of this merge."""
+    from huggingface_hub import ModelCardData
 
-    cfg = recipe.config
     data = ModelCardData(
         base_model=[cfg.base_model] + [e.source_model for e in cfg.experts],
         library_name="transformers",
         pipeline_tag="text-generation",
-        tags=["moe", "merge", "moe-merge", recipe.fmt.model_type],
+        tags=["moe", "merge", "moe-merge", *tags],
     )
     data.base_model_relation = "merge"
+    return data
+
+
+def write_card(out_dir: Path, recipe, rep: dict) -> None:
+    from huggingface_hub import ModelCard
+
+    cfg = recipe.config
+    data = _card_data(cfg, [recipe.fmt.model_type])
     rows = "\n".join(
         f"| {i} | {label} | `{e.source_model}` | {_pct(rep['accuracy_mean'][i])} | {_pct(rep['prompts_routed_right_everywhere'][i])} |"
         for i, (label, e) in enumerate(zip(rep["experts"], cfg.experts))
@@ -76,16 +84,10 @@ def _pct(x: float | None) -> str:
 
 def write_dynamic_card(out_dir: Path, recipe, rep: dict) -> None:
     """The card of a moe_merge dynamic model (remote code; `trust_remote_code=True` or `import moe_merge`)."""
-    from huggingface_hub import ModelCard, ModelCardData
+    from huggingface_hub import ModelCard
 
     cfg = recipe.config
-    data = ModelCardData(
-        base_model=[cfg.base_model] + [e.source_model for e in cfg.experts],
-        library_name="transformers",
-        pipeline_tag="text-generation",
-        tags=["moe", "merge", "moe-merge", f"moe-merge-{cfg.method}", f"level-{cfg.level}"],
-    )
-    data.base_model_relation = "merge"
+    data = _card_data(cfg, [f"moe-merge-{cfg.method}", f"level-{cfg.level}"])
     first = rep["accuracy"][0]
     rows = "\n".join(
         f"| {i} | {label} | `{e.source_model}` | {_pct(min(a[i] for a in rep['accuracy']))} | "

@@ -11,7 +11,6 @@ Which tensor comes from where:
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import shutil
@@ -182,7 +181,6 @@ def build_state(recipe, config: MoEMergeConfig, seed: int, dtype: torch.dtype) -
     computed in `dtype` (float32; float64 for exactness tests)."""
     cfg, base, experts = recipe.config, recipe.base, recipe.experts
     static = StaticMerge(recipe, seed, dtype)
-    expert_tensor = functools.partial(globals()["expert_tensor"], dtype=dtype)
     L, d = config.text_config.num_hidden_layers, config.dense_layers
     state: dict[str, torch.Tensor] = {}
     for name in tqdm(base.keys(), desc="building", disable=None):
@@ -192,18 +190,18 @@ def build_state(recipe, config: MoEMergeConfig, seed: int, dtype: torch.dtype) -
         if cfg.level == "model":
             if name in ("model.norm.weight", "lm_head.weight"):
                 for e, expert in enumerate(experts):
-                    state[f"model.experts.{e}.{name.split('.')[-2]}.weight"] = expert_tensor(expert, name, shape)
+                    state[f"model.experts.{e}.{name.split('.')[-2]}.weight"] = expert_tensor(expert, name, shape, dtype)
             elif layer is None or layer < d:
                 state[name] = static(name)
             else:
                 for e, expert in enumerate(experts):
-                    state[f"model.experts.{e}.layers.{layer - d}.{rel}"] = expert_tensor(expert, name, shape)
+                    state[f"model.experts.{e}.layers.{layer - d}.{rel}"] = expert_tensor(expert, name, shape, dtype)
         elif cfg.method == "sparse":
             if layer is None:
                 state[name] = static(name)
             else:
                 for e, expert in enumerate(experts):
-                    state[f"model.layers.{layer}.experts.{e}.{rel}"] = expert_tensor(expert, name, shape)
+                    state[f"model.layers.{layer}.experts.{e}.{rel}"] = expert_tensor(expert, name, shape, dtype)
         else:
             proj = rel.split(".")[1] if rel else None
             routed = proj in config.delta_forms and not (cfg.method == "twin" and layer < config.router_layer)
@@ -213,7 +211,7 @@ def build_state(recipe, config: MoEMergeConfig, seed: int, dtype: torch.dtype) -
                 state.update(_routed(recipe, config, static, name, proj, shape, dtype))
     if cfg.level == "model" and config.tie_word_embeddings:  # each expert's head is its own (tied) embedding
         for e, expert in enumerate(experts):
-            state[f"model.experts.{e}.lm_head.weight"] = expert_tensor(expert, "model.embed_tokens.weight", base.shape("model.embed_tokens.weight"))
+            state[f"model.experts.{e}.lm_head.weight"] = expert_tensor(expert, "model.embed_tokens.weight", base.shape("model.embed_tokens.weight"), dtype)
     return state
 
 

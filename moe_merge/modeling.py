@@ -145,6 +145,17 @@ class Routing:
         # WEMoE routes each token and averages the router outputs; the others route the pooled states.
         self.pool_outputs = config.method == "wemoe"
 
+    def route(self, router: Router, states: torch.Tensor, prompt_mask: torch.Tensor | None,
+              given: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(weights used, router logits or None). Per-sequence routers read the prompt at prefill only
+        (`prompt_mask` set); per-token routers read every step. Given weights win; the logits are still
+        reported."""
+        if prompt_mask is None and self.granularity == "sequence":
+            return given, None
+        mask = prompt_mask if prompt_mask is not None else torch.ones(states.shape[:2], device=states.device)
+        weights, logits = self(router, states, mask)
+        return (weights if given is None else given), logits
+
     def __call__(self, router: Router, states: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """states [B, T, H], mask [B, T] -> (weights, logits): [B, E] per sequence or [B, T, E] per token."""
         if self.granularity == "token":
@@ -185,11 +196,7 @@ class MoEMergeDecoderLayer(GradientCheckpointingLayer):
         self.routing = Routing(config)
 
     def _route(self, states, prompt_mask, given):
-        if self.router is None or (prompt_mask is None and self.routing.granularity == "sequence"):
-            return given, None
-        mask = prompt_mask if prompt_mask is not None else torch.ones(states.shape[:2], device=states.device)
-        weights, logits = self.routing(self.router, states, mask)
-        return (weights if given is None else given), logits
+        return (given, None) if self.router is None else self.routing.route(self.router, states, prompt_mask, given)
 
     def forward(self, hidden_states, merge_weights=None, prompt_mask=None, attention_mask=None, position_ids=None,
                 past_key_values=None, position_embeddings=None, **kwargs):
@@ -229,11 +236,7 @@ class MoEMergeSparseBlock(GradientCheckpointingLayer):
         self.routing = Routing(config)
 
     def forward(self, hidden_states, merge_weights=None, prompt_mask=None, **kwargs):
-        logits = None
-        if prompt_mask is not None or self.routing.granularity == "token":
-            mask = prompt_mask if prompt_mask is not None else torch.ones(hidden_states.shape[:2], device=hidden_states.device)
-            weights, logits = self.routing(self.router, hidden_states, mask)
-            merge_weights = weights if merge_weights is None else merge_weights
+        merge_weights, logits = self.routing.route(self.router, hidden_states, prompt_mask, merge_weights)
         w = merge_weights.to(hidden_states.dtype)
         w = w.unsqueeze(1) if w.dim() == 2 else w  # [B, 1 or T, E]
         out = sum(w[..., e : e + 1] * expert(hidden_states, **kwargs) for e, expert in enumerate(self.experts))
@@ -401,8 +404,7 @@ class MoEMergeModel(MoEMergePreTrainedModel):
         used, logits = [], []
 
         def route_once(states):
-            weights, lg = self.routing(self.router, states, prompt_mask) if prompt_mask is not None else (None, None)
-            w = given[:, 0] if given is not None else weights
+            w, lg = self.routing.route(self.router, states, prompt_mask, given[:, 0] if given is not None else None)
             used.append(w)
             logits.append(lg)
             return w
