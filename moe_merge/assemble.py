@@ -205,10 +205,15 @@ def assemble(
     dtype: str | None = None,
     shard_size: int = 5 * 2**30,
     seed: int | None = None,
+    eval_data: Path | None = None,
 ) -> Path:
-    """Build the MoE checkpoint described by `config` into `out_dir` (atomically)."""
+    """Build the MoE checkpoint described by `config` into `out_dir` (atomically). With `eval_data` (JSON lines
+    of prompt, completion, expert), the model card gets the exact match of the result per task."""
     from transformers import AutoTokenizer
 
+    from moe_merge.quality import load_eval_rows, quality_table
+
+    eval_rows = load_eval_rows(eval_data) if eval_data else None  # a bad file fails before any work
     recipe = open_recipe(config, recipe_dir)
     if dtype:
         config = config.model_copy(update={"dtype": dtype})
@@ -224,7 +229,8 @@ def assemble(
         from moe_merge.dynamic import assemble_dynamic
 
         return assemble_dynamic(recipe, Path(out_dir), tokenizer=tokenizer, force=force, dtype=out_dtype,
-                                shard_size=shard_size, seed=seed, tokenizer_files=TOKENIZER_FILES)
+                                shard_size=shard_size, seed=seed, tokenizer_files=TOKENIZER_FILES,
+                                eval_data=(eval_data, eval_rows) if eval_rows else None)
     out_config = moe_config(recipe)
     entries = plan(recipe)
     read = TensorReader(recipe, out_dtype, seed)
@@ -256,11 +262,16 @@ def assemble(
         for name in TOKENIZER_FILES:  # unchanged: no pad token injected into the user's files
             if (recipe.base.path / name).is_file():
                 shutil.copy2(recipe.base.path / name, tmp / name)
-        resolved = config.model_dump(mode="json", exclude_defaults=False)
+        resolved = config.resolved()
         (tmp / "moe-merge.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
         rep = fitter.report()
         report.write(rep, tmp)
-        card.write_card(tmp, recipe, rep)
+        quality = None
+        if eval_rows:
+            from transformers import AutoModelForCausalLM
+
+            quality = quality_table(AutoModelForCausalLM.from_pretrained(tmp), tokenizer, eval_data, eval_rows)
+        card.write_card(tmp, recipe, rep, quality)
     return Path(out_dir)
 
 

@@ -93,28 +93,48 @@ def baked_model(model: MoEMergeForCausalLM, weights: torch.Tensor):
     return dense.eval()
 
 
+def load_dynamic(model_dir: Path, **kwargs) -> MoEMergeForCausalLM:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
+    if not isinstance(model, MoEMergeForCausalLM):
+        raise ConfigError(f"{model_dir} is a {type(model).__name__}, not a moe-merge dynamic model")
+    return model
+
+
+def fixed_mix(model: MoEMergeForCausalLM, model_dir: Path, weights: list[float] | torch.Tensor | None,
+              prompt: str | None) -> torch.Tensor:
+    """The mix the user asked for: `weights` ([E] for every router, or [R, E]) or the routers' for `prompt` [R, E]."""
+    from transformers import AutoTokenizer
+
+    if (weights is None) == (prompt is None):
+        raise ConfigError("give exactly one of --weights and --prompt")
+    if weights is None:
+        return weights_for_prompt(model, AutoTokenizer.from_pretrained(model_dir), prompt)
+    cfg = model.config
+    w = torch.as_tensor(weights, dtype=torch.float32 if isinstance(weights, list) else None)
+    if w.shape not in ((cfg.num_experts,), (cfg.num_routers, cfg.num_experts)):
+        raise ConfigError(f"--weights has {w.shape[-1] if w.dim() else 1} values but {model_dir} has {cfg.num_experts} "
+                          f"experts ({', '.join(cfg.expert_names or [])})" if w.dim() < 2 else
+                          f"merge weights of shape {tuple(w.shape)}; {model_dir} needs [{cfg.num_experts}] or "
+                          f"[{cfg.num_routers}, {cfg.num_experts}]")
+    return w
+
+
 def bake(model_dir: Path | str, out_dir: Path | str, *, weights: list[float] | None = None, prompt: str | None = None,
          force: bool = False) -> Path:
     """Write the dense checkpoint for a fixed mix (`weights`, one per expert) or the mix the routers give `prompt`."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     model_dir = Path(model_dir)
-    if (weights is None) == (prompt is None):
-        raise ConfigError("give exactly one of --weights and --prompt")
-    model = AutoModelForCausalLM.from_pretrained(model_dir)
-    if not isinstance(model, MoEMergeForCausalLM):
-        raise ConfigError(f"{model_dir} is a {type(model).__name__}, not a moe-merge dynamic model")
-    if weights is not None:
-        if len(weights) != model.config.num_experts:
-            raise ConfigError(f"--weights has {len(weights)} values but {model_dir} has {model.config.num_experts} experts "
-                              f"({', '.join(model.config.expert_names or [])})")
-        w = torch.tensor(weights, dtype=torch.float32)
-    else:
-        w = weights_for_prompt(model, AutoTokenizer.from_pretrained(model_dir), prompt)
+    from moe_merge.card import write_baked_card
+
+    model = load_dynamic(model_dir)
+    w = fixed_mix(model, model_dir, weights, prompt)
     dense = baked_model(model, w)
     with atomic_output_dir(out_dir, force=force) as tmp:
         dense.save_pretrained(tmp)
         for name in (*TOKENIZER_FILES, "generation_config.json"):
             if (model_dir / name).is_file():
                 shutil.copy2(model_dir / name, tmp / name)
+        write_baked_card(tmp, model_dir=model_dir, expert_names=list(model.config.expert_names or []), weights=w,
+                         architecture=type(dense).__name__)
     return Path(out_dir)

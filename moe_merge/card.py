@@ -1,4 +1,10 @@
-"""The model card (README.md) written beside every output, with Hub metadata."""
+"""The model card (README.md) written beside every output, with Hub metadata.
+
+Metadata: `base_model` lists the sources that are Hub repos (the Hub accepts repo ids only; local
+paths appear in the card's text), with `base_model_relation: merge`, `library_name`, `pipeline_tag`
+and tags. Text: the experts, method, level, routers, the routing report and its PNG, the quality
+table when `assemble --eval-data` was given, how to load, and the resolved recipe.
+"""
 
 from __future__ import annotations
 
@@ -7,25 +13,63 @@ from pathlib import Path
 import yaml
 
 
-def _card_data(cfg, tags: list[str]):
-    """Hub metadata: every source is a base model of this merge."""
+def hub_id(ref: str, path: Path) -> str | None:
+    """`ref` when it named a Hub repo, i.e. it was resolved from the Hugging Face cache; None for local paths."""
+    from huggingface_hub import constants
+
+    try:
+        Path(path).resolve().relative_to(Path(constants.HF_HUB_CACHE).resolve())
+    except ValueError:
+        return None
+    return ref.rsplit("+", 1)[-1]  # mergekit's `base+adapter`: the adapter is the source
+
+
+def _card_data(recipe, tags: list[str], library_name: str = "transformers"):
+    """Hub metadata: every source that is a Hub repo is a base model of this merge."""
     from huggingface_hub import ModelCardData
 
-    data = ModelCardData(
-        base_model=[cfg.base_model] + [e.source_model for e in cfg.experts],
-        library_name="transformers",
-        pipeline_tag="text-generation",
-        tags=["moe", "merge", "moe-merge", *tags],
-    )
-    data.base_model_relation = "merge"
+    cfg = recipe.config
+    refs = [(cfg.base_model, recipe.base.path)] + [(e.source_model, x.path) for e, x in zip(cfg.experts, recipe.experts)]
+    ids = list(dict.fromkeys(i for i in (hub_id(ref, path) for ref, path in refs) if i))
+    data = ModelCardData(base_model=ids or None, library_name=library_name, pipeline_tag="text-generation",
+                         tags=["moe", "merge", "moe-merge", *tags])
+    if ids:
+        data.base_model_relation = "merge"
     return data
 
 
-def write_card(out_dir: Path, recipe, rep: dict) -> None:
+def _title(out_dir: Path) -> str:
+    name = Path(out_dir).name
+    return "moe-merge model" if name.startswith(".") else name
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.0%}"
+
+
+def _quality(quality: dict | None) -> str:
+    """The zoo-style table: exact match per task of this model on the user's eval data."""
+    if not quality:
+        return ""
+    tasks = list(quality["scores"])
+    mean = sum(s for s, _ in quality["scores"].values()) / len(tasks)
+    return (
+        f"\n## Quality\n\nExact match of greedy completions on `{quality['file']}` (rows per task in brackets):\n\n"
+        f"| model | {' | '.join(tasks)} | mean |\n|---|{'---|' * (len(tasks) + 1)}\n"
+        f"| this model | {' | '.join(f'{s:.0%} ({n})' for s, n in quality['scores'].values())} | {mean:.0%} |\n"
+    )
+
+
+def _recipe_yaml(cfg) -> str:
+    """The same document as moe-merge.yaml."""
+    return yaml.safe_dump(cfg.resolved(), sort_keys=False).strip()
+
+
+def write_card(out_dir: Path, recipe, rep: dict, quality: dict | None = None) -> None:
     from huggingface_hub import ModelCard
 
     cfg = recipe.config
-    data = _card_data(cfg, [recipe.fmt.model_type])
+    data = _card_data(recipe, [recipe.fmt.model_type])
     rows = "\n".join(
         f"| {i} | {label} | `{e.source_model}` | {_pct(rep['accuracy_mean'][i])} | {_pct(rep['prompts_routed_right_everywhere'][i])} |"
         for i, (label, e) in enumerate(zip(rep["experts"], cfg.experts))
@@ -35,7 +79,7 @@ def write_card(out_dir: Path, recipe, rep: dict) -> None:
 {data.to_yaml()}
 ---
 
-# {Path(out_dir).name if not Path(out_dir).name.startswith('.') else 'moe-merge model'}
+# {_title(out_dir)}
 
 A `{recipe.fmt.architecture}` mixture of experts assembled by [moe-merge](https://pypi.org/project/moe-merge/)
 from {len(cfg.experts)} experts fine-tuned from `{cfg.base_model}`.
@@ -54,10 +98,12 @@ from {len(cfg.experts)} experts fine-tuned from `{cfg.base_model}`.
 
 ## Routing report
 
-See `routing_report.json` and `routing_report.png`. Warnings:
+Where each expert's held-out prompts are routed, layer by layer (`routing_report.json`). Warnings:
 
 {warnings}
 
+![routing report](routing_report.png)
+{_quality(quality)}
 ## How to load
 
 ```python
@@ -67,27 +113,26 @@ model = AutoModelForCausalLM.from_pretrained("<this directory or repo id>")
 tokenizer = AutoTokenizer.from_pretrained("<this directory or repo id>")
 ```
 
-No remote code is needed: the checkpoint uses the stock `{recipe.fmt.architecture}` layout.
+No remote code is needed: the checkpoint uses the stock `{recipe.fmt.architecture}` layout (vLLM and TGI
+serve it as they serve that architecture).
 
 ## Recipe
 
+The resolved recipe (`moe-merge.yaml`), every default spelled out:
+
 ```yaml
-{yaml.safe_dump(cfg.model_dump(mode="json", exclude_defaults=True), sort_keys=False).strip()}
+{_recipe_yaml(cfg)}
 ```
 """
     ModelCard(text).save(Path(out_dir) / "README.md")
 
 
-def _pct(x: float | None) -> str:
-    return "n/a" if x is None else f"{x:.0%}"
-
-
-def write_dynamic_card(out_dir: Path, recipe, rep: dict) -> None:
+def write_dynamic_card(out_dir: Path, recipe, rep: dict, quality: dict | None = None) -> None:
     """The card of a moe_merge dynamic model (remote code; `trust_remote_code=True` or `import moe_merge`)."""
     from huggingface_hub import ModelCard
 
     cfg = recipe.config
-    data = _card_data(cfg, [f"moe-merge-{cfg.method}", f"level-{cfg.level}"])
+    data = _card_data(recipe, [f"moe-merge-{cfg.method}", f"level-{cfg.level}"])
     first = rep["accuracy"][0]
     rows = "\n".join(
         f"| {i} | {label} | `{e.source_model}` | {_pct(min(a[i] for a in rep['accuracy']))} | "
@@ -99,7 +144,7 @@ def write_dynamic_card(out_dir: Path, recipe, rep: dict) -> None:
 {data.to_yaml()}
 ---
 
-# {Path(out_dir).name if not Path(out_dir).name.startswith('.') else 'moe-merge model'}
+# {_title(out_dir)}
 
 A dynamic merge of {len(cfg.experts)} experts fine-tuned from `{cfg.base_model}`, built by
 [moe-merge](https://pypi.org/project/moe-merge/): its routers compute merge weights for each input, and the
@@ -119,8 +164,10 @@ model applies the merged parameters in one forward pass.
 
 ## Routing report
 
-`routing_report.json` and `routing_report.png` (mean merge weights of each expert's held-out prompts).
+Mean merge weights of each expert's held-out prompts, per router (`routing_report.json`):
 
+![routing report](routing_report.png)
+{_quality(quality)}
 ## How to load
 
 ```python
@@ -132,12 +179,95 @@ out = model.generate(**tokenizer("your prompt", return_tensors="pt"), max_new_to
 ```
 
 The remote code needs the moe-merge package (`pip install moe-merge`); with it imported,
-`trust_remote_code` is not needed.
+`trust_remote_code` is not needed. `device_map="auto"` spreads the layers over GPUs and CPU (accelerate).
+For serving stacks without remote code, export a fixed mix: `moe-merge bake` (a dense model) or
+`moe-merge export-lora` (a LoRA adapter on the base).
 
 ## Recipe
 
+The resolved recipe (`moe-merge.yaml`), every default spelled out:
+
 ```yaml
-{yaml.safe_dump(cfg.model_dump(mode="json", exclude_defaults=True), sort_keys=False).strip()}
+{_recipe_yaml(cfg)}
 ```
+"""
+    ModelCard(text).save(Path(out_dir) / "README.md")
+
+
+def _mix_table(expert_names: list[str], weights) -> str:
+    """One row per router ([R, E]), or one row for all ([E])."""
+    mix = weights.reshape(-1, weights.shape[-1]).tolist()
+    header = "| router | " + " | ".join(expert_names) + " |\n|---|" + "---|" * len(expert_names)
+    return header + "\n" + "\n".join(f"| {'all' if len(mix) == 1 else k} | " + " | ".join(f"{x:.4g}" for x in row)
+                                      + " |" for k, row in enumerate(mix))
+
+
+def write_baked_card(out_dir: Path, *, model_dir: Path, expert_names: list[str], weights, architecture: str) -> None:
+    """The card of a `bake` output: a plain dense model for one mix; its metadata is the dynamic model's."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    source = Path(model_dir) / "README.md"
+    base_model = ModelCard.load(source).data.base_model if source.is_file() else None
+    data = ModelCardData(base_model=base_model, library_name="transformers", pipeline_tag="text-generation",
+                         tags=["merge", "moe-merge"])
+    if base_model:
+        data.base_model_relation = "merge"
+    text = f"""---
+{data.to_yaml()}
+---
+
+# {_title(out_dir)}
+
+A plain `{architecture}` holding the moe-merge dynamic model `{Path(model_dir).name}` under one fixed mix of its
+experts (each merged layer is W0 + Σ_e w_e Δ_e), written by `moe-merge bake`. It needs no remote code.
+
+## Mix
+
+{_mix_table(expert_names, weights)}
+
+## How to load
+
+```python
+from transformers import AutoModelForCausalLM
+
+model = AutoModelForCausalLM.from_pretrained("<this directory or repo id>")
+```
+"""
+    ModelCard(text).save(Path(out_dir) / "README.md")
+
+
+def write_adapter_card(out_dir: Path, *, base: str, hub_id: str | None, model_dir: Path, expert_names: list[str],
+                       weights, rank: int, modules: int) -> None:
+    """The card of an `export-lora` adapter: the mix it holds and how to serve it."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    data = ModelCardData(base_model=hub_id, library_name="peft", pipeline_tag="text-generation",
+                         tags=["lora", "merge", "moe-merge"])
+    if hub_id:
+        data.base_model_relation = "adapter"
+    text = f"""---
+{data.to_yaml()}
+---
+
+# {_title(out_dir)}
+
+A LoRA adapter on `{base}` that reproduces the moe-merge dynamic model `{Path(model_dir).name}` exactly under
+one fixed mix of its experts, written by `moe-merge export-lora`. Rank {rank} on {modules} linear modules,
+`lora_alpha` = r (scaling 1); lower-rank modules are zero-padded to one rank, as multi-LoRA servers expect.
+
+## Mix
+
+{_mix_table(expert_names, weights)}
+
+## How to load
+
+```python
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+
+model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("{base}"), "<this directory or repo id>")
+```
+
+vLLM: `vllm serve {base} --enable-lora --max-lora-rank {rank} --lora-modules mix=<this directory>`.
 """
     ModelCard(text).save(Path(out_dir) / "README.md")

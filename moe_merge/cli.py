@@ -30,6 +30,15 @@ def parse_weights(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers, e.g. 0.5,0.5,0") from None
 
 
+def parse_objective(text: str) -> dict[str, float]:
+    from moe_merge.objectives import parse_objective as parse
+
+    try:
+        return parse(text)
+    except MoEMergeError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="moe-merge",
@@ -61,6 +70,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="output dtype (default: the recipe's `dtype`, else the base's)")
     p.add_argument("--shard-size", type=parse_size, default="5G", help="maximum shard size, e.g. 5G, 500M (default 5G)")
     p.add_argument("--seed", type=int, help="seed for random routers, noise and DARE (default: the recipe's `seed`, 0)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the plan (each output tensor's source, bytes, output size, estimated peak memory) "
+                   "from config.json, the index files and safetensors headers, without reading tensor data; "
+                   "writes nothing")
+    p.add_argument("--eval-data", type=Path,
+                   help="JSON lines of prompt, completion and expert: the model card gets the result's exact match per "
+                   "expert (greedy generation)")
 
     p = sub.add_parser(
         "generate",
@@ -92,6 +108,75 @@ def build_parser() -> argparse.ArgumentParser:
     mix.add_argument("--weights", type=parse_weights, help="comma-separated merge weights, one per expert, e.g. 1,0,0")
     mix.add_argument("--prompt", help="use the merge weights the routers give this prompt")
     p.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists")
+
+    p = sub.add_parser(
+        "train-router",
+        parents=[verbose],
+        help="fine-tune only the routers of a dynamic or stock MoE model",
+        description="Train the routers of MODEL_DIR (a moe-merge dynamic model, or a stock Mixtral / Qwen-MoE "
+        "written by `assemble`); every other weight is frozen and stays bit-identical. DATA is a .jsonl/.json/"
+        ".csv/.parquet file or a datasets directory whose rows have `text`, `prompt` + `completion` (loss on the "
+        "completion; routers read the prompt, as in generate) or `messages` (chat template), and optionally "
+        "`expert` (a name or index). Writes OUT: router-only checkpoints, the best routers on held-out data, "
+        "a log, and OUT/model, the model with the trained routers in the input's layout. Runs under "
+        "`accelerate launch` as it is (e.g. --num_processes 2 --cpu).",
+    )
+    p.add_argument("model_dir", type=Path, help="a moe-merge output directory")
+    p.add_argument("--data", type=Path, required=True, help="training rows (file or datasets directory)")
+    p.add_argument("--out", type=Path, required=True, help="run directory (checkpoints, log, OUT/model)")
+    p.add_argument("--eval-data", type=Path, help="held-out rows (default: --eval-fraction of DATA, split with --seed)")
+    p.add_argument("--eval-fraction", type=float, default=0.1, help="share of DATA held out (default 0.1)")
+    p.add_argument("--objective", type=parse_objective, default="lm",
+                   help="weighted objectives: lm (default), routing (needs `expert`), entropy (no labels), balance; "
+                   "e.g. lm=1,routing=0.5")
+    p.add_argument("--steps", type=int, default=200, help="optimizer steps (default 200)")
+    p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate; warm-up then cosine to lr/10 (default 3e-3)")
+    p.add_argument("--batch-size", type=int, default=16, help="rows per micro-step over all processes (default 16)")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-steps per optimizer step (default 1)")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default 0)")
+    p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="no", help="autocast (default no)")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
+    p.add_argument("--eval-every", type=int, default=50, help="evaluate on held-out rows every N steps (default 50)")
+    p.add_argument("--save-every", type=int, default=50, help="router-only checkpoint every N steps (default 50)")
+    p.add_argument("--max-length", type=int, default=2048, help="longest row in tokens; longer rows are an error")
+    p.add_argument("--seed", type=int, default=0, help="data order and held-out split (default 0)")
+    run = p.add_mutually_exclusive_group()
+    run.add_argument("--resume", action="store_true", help="continue OUT from its latest checkpoint")
+    run.add_argument("--force", action="store_true", help="discard an existing OUT and start over")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow MODEL_DIR's own code (off by default)")
+
+    p = sub.add_parser(
+        "export-lora",
+        parents=[verbose],
+        help="write a dynamic model's merged delta for one fixed mix as a PEFT LoRA adapter on the base",
+        description="Export the exact difference between a dynamic model under one fixed mix and its base as a "
+        "PEFT LoRA adapter (PeftModel.from_pretrained, vLLM/TGI multi-LoRA serving). LoRA experts become a rank "
+        "concatenation (rank = sum of the experts' ranks); dense differences become exact full-rank factors "
+        "(rank min(out, in), as large as the dense delta). Every module has one rank and lora_alpha = r. Refused "
+        "when embeddings, norms, biases or the head differ from the base (use `bake`), and for sparse models.",
+    )
+    p.add_argument("model_dir", type=Path, help="a moe-merge dynamic model directory")
+    p.add_argument("out_dir", type=Path, help="adapter directory; written to a temporary sibling and renamed")
+    mix = p.add_mutually_exclusive_group(required=True)
+    mix.add_argument("--weights", type=parse_weights, help="comma-separated merge weights, one per expert, e.g. 1,0,0")
+    mix.add_argument("--prompt", help="use the merge weights the routers give this prompt")
+    p.add_argument("--base", help="the base model (path or cached Hub id; default: `base_model` of MODEL_DIR/moe-merge.yaml)")
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="adapter dtype (default: the model's)")
+    p.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists")
+
+    p = sub.add_parser(
+        "push",
+        parents=[verbose],
+        help="check a moe-merge output directory and upload it to the Hugging Face Hub",
+        description="Validate OUT_DIR (its config or adapter config loads, the index covers every tensor and nothing "
+        "else, the model card's metadata parses), then create REPO_ID if needed and upload the folder with "
+        "huggingface_hub (one commit; very large folders in several). The token comes from HF_TOKEN or the saved login (`hf auth login`); HF_ENDPOINT points elsewhere.",
+    )
+    p.add_argument("out_dir", type=Path, help="a moe-merge output directory (model or export-lora adapter)")
+    p.add_argument("repo_id", help="the Hub repository, e.g. your-name/my-moe")
+    p.add_argument("--private", action="store_true", help="create the repository private")
+    p.add_argument("--revision", help="branch to push to (created from main if missing; default main)")
+    p.add_argument("--commit-message", help="default: 'Upload <dir> with moe-merge'")
 
     p = sub.add_parser(
         "zoo",
@@ -127,8 +212,15 @@ def main(argv: list[str] | None = None) -> int:
             from moe_merge.config import load_config
 
             config = load_config(args.config)
+            if args.dry_run:
+                from moe_merge.dryrun import dry_run
+
+                print(dry_run(config, recipe_dir=args.config.parent.absolute(), dtype=args.dtype,
+                              shard_size=args.shard_size).format())
+                return 0
             out = assemble(config, args.out_dir, recipe_dir=args.config.parent.absolute(), force=args.force,
-                           device=args.device, dtype=args.dtype, shard_size=args.shard_size, seed=args.seed)
+                           device=args.device, dtype=args.dtype, shard_size=args.shard_size, seed=args.seed,
+                           eval_data=args.eval_data)
             print(f"wrote {out}")
         elif args.command == "generate":
             from moe_merge.generate import generate
@@ -139,6 +231,25 @@ def main(argv: list[str] | None = None) -> int:
             from moe_merge.bake import bake
 
             print(f"wrote {bake(args.model_dir, args.out_dir, weights=args.weights, prompt=args.prompt, force=args.force)}")
+        elif args.command == "train-router":
+            from moe_merge.train_router import TrainRouterArgs, train_router
+
+            fields = {k: getattr(args, k) for k in TrainRouterArgs.__dataclass_fields__ if hasattr(args, k)}
+            train_router(args.model_dir, args.out, TrainRouterArgs(**fields))
+        elif args.command == "export-lora":
+            import torch
+
+            from moe_merge.export_lora import export_lora
+
+            out = export_lora(args.model_dir, args.out_dir, weights=args.weights, prompt=args.prompt, base=args.base,
+                              dtype=getattr(torch, args.dtype) if args.dtype else None, force=args.force)
+            print(f"wrote {out}")
+        elif args.command == "push":
+            from moe_merge.push import push
+
+            url = push(args.out_dir, args.repo_id, private=args.private, revision=args.revision,
+                       commit_message=args.commit_message)
+            print(f"pushed {args.out_dir}: {url}")
         elif args.command == "zoo":
             from moe_merge.zoo import build_zoo
 

@@ -170,6 +170,13 @@ class MergeConfig(_Strict):
                 )
         return self
 
+    def resolved(self) -> dict:
+        """Every field, defaults included, as written beside an output; loads back to the same recipe."""
+        data = self.model_dump(mode="json")
+        if self.router is not None:  # `gate_mode` is mergekit's spelling of `router.init`
+            data["gate_mode"] = self.router.init
+        return data
+
     @property
     def dynamic(self) -> bool:
         """Whether the output is a moe_merge dynamic model rather than a stock sparse MoE."""

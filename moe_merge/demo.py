@@ -19,6 +19,54 @@ DYNAMIC = [("smear", "ffn"), ("wemoe", "ffn"), ("twin", "ffn"), ("smear", "block
            ("twin", "block"), ("sparse", "block"), ("sparse", "model")]
 
 
+# Router-only fine-tuning runs: (zoo variant, name, recipe overrides, objective). The demo trains the first.
+ROUTER_RUNS = [
+    ("mlp", "wemoe ffn, task-arithmetic start", {
+        "method": "wemoe", "level": "ffn", "router": {"init": "random", "normalize": "none"}}, {"lm": 1.0, "routing": 1.0}),
+    ("mlp", "wemoe ffn, task-arithmetic start, entropy (WEMoE's recipe)", {
+        "method": "wemoe", "level": "ffn", "router": {"init": "random", "normalize": "none"}}, {"entropy": 1.0}),
+    ("mlp", "sparse ffn (stock Mixtral, fit, top-1)", {"router": {"init": "fit"}, "experts_per_token": 1}, {"lm": 1.0, "routing": 1.0}),
+    ("mlp", "smear ffn", {"method": "smear", "level": "ffn"}, {"lm": 1.0, "routing": 1.0}),
+    ("mlp", "wemoe ffn", {"method": "wemoe", "level": "ffn"}, {"lm": 1.0, "routing": 1.0}),
+    ("mlp", "twin ffn", {"method": "twin", "level": "ffn"}, {"lm": 1.0, "routing": 1.0}),
+    ("full", "smear block", {"method": "smear", "level": "block"}, {"lm": 1.0, "routing": 1.0}),
+    ("full", "wemoe block", {"method": "wemoe", "level": "block"}, {"lm": 1.0, "routing": 1.0}),
+    ("full", "twin block", {"method": "twin", "level": "block"}, {"lm": 1.0, "routing": 1.0}),
+    ("full", "sparse block", {"method": "sparse", "level": "block"}, {"lm": 1.0, "routing": 1.0}),
+    ("full", "sparse model", {"method": "sparse", "level": "model"}, {"lm": 1.0, "routing": 1.0}),
+]
+
+
+def train_and_score(zoo_dir: Path, out: Path, run: tuple, data: Path, steps: int) -> dict:
+    """Assemble one recipe training-free, train only its routers on `data`, score both on the eval words."""
+    from moe_merge.assemble import assemble
+    from moe_merge.config import MergeConfig
+    from moe_merge.train_router import TrainRouterArgs, train_router
+
+    variant, name, overrides, objective = run
+    manifest = json.loads((zoo_dir / "zoo.json").read_text())
+    experts = {t: manifest["exact_match"][rel][t] for t, rel in manifest["experts"][variant].items()}
+    slug = f"{variant}-{name.split(',')[0].split(' (')[0].replace(' ', '-')}-{ROUTER_RUNS.index(run)}"
+    model_dir = assemble(MergeConfig.model_validate(zoo.zoo_recipe(zoo_dir, variant, **overrides)), out / slug, force=True)
+    before = evaluate(model_dir)
+    summary = train_router(model_dir, out / f"{slug}-run", TrainRouterArgs(
+        data=data, steps=steps, lr=0.05, batch_size=16, objective=objective, eval_every=50, save_every=steps, force=True))
+    after = evaluate(out / f"{slug}-run" / "model")
+    worst = {k: min(s[t] / experts[t] for t in zoo.EXPERT_TASKS) for k, s in (("before", before), ("after", after))}
+    return {"variant": variant, "name": name, "objective": objective, "steps": steps, "before": before, "after": after,
+            "worst": worst, "seconds_per_step": summary["seconds_per_step"], "train_minutes": summary["train_minutes"]}
+
+
+def router_rows(results: list[dict]) -> str:
+    lines = ["| experts | model | objective | " + " | ".join(zoo.EXPERT_TASKS) + " | worst vs expert: before → after | s/step |",
+             "|---|---|---|" + "---|" * len(zoo.EXPERT_TASKS) + "---|---|"]
+    for r in results:
+        cells = " | ".join(f"{r['after'][t]:.0%}" for t in zoo.EXPERT_TASKS)
+        lines.append(f"| {r['variant']} | {r['name']} | {'+'.join(r['objective'])} | {cells} | "
+                     f"{r['worst']['before']:.0%} → {r['worst']['after']:.0%} | {r['seconds_per_step']:.3f} |")
+    return "\n".join(lines)
+
+
 def evaluate(model_dir: Path) -> dict[str, float]:
     """Exact match on each zoo task's 64 held-out words."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -91,6 +139,14 @@ def run_demo(out: Path) -> dict:
         print(f"  router {k}: " + "  ".join(f"{e} {a:.0%}" for e, a in zip(report["experts"], acc)))
     print(f"\nsamples from {last.name} (greedy), with the merge weights each prompt chose:")
     _samples(last)
+    print("\n## router-only fine-tuning (moe-merge train-router): exact match after, on 400 mixed-task rows\n")
+    data = out / "router-training-rows.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in zoo.router_training_rows(80)))
+    trained = [train_and_score(zoo_dir, out, ROUTER_RUNS[0], data, steps=150)]
+    print(router_rows(trained))
+    print(f"\n{trained[0]['seconds_per_step']:.3f} s per step, {trained[0]['train_minutes']:.2f} min of training on "
+          f"this CPU; `python examples/router_training.py` runs every method.")
+    results["router training"] = trained
     (out / "quality.json").write_text(json.dumps(results, indent=2))
     print(f"\nmodels, recipes, routing reports (JSON + PNG) and quality.json are in {out.absolute()}")
     return results

@@ -381,7 +381,8 @@ def save_model(model: MoEMergeForCausalLM, out: Path, max_shard_size: str | int 
     (Path(out) / "modeling_moe_merge.py").write_text(REMOTE_CODE)
 
 
-def write_outputs(tmp: Path, model, recipe, rep: dict, tokenizer_files, base_path: Path, shard_size) -> None:
+def write_outputs(tmp: Path, model, recipe, rep: dict, tokenizer_files, base_path: Path, shard_size,
+                  quality: dict | None = None) -> None:
     from moe_merge import card
     from moe_merge.assemble import _write_generation_config
 
@@ -391,15 +392,15 @@ def write_outputs(tmp: Path, model, recipe, rep: dict, tokenizer_files, base_pat
     for name in tokenizer_files:
         if (base_path / name).is_file():
             shutil.copy2(base_path / name, tmp / name)
-    (tmp / "moe-merge.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    (tmp / "moe-merge.yaml").write_text(yaml.safe_dump(cfg.resolved(), sort_keys=False))
     (tmp / "routing_report.json").write_text(json.dumps(rep, indent=2))
     plot_report(rep, tmp / "routing_report.png")
-    card.write_dynamic_card(tmp, recipe, rep)
+    card.write_dynamic_card(tmp, recipe, rep, quality)
 
 
 def assemble_dynamic(recipe, out_dir: Path, *, tokenizer, force: bool, dtype: torch.dtype | None, shard_size,
-                     seed: int, tokenizer_files) -> Path:
-    """Build, start the routers from prompts, report, and write atomically."""
+                     seed: int, tokenizer_files, eval_data: tuple[Path, list[dict]] | None = None) -> Path:
+    """Build, start the routers from prompts, report, measure on `eval_data` (path, rows), and write atomically."""
     from moe_merge.outdir import atomic_output_dir
 
     cfg = recipe.config
@@ -410,6 +411,11 @@ def assemble_dynamic(recipe, out_dir: Path, *, tokenizer, force: bool, dtype: to
     rep["calibration_scales"] = scales
     if dtype is not None:
         model.to(dtype)
+    quality = None
+    if eval_data is not None:
+        from moe_merge.quality import quality_table
+
+        quality = quality_table(model, tokenizer, *eval_data)
     with atomic_output_dir(out_dir, force=force) as tmp:
-        write_outputs(tmp, model, recipe, rep, tokenizer_files, recipe.base.path, shard_size)
+        write_outputs(tmp, model, recipe, rep, tokenizer_files, recipe.base.path, shard_size, quality)
     return Path(out_dir)

@@ -362,9 +362,11 @@ class MoEMergeModel(MoEMergePreTrainedModel):
     # ------------------------------------------------------------------------------------ forward
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None, inputs_embeds=None,
-                use_cache=None, merge_weights=None, output_hidden_states=None, **kwargs):
+                use_cache=None, merge_weights=None, routing_mask=None, output_hidden_states=None, **kwargs):
         """Returns (last hidden state [B, T, H] or, at model level, [E, B, T, H]; cache; hidden states;
-        merge weights; router logits)."""
+        merge weights; router logits). `routing_mask` [B, T] marks the tokens the routers read at prefill
+        (default: the attention mask); training passes the prompt's tokens so that routing sees what
+        `generate` will see."""
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
@@ -393,7 +395,8 @@ class MoEMergeModel(MoEMergePreTrainedModel):
         # afterwards per-sequence weights are fixed and only per-token routers run.
         prompt_mask = None
         if prefill:
-            prompt_mask = attention_mask[:, -T:] if attention_mask is not None else torch.ones(B, T, device=inputs_embeds.device)
+            prompt_mask = routing_mask if routing_mask is not None else attention_mask[:, -T:] if attention_mask is not None \
+                else torch.ones(B, T, device=inputs_embeds.device)
 
         masks = self._masks(inputs_embeds, attention_mask, past_key_values, position_ids)
         types = self._layer_types()
@@ -432,14 +435,15 @@ class MoEMergeModel(MoEMergePreTrainedModel):
                 for j, layer in enumerate(expert.layers):
                     x = layer(x, attention_mask=masks[types[self.config.dense_layers + j]], **common, **kwargs)
                 outs.append(expert.norm(x))
-            last = torch.stack(outs)  # [E, B, T, H]
+            last = torch.stack([o.to(h.device) for o in outs])  # [E, B, T, H]; experts may sit on other devices
         else:
             last = self.norm(h)
         return last, past_key_values, tuple(all_hidden) if all_hidden else None, _stack(used, 1), _stack(logits, 1)
 
 
 def _stack(xs: list, dim: int) -> torch.Tensor | None:
-    return None if not xs or any(x is None for x in xs) else torch.stack(xs, dim)
+    """Per-router tensors on one device (with device_map, layers sit on several)."""
+    return None if not xs or any(x is None for x in xs) else torch.stack([x.to(xs[0].device) for x in xs], dim)
 
 
 class MoEMergeForCausalLM(MoEMergePreTrainedModel, GenerationMixin):
@@ -461,17 +465,19 @@ class MoEMergeForCausalLM(MoEMergePreTrainedModel, GenerationMixin):
         return None if self.config.level == "model" else self.lm_head
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None, inputs_embeds=None,
-                labels=None, use_cache=None, merge_weights=None, logits_to_keep: int | torch.Tensor = 0,
-                output_hidden_states=None, **kwargs) -> MoEMergeOutput:
+                labels=None, use_cache=None, merge_weights=None, routing_mask=None,
+                logits_to_keep: int | torch.Tensor = 0, output_hidden_states=None, **kwargs) -> MoEMergeOutput:
         last, cache, hidden, weights, router_logits = self.model(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
             past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
-            merge_weights=merge_weights, output_hidden_states=output_hidden_states, **kwargs,
+            merge_weights=merge_weights, routing_mask=routing_mask, output_hidden_states=output_hidden_states,
+            **kwargs,
         )
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         if self.config.level == "model":
             w = weights[:, 0].to(last.dtype)  # [B, E]
-            logits = sum(w[:, e, None, None] * expert.lm_head(last[e][:, keep]) for e, expert in enumerate(self.model.experts))
+            logits = sum(w[:, e, None, None] * expert.lm_head(last[e][:, keep]).to(w.device)
+                         for e, expert in enumerate(self.model.experts))
         else:
             logits = self.lm_head(last[:, keep])
         loss = None

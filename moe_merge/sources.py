@@ -23,6 +23,7 @@ logger = logging.getLogger(__name__)
 
 SAFE_INDEX, SAFE_SINGLE = "model.safetensors.index.json", "model.safetensors"
 BIN_INDEX, BIN_SINGLE = "pytorch_model.bin.index.json", "pytorch_model.bin"
+MAX_HEADER_BYTES = 100 * 2**20  # safetensors' own limit
 # Fields that must agree between the base and every expert, with why.
 MATCHING_FIELDS = ("model_type", "hidden_size", "num_hidden_layers", "vocab_size", "intermediate_size",
                    "num_attention_heads", "num_key_value_heads")
@@ -46,6 +47,22 @@ def resolve_path(ref: str, relative_to: Path | None = None) -> Path:
     )
 
 
+def read_safetensors_header(path: Path) -> dict[str, dict]:
+    """Tensor name -> {"dtype", "shape", "data_offsets"} from a safetensors file, reading only its header
+    (an 8-byte little-endian length, then that many bytes of JSON): planning never touches tensor data."""
+    try:
+        with open(path, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            raw = f.read(size) if 0 < size <= MAX_HEADER_BYTES else b""
+        header = json.loads(raw)
+    except (OSError, ValueError) as e:
+        raise SourceError(f"{path} does not start with a safetensors header ({e}); re-download or re-save it") from None
+    if len(raw) != size or not isinstance(header, dict):
+        raise SourceError(f"{path} does not start with a safetensors header; re-download or re-save it")
+    header.pop("__metadata__", None)
+    return header
+
+
 class Checkpoint:
     """A local Hugging Face checkpoint: config.json plus safetensors (single or sharded) or .bin."""
 
@@ -59,6 +76,7 @@ class Checkpoint:
         except json.JSONDecodeError as e:
             raise SourceError(f"{config_file} is not valid JSON: {e}") from None
         self._bin_files: dict[str, dict[str, torch.Tensor]] = {}  # memory-mapped, unpickled once per file
+        self._headers: dict[str, dict[str, dict]] = {}  # safetensors headers, read once per file
         self.weight_map = self._read_weight_map()
 
     def _read_weight_map(self) -> dict[str, str]:
@@ -71,11 +89,7 @@ class Checkpoint:
                         raise SourceError(f"{index_file} names shard {shard}, which is missing from {self.path}")
                 return weight_map
         if (self.path / SAFE_SINGLE).is_file():
-            try:
-                with safe_open(self.path / SAFE_SINGLE, framework="pt") as f:
-                    return {k: SAFE_SINGLE for k in f.keys()}
-            except SafetensorError as e:
-                raise SourceError(f"{self.path / SAFE_SINGLE} is not a readable safetensors file ({e}); re-download or re-save it") from None
+            return {k: SAFE_SINGLE for k in self.header(SAFE_SINGLE)}
         if (self.path / BIN_SINGLE).is_file():
             return {k: BIN_SINGLE for k in self._load_bin(BIN_SINGLE)}
         raise SourceError(
@@ -108,12 +122,31 @@ class Checkpoint:
         except SafetensorError as e:
             raise SourceError(f"cannot read tensor {name!r} from {self.path / file} ({e}); the file may be truncated") from None
 
-    def shape(self, name: str) -> tuple[int, ...]:
+    def header(self, file: str) -> dict[str, dict]:
+        if file not in self._headers:
+            self._headers[file] = read_safetensors_header(self.path / file)
+        return self._headers[file]
+
+    def _entry(self, name: str) -> dict:
         file = self.weight_map[name]
-        if file.endswith(".bin"):
-            return tuple(self._load_bin(file)[name].shape)
-        with safe_open(self.path / file, framework="pt") as f:
-            return tuple(f.get_slice(name).get_shape())
+        entry = self.header(file).get(name)
+        if entry is None:
+            raise SourceError(f"the index of {self.path} puts tensor {name!r} in {file}, whose header lacks it")
+        return entry
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """From the safetensors header (no data read); .bin files are memory-mapped instead."""
+        if self.weight_map[name].endswith(".bin"):
+            return tuple(self._load_bin(self.weight_map[name])[name].shape)
+        return tuple(self._entry(name)["shape"])
+
+    def nbytes(self, name: str) -> int:
+        """Bytes of tensor `name` as stored."""
+        if self.weight_map[name].endswith(".bin"):
+            t = self._load_bin(self.weight_map[name])[name]
+            return t.numel() * t.element_size()
+        start, end = self._entry(name)["data_offsets"]
+        return end - start
 
     @property
     def family(self) -> str:

@@ -94,6 +94,18 @@ def task_prompts(task: str) -> dict[str, list[str]]:
     }
 
 
+def router_training_rows(per_task: int, seed: int = 0) -> list[dict]:
+    """Mixed-task `prompt`/`completion` rows labelled with their expert, for router training; no held-out
+    eval word among them."""
+    rows = []
+    for k, task in enumerate(EXPERT_TASKS):
+        held_out = set(task_prompts(task)["eval_words"])
+        words = [w for w in random_words(per_task + 16, seed * 1009 + 5000 + k) if w not in held_out][:per_task]
+        rows += [{"prompt": prompt(task, w), "completion": apply_task(task, w), "expert": task} for w in words]
+    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed)).tolist()
+    return [rows[i] for i in order]
+
+
 # ----------------------------------------------------------------------------- tokenizer and model
 
 
@@ -320,6 +332,7 @@ def zoo_recipe(zoo_dir: Path, variant: str, **overrides) -> dict:
     for task, rel in manifest["experts"][variant].items():
         p = manifest["tasks"][task]
         experts.append({
+            "name": task,
             "source_model": str(Path(zoo_dir) / rel),
             "positive_prompts": p["positive_prompts"],
             "examples": p["examples"],

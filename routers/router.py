@@ -118,5 +118,5 @@ def normalize(logits: torch.Tensor, mode: str, temperature: float = 1.0, top_k: 
 def masked_mean(states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean over each sequence's real tokens: states [B, T, D], mask [B, T] (1 = real) -> [B, D].
     Left or right padding changes nothing."""
-    m = mask.to(states.dtype).unsqueeze(-1)
+    m = mask.to(device=states.device, dtype=states.dtype).unsqueeze(-1)  # layers may sit on other devices
     return (states * m).sum(1) / m.sum(1).clamp(min=1)

@@ -1,0 +1,227 @@
+"""`assemble --dry-run`: what an assembly would write, where each tensor comes from, and what it costs.
+
+It reads config.json, the index files and each safetensors file's header, never tensor data (LoRA
+adapters, a few MB, are read whole), so a recipe of 8 × 7B experts is planned in a second. The
+peak-memory figure is an estimate of what `assemble` holds at its busiest step, not a measurement.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from moe_merge.assemble import DTYPES, Recipe, open_recipe, plan
+from moe_merge.config import MergeConfig
+from moe_merge.sources import LoraExpert
+
+# Importing torch, transformers and matplotlib (measured: about 0.4-0.5 GiB before any tensor).
+RUNTIME_BYTES = 512 * 2**20
+FLOAT32 = 4
+
+
+@dataclass
+class PlanRow:
+    """Output tensors that share a name pattern, a source pattern and a shape."""
+
+    output: str  # e.g. model.layers.*.block_sparse_moe.experts.*.w1.weight
+    source: str  # e.g. expert *: model.layers.*.mlp.gate_proj.weight
+    shape: tuple[int, ...]
+    count: int = 0
+    nbytes: int = 0  # all `count` tensors, in the output dtype
+
+
+@dataclass
+class DryRun:
+    title: str
+    experts: list[str]
+    dtype: torch.dtype
+    shard_size: int
+    rows: list[PlanRow] = field(default_factory=list)
+    read_bytes: int = 0  # tensor bytes read from the sources
+    peak_parts: dict[str, int] = field(default_factory=dict)  # what the estimated peak is made of
+    _index: dict[tuple, PlanRow] = field(default_factory=dict, repr=False)
+    _sizes: list[int] = field(default_factory=list, repr=False)  # each tensor's bytes, in write order
+
+    @property
+    def num_tensors(self) -> int:
+        return sum(r.count for r in self.rows)
+
+    @property
+    def output_bytes(self) -> int:
+        return sum(r.nbytes for r in self.rows)
+
+    @property
+    def peak_bytes(self) -> int:
+        return sum(self.peak_parts.values())
+
+    @property
+    def num_shards(self) -> int:
+        """As `ShardWriter` cuts them: greedily, in write order (save_pretrained's dynamic models: about so)."""
+        shards, filled = 1, 0
+        for n in self._sizes:
+            if filled and filled + n > self.shard_size:
+                shards, filled = shards + 1, 0
+            filled += n
+        return shards
+
+    def add(self, output: str, source: str, shape: tuple[int, ...]) -> None:
+        key = (_pattern(output), _pattern(source), tuple(shape))
+        row = self._index.get(key)
+        if row is None:
+            row = self._index[key] = PlanRow(*key)
+            self.rows.append(row)
+        nbytes = math.prod(shape) * self.dtype.itemsize
+        row.count += 1
+        row.nbytes += nbytes
+        self._sizes.append(nbytes)
+
+    def format(self) -> str:
+        width = max(len(r.output) for r in self.rows)
+        lines = [self.title, "experts:", *(f"  {e}" for e in self.experts), "",
+                 f"{'tensors':>7}  {'bytes':>10}  {'output':<{width}}  {'shape':<18}  from"]
+        for r in self.rows:
+            shape = "x".join(map(str, r.shape))
+            lines.append(f"{r.count:>7}  {_size(r.nbytes):>10}  {r.output:<{width}}  {shape:<18}  {r.source}")
+        parts = ", ".join(f"{k} {_size(v)}" for k, v in self.peak_parts.items())
+        lines += [
+            "",
+            f"output: {self.num_tensors} tensors, {_size(self.output_bytes)} in {str(self.dtype).removeprefix('torch.')}, "
+            f"{self.num_shards} shard(s) of at most {_size(self.shard_size)}",
+            f"reads: {_size(self.read_bytes)} of tensor data from the sources",
+            f"estimated peak memory: {_size(self.peak_bytes)} ({parts})",
+        ]
+        return "\n".join(lines)
+
+
+def _pattern(name: str) -> str:
+    """Layer and expert indices become `*`, so one row stands for every layer (and expert)."""
+    return re.sub(r"(?<=[. ])\d+(?=[.:])", "*", name)
+
+
+def _size(n: float) -> str:
+    units = ("B", "KiB", "MiB", "GiB", "TiB")
+    i = 0
+    while n >= 1024 and i < len(units) - 1:
+        n, i = n / 1024, i + 1
+    return f"{n:.0f} B" if i == 0 else f"{n:.1f} {units[i]}"
+
+
+def _touches_experts(name: str, config) -> bool:
+    """Whether the dynamic model's tensors for base tensor `name` are built from the experts' (beyond a static merge)."""
+    parts = name.split(".")
+    if parts[:2] != ["model", "layers"]:
+        return config.level == "model" and name in ("model.norm.weight", "lm_head.weight")
+    if config.method == "sparse":
+        return int(parts[2]) >= config.dense_layers
+    return parts[4] in config.delta_forms and not (config.method == "twin" and int(parts[2]) < config.router_layer)
+
+
+def _describe_experts(recipe: Recipe) -> list[str]:
+    out = []
+    for i, (label, e) in enumerate(zip(recipe.labels, recipe.experts)):
+        kind = f"LoRA adapter on the base ({len(e.factors)} modules)" if isinstance(e, LoraExpert) else "checkpoint"
+        out.append(f"{i} {label}: {kind}, {e.path}")
+    return out
+
+
+def dry_run(config: MergeConfig, *, recipe_dir: Path | None = None, dtype: str | None = None,
+            shard_size: int = 5 * 2**30) -> DryRun:
+    """The plan of `assemble(config, ...)` with its sizes, from configs, indexes and headers only."""
+    recipe = open_recipe(config, recipe_dir)
+    if dtype:
+        recipe.config = config = config.model_copy(update={"dtype": dtype})
+    base_cfg = recipe.base.config
+    out_dtype = DTYPES.get(config.dtype or str(base_cfg.get("dtype") or base_cfg.get("torch_dtype")), torch.float32)
+    if config.dynamic:
+        return _dry_run_dynamic(recipe, out_dtype, shard_size)
+    return _dry_run_sparse(recipe, out_dtype, shard_size)
+
+
+def _dry_run_sparse(recipe: Recipe, dtype: torch.dtype, shard_size: int) -> DryRun:
+    from moe_merge.arch import layer_of
+
+    cfg, base = recipe.config, recipe.base
+    E, hidden = len(recipe.experts), base.config["hidden_size"]
+    run = DryRun(f"plan: {recipe.fmt.architecture} from {E} experts of {base.path} ({base.family})",
+                 _describe_experts(recipe), dtype, shard_size)
+    static = f"{cfg.static_method} of the base and {E} experts"
+    # Working set of each step beyond the shard buffer: per global tensor, and per layer (its outputs,
+    # their float32 copy for the router's fit, and the largest static merge's float32 base + E deltas + result).
+    global_work, layer_out, layer_fp32, layer_merge = 0, {}, {}, {}
+    for p in plan(recipe):
+        shape = (E, hidden) if p.source == "router" else (1, hidden) if p.source == "shared_router" else base.shape(p.tensor)
+        source = {"base": f"base: {p.tensor}", "static": f"{static}: {p.tensor}", "expert": f"expert {p.expert}: {p.tensor}",
+                  "shared": f"shared expert: {p.tensor}", "router": f"router, `{cfg.gate_init}` on the prompts",
+                  "shared_router": "shared-expert gate, from its prompts"}[p.source]
+        run.add(p.name, source, shape)
+        n = math.prod(shape)
+        if p.tensor is not None:
+            run.read_bytes += (E + 1 if p.source == "static" else 1) * base.nbytes(p.tensor)
+        merge = (E + 2) * n * FLOAT32 if p.source == "static" else 0
+        layer = layer_of(p.name)
+        if layer is None:
+            global_work = max(global_work, merge or n * dtype.itemsize)
+        else:
+            layer_out[layer] = layer_out.get(layer, 0) + n * dtype.itemsize
+            layer_fp32[layer] = layer_fp32.get(layer, 0) + 2 * n * FLOAT32  # the copy and the stacking
+            layer_merge[layer] = max(layer_merge.get(layer, 0), merge)
+    busiest = max(layer_out[k] + layer_fp32[k] + layer_merge[k] for k in layer_out)
+    run.peak_parts = {"runtime": RUNTIME_BYTES, "shard buffer": min(shard_size, run.output_bytes),
+                      "busiest step": max(busiest, global_work)}
+    return run
+
+
+def _dry_run_dynamic(recipe: Recipe, dtype: torch.dtype, shard_size: int) -> DryRun:
+    from transformers import AutoConfig
+
+    from moe_merge.dynamic import model_config
+    from moe_merge.merged_linear import MergedLinear
+    from moe_merge.modeling import MoEMergeForCausalLM
+    from moe_merge.routers.router import Router
+
+    cfg, base = recipe.config, recipe.base
+    config = model_config(recipe, AutoConfig.from_pretrained(base.path))
+    with torch.device("meta"):
+        model = MoEMergeForCausalLM(config)
+    E = len(recipe.experts)
+    run = DryRun(f"plan: moe_merge {cfg.method} / {cfg.level} dynamic model from {E} experts of {base.path} "
+                 f"({base.family}); forms {config.delta_forms or 'none'}", _describe_experts(recipe), dtype, shard_size)
+    static = "base" if cfg.static_method == "base" else f"{cfg.static_method} of the base and {E} experts"
+    d = config.dense_layers
+    fp32 = 0
+    for name, p in model.named_parameters():  # tied weights once, as save_pretrained writes them
+        prefix, leaf = name.rsplit(".", 1)
+        owner = model.get_submodule(prefix)
+        parts = name.split(".")
+        if isinstance(owner, Router) or ".router." in name:
+            source = f"router, `{cfg.gate_init}` on the prompts"
+        elif isinstance(owner, MergedLinear):
+            src = f"{prefix}.{'bias' if 'bias' in leaf else 'weight'}"
+            source = {"expert_weight": "experts", "expert_bias": "experts", "delta_weight": "experts − base",
+                      "delta_bias": "experts − base", "weight": "shared merge" if cfg.method == "twin" else "base",
+                      "bias": "shared merge" if cfg.method == "twin" else "base",
+                      "lora_A": "SVD of experts − shared" if cfg.method == "twin" else "experts' LoRA A",
+                      "lora_B": "SVD of experts − shared" if cfg.method == "twin" else "experts' LoRA B · scaling"}[leaf]
+            source = f"{source}: {src}"
+        elif parts[:2] == ["model", "experts"]:  # model level: expert e's layers, norm and head
+            e, rest = parts[2], parts[3:]
+            src = (f"model.layers.{int(rest[1]) + d}.{'.'.join(rest[2:])}" if rest[0] == "layers"
+                   else "model.norm.weight" if rest[0] == "norm"
+                   else "model.embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight")
+            source = f"expert {e}: {src}"
+        elif len(parts) > 4 and parts[:2] == ["model", "layers"] and parts[3] == "experts":  # sparse block
+            source = f"expert {parts[4]}: model.layers.{parts[2]}.{'.'.join(parts[5:])}"
+        else:
+            source = f"{static}: {name}"
+        run.add(name, source, tuple(p.shape))
+        fp32 += p.numel() * FLOAT32
+    for name in base.keys():  # the base's tensor, and every expert's where the output needs the experts
+        alone = cfg.static_method == "base" and not _touches_experts(name, config)
+        run.read_bytes += (1 if alone else E + 1) * base.nbytes(name)
+    # build_state holds every tensor in float32, then the model gets its own copy
+    run.peak_parts = {"runtime": RUNTIME_BYTES, "built tensors (float32)": fp32, "model (float32)": fp32}
+    return run

@@ -1,0 +1,180 @@
+"""Export a dynamic model's merged delta for one fixed mix as a PEFT LoRA adapter on the base.
+
+For fixed merge weights w (one vector for every router, or one per router) each linear layer of the
+dynamic model computes (W_base + D)·x. The adapter holds D exactly, as B·A with scaling 1:
+- low-rank experts (LoRA adapters; Twin's SVD parts) by rank concatenation:
+  A = [w_1·A_1; …; w_E·A_E] [Σr, K], B = [B_1 … B_E] [N, Σr] (experts with w_e = 0 are left out);
+- a dense difference (full fine-tunes, SMEAR's expert weights, Twin's shared part, a linear weight a
+  static merge moved) by exact full-rank factors: A = D, B = I (or A = I, B = D), rank min(N, K).
+  That is as large as D itself; an SVD truncation would be smaller but not exact (`bake` writes a
+  dense model instead).
+Every module gets the same rank (the largest; the others zero-padded) and lora_alpha = r, so the
+scaling is 1 for every reader: PEFT (alpha / r), vLLM (one global alpha / r) and llama.cpp (alpha /
+each tensor's rank). What a LoRA on linear layers cannot carry (an embedding, norm, bias or LM head
+that differs from the base; sparse output mixing) is refused with the tensor's name.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import yaml
+from torch import nn
+
+from moe_merge.errors import CompatibilityError, ConfigError, SourceError
+from moe_merge.merged_linear import MergedLinear
+from moe_merge.modeling import MoEMergeForCausalLM
+from moe_merge.routers.router import Router
+from moe_merge.sources import Checkpoint, resolve_path
+
+Factors = tuple[torch.Tensor, torch.Tensor]  # A [r, K], B [N, r]
+
+
+def dense_factors(delta: torch.Tensor) -> Factors:
+    """Exact factors of a dense delta [N, K]: B·A = delta with rank min(N, K)."""
+    N, K = delta.shape
+    if N <= K:
+        return delta, torch.eye(N, dtype=delta.dtype)
+    return torch.eye(K, dtype=delta.dtype), delta
+
+
+class _Base:
+    """The base's tensors as the dynamic model stores them (its dtype), widened to float64 to compare and subtract."""
+
+    def __init__(self, checkpoint: Checkpoint):
+        self.checkpoint = checkpoint
+
+    def __call__(self, name: str, like: torch.Tensor) -> torch.Tensor:
+        if name not in self.checkpoint:
+            raise CompatibilityError(f"the base {self.checkpoint.path} has no tensor {name!r}; is it the model's base?")
+        t = self.checkpoint.get(name)
+        if tuple(t.shape) != tuple(like.shape):
+            raise CompatibilityError(f"tensor {name!r} is {tuple(t.shape)} in the base {self.checkpoint.path} but "
+                                     f"{tuple(like.shape)} in the model; is it the model's base?")
+        return t.to(like.dtype).double()
+
+    def require_equal(self, name: str, t: torch.Tensor) -> None:
+        if not torch.equal(t.double(), self(name, t)):
+            raise ConfigError(
+                f"{name} differs from the base's ({self.checkpoint.path}), and a LoRA adapter only changes linear layers' "
+                "weights: write a dense model for this mix with `moe-merge bake`, or rebuild the model with "
+                "`non_expert: base` so that nothing outside the routed layers moves"
+            )
+
+
+def _merged_factors(m: MergedLinear, w: torch.Tensor, name: str, base: _Base) -> list[Factors]:
+    """The factors of merged linear `name` for weights w [E], relative to the base's weight."""
+    p = {k: v.double() for k, v in m.named_parameters()}
+    if m.form == "full":
+        like = m.expert_weight[0]
+        dense = torch.einsum("e,enk->nk", w, p["expert_weight"]) - base(f"{name}.weight", like)
+        bias = w @ p["expert_bias"] if m.expert_bias is not None else None
+    else:
+        dense = p["weight"] - base(f"{name}.weight", m.weight)  # twin's shared part; zero otherwise
+        if m.form == "dense":
+            dense = dense + torch.einsum("e,enk->nk", w, p["delta_weight"])
+        bias = p["bias"] + w @ p["delta_bias"] if m.bias is not None else None
+    if bias is not None and not torch.equal(bias, base(f"{name}.bias", bias)):
+        raise ConfigError(f"{name}.bias differs from the base's for this mix; LoRA adapters for serving carry no bias: "
+                          "write a dense model with `moe-merge bake`")
+    factors = [dense_factors(dense)] if dense.any() else []
+    if m.form == "lowrank":
+        factors += [(w[e] * p["lora_A"][e], p["lora_B"][e]) for e in range(m.num_experts) if w[e] != 0]
+    return factors
+
+
+@torch.no_grad()
+def delta_factors(model: MoEMergeForCausalLM, weights: torch.Tensor, base: Checkpoint) -> dict[str, Factors]:
+    """Module name -> (A [r, K], B [N, r]) in float64 with B·A = the model's weight minus the base's, for merge
+    weights [E] (every router) or [R, E]. Modules equal to the base are left out."""
+    cfg = model.config
+    if cfg.method == "sparse":
+        raise ConfigError(f"`method: sparse` at {cfg.level} level mixes whole layers' outputs, which no LoRA on one "
+                          "model computes; for one expert's layers use `moe-merge bake --weights` with one-hot weights")
+    w = weights.double().expand(cfg.num_routers, cfg.num_experts)
+    ref = _Base(base)
+    inner = model.model
+    ref.require_equal("model.embed_tokens.weight", inner.embed_tokens.weight)
+    ref.require_equal("model.norm.weight", inner.norm.weight)
+    if not cfg.tie_word_embeddings:
+        ref.require_equal("lm_head.weight", model.lm_head.weight)
+    out: dict[str, Factors] = {}
+    for i, layer in enumerate(inner.layers):
+        wi = w[0] if cfg.method == "twin" else w[i]
+        for n, m in layer.named_modules():
+            if n == "router" or n.startswith("router.") or isinstance(m, Router):
+                continue
+            name = f"model.layers.{i}.{n}"
+            if isinstance(m, MergedLinear):
+                factors = _merged_factors(m, wi, name, ref)
+            elif isinstance(m, nn.Linear):
+                dense = m.weight.double() - ref(f"{name}.weight", m.weight)
+                factors = [dense_factors(dense)] if dense.any() else []
+                if m.bias is not None:
+                    ref.require_equal(f"{name}.bias", m.bias)
+            else:
+                for k, v in m.named_parameters(recurse=False):
+                    ref.require_equal(f"{name}.{k}", v)
+                continue
+            if factors:
+                out[name] = (torch.cat([a for a, _ in factors]), torch.cat([b for _, b in factors], dim=1))
+    return out
+
+
+def adapter_tensors(factors: dict[str, Factors], dtype: torch.dtype) -> tuple[dict[str, torch.Tensor], int]:
+    """PEFT's tensor names, every module zero-padded to the largest rank; returns (tensors, rank)."""
+    rank = max(a.shape[0] for a, _ in factors.values())
+    tensors = {}
+    for name, (A, B) in sorted(factors.items()):
+        pad = rank - A.shape[0]
+        tensors[f"base_model.model.{name}.lora_A.weight"] = nn.functional.pad(A, (0, 0, 0, pad)).to(dtype).contiguous()
+        tensors[f"base_model.model.{name}.lora_B.weight"] = nn.functional.pad(B, (0, pad)).to(dtype).contiguous()
+    return tensors, rank
+
+
+def recipe_base(model_dir: Path) -> str:
+    """The base named in the model's resolved recipe (moe-merge.yaml)."""
+    recipe = model_dir / "moe-merge.yaml"
+    if not recipe.is_file():
+        raise SourceError(f"{model_dir} has no moe-merge.yaml naming its base; pass --base PATH_OR_ID")
+    return yaml.safe_load(recipe.read_text())["base_model"]
+
+
+def export_lora(model_dir: Path | str, out_dir: Path | str, *, weights: list[float] | torch.Tensor | None = None,
+                prompt: str | None = None, base: str | None = None, dtype: torch.dtype | None = None,
+                force: bool = False) -> Path:
+    """Write the PEFT LoRA adapter (on the base) that reproduces `model_dir` under one fixed mix.
+
+    The mix is `weights` ([E] for every router, or [R, E]) or the routers' weights for `prompt`. `base` (a
+    path or cached Hub id) defaults to the recipe's `base_model`; `dtype` to the model's.
+    """
+    from peft import LoraConfig
+    from safetensors.torch import save_file
+
+    from moe_merge import card
+    from moe_merge.bake import fixed_mix, load_dynamic
+    from moe_merge.outdir import atomic_output_dir
+
+    model_dir = Path(model_dir)
+    model = load_dynamic(model_dir)
+    w = fixed_mix(model, model_dir, weights, prompt)
+    base_ref = base or recipe_base(model_dir)
+    try:
+        base_path = resolve_path(base_ref, model_dir)
+    except SourceError as e:
+        raise SourceError(f"{e}; or pass the base's directory with --base") from None
+    factors = delta_factors(model, w, Checkpoint(base_path))
+    if not factors:
+        raise ConfigError(f"for this mix {model_dir} equals its base {base_path}: there is no delta to export")
+    tensors, rank = adapter_tensors(factors, dtype or model.dtype)
+    hub_id = card.hub_id(base_ref, base_path)  # the Hub's name for the base, when it came from there
+    config = LoraConfig(r=rank, lora_alpha=rank, target_modules=sorted(factors), lora_dropout=0.0, bias="none",
+                        task_type="CAUSAL_LM", base_model_name_or_path=hub_id or str(base_path))
+    with atomic_output_dir(out_dir, force=force) as tmp:
+        config.save_pretrained(tmp)
+        save_file(tensors, tmp / "adapter_model.safetensors", metadata={"format": "pt"})
+        card.write_adapter_card(tmp, base=hub_id or str(base_path), hub_id=hub_id, model_dir=model_dir,
+                                expert_names=list(model.config.expert_names or []), weights=w.float(), rank=rank,
+                                modules=len(factors))
+    return Path(out_dir)

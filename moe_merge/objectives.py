@@ -1,0 +1,171 @@
+"""What router training optimises, and which parameters it may touch.
+
+Routers are found by module type (a substring such as "gate" would also catch `gate_proj`): the
+dynamic model's `Router`, and the top-k routers of transformers' Mixtral, Qwen2-MoE and Qwen3-MoE.
+
+Objectives, combined with weights (`--objective lm=1,routing=0.5`):
+- `lm`: next-token cross-entropy on the merged model, on the completion only;
+- `routing`: cross-entropy of every router's logits against the row's `expert` label
+  (Twin-Merging's task-ID classification);
+- `entropy`: entropy of the model's next-token distribution on the target tokens
+  (AdaMerging / WEMoE test-time adaptation: no labels needed);
+- `balance`: Switch-style load balancing, E · Σ_e f_e P_e per router, where the units routed are
+  sequences for per-sequence routers and tokens for per-token ones.
+
+Router logits from either kind of model are brought to one shape, [B, R, S, E] with a mask [B, S]
+(S = 1 for per-sequence routers, S = T for per-token ones).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.models.mixtral.modeling_mixtral import MixtralTopKRouter
+from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeTopKRouter
+from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeTopKRouter
+
+from moe_merge.errors import MoEMergeError
+from moe_merge.routers.router import Router
+
+ROUTER_TYPES = (Router, MixtralTopKRouter, Qwen2MoeTopKRouter, Qwen3MoeTopKRouter)
+OBJECTIVES = ("lm", "routing", "entropy", "balance")
+
+
+def parse_objective(text: str) -> dict[str, float]:
+    """'lm' or 'lm=1,routing=0.5' -> {'lm': 1.0, 'routing': 0.5}."""
+    weights = {}
+    for part in text.split(","):
+        name, _, value = part.strip().partition("=")
+        if name not in OBJECTIVES:
+            raise MoEMergeError(f"unknown objective {name!r} in {text!r}; choose from {', '.join(OBJECTIVES)}")
+        try:
+            weights[name] = float(value) if value else 1.0
+        except ValueError:
+            raise MoEMergeError(f"objective weight {value!r} for {name!r} is not a number") from None
+    return weights
+
+
+def freeze_all_but_routers(model: nn.Module) -> list[str]:
+    """Turn off gradients everywhere except the routers' own parameters; return their names."""
+    model.requires_grad_(False)
+    names = []
+    for prefix, module in model.named_modules():
+        if isinstance(module, ROUTER_TYPES):
+            module.requires_grad_(True)
+            names += [f"{prefix}.{n}" for n, _ in module.named_parameters()]
+    if not names:
+        raise MoEMergeError(
+            f"{type(model).__name__} has no routers to train; router training needs a moe-merge dynamic model or a "
+            "stock Mixtral / Qwen2-MoE / Qwen3-MoE checkpoint"
+        )
+    return names
+
+
+def router_param_groups(model: nn.Module) -> list[dict]:
+    """One optimizer group per router, its learning rate relative to the router's scale.
+
+    Routers fitted from prompts have weights of any size (an LDA router's can be in the hundreds, a
+    mergekit `hidden` gate's near one); Adam moves each weight by about lr per step whatever its size, so
+    one absolute lr would freeze some routers and scramble others. Scaling by the RMS of the router's
+    parameters makes `lr` the relative change per step.
+    """
+    groups = []
+    for module in model.modules():
+        if isinstance(module, ROUTER_TYPES):
+            params = [p for p in module.parameters() if p.requires_grad]
+            rms = torch.cat([p.detach().float().flatten() for p in params]).pow(2).mean().sqrt().item()
+            groups.append({"params": params, "scale": max(rms, 1e-2)})
+    return groups
+
+
+def is_stock(model: nn.Module) -> bool:
+    return getattr(model.config, "model_type", None) != "moe_merge"
+
+
+def top_k(model: nn.Module) -> int:
+    config = model.config
+    if is_stock(model):
+        return config.num_experts_per_tok
+    return config.router_top_k if config.router_normalize == "topk" else 1
+
+
+def routing_logits(out, batch: dict, stock: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Router logits [B, R, S, E] and the mask [B, S] of the units they route."""
+    mask = batch["attention_mask"]
+    if stock:  # a tuple of [B*T, E], one per MoE layer; every token is routed
+        B, T = mask.shape
+        return torch.stack(out.router_logits).view(-1, B, T, out.router_logits[0].shape[-1]).transpose(0, 1), mask
+    logits = out.router_logits
+    if logits.dim() == 3:  # per sequence
+        return logits.unsqueeze(2), torch.ones_like(mask[:, :1])
+    return logits, mask
+
+
+def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+
+
+def entropy_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean entropy of the next-token distribution where a target exists (labels are not read otherwise)."""
+    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    entropy = -(logp.exp() * logp).sum(-1)
+    where = (labels[:, 1:] != -100).float()
+    return (entropy * where).sum() / where.sum().clamp(min=1)
+
+
+def routing_loss(router_logits: torch.Tensor, mask: torch.Tensor, expert: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of every router's logits against the row's expert, over labelled rows."""
+    labelled = expert >= 0
+    if not labelled.any():  # keep the graph (DDP expects every router to get a gradient)
+        return router_logits.sum() * 0.0
+    lg, m = router_logits[labelled], mask[labelled].float()  # [b, R, S, E], [b, S]
+    target = expert[labelled].view(-1, 1, 1).expand(lg.shape[:-1])
+    ce = F.cross_entropy(lg.flatten(0, 2).float(), target.flatten(), reduction="none").view(target.shape)
+    w = m.unsqueeze(1).expand_as(ce)
+    return (ce * w).sum() / w.sum().clamp(min=1)
+
+
+def balance_loss(router_logits: torch.Tensor, mask: torch.Tensor, k: int) -> torch.Tensor:
+    """E · Σ_e f_e P_e averaged over routers: f = share of units whose top-k holds e, P = mean probability."""
+    E = router_logits.shape[-1]
+    probs = torch.softmax(router_logits.float(), dim=-1)  # [B, R, S, E]
+    chosen = F.one_hot(probs.topk(k, dim=-1).indices, E).sum(-2).float()
+    m = mask.float()[:, None, :, None]  # [B, 1, S, 1]
+    n = m.sum((0, 2)).clamp(min=1)  # [1, 1]
+    f = (chosen * m).sum((0, 2)) / n  # [R, E]
+    p = (probs * m).sum((0, 2)) / n
+    return (E * (f * p).sum(-1)).mean()
+
+
+@torch.no_grad()
+def routing_hits(router_logits: torch.Tensor, mask: torch.Tensor, expert: torch.Tensor) -> tuple[int, int]:
+    """(correct, total) decisions over labelled rows and every router: argmax of the mean probability."""
+    labelled = expert >= 0
+    probs = torch.softmax(router_logits[labelled].float(), dim=-1)
+    m = mask[labelled].float()[:, None, :, None]
+    mean = (probs * m).sum(2) / m.sum(2).clamp(min=1)  # [b, R, E]
+    hits = (mean.argmax(-1) == expert[labelled].unsqueeze(1)).sum()
+    return int(hits), int(mean.shape[0] * mean.shape[1])
+
+
+def objective(model: nn.Module, batch: dict, weights: dict[str, float], stock: bool,
+              k: int) -> tuple[torch.Tensor, dict[str, torch.Tensor], object]:
+    """The weighted loss, each term (detached) and the model's output. `model` may be wrapped (DDP), so
+    whether it is a stock MoE and its top-k come from the caller."""
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
+    inputs.update({"output_router_logits": True} if stock else {"routing_mask": batch["routing_mask"]})
+    out = model(**inputs)
+    terms = {}
+    if "lm" in weights:
+        terms["lm"] = lm_loss(out.logits, batch["labels"])
+    if "entropy" in weights:
+        terms["entropy"] = entropy_loss(out.logits, batch["labels"])
+    if "routing" in weights or "balance" in weights:
+        logits, mask = routing_logits(out, batch, stock)
+        if "routing" in weights:
+            terms["routing"] = routing_loss(logits, mask, batch["expert"])
+        if "balance" in weights:
+            terms["balance"] = balance_loss(logits, mask, k)
+    loss = sum(weights[k] * v for k, v in terms.items())
+    return loss, {k: v.detach() for k, v in terms.items()}, out

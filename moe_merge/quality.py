@@ -1,0 +1,66 @@
+"""The model card's quality table: exact match of greedy completions, per task, on the user's eval data.
+
+The eval file is JSON lines with `prompt`, `completion` and an optional `expert` (the task's column;
+rows without one count under `all`): the same rows router training reads, so one file serves both.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from moe_merge.errors import ConfigError
+
+
+def load_eval_rows(path: Path | str) -> list[dict]:
+    """Every row checked before any model runs; errors name the file, the line and the field."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"eval data {path} does not exist; give a .jsonl file of rows with `prompt`, `completion` "
+                          "and `expert`")
+    rows = []
+    for i, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path} line {i} is not JSON ({e}); each line is one object with `prompt` and "
+                              "`completion`") from None
+        if not isinstance(row, dict) or not all(isinstance(row.get(k), str) for k in ("prompt", "completion")):
+            raise ConfigError(f"{path} line {i}: a row needs string fields `prompt` and `completion`")
+        rows.append({"prompt": row["prompt"], "completion": row["completion"], "task": str(row.get("expert", "all"))})
+    if not rows:
+        raise ConfigError(f"eval data {path} has no rows")
+    return rows
+
+
+@torch.no_grad()
+def exact_match(model, tokenizer, rows: list[dict], batch_size: int = 32) -> dict[str, tuple[float, int]]:
+    """Task -> (share of rows whose greedy completion, up to the end-of-sequence token, is `completion`; rows)."""
+    from moe_merge.probe import pad_token_for
+
+    pad_token_for(tokenizer)
+    by_task: dict[str, list[dict]] = {}
+    for row in rows:
+        by_task.setdefault(row["task"], []).append(row)
+    scores = {}
+    for task, task_rows in by_task.items():
+        hits = 0
+        for i in range(0, len(task_rows), batch_size):
+            chunk = task_rows[i : i + batch_size]
+            enc = tokenizer([r["prompt"] for r in chunk], return_tensors="pt", padding=True, padding_side="left")
+            longest = max(len(tokenizer(r["completion"], add_special_tokens=False)["input_ids"]) for r in chunk)
+            out = model.generate(**enc.to(model.device), max_new_tokens=longest + 1, do_sample=False,
+                                 pad_token_id=tokenizer.pad_token_id)
+            for r, ids in zip(chunk, out[:, enc["input_ids"].shape[1] :]):
+                hits += tokenizer.decode(ids, skip_special_tokens=True).strip() == r["completion"].strip()
+        scores[task] = (hits / len(task_rows), len(task_rows))
+    return scores
+
+
+def quality_table(model, tokenizer, path: Path, rows: list[dict]) -> dict:
+    """What the card's quality section shows."""
+    return {"file": Path(path).name, "scores": exact_match(model.eval(), tokenizer, rows)}

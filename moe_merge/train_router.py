@@ -1,0 +1,398 @@
+"""`moe-merge train-router`: fine-tune only the routers of a moe-merge dynamic model or a stock
+Mixtral / Qwen-MoE export, with accelerate (one process, or `accelerate launch` for several).
+
+One loop, nanoGPT-shaped: the rows of every global batch are a pure function of (seed, step), so a
+resumed run and a run on N processes see the same data as an uninterrupted single-process run.
+The run directory holds:
+
+    RUN_DIR/args.json                   the settings; --resume refuses different ones
+    RUN_DIR/log.jsonl                   one line per evaluation and per logged step
+    RUN_DIR/checkpoints/step-000050/    accelerate state: routers.safetensors, optimizer, RNG, trainer_state.json,
+                                        best_routers.safetensors (the best so far)
+    RUN_DIR/best/routers.safetensors    the routers with the best held-out objective (step 0 included)
+    RUN_DIR/model/                      the export: the input model with the best routers, same layout
+
+Every other parameter is frozen and stays bit-identical.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from moe_merge import objectives, train_data
+from moe_merge.errors import MoEMergeError, OutputExistsError
+
+logger = logging.getLogger(__name__)
+
+ROUTERS_FILE = "routers.safetensors"
+BEST_FILE = "best_routers.safetensors"
+STATE_FILE = "trainer_state.json"
+WEIGHT_SUFFIXES = (".safetensors", ".safetensors.index.json", ".bin", ".bin.index.json")
+# Settings that change the result: --resume refuses a run directory written with other values.
+RESUME_KEYS = ("model_dir", "data", "eval_data", "eval_fraction", "steps", "lr", "batch_size", "grad_accum",
+               "objective", "warmup", "weight_decay", "max_grad_norm", "seed", "max_length")
+
+
+@dataclass
+class TrainRouterArgs:
+    data: Path
+    eval_data: Path | None = None
+    eval_fraction: float = 0.1  # carved from `data` with `seed` when `eval_data` is not given
+    steps: int = 200
+    lr: float = 3e-3
+    batch_size: int = 16  # rows per optimizer micro-step, over all processes
+    grad_accum: int = 1
+    objective: dict[str, float] = field(default_factory=lambda: {"lm": 1.0})
+    warmup: float = 0.1  # share of steps with a linear warm-up; cosine decay to lr/10 after
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    mixed_precision: str = "no"  # no | fp16 | bf16
+    gradient_checkpointing: bool = False
+    eval_every: int = 50
+    save_every: int = 50
+    seed: int = 0
+    max_length: int = 2048
+    resume: bool = False
+    force: bool = False
+    trust_remote_code: bool = False
+
+
+def lr_at(step: int, args: TrainRouterArgs) -> float:
+    warmup = max(1, round(args.warmup * args.steps))
+    if step < warmup:
+        return args.lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, args.steps - warmup)
+    return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def batch_rows(n: int, step: int, micro: int, args: TrainRouterArgs, rank: int, world: int) -> list[int]:
+    """Row indices this process trains on at (step, micro): a slice of the global batch, epochs reshuffled."""
+    start = (step * args.grad_accum + micro) * args.batch_size
+    rows = []
+    for p in range(start + rank, start + args.batch_size, world):
+        epoch, i = divmod(p, n)
+        rows.append(int(torch.randperm(n, generator=torch.Generator().manual_seed(args.seed * 7919 + epoch))[i]))
+    return rows
+
+
+# ----------------------------------------------------------------------------- model and data
+
+
+def load_model(model_dir: Path, trust_remote_code: bool):
+    """The model in float32 (routers train in full precision whatever the checkpoint's dtype), its tokenizer,
+    and the dtype it was saved in (the export keeps it)."""
+    import moe_merge.modeling  # noqa: F401  registers model_type `moe_merge`
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    if not (model_dir / "config.json").is_file():
+        raise MoEMergeError(f"{model_dir} has no config.json; give a directory written by `moe-merge assemble`")
+    saved = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code).dtype or torch.float32
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, trust_remote_code=trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    return model, tokenizer, saved
+
+
+def expert_names(model, model_dir: Path) -> list[str]:
+    """Names `expert` labels may use: the dynamic config's, or the recipe's that `assemble` wrote beside a stock MoE."""
+    if not objectives.is_stock(model):
+        return list(model.config.expert_names)
+    n = getattr(model.config, "num_local_experts", None) or model.config.num_experts
+    recipe = model_dir / "moe-merge.yaml"
+    if recipe.is_file():
+        from moe_merge.config import MergeConfig, load_config
+
+        config: MergeConfig = load_config(recipe)
+        names = [e.label for e in config.experts]
+        if len(names) == n:
+            return names
+    return [str(i) for i in range(n)]
+
+
+def split_data(args: TrainRouterArgs, tokenizer, names: list[str]):
+    """Encoded train and held-out rows; every row checked before training starts."""
+    rows = train_data.load_rows(args.data)
+    if args.eval_data is not None:
+        held = train_data.load_rows(args.eval_data, split="validation")
+        train, held_source = rows, str(args.eval_data)
+    else:
+        if not 0 < args.eval_fraction < 1:
+            raise MoEMergeError(f"--eval-fraction must be between 0 and 1, got {args.eval_fraction}")
+        if len(rows) < 2:
+            raise train_data.DataError(f"{args.data} has {len(rows)} row(s); at least 2 are needed to hold some out")
+        parts = rows.train_test_split(test_size=args.eval_fraction, seed=args.seed)
+        train, held, held_source = parts["train"], parts["test"], f"{args.data} (held-out part)"
+    return (train_data.encode(train, tokenizer, names, str(args.data), args.max_length),
+            train_data.encode(held, tokenizer, names, held_source, args.max_length))
+
+
+def router_state(model, names: list[str]) -> dict[str, torch.Tensor]:
+    params = dict(model.named_parameters())
+    return {n: params[n].detach().float().cpu().contiguous() for n in names}
+
+
+@torch.no_grad()
+def load_router_state(model, path: Path) -> None:
+    params = dict(model.named_parameters())
+    for name, value in load_file(path).items():
+        if name not in params:
+            raise MoEMergeError(f"{path} holds router {name!r}, which this model does not have")
+        params[name].copy_(value)
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def evaluate(model, held: train_data.Encoded, args: TrainRouterArgs, stock: bool, k: int, accelerator,
+             pad_id: int) -> dict[str, float]:
+    """Held-out objective (every term, weighted as in training), LM loss and routing accuracy, over all processes."""
+    model.eval()
+    weights = dict(args.objective, lm=args.objective.get("lm", 0.0))
+    sums = torch.zeros(len(weights) + 3, dtype=torch.float64, device=accelerator.device)
+    for start in range(accelerator.process_index * args.batch_size, len(held), args.batch_size * accelerator.num_processes):
+        batch = _to(train_data.collate(held.rows[start : start + args.batch_size], pad_id), accelerator.device)
+        _, terms, out = objectives.objective(model, batch, weights, stock, k)
+        n = batch["input_ids"].shape[0]
+        sums[: len(weights)] += torch.stack([terms[t].double() * n for t in weights])
+        sums[-3] += n
+        if held.labelled:
+            logits, mask = objectives.routing_logits(out, batch, stock)
+            hits, total = objectives.routing_hits(logits, mask, batch["expert"])
+            sums[-2] += hits
+            sums[-1] += total
+    sums = accelerator.reduce(sums, reduction="sum")
+    model.train()
+    terms = {t: float(sums[i] / sums[-3]) for i, t in enumerate(weights)}
+    result = {"objective": sum(args.objective[t] * terms[t] for t in args.objective), "lm": terms["lm"]}
+    if held.labelled:
+        result["routing_accuracy"] = float(sums[-2] / sums[-1])
+    return result
+
+
+def _to(batch: dict, device) -> dict:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+def _prepare_run_dir(run_dir: Path, args: TrainRouterArgs, model_dir: Path, accelerator) -> dict | None:
+    """Create or reopen RUN_DIR; return the latest checkpoint's trainer state when resuming."""
+    record = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(args).items() if k in RESUME_KEYS}
+    record["model_dir"] = str(model_dir.absolute())
+    latest = None
+    if args.resume and (run_dir / "args.json").is_file():
+        before = json.loads((run_dir / "args.json").read_text())
+        changed = [k for k in RESUME_KEYS if before.get(k) != record.get(k)]
+        if changed:
+            raise MoEMergeError(f"--resume: {run_dir} was trained with other settings ({', '.join(changed)}); "
+                                "resume with the same ones, or start a new run directory")
+        steps = sorted((run_dir / "checkpoints").glob("step-[0-9]*[0-9]"))
+        latest = json.loads((steps[-1] / STATE_FILE).read_text()) | {"dir": str(steps[-1])} if steps else None
+    elif run_dir.exists() and any(run_dir.iterdir()):
+        if not args.force:
+            raise OutputExistsError(f"run directory {run_dir} already exists; pass --resume to continue it or --force to start over")
+        if accelerator.is_main_process:
+            shutil.rmtree(run_dir)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        (run_dir / "best").mkdir(exist_ok=True)
+        (run_dir / "args.json").write_text(json.dumps(record, indent=2))
+    accelerator.wait_for_everyone()
+    return latest
+
+
+def _check_launcher() -> None:
+    """`accelerate launch --cpu --num_processes N` starts N processes only through mpirun; without it one
+    process runs and thinks it is alone. Say so instead of training on 1/N of the intended setup."""
+    if os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true") and "MASTER_ADDR" in os.environ \
+            and "WORLD_SIZE" not in os.environ and "PMI_SIZE" not in os.environ and "OMPI_COMM_WORLD_SIZE" not in os.environ:
+        raise MoEMergeError(
+            "`accelerate launch --cpu --num_processes N` started a single process (accelerate needs mpirun for "
+            "several CPU processes); on CPU run `accelerate launch --multi_gpu --num_processes N ...` (gloo) or "
+            "`torchrun --nproc_per_node N -m moe_merge.cli train-router ...`"
+        )
+
+
+def train_router(model_dir: Path | str, run_dir: Path | str, args: TrainRouterArgs) -> dict:
+    """Train the routers; write checkpoints, the best routers and the export; return a summary."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import GradientAccumulationPlugin
+
+    model_dir, run_dir = Path(model_dir), Path(run_dir).absolute()
+    if args.batch_size < 1 or args.steps < 1 or args.grad_accum < 1:
+        raise MoEMergeError("--steps, --batch-size and --grad-accum must be at least 1")
+    _check_launcher()
+    accelerator = Accelerator(
+        cpu=not torch.accelerator.is_available(),  # so that several CPU processes run gloo DDP
+        mixed_precision=args.mixed_precision,
+        gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=args.grad_accum, sync_with_dataloader=False),
+    )
+    try:
+        return _train(accelerator, model_dir, run_dir, args)
+    finally:
+        accelerator.end_training()
+        if accelerator.num_processes == 1:  # accelerate's state is a process-wide singleton; let the next run set it
+            AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def _train(accelerator, model_dir: Path, run_dir: Path, args: TrainRouterArgs) -> dict:
+    from accelerate.utils import set_seed
+
+    if args.batch_size % accelerator.num_processes:
+        raise MoEMergeError(f"--batch-size {args.batch_size} must be a multiple of the {accelerator.num_processes} processes")
+    set_seed(args.seed)
+    model, tokenizer, saved_dtype = load_model(model_dir, args.trust_remote_code)
+    names = expert_names(model, model_dir)
+    train, held = split_data(args, tokenizer, names)
+    if "routing" in args.objective and not train.labelled:
+        raise train_data.DataError(f"objective `routing` needs an `expert` label on every row of {args.data}")
+    latest = _prepare_run_dir(run_dir, args, model_dir, accelerator)
+
+    stock, k = objectives.is_stock(model), objectives.top_k(model)
+    trainable = objectives.freeze_all_but_routers(model)
+    n_train = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad)
+    n_total = sum(p.numel() for p in model.parameters())
+    accelerator.print(f"trainable parameters: {n_train:,} of {n_total:,} ({100 * n_train / n_total:.3f} %), "
+                      f"in {len(trainable)} router tensors; {len(train)} training rows, {len(held)} held out")
+    if args.gradient_checkpointing:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    optimizer = torch.optim.AdamW(objectives.router_param_groups(model), lr=args.lr, weight_decay=args.weight_decay)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    unwrapped = accelerator.unwrap_model(model)
+
+    # accelerate saves the optimizer and RNG; the routers are saved here, the frozen rest never
+    def save_hook(models, weights, out):
+        weights.clear()
+        if accelerator.is_main_process:
+            save_file(router_state(unwrapped, trainable), Path(out) / ROUTERS_FILE)
+
+    def load_hook(models, src):
+        load_router_state(unwrapped, Path(src) / ROUTERS_FILE)
+        models.clear()
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)
+
+    def log(entry: dict) -> None:
+        if accelerator.is_main_process:
+            with open(run_dir / "log.jsonl", "a") as f:
+                f.write(json.dumps(entry) + "\n")
+
+    def checkpoint(step: int) -> None:
+        final = run_dir / "checkpoints" / f"step-{step:06d}"
+        tmp = final.with_name(final.name + ".tmp")
+        accelerator.save_state(str(tmp))
+        if accelerator.is_main_process:
+            (tmp / STATE_FILE).write_text(json.dumps({"step": step, "best": best, "train_seconds": train_seconds}))
+            shutil.copy2(run_dir / "best" / ROUTERS_FILE, tmp / BEST_FILE)  # the best as of this step, for resume
+            shutil.rmtree(final, ignore_errors=True)
+            tmp.rename(final)
+        accelerator.wait_for_everyone()
+
+    def consider(step: int) -> None:
+        nonlocal best
+        metrics = evaluate(model, held, args, stock, k, accelerator, tokenizer.pad_token_id)
+        log({"step": step, "eval": metrics})
+        if best is None or metrics["objective"] < best["objective"]:
+            best = {"step": step, **metrics}
+            if accelerator.is_main_process:
+                save_file(router_state(unwrapped, trainable), run_dir / "best" / ROUTERS_FILE)
+        accelerator.print(f"step {step}: held-out " + ", ".join(f"{m} {v:.4f}" for m, v in metrics.items()))
+
+    start, best, train_seconds = 0, None, 0.0
+    if latest is not None:
+        accelerator.load_state(latest["dir"])
+        if accelerator.is_main_process:
+            shutil.copy2(Path(latest["dir"]) / BEST_FILE, run_dir / "best" / ROUTERS_FILE)
+        start, best, train_seconds = latest["step"], latest["best"], latest["train_seconds"]
+        accelerator.print(f"resumed from {latest['dir']} at step {start}")
+    else:
+        consider(0)
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    bar = tqdm(range(start, args.steps), desc="training routers", disable=not accelerator.is_local_main_process or None,
+               initial=start, total=args.steps)
+    for step in bar:
+        t0 = time.perf_counter()
+        lr = lr_at(step, args)
+        for group in optimizer.param_groups:
+            group["lr"] = lr * group["scale"]
+        for micro in range(args.grad_accum):
+            rows = [train.rows[i] for i in batch_rows(len(train), step, micro, args, accelerator.process_index,
+                                                       accelerator.num_processes)]
+            batch = _to(train_data.collate(rows, tokenizer.pad_token_id), accelerator.device)
+            with accelerator.accumulate(model):
+                loss, terms, _ = objectives.objective(model, batch, args.objective, stock, k)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and args.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(params, args.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+        train_seconds += time.perf_counter() - t0
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        log({"step": step + 1, "lr": lr, "loss": loss.item(), **{t: v.item() for t, v in terms.items()}})
+        done = step + 1
+        if done % args.eval_every == 0 or done == args.steps:
+            consider(done)
+        if done % args.save_every == 0 or done == args.steps:
+            checkpoint(done)
+
+    load_router_state(unwrapped, run_dir / "best" / ROUTERS_FILE)
+    summary = {
+        "steps": args.steps,
+        "best": best,
+        "seconds_per_step": train_seconds / max(1, args.steps),
+        "train_minutes": train_seconds / 60,
+        "processes": accelerator.num_processes,
+        "device": str(accelerator.device),
+        "trainable_parameters": n_train,
+    }
+    if accelerator.is_main_process:
+        export(unwrapped, tokenizer, model_dir, run_dir / "model", saved_dtype, summary)
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    accelerator.wait_for_everyone()
+    accelerator.print(f"{summary['seconds_per_step']:.3f} s per step, {summary['train_minutes']:.2f} min of training; "
+                      f"best held-out objective {best['objective']:.4f} at step {best['step']}; wrote {run_dir / 'model'}")
+    return summary
+
+
+def export(model, tokenizer, model_dir: Path, out: Path, dtype: torch.dtype, summary: dict) -> None:
+    """The input directory with the trained routers: same files, same layout, same dtype; written atomically."""
+    from moe_merge.outdir import atomic_output_dir
+
+    model.eval()
+    with atomic_output_dir(out, force=True) as tmp:
+        for f in model_dir.iterdir():
+            if f.is_file() and not f.name.endswith(WEIGHT_SUFFIXES):
+                shutil.copy2(f, tmp / f.name)
+        model.to(dtype).save_pretrained(tmp)
+        if not objectives.is_stock(model) and (model_dir / "moe-merge.yaml").is_file():
+            _refresh_routing_report(model, tokenizer, model_dir, tmp)
+        (tmp / "router_training.json").write_text(json.dumps(summary, indent=2))
+
+
+def _refresh_routing_report(model, tokenizer, model_dir: Path, out: Path) -> None:
+    """The copied routing report describes the untrained routers; measure the trained ones on the same prompts."""
+    from moe_merge.config import load_config
+    from moe_merge.dynamic import plot_report, routing_report
+
+    with torch.no_grad():
+        rep = routing_report(model.float(), tokenizer, load_config(model_dir / "moe-merge.yaml"),
+                             list(model.config.expert_names))
+    (out / "routing_report.json").write_text(json.dumps(rep, indent=2))
+    plot_report(rep, out / "routing_report.png")
