@@ -394,9 +394,12 @@ class MoEMergeModel(MoEMergePreTrainedModel):
         # At prefill the routers read the prompt (also when weights are forced: their logits are reported);
         # afterwards per-sequence weights are fixed and only per-token routers run.
         prompt_mask = None
-        if prefill:
-            prompt_mask = routing_mask if routing_mask is not None else attention_mask[:, -T:] if attention_mask is not None \
-                else torch.ones(B, T, device=inputs_embeds.device)
+        if prefill and routing_mask is not None:
+            prompt_mask = routing_mask
+        elif prefill and attention_mask is not None:
+            prompt_mask = attention_mask[:, -T:]
+        elif prefill:
+            prompt_mask = torch.ones(B, T, device=inputs_embeds.device)
 
         masks = self._masks(inputs_embeds, attention_mask, past_key_values, position_ids)
         types = self._layer_types()

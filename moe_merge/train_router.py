@@ -17,6 +17,7 @@ Every other parameter is frozen and stays bit-identical.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -79,11 +80,12 @@ def lr_at(step: int, args: TrainRouterArgs) -> float:
 def batch_rows(n: int, step: int, micro: int, args: TrainRouterArgs, rank: int, world: int) -> list[int]:
     """Row indices this process trains on at (step, micro): a slice of the global batch, epochs reshuffled."""
     start = (step * args.grad_accum + micro) * args.batch_size
-    rows = []
-    for p in range(start + rank, start + args.batch_size, world):
-        epoch, i = divmod(p, n)
-        rows.append(int(torch.randperm(n, generator=torch.Generator().manual_seed(args.seed * 7919 + epoch))[i]))
-    return rows
+    return [_epoch_order(n, args.seed, p // n)[p % n] for p in range(start + rank, start + args.batch_size, world)]
+
+
+@functools.lru_cache(maxsize=2)  # a batch spans at most two epochs
+def _epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + epoch)).tolist()
 
 
 # ----------------------------------------------------------------------------- model and data
