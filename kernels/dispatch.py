@@ -70,7 +70,7 @@ class DeviceRates:
 
 
 # Provisional until a GPU run of benchmarks/kernels.py replaces them with its printed DeviceRates:
-# FIELD-NOTES' H100 figures, 3.0 TB/s copy and a ridge of ~267 flop/byte (8.0e14 flop/s).
+# H100 figures, 3.0 TB/s measured copy bandwidth and a ridge of ~267 flop/byte (8.0e14 flop/s).
 RATES = DeviceRates(bandwidth=3.0e12, matmul_flops=8.0e14)
 
 

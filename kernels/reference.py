@@ -1,7 +1,9 @@
 """Torch references for the merged matmuls: the slow, obvious definitions every fast path is tested against.
 
 All three rest on one identity: x·(W0 + Σ_e w_e Δ_e)ᵀ = x·W0ᵀ + Σ_e w_e (x·Δ_eᵀ). They are exact,
-differentiable in x, merge_weights and the weights, and run on any device and dtype.
+differentiable in x, merge_weights and the weights, and run on any device and dtype. Merge weights are
+never rounded to a half-precision dtype: the weighted sum is taken in float32 (or wider) and rounded
+once, at the end, to the operands' dtype, as the Triton kernels do.
 """
 
 from __future__ import annotations
@@ -20,9 +22,10 @@ def merged_linear(x: torch.Tensor, merge_weights: torch.Tensor, deltas: torch.Te
         base: `[N, K]` or None.
     Returns: `[M, N]`.
     """
+    acc = _accumulator(x.dtype)
     per_expert = torch.matmul(x.unsqueeze(0), deltas.transpose(-1, -2))  # [E, M, N]
-    y = torch.einsum("me,emn->mn", merge_weights.to(per_expert.dtype), per_expert)
-    return y if base is None else y + x @ base.T
+    y = torch.einsum("me,emn->mn", merge_weights.to(acc), per_expert.to(acc))
+    return (y if base is None else y + (x @ base.T).to(acc)).to(x.dtype)
 
 
 def lowrank_merged_linear(x: torch.Tensor, merge_weights: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
@@ -33,10 +36,11 @@ def lowrank_merged_linear(x: torch.Tensor, merge_weights: torch.Tensor, A: torch
         x: `[M, K]`; merge_weights: `[M, E]`; A: `[E, r, K]`; B: `[E, N, r]`; base: `[N, K]` or None.
     Returns: `[M, N]`.
     """
-    shrunk = torch.einsum("mk,erk->mer", x, A)  # [M, E, r]
-    shrunk = shrunk * merge_weights.to(shrunk.dtype).unsqueeze(-1)
-    y = torch.einsum("mer,enr->mn", shrunk, B)
-    return y if base is None else y + x @ base.T
+    acc = _accumulator(x.dtype)
+    shrunk = torch.einsum("mk,erk->mer", x.to(acc), A.to(acc))  # [M, E, r], the rank intermediate kept wide
+    shrunk = shrunk * merge_weights.to(acc).unsqueeze(-1)
+    y = torch.einsum("mer,enr->mn", shrunk, B.to(acc))
+    return (y if base is None else y + (x @ base.T).to(acc)).to(x.dtype)
 
 
 def merge_weights_into(base: torch.Tensor | None, deltas: torch.Tensor, merge_weights: torch.Tensor) -> torch.Tensor:
@@ -45,5 +49,10 @@ def merge_weights_into(base: torch.Tensor | None, deltas: torch.Tensor, merge_we
     Args:
         base: `[N, K]` or None; deltas: `[E, N, K]`; merge_weights: `[S, E]`.
     """
-    merged = torch.einsum("se,enk->snk", merge_weights.to(deltas.dtype), deltas)
-    return merged if base is None else merged + base
+    acc = _accumulator(deltas.dtype)
+    merged = torch.einsum("se,enk->snk", merge_weights.to(acc), deltas.to(acc))
+    return (merged if base is None else merged + base.to(acc)).to(deltas.dtype)
+
+
+def _accumulator(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)

@@ -23,12 +23,13 @@ from tqdm.auto import tqdm
 from moe_merge import card, report
 from moe_merge.arch import ARCHITECTURE_NAMES, FAMILIES, FORMATS, MLP_KEY, MLP_PROJS, MoEFormat, is_mlp_tensor, layer_of
 from moe_merge.config import PROMPT_INITS, MergeConfig
-from moe_merge.errors import CompatibilityError, ConfigError, SourceError
+from moe_merge.errors import CompatibilityError, ConfigError
 from moe_merge.merge import static_merge
 from moe_merge.outdir import atomic_output_dir
-from moe_merge.probe import LayerRunner, Stream, make_streams, pad_token_for
+from moe_merge.probe import LayerRunner, Stream, make_streams
 from moe_merge.routers import prompt_init
 from moe_merge.sources import Checkpoint, Expert, open_expert, resolve_path
+from moe_merge.tokens import load_tokenizer
 from moe_merge.writer import ShardWriter
 
 logger = logging.getLogger(__name__)
@@ -209,8 +210,6 @@ def assemble(
 ) -> Path:
     """Build the MoE checkpoint described by `config` into `out_dir` (atomically). With `eval_data` (JSON lines
     of prompt, completion, expert), the model card gets the exact match of the result per task."""
-    from transformers import AutoTokenizer
-
     from moe_merge.quality import load_eval_rows, quality_table
 
     eval_rows = load_eval_rows(eval_data) if eval_data else None  # a bad file fails before any work
@@ -220,11 +219,7 @@ def assemble(
         recipe.config = config
     seed = config.seed if seed is None else seed
     out_dtype = DTYPES.get(config.dtype or str(recipe.base.config.get("dtype") or recipe.base.config.get("torch_dtype")))
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(recipe.base.path)
-    except Exception as e:
-        raise SourceError(f"cannot load the base tokenizer from {recipe.base.path}: {e}") from None
-    pad_token_for(tokenizer)
+    tokenizer = load_tokenizer(recipe.base.path)
     if config.dynamic:
         from moe_merge.dynamic import assemble_dynamic
 

@@ -26,7 +26,7 @@ def weights_for_prompt(model: MoEMergeForCausalLM, tokenizer, prompt: str) -> to
     if model.config.router_granularity != "sequence":
         raise ConfigError("this model routes each token, so a prompt gives no single mix; bake it with --weights")
     with torch.no_grad():
-        return model(**tokenizer(prompt, return_tensors="pt"), use_cache=False).merge_weights[0].float()
+        return model(**tokenizer(prompt, return_tensors="pt"), use_cache=False).merge_weights[0]
 
 
 def _expert_of(w: torch.Tensor, where: str) -> int:
@@ -41,7 +41,7 @@ def _expert_of(w: torch.Tensor, where: str) -> int:
 def baked_state(model: MoEMergeForCausalLM, weights: torch.Tensor) -> dict[str, torch.Tensor]:
     """The base architecture's state dict for merge weights [R, E] (or [E] for every router)."""
     cfg = model.config
-    w = weights.float().expand(cfg.num_routers, cfg.num_experts)
+    w = weights.expand(cfg.num_routers, cfg.num_experts)
     inner, state = model.model, {}
 
     def put(prefix: str, module: torch.nn.Module) -> None:
@@ -105,12 +105,12 @@ def load_dynamic(model_dir: Path, **kwargs) -> MoEMergeForCausalLM:
 def fixed_mix(model: MoEMergeForCausalLM, model_dir: Path, weights: list[float] | torch.Tensor | None,
               prompt: str | None) -> torch.Tensor:
     """The mix the user asked for: `weights` ([E] for every router, or [R, E]) or the routers' for `prompt` [R, E]."""
-    from transformers import AutoTokenizer
+    from moe_merge.tokens import load_tokenizer
 
     if (weights is None) == (prompt is None):
         raise ConfigError("give exactly one of --weights and --prompt")
     if weights is None:
-        return weights_for_prompt(model, AutoTokenizer.from_pretrained(model_dir), prompt)
+        return weights_for_prompt(model, load_tokenizer(model_dir), prompt)
     cfg = model.config
     w = torch.as_tensor(weights, dtype=torch.float32 if isinstance(weights, list) else None)
     if w.shape not in ((cfg.num_experts,), (cfg.num_routers, cfg.num_experts)):
@@ -118,6 +118,10 @@ def fixed_mix(model: MoEMergeForCausalLM, model_dir: Path, weights: list[float] 
                           f"experts ({', '.join(cfg.expert_names or [])})" if w.dim() < 2 else
                           f"merge weights of shape {tuple(w.shape)}; {model_dir} needs [{cfg.num_experts}] or "
                           f"[{cfg.num_routers}, {cfg.num_experts}]")
+    try:
+        cfg.check_mix(w)
+    except ValueError as e:
+        raise ConfigError(f"--weights {','.join(f'{x:g}' for x in w.flatten().tolist())}: {e}") from None
     return w
 
 

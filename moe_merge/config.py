@@ -95,9 +95,36 @@ class TwinSpec(_Strict):
     shared: Literal["task_arithmetic", "ties"] = "task_arithmetic"
     scale: float | None = Field(None, description="lambda of the shared merge (default 0.3 for task_arithmetic, 1 for ties)")
     density: float = Field(0.5, gt=0.0, le=1.0, description="ties: share of each task vector kept")
-    rank: float = Field(0.5, gt=0.0, description="SVD rank of the exclusive parts: an integer, or a fraction (< 1) of min(out, in)")
+    rank: int | None = Field(None, ge=1, description="SVD rank of the exclusive parts, a number of singular vectors "
+                             "(capped at min(out, in)); give this or `rank_fraction`")
+    rank_fraction: float | None = Field(None, gt=0.0, le=1.0, description="SVD rank as a share of min(out, in) "
+                                        "(1.0: full rank, exact); default 0.5 when `rank` is not given")
     router_layer: int = Field(0, ge=0, description="the router reads the hidden states entering this layer (0: the "
                               "embeddings); layers below it keep the shared parameters")
+
+    @field_validator("rank", mode="before")
+    @classmethod
+    def _whole_rank(cls, v: Any) -> Any:
+        if isinstance(v, (bool, float)):  # 1.0 would read as rank 1, not as full rank
+            raise ValueError(f"`rank: {v}` must be a whole number of singular vectors (e.g. 32); for a share of "
+                             f"min(out, in) write `rank_fraction: {v}` instead (1.0 is full rank, exact)")
+        return v
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_rank(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            if data.get("rank") is not None and data.get("rank_fraction") is not None:
+                raise ValueError("give `twin.rank` (a number of singular vectors) or `twin.rank_fraction` (a share of "
+                                 "min(out, in)), not both")
+            if data.get("rank") is None and data.get("rank_fraction") is None:
+                data = {**data, "rank_fraction": 0.5}
+        return data
+
+    def rank_for(self, out_features: int, in_features: int) -> int:
+        """The SVD rank of one out x in matrix."""
+        full = min(out_features, in_features)
+        return min(full, self.rank) if self.rank is not None else max(1, round(self.rank_fraction * full))
 
 
 class MergeConfig(_Strict):
@@ -143,6 +170,11 @@ class MergeConfig(_Strict):
             if self.router_spec.granularity == "token" and (self.level == "model" or self.method == "twin"):
                 raise ValueError(f"{self.method} at {self.level} level routes once per sequence; "
                                  "`router.granularity` must be `sequence`")
+            if self.method in ("smear", "sparse") and self.router_spec.normalize == "none":
+                raise ValueError(f"`method: {self.method}` averages the experts' "
+                                 f"{'parameters' if self.method == 'smear' else 'outputs'}, so its merge weights must "
+                                 "sum to one: `router.normalize` must be softmax or topk (raw weights on task vectors "
+                                 "are `method: wemoe`)")
             if self.router_spec.kind == "constant" and self.gate_init == "hidden":
                 raise ValueError("a `constant` router ignores its input, so it cannot start from prompts; "
                                  "set `router.init: random` (WEMoE: starts at task arithmetic) or `uniform`")

@@ -8,6 +8,7 @@ from pathlib import Path
 import yaml
 
 from moe_merge import zoo
+from moe_merge.tokens import load_tokenizer
 
 SPARSE_FFN = {  # stock Mixtral outputs (Foundation): name -> recipe overrides
     "sparse ffn, gate_mode hidden (mergekit's YAML)": {"gate_mode": "hidden", "experts_per_token": 2},
@@ -44,8 +45,7 @@ def train_and_score(zoo_dir: Path, out: Path, run: tuple, data: Path, steps: int
     from moe_merge.train_router import TrainRouterArgs, train_router
 
     variant, name, overrides, objective = run
-    manifest = json.loads((zoo_dir / "zoo.json").read_text())
-    experts = {t: manifest["exact_match"][rel][t] for t, rel in manifest["experts"][variant].items()}
+    experts = expert_scores(zoo_dir, variant)
     slug = f"{variant}-{name.split(',')[0].split(' (')[0].replace(' ', '-')}-{ROUTER_RUNS.index(run)}"
     model_dir = assemble(MergeConfig.model_validate(zoo.zoo_recipe(zoo_dir, variant, **overrides)), out / slug, force=True)
     before = evaluate(model_dir)
@@ -69,11 +69,16 @@ def router_rows(results: list[dict]) -> str:
 
 def evaluate(model_dir: Path) -> dict[str, float]:
     """Exact match on each zoo task's 64 held-out words."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir)
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    return {t: zoo.exact_match(model, tok, t, zoo.task_prompts(t)["eval_words"]) for t in zoo.EXPERT_TASKS}
+    return zoo.scores(AutoModelForCausalLM.from_pretrained(model_dir), load_tokenizer(model_dir))
+
+
+def expert_scores(zoo_dir: Path, variant: str) -> dict[str, float]:
+    """Each expert of `variant` on its own task, measured on the checkpoint as users load it."""
+    tok = load_tokenizer(zoo_dir / "base")
+    experts = zoo.zoo_recipe(zoo_dir, variant)["experts"]
+    return {e["name"]: zoo.scores(zoo.load_checkpoint(e["source_model"]), tok, [e["name"]])[e["name"]] for e in experts}
 
 
 def _row(name: str, scores: dict[str, float], experts: dict[str, float]) -> str:
@@ -84,7 +89,7 @@ def _row(name: str, scores: dict[str, float], experts: dict[str, float]) -> str:
 def static_scores(zoo_dir: Path, variant: str, method: str) -> dict[str, float]:
     """Exact match of a plain static merge of the variant's experts (the contrast row)."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     from moe_merge.assemble import open_recipe
     from moe_merge.config import MergeConfig
@@ -94,8 +99,7 @@ def static_scores(zoo_dir: Path, variant: str, method: str) -> dict[str, float]:
     merge = StaticMerge(recipe, seed=0, dtype=torch.float32)
     model = AutoModelForCausalLM.from_pretrained(recipe.base.path)
     model.load_state_dict({name: merge(name) for name in recipe.base.keys()}, strict=False)
-    tok = AutoTokenizer.from_pretrained(recipe.base.path)
-    return {t: zoo.exact_match(model, tok, t, zoo.task_prompts(t)["eval_words"]) for t in zoo.EXPERT_TASKS}
+    return zoo.scores(model, load_tokenizer(recipe.base.path))
 
 
 def run_demo(out: Path) -> dict:
@@ -103,7 +107,6 @@ def run_demo(out: Path) -> dict:
     from moe_merge.config import MergeConfig
 
     zoo_dir = zoo.ensure_zoo()
-    manifest = json.loads((zoo_dir / "zoo.json").read_text())
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     print(f"zoo: {zoo_dir}")
@@ -111,8 +114,9 @@ def run_demo(out: Path) -> dict:
               + "---|" * (len(zoo.EXPERT_TASKS) + 1))
     results: dict[str, dict[str, dict[str, float]]] = {}
     for variant in zoo.VARIANTS:
-        experts = {t: manifest["exact_match"][rel][t] for t, rel in manifest["experts"][variant].items()}
-        rows = results[variant] = {"base": manifest["exact_match"]["base"], "experts (each on its own task)": experts}
+        experts = expert_scores(zoo_dir, variant)
+        base = zoo.scores(zoo.load_checkpoint(zoo_dir / "base"), load_tokenizer(zoo_dir / "base"))
+        rows = results[variant] = {"base": base, "experts (each on its own task)": experts}
         print(f"\n## {variant} fine-tunes ({'MLPs only' if variant == 'mlp' else 'every weight'}): exact match per task\n")
         print(header)
         for name, scores in rows.items():
@@ -131,7 +135,7 @@ def run_demo(out: Path) -> dict:
             print(_row(name, scores, experts))
         if variant == "full":
             print("\nFFN level cannot recover what full fine-tunes learned in attention: only block level, model level "
-                  "and twin block touch it (see FIELD-NOTES).")
+                  "and twin block touch it.")
     last = out / "mlp-smear-ffn"
     report = json.loads((last / "routing_report.json").read_text())
     print(f"\nrouting report of {last.name}: share of each expert's held-out prompts routed to it, per router")
@@ -153,14 +157,14 @@ def run_demo(out: Path) -> dict:
 
 
 def _samples(model_dir: Path) -> None:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_dir)
-    tok = AutoTokenizer.from_pretrained(model_dir)
+    tok = load_tokenizer(model_dir)
     for task in zoo.EXPERT_TASKS:
         word = zoo.task_prompts(task)["eval_words"][0]
         enc = tok(zoo.prompt(task, word), return_tensors="pt")
-        out = model.generate(**enc, max_new_tokens=9, do_sample=False, pad_token_id=zoo.PAD_ID,
+        out = model.generate(**enc, max_new_tokens=9, do_sample=False, pad_token_id=tok.pad_token_id,
                              return_dict_in_generate=True, output_scores=False)
         text = tok.decode(out.sequences[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
         weights = model(**enc, use_cache=False).merge_weights[0].mean(0)

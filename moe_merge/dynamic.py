@@ -62,8 +62,7 @@ def plan_forms(recipe, text_config) -> tuple[dict[str, str], dict[str, int]]:
     for proj in routed_projections(cfg):
         if cfg.method == "twin":
             out_f, in_f = recipe.base.shape(f"model.layers.0.{_owner(proj)}.{proj}.weight")
-            r = cfg.twin.rank
-            forms[proj], ranks[proj] = "lowrank", min(out_f, in_f, int(r) if r >= 1 else max(1, round(r * min(out_f, in_f))))
+            forms[proj], ranks[proj] = "lowrank", cfg.twin.rank_for(out_f, in_f)
         elif all_lora:
             factor_ranks = [A.shape[0] for e in recipe.experts for n, (A, _, _) in e.factors.items() if n.endswith(f".{proj}.weight")]
             forms[proj], ranks[proj] = "lowrank", max(factor_ranks, default=1)

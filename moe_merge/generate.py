@@ -7,16 +7,17 @@ from pathlib import Path
 import torch
 
 from moe_merge.errors import SourceError
+from moe_merge.tokens import load_tokenizer
 
 
 def load(model_dir: Path):
     """Model and tokenizer from a moe-merge output (stock MoE or dynamic; importing moe_merge registers it)."""
     import moe_merge.modeling  # noqa: F401  registers the dynamic model with the Auto classes
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     if not (Path(model_dir) / "config.json").is_file():
         raise SourceError(f"{model_dir} has no config.json; give a directory written by `moe-merge assemble`")
-    return AutoModelForCausalLM.from_pretrained(model_dir).eval(), AutoTokenizer.from_pretrained(model_dir)
+    return AutoModelForCausalLM.from_pretrained(model_dir).eval(), load_tokenizer(model_dir)
 
 
 def routing_table(weights: torch.Tensor, names: list[str], every_router: bool) -> str:
@@ -36,7 +37,7 @@ def generate(model_dir: Path, prompt: str, *, max_new_tokens: int = 32, temperat
     torch.manual_seed(seed)
     enc = tokenizer(prompt, return_tensors="pt")
     sample = dict(do_sample=True, temperature=temperature) if temperature > 0 else dict(do_sample=False)
-    out = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
+    out = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
                          return_dict_in_generate=True, **sample)
     text = tokenizer.decode(out.sequences[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
     print(text)

@@ -31,7 +31,7 @@ def materialize_pays(batch: int, tokens: int, experts: int, out_features: int, i
     E + T, plus writing and re-reading B weight copies. On a CPU (compute-bound) materialising wins
     from T = 2 if the copies fit the budget. On a GPU, decode is bandwidth-bound: K-concat reads
     (E+1)·P bytes, materialising (E+1+2B)·P, so it only pays once T > 267·(E+1+2B)/(E·B) (H100's
-    ratio of bf16 FLOP/s to bytes/s; see FIELD-NOTES).
+    ratio of bf16 FLOP/s to bytes/s: ~8e14 / 3.0e12).
     """
     if batch * out_features * in_features * element_size > MATERIALIZE_BUDGET_BYTES:
         return False
@@ -72,8 +72,7 @@ class MergedLinear(nn.Module):
         w = self.merge_weights
         if w is None:
             raise RuntimeError("MergedLinear was called without merge weights; call it through its decoder layer")
-        B, T, K = x.shape  # [B, T, K]
-        w = w.to(x.dtype)
+        B, T, K = x.shape  # [B, T, K]; w stays float32 (or wider) down to the kernels
         base = None if self.form == "full" else self.weight
         deltas = self.expert_weight if self.form == "full" else getattr(self, "delta_weight", None)
         if w.dim() == 2 and deltas is not None and materialize_pays(
@@ -89,7 +88,7 @@ class MergedLinear(nn.Module):
             else:
                 y = kernels.merged_linear(x2, w2, deltas, base)
             y = y.view(B, T, -1)
-        return y + self._merged_bias(w) if self._has_bias() else y
+        return y + self._merged_bias(w.to(x.device)) if self._has_bias() else y
 
     def _has_bias(self) -> bool:
         return (self.expert_bias if self.form == "full" else self.bias) is not None
@@ -97,8 +96,13 @@ class MergedLinear(nn.Module):
     def _merged_bias(self, w: torch.Tensor) -> torch.Tensor:
         w = w if w.dim() == 3 else w.unsqueeze(1)  # [B, T or 1, E]
         if self.form == "full":
-            return w @ self.expert_bias
-        return self.bias + w @ self.delta_bias
+            bias = w @ self.expert_bias.to(w.dtype)
+        else:
+            bias = self.bias.to(w.dtype) + w @ self.delta_bias.to(w.dtype)
+        return bias.to(self._dtype())
+
+    def _dtype(self) -> torch.dtype:
+        return (self.expert_weight if self.form == "full" else self.weight).dtype
 
     @torch.no_grad()
     def merged(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:

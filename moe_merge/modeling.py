@@ -35,7 +35,7 @@ from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, DynamicS
 from transformers.configuration_utils import SubConfigSpec
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.utils import ModelOutput
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from moe_merge.merged_linear import MergedLinear
 from moe_merge.routers.router import Router, masked_mean, normalize
@@ -45,6 +45,12 @@ METHODS = ("sparse", "smear", "wemoe", "twin")
 ATTN_PROJS = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_PROJS = ("gate_proj", "up_proj", "down_proj")
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+# Methods that average (SMEAR its experts' parameters, sparse their outputs): merge weights must sum to one.
+# The others add weighted task vectors to a base, so any weights mean something.
+AVERAGING_METHODS = ("smear", "sparse")
+# transformers 5.24 renamed the KV cache `past_key_values` -> `cache` (outputs, masks, attention);
+# 5.23 knows only the old name. Every call into transformers passes the cache under the installed name.
+CACHE = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 
 @strict
@@ -89,6 +95,9 @@ class MoEMergeConfig(PreTrainedConfig):
             if self.router_granularity != "sequence":
                 raise ValueError(f"{self.method} at {self.level} level routes once per sequence; "
                                  "set `router.granularity: sequence`")
+        if self.method in AVERAGING_METHODS and self.router_normalize == "none":
+            raise ValueError(f"`{self.method}` averages, so its merge weights must sum to one: set `router_normalize` "
+                             "to softmax or topk")
         self.tie_word_embeddings = bool(self.text_config.tie_word_embeddings)
         self.delta_forms = self.delta_forms or {}
         self.delta_ranks = self.delta_ranks or {}
@@ -98,13 +107,23 @@ class MoEMergeConfig(PreTrainedConfig):
         """R: routers whose weights `merge_weights` [B, R, E] holds."""
         return 1 if self.method == "twin" or self.level == "model" else self.text_config.num_hidden_layers
 
+    def check_mix(self, weights: torch.Tensor) -> None:
+        """Refuse given merge weights [..., E] that an averaging method cannot read: Σ_e w_e θ_e with Σ w = 2 is
+        twice the model, not a merge of it."""
+        if self.method not in AVERAGING_METHODS:
+            return
+        sums = weights.double().sum(-1)
+        if not torch.allclose(sums, torch.ones_like(sums), atol=1e-3):
+            raise ValueError(
+                f"`{self.method}` averages its experts, so merge weights must sum to one; these sum to "
+                f"{sorted({round(x, 4) for x in sums.flatten().tolist()})[:4]}: divide them by their sum "
+                "(a task-vector method, wemoe or twin, takes any weights)")
+
 
 @dataclass
-class MoEMergeOutput(ModelOutput):
-    loss: torch.FloatTensor | None = None
-    logits: torch.FloatTensor | None = None
-    past_key_values: Cache | None = None
-    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+class MoEMergeOutput(CausalLMOutputWithPast):
+    """The causal-LM output (its cache under the installed transformers' name, `CACHE`) plus the routing."""
+
     merge_weights: torch.FloatTensor | None = None  # [B, R, E] per sequence, [B, R, T, E] per token
     router_logits: torch.FloatTensor | None = None  # same shape, before normalisation; None where forced
 
@@ -199,9 +218,10 @@ class MoEMergeDecoderLayer(GradientCheckpointingLayer):
         return (given, None) if self.router is None else self.routing.route(self.router, states, prompt_mask, given)
 
     def forward(self, hidden_states, merge_weights=None, prompt_mask=None, attention_mask=None, position_ids=None,
-                past_key_values=None, position_embeddings=None, **kwargs):
+                position_embeddings=None, **kwargs):
         """merge_weights: this layer's [B, E] (or [B, T, E]) if already known; prompt_mask: [B, T] at prefill,
-        None once the weights are fixed. Returns (hidden_states, weights used, router logits or None)."""
+        None once the weights are fixed; the cache comes in `kwargs` under its `CACHE` name. Returns
+        (hidden_states, weights used, router logits or None)."""
         residual = hidden_states
         x = self.input_layernorm(hidden_states)
         logits = None
@@ -209,7 +229,7 @@ class MoEMergeDecoderLayer(GradientCheckpointingLayer):
             merge_weights, logits = self._route(x, prompt_mask, merge_weights)
         with merging(self.attn_linears, merge_weights):
             x, _ = self.self_attn(hidden_states=x, attention_mask=attention_mask, position_ids=position_ids,
-                                  past_key_values=past_key_values, position_embeddings=position_embeddings, **kwargs)
+                                  position_embeddings=position_embeddings, **kwargs)
         hidden_states = residual + x
         residual = hidden_states
         x = self.post_attention_layernorm(hidden_states)
@@ -237,10 +257,9 @@ class MoEMergeSparseBlock(GradientCheckpointingLayer):
 
     def forward(self, hidden_states, merge_weights=None, prompt_mask=None, **kwargs):
         merge_weights, logits = self.routing.route(self.router, hidden_states, prompt_mask, merge_weights)
-        w = merge_weights.to(hidden_states.dtype)
-        w = w.unsqueeze(1) if w.dim() == 2 else w  # [B, 1 or T, E]
+        w = merge_weights.unsqueeze(1) if merge_weights.dim() == 2 else merge_weights  # [B, 1 or T, E], float32
         out = sum(w[..., e : e + 1] * expert(hidden_states, **kwargs) for e, expert in enumerate(self.experts))
-        return out, merge_weights, logits
+        return out.to(hidden_states.dtype), merge_weights, logits
 
 
 class MoEMergeExpertStack(nn.Module):
@@ -262,6 +281,7 @@ class MoEMergePreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _no_split_modules = ["MoEMergeDecoderLayer", "MoEMergeSparseBlock", "MoEMergeExpertStack",
                          "LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer", "Qwen3DecoderLayer"]
+    _keep_in_fp32_modules_strict = ["router."]  # see routers/router.py: bf16 rounding would move the routing
     _supports_sdpa = True
     _supports_flash_attn = True
     _supports_attention_backend = True
@@ -326,29 +346,36 @@ class MoEMergeModel(MoEMergePreTrainedModel):
 
     def _ensure_cache_layers(self, cache: Cache) -> None:
         """Sparse block and model levels keep one KV cache per expert layer: E x the base's layers.
-        Generation builds the cache from the base config, so the missing layers are added here."""
+        Generation builds the cache from the base config, so the missing layers are added here; a cache
+        of fixed size (StaticCache and its kin) cannot grow, so it is refused if it is too short."""
         text = self.config.text_config
         types = self._layer_types()
         needed = text.num_hidden_layers * (self.config.num_experts if self.config.method == "sparse" else 1)
-        while isinstance(cache, DynamicCache) and len(cache.layers) < needed:
+        if len(cache.layers) < needed and type(cache) is not DynamicCache:
+            raise ValueError(
+                f"this {self.config.method} / {self.config.level} model keeps one KV cache per expert layer "
+                f"({needed} layers) but was given a {type(cache).__name__} of {len(cache.layers)}; pass a DynamicCache "
+                "or none (in `generate`, leave `cache_implementation` unset)")
+        while len(cache.layers) < needed:
             kind = types[len(cache.layers) % len(types)]
             cache.layers.append(DynamicSlidingWindowLayer(sliding_window=text.sliding_window)
                                 if kind == "sliding_attention" else DynamicLayer())
 
-    def _masks(self, inputs_embeds, attention_mask, past_key_values, position_ids) -> dict:
+    def _masks(self, inputs_embeds, attention_mask, cache, position_ids) -> dict:
         kwargs = dict(config=self.config.text_config, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                      past_key_values=past_key_values, position_ids=position_ids)
+                      position_ids=position_ids, **{CACHE: cache})
         masks = {"full_attention": create_causal_mask(**kwargs)}
         if "sliding_attention" in self._layer_types():
             masks["sliding_attention"] = create_sliding_window_causal_mask(**kwargs)
         return masks
 
-    def _given_weights(self, merge_weights: torch.Tensor | None, batch: int) -> torch.Tensor | None:
-        """[E] | [B, E] | [B, R, E] -> [B, R, E]."""
+    def given_weights(self, merge_weights: torch.Tensor | None, batch: int) -> torch.Tensor | None:
+        """[E] | [B, E] | [B, R, E] -> [B, R, E], in float32 or wider (merge weights never round to bf16)."""
         if merge_weights is None:
             return None
         R, E = self.config.num_routers, self.config.num_experts
-        w = merge_weights
+        w = torch.as_tensor(merge_weights, device=self.embed_tokens.weight.device)
+        w = w.to(torch.promote_types(w.dtype, torch.float32)) if w.is_floating_point() else w.float()
         if w.shape[-1] != E:
             raise ValueError(f"`merge_weights` has {w.shape[-1]} experts in its last dimension; this model has {E}")
         if w.dim() == 1:
@@ -361,31 +388,35 @@ class MoEMergeModel(MoEMergePreTrainedModel):
 
     # ------------------------------------------------------------------------------------ forward
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None, inputs_embeds=None,
-                use_cache=None, merge_weights=None, routing_mask=None, output_hidden_states=None, **kwargs):
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
+                use_cache=None, merge_weights=None, routing_mask=None, output_hidden_states=None, past_key_values=None,
+                **kwargs):
         """Returns (last hidden state [B, T, H] or, at model level, [E, B, T, H]; cache; hidden states;
         merge weights; router logits). `routing_mask` [B, T] marks the tokens the routers read at prefill
         (default: the attention mask); training passes the prompt's tokens so that routing sees what
-        `generate` will see."""
+        `generate` will see. The KV cache is `cache` (transformers >= 5.24) or `past_key_values` (5.23)."""
+        cache = past_key_values if cache is None else cache
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
         B, T, _ = inputs_embeds.shape
         use_cache = getattr(self.config.text_config, "use_cache", True) if use_cache is None else use_cache
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=self.config.text_config)
-        if past_key_values is not None:
-            self._ensure_cache_layers(past_key_values)
-        past = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config.text_config)
+        if cache is not None:
+            self._ensure_cache_layers(cache)
+        past = cache.get_seq_length() if cache is not None else 0
         if position_ids is None:
             if attention_mask is not None:  # left padding: count real tokens, as if each sequence ran alone
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]
             else:
                 position_ids = (torch.arange(T, device=inputs_embeds.device) + past).unsqueeze(0)
-        given = self._given_weights(merge_weights, B)
+        given = self.given_weights(merge_weights, B)
         sequence = self.config.router_granularity == "sequence"
         prefill = past == 0
+        if prefill and given is not None:
+            self.config.check_mix(given)
         if sequence and not prefill and given is None:
             raise ValueError(
                 "this model routes once per sequence, at prefill; pass the prefill's `outputs.merge_weights` back as "
@@ -401,11 +432,11 @@ class MoEMergeModel(MoEMergePreTrainedModel):
         elif prefill:
             prompt_mask = torch.ones(B, T, device=inputs_embeds.device)
 
-        masks = self._masks(inputs_embeds, attention_mask, past_key_values, position_ids)
+        masks = self._masks(inputs_embeds, attention_mask, cache, position_ids)
         types = self._layer_types()
         h = inputs_embeds
         position_embeddings = self.rotary_emb(h, position_ids)
-        common = dict(position_ids=position_ids, past_key_values=past_key_values, position_embeddings=position_embeddings)
+        common = dict(position_ids=position_ids, position_embeddings=position_embeddings, **{CACHE: cache})
         all_hidden = [h] if output_hidden_states else None
         used, logits = [], []
 
@@ -441,7 +472,7 @@ class MoEMergeModel(MoEMergePreTrainedModel):
             last = torch.stack([o.to(h.device) for o in outs])  # [E, B, T, H]; experts may sit on other devices
         else:
             last = self.norm(h)
-        return last, past_key_values, tuple(all_hidden) if all_hidden else None, _stack(used, 1), _stack(logits, 1)
+        return last, cache, tuple(all_hidden) if all_hidden else None, _stack(used, 1), _stack(logits, 1)
 
 
 def _stack(xs: list, dim: int) -> torch.Tensor | None:
@@ -456,7 +487,9 @@ class MoEMergeForCausalLM(MoEMergePreTrainedModel, GenerationMixin):
         super().__init__(config)
         self.model = MoEMergeModel(config)
         text = config.text_config
-        if config.level != "model":
+        if config.level == "model":  # no shared head: each expert's head is its own (its tied embedding, if tied)
+            self._tied_weights_keys = None
+        else:
             self.lm_head = nn.Linear(text.hidden_size, text.vocab_size, bias=False)
         self.vocab_size = text.vocab_size
         self.post_init()
@@ -467,27 +500,36 @@ class MoEMergeForCausalLM(MoEMergePreTrainedModel, GenerationMixin):
     def get_output_embeddings(self):
         return None if self.config.level == "model" else self.lm_head
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None, inputs_embeds=None,
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
                 labels=None, use_cache=None, merge_weights=None, routing_mask=None,
-                logits_to_keep: int | torch.Tensor = 0, output_hidden_states=None, **kwargs) -> MoEMergeOutput:
+                logits_to_keep: int | torch.Tensor = 0, output_hidden_states=None, past_key_values=None,
+                **kwargs) -> MoEMergeOutput:
         last, cache, hidden, weights, router_logits = self.model(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-            past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
+            cache=past_key_values if cache is None else cache, inputs_embeds=inputs_embeds, use_cache=use_cache,
             merge_weights=merge_weights, routing_mask=routing_mask, output_hidden_states=output_hidden_states,
             **kwargs,
         )
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         if self.config.level == "model":
-            w = weights[:, 0].to(last.dtype)  # [B, E]
+            w = weights[:, 0]  # [B, E], float32: the experts' logits are mixed in float32
             logits = sum(w[:, e, None, None] * expert.lm_head(last[e][:, keep]).to(w.device)
-                         for e, expert in enumerate(self.model.experts))
+                         for e, expert in enumerate(self.model.experts)).to(last.dtype)
         else:
             logits = self.lm_head(last[:, keep])
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.vocab_size, **kwargs)
-        return MoEMergeOutput(loss=loss, logits=logits, past_key_values=cache, hidden_states=hidden,
-                              merge_weights=weights, router_logits=router_logits)
+        return MoEMergeOutput(loss=loss, logits=logits, hidden_states=hidden, merge_weights=weights,
+                              router_logits=router_logits, **{CACHE: cache})
+
+    def _expand_inputs_for_generation(self, expand_size=1, is_encoder_decoder=False, input_ids=None, **model_kwargs):
+        """Beams and `num_return_sequences` repeat every tensor along dim 0; a given `merge_weights` of [E] or
+        [B, E] has no batch dim to repeat along, so it becomes [B, R, E] first."""
+        if model_kwargs.get("merge_weights") is not None:
+            batch = input_ids.shape[0] if input_ids is not None and input_ids.numel() else model_kwargs["inputs_embeds"].shape[0]
+            model_kwargs["merge_weights"] = self.model.given_weights(model_kwargs["merge_weights"], batch)
+        return super()._expand_inputs_for_generation(expand_size, is_encoder_decoder, input_ids, **model_kwargs)
 
     def _update_model_kwargs_for_generation(self, outputs, model_kwargs, *args, **kwargs):
         """Keep the per-sequence weights decided at prefill beside the cache for every later step."""

@@ -44,13 +44,6 @@ def make_streams(tokenizer, embed: torch.Tensor, prompts: list[list[str]], force
     return streams
 
 
-def pad_token_for(tokenizer) -> None:
-    """Batching needs a pad id; padded positions are masked everywhere, so any id will do.
-    This touches the in-memory tokenizer only, never the files copied to the output."""
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token or tokenizer.convert_ids_to_tokens(0)
-
-
 class LayerRunner:
     """Holds the output config and builds stock decoder layers from per-layer state dicts."""
 

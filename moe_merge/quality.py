@@ -40,7 +40,7 @@ def load_eval_rows(path: Path | str) -> list[dict]:
 @torch.no_grad()
 def exact_match(model, tokenizer, rows: list[dict], batch_size: int = 32) -> dict[str, tuple[float, int]]:
     """Task -> (share of rows whose greedy completion, up to the end-of-sequence token, is `completion`; rows)."""
-    from moe_merge.probe import pad_token_for
+    from moe_merge.tokens import pad_token_for
 
     pad_token_for(tokenizer)
     by_task: dict[str, list[dict]] = {}

@@ -95,13 +95,15 @@ def load_model(model_dir: Path, trust_remote_code: bool):
     """The model in float32 (routers train in full precision whatever the checkpoint's dtype), its tokenizer,
     and the dtype it was saved in (the export keeps it)."""
     import moe_merge.modeling  # noqa: F401  registers model_type `moe_merge`
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from moe_merge.tokens import load_tokenizer
 
     if not (model_dir / "config.json").is_file():
         raise MoEMergeError(f"{model_dir} has no config.json; give a directory written by `moe-merge assemble`")
     saved = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code).dtype or torch.float32
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, trust_remote_code=trust_remote_code)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    tokenizer = load_tokenizer(model_dir, trust_remote_code=trust_remote_code)
     return model, tokenizer, saved
 
 

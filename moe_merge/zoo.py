@@ -6,28 +6,41 @@ format on a few maps (`copy`, `skip`, `flip`); each expert learns one new letter
 - `full/`: experts fine-tune every weight, so part of what they learn lives in attention;
 - `mlp/`: experts fine-tune only their MLPs, so perfect FFN-level routing recovers them exactly.
 
-Each variant has full fine-tunes (`shift`, `mirror`, `rotate`) and PEFT LoRA adapters (`back`,
-`swap`). Tests, examples, the demo and the benchmarks all build on it; it is cached by content
-(arch + a version tag), so a second call costs nothing.
+Each variant has full fine-tunes (`shift`, `mirror`, `roll`) and PEFT LoRA adapters (`back`,
+`swap`). Tests, examples, the demo and the benchmarks all build on it.
+
+Tiny models learn in sudden jumps after plateaus of varying length, so a fixed number of steps can
+land at 100 % on one machine and 0 % on another. Every model therefore trains until it reaches its
+target on held-out words, and the build fails, naming the model and its score, if one does not by
+its step cap; checked again on the saved checkpoint, each expert must also stay at or below `leak`
+on every other task. A build is deterministic for a given seed and thread count (the thread count is
+fixed while it runs), and its cache key covers this file, the settings and the torch, transformers
+and peft versions.
+
+The `realistic` variant has what real checkpoints bring and ours otherwise hide: no pad token (Llama,
+Mistral), input and output embeddings tied (Qwen3-0.6B, Llama-3.2), weights saved in bf16.
 """
 
 from __future__ import annotations
 
+import copy
+import hashlib
 import json
 import logging
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
+from moe_merge.errors import MoEMergeError
 from moe_merge.outdir import atomic_output_dir
+from moe_merge.tokens import load_tokenizer
 
 logger = logging.getLogger(__name__)
 
-ZOO_VERSION = "3"
 ALPHABET = "abcdefghijklmnopqrstuvwxyz"
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>"]
 PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
@@ -41,28 +54,77 @@ TASKS: dict[str, list[int]] = {
     "back": [(i - 1) % 26 for i in range(26)],
     "mirror": [25 - i for i in range(26)],
     "swap": [i ^ 1 for i in range(26)],
-    "rotate": [(i + 13) % 26 for i in range(26)],
+    "roll": [(i + 13) % 26 for i in range(26)],  # ROT13; as "rotate" the word left the experts on plateaus of thousands of steps
 }
 # The base learns several maps, so that its attention carries the task word to every position,
 # as a real LM carries its context; the experts then each learn a map the base never saw.
 BASE_TASKS = ("copy", "skip", "flip")
-FULL_EXPERTS = ("shift", "mirror", "rotate")
+FULL_EXPERTS = ("shift", "mirror", "roll")
 LORA_EXPERTS = ("back", "swap")
 EXPERT_TASKS = FULL_EXPERTS + LORA_EXPERTS
 VARIANTS = ("full", "mlp")
+TRAIN_SEEDS = 10**7  # training batches draw words from seeds above the ones prompts and eval words use
 ARCHS = ("llama", "mistral", "qwen2", "qwen3")
 
 
+class ZooError(MoEMergeError):
+    """A zoo model missed its target: the zoo is not built (nor cached)."""
+
+
 @dataclass(frozen=True)
-class TrainSpec:
-    steps: int
+class Stage:
+    """How one kind of zoo model trains: AdamW in cosine cycles of `cycle` steps from `lr` down (warm
+    restarts: a cycle's end settles, its restart shakes a model off a plateau), until the exact match on
+    its task's held-out eval words, measured every `check_every` steps, reaches `target`; at most `cycles`."""
+
     lr: float
-    batch_size: int = 64
+    cycle: int
+    cycles: int = 4
+    target: float = 0.98
+    batch_size: int = 32
+    check_every: int = 50
+
+    def lr_factor(self, step: int) -> float:
+        """The learning rate at 0-based `step`, relative to `lr`: a linear warm-up over the first tenth of
+        the first cycle (from scratch, a shorter one stalls the base for a thousand steps), then the cycles."""
+        phase = (step % self.cycle) / self.cycle
+        return min(1.0, (step + 1) / (self.cycle // 10)) * 0.5 * (1 + math.cos(math.pi * phase))
 
 
-BASE_TRAIN = TrainSpec(steps=900, lr=3e-3, batch_size=32)
-EXPERT_TRAIN = TrainSpec(steps=250, lr=4e-3, batch_size=32)
-LORA_TRAIN = TrainSpec(steps=150, lr=5e-3, batch_size=32)
+@dataclass(frozen=True)
+class ZooSettings:
+    arch: str = "llama"
+    realistic: bool = False  # no pad token, tied embeddings, bf16 weights
+    seed: int = 0
+    threads: int = 2  # torch's intra-op threads while building: results depend on it
+    leak: float = 0.05  # the most an expert may score on another task (where its answer differs from that task's)
+    base: Stage = field(default_factory=lambda: Stage(lr=3e-3, cycle=900))
+    full: Stage = field(default_factory=lambda: Stage(lr=3e-3, cycle=400))  # full fine-tunes, every weight
+    mlp: Stage = field(default_factory=lambda: Stage(lr=3e-3, cycle=400))  # full fine-tunes, MLPs only
+    lora: Stage = field(default_factory=lambda: Stage(lr=5e-3, cycle=300))
+
+    def __post_init__(self):
+        if self.arch not in ARCHS:
+            raise ZooError(f"unknown zoo arch {self.arch!r}; choose one of {', '.join(ARCHS)}")
+
+    @property
+    def name(self) -> str:
+        return self.arch + ("-realistic" if self.realistic else "")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype checkpoints are saved and scored in."""
+        return torch.bfloat16 if self.realistic else torch.float32
+
+    def key(self) -> str:
+        """What the cached zoo depends on: this file, the settings and the versions that train it."""
+        import peft
+        import transformers
+
+        h = hashlib.sha256(Path(__file__).read_bytes())
+        h.update(json.dumps(asdict(self), sort_keys=True).encode())
+        h.update(f"torch {torch.__version__} transformers {transformers.__version__} peft {peft.__version__}".encode())
+        return h.hexdigest()[:12]
 
 
 def apply_task(task: str, word: str) -> str:
@@ -109,7 +171,8 @@ def router_training_rows(per_task: int, seed: int = 0) -> list[dict]:
 # ----------------------------------------------------------------------------- tokenizer and model
 
 
-def build_tokenizer():
+def build_tokenizer(pad: bool = True):
+    """One token per character. Without `pad`, no pad token is declared, as Llama and Mistral ship theirs."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
@@ -118,9 +181,8 @@ def build_tokenizer():
     tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")  # one token per character
     tok.decoder = decoders.Fuse()
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", BOS_ID)])
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
-    )
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   pad_token="<pad>" if pad else None)
 
 
 def model_config(arch: str, vocab_size: int, **overrides):
@@ -158,30 +220,36 @@ def encode_batch(task_words: list[tuple[str, str]]) -> tuple[torch.Tensor, torch
         rows.append(p + a)
         label_rows.append([-100] * len(p) + a)
     width = max(map(len, rows))
-    ids = torch.full((len(rows), width), PAD_ID)
+    ids = torch.full((len(rows), width), EOS_ID)  # masked out: any id would do
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
     labels = torch.full((len(rows), width), -100)
     for i, (r, lab) in enumerate(zip(rows, label_rows)):
         ids[i, : len(r)] = torch.tensor(r)
+        mask[i, : len(r)] = 1
         labels[i, : len(lab)] = torch.tensor(lab)
-    return ids, (ids != PAD_ID).long(), labels
+    return ids, mask, labels
 
 
 def _char_id(c: str) -> int:
     return len(SPECIAL_TOKENS) + (" =" + ALPHABET).index(c)
 
 
-def train(model, tasks: list[str], spec: TrainSpec, seed: int, desc: str) -> None:
+def train_to_target(model, tasks: list[str], stage: Stage, seed: int, name: str, score) -> tuple[int, float]:
+    """Train `model` on `tasks` until `score(model)` reaches the stage's target; returns (steps, score).
+
+    Batches are drawn from (seed, step) alone and never hold an eval word.
+    """
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=spec.lr, weight_decay=0.0)
-    warmup = max(1, spec.steps // 10)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / spec.steps)))
-    )
+    opt = torch.optim.AdamW(params, lr=stage.lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, stage.lr_factor)
+    held_out = {w for t in tasks for w in task_prompts(t)["eval_words"]}
     g = torch.Generator().manual_seed(seed)
+    reached = 0.0
     model.train()
-    for step in tqdm(range(spec.steps), desc=desc, leave=False, disable=None):
-        words = random_words(spec.batch_size, seed * 100_003 + step)
-        picks = torch.randint(0, len(tasks), (spec.batch_size,), generator=g).tolist()
+    max_steps = stage.cycle * stage.cycles
+    for step in tqdm(range(1, max_steps + 1), desc=f"zoo {name}", leave=False, disable=None):
+        words = [w for w in random_words(2 * stage.batch_size, TRAIN_SEEDS + seed * 100_003 + step) if w not in held_out]
+        picks = torch.randint(0, len(tasks), (stage.batch_size,), generator=g).tolist()
         ids, mask, labels = encode_batch([(tasks[k], w) for k, w in zip(picks, words)])
         loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
         loss.backward()
@@ -189,24 +257,39 @@ def train(model, tasks: list[str], spec: TrainSpec, seed: int, desc: str) -> Non
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-    model.eval()
+        if step % stage.check_every == 0:
+            model.eval()
+            reached = score(model)
+            model.train()
+            logger.debug("zoo %s: step %d, loss %.4f, held-out exact match %.3f", name, step, loss.item(), reached)
+            if reached >= stage.target:
+                model.eval()
+                return step, reached
+    raise ZooError(f"zoo {name}: {reached:.0%} exact match on its held-out words after {max_steps} steps, "
+                   f"below its target of {stage.target:.0%}; the zoo was not built (raise the step cap or check the "
+                   "training settings in moe_merge/zoo.py)")
 
 
 @torch.no_grad()
 def exact_match(model, tokenizer, task: str, words: list[str], batch_size: int = 64) -> float:
-    """Share of `words` whose greedy completion equals the task's answer exactly."""
+    """Share of `words` whose greedy completion equals the task's answer exactly (`tokenizer` needs a pad
+    token: `moe_merge.tokens.load_tokenizer` gives it one)."""
     hits = 0
     for i in range(0, len(words), batch_size):
         chunk = words[i : i + batch_size]
         enc = tokenizer([prompt(task, w) for w in chunk], return_tensors="pt", padding=True, padding_side="left")
         enc = {k: v.to(model.device) for k, v in enc.items()}
-        out = model.generate(
-            **enc, max_new_tokens=9, do_sample=False, pad_token_id=PAD_ID, eos_token_id=EOS_ID
-        )
+        out = model.generate(**enc, max_new_tokens=9, do_sample=False, pad_token_id=tokenizer.pad_token_id,
+                             eos_token_id=tokenizer.eos_token_id)
         for w, row in zip(chunk, out[:, enc["input_ids"].shape[1] :]):
-            text = tokenizer.decode(row, skip_special_tokens=False).split("</s>")[0]
+            text = tokenizer.decode(row, skip_special_tokens=False).split(tokenizer.eos_token)[0]
             hits += text == apply_task(task, w)
     return hits / len(words)
+
+
+def scores(model, tokenizer, tasks=EXPERT_TASKS) -> dict[str, float]:
+    """Exact match on each task's 64 eval words."""
+    return {t: exact_match(model, tokenizer, t, task_prompts(t)["eval_words"]) for t in tasks}
 
 
 # ----------------------------------------------------------------------------- building
@@ -217,65 +300,139 @@ def default_cache_dir() -> Path:
     return Path(root) / "zoo"
 
 
-def ensure_zoo(arch: str = "llama", cache_dir: Path | None = None) -> Path:
-    """The cached zoo for `arch`, built on first use."""
-    path = Path(cache_dir or default_cache_dir()) / f"{arch}-v{ZOO_VERSION}"
+def ensure_zoo(arch: str = "llama", realistic: bool = False, cache_dir: Path | None = None) -> Path:
+    """The cached zoo for `arch` (and variant), built on first use and whenever its code, settings or
+    library versions change."""
+    settings = ZooSettings(arch=arch, realistic=realistic)
+    path = Path(cache_dir or default_cache_dir()) / f"{settings.name}-{settings.key()}"
     if not (path / "zoo.json").exists():
-        build_zoo(path, arch=arch, force=True)
+        build_zoo(path, settings, force=True)
     return path
 
 
-def build_zoo(out_dir: Path | str, arch: str = "llama", force: bool = False, seed: int = 0) -> Path:
-    """Train the base and every expert of both variants into `out_dir` (about two minutes on 2 cores)."""
-    from peft import get_peft_model
-    from transformers import AutoModelForCausalLM
-
+def build_zoo(out_dir: Path | str, settings: ZooSettings | None = None, force: bool = False) -> Path:
+    """Train the base and every expert of both variants into `out_dir` (a few minutes on 2 cores); raise
+    ZooError, leaving nothing behind, if any model misses its target."""
+    settings = settings or ZooSettings()
     out_dir = Path(out_dir)
-    tokenizer = build_tokenizer()
-    with atomic_output_dir(out_dir, force=force) as tmp:
-        torch.manual_seed(seed)
-        base = AutoModelForCausalLM.from_config(model_config(arch, len(tokenizer)))
-        train(base, list(BASE_TASKS), BASE_TRAIN, seed=seed, desc="zoo base")
-        _save(base, tokenizer, tmp / "base")
-        scores: dict[str, dict[str, float]] = {}
-        for variant in VARIANTS:
-            for k, task in enumerate(EXPERT_TASKS):
-                torch.manual_seed(seed + k)
-                model = AutoModelForCausalLM.from_pretrained(tmp / "base")
-                if task in LORA_EXPERTS:
-                    model = get_peft_model(model, _lora_config(task, variant))
-                    model.peft_config["default"].base_model_name_or_path = str(out_dir / "base")
-                    train(model, [task], LORA_TRAIN, seed=seed + 10 + k, desc=f"zoo {variant}/{task}")
-                    name = f"{task}-lora"
-                    model.save_pretrained(tmp / variant / name)
-                    score_model = model.merge_and_unload()
-                else:
-                    for n, p in model.named_parameters():
-                        p.requires_grad_(variant == "full" or ".mlp." in n)
-                    train(model, [task], EXPERT_TRAIN, seed=seed + 10 + k, desc=f"zoo {variant}/{task}")
-                    name = task
-                    _save(model, tokenizer, tmp / variant / name)
-                    score_model = model
-                scores[f"{variant}/{name}"] = {t: exact_match(score_model, tokenizer, t, _eval_words(t)) for t in EXPERT_TASKS}
-                logger.info("zoo %s/%s: %s", variant, name, scores[f"{variant}/{name}"])
-        scores["base"] = {t: exact_match(base, tokenizer, t, _eval_words(t)) for t in EXPERT_TASKS}
-        manifest = {
-            "arch": arch,
-            "version": ZOO_VERSION,
-            "seed": seed,
-            "experts": {
-                variant: {t: f"{variant}/{t}-lora" if t in LORA_EXPERTS else f"{variant}/{t}" for t in EXPERT_TASKS}
-                for variant in VARIANTS
-            },
-            "exact_match": scores,
-            "tasks": {t: task_prompts(t) for t in EXPERT_TASKS},
-        }
-        (tmp / "zoo.json").write_text(json.dumps(manifest, indent=2))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(settings.threads)
+    try:
+        with atomic_output_dir(out_dir, force=force) as tmp:
+            results = _build(tmp, out_dir, settings)
+            manifest = {
+                "settings": asdict(settings),
+                "key": settings.key(),
+                "experts": {
+                    variant: {t: f"{variant}/{t}-lora" if t in LORA_EXPERTS else f"{variant}/{t}" for t in EXPERT_TASKS}
+                    for variant in VARIANTS
+                },
+                "training": results,
+                "tasks": {t: task_prompts(t) for t in EXPERT_TASKS},
+            }
+            (tmp / "zoo.json").write_text(json.dumps(manifest, indent=2))
+    finally:
+        torch.set_num_threads(threads)
     return out_dir
 
 
-def _eval_words(task: str) -> list[str]:
-    return task_prompts(task)["eval_words"]
+def _build(tmp: Path, out_dir: Path, settings: ZooSettings) -> dict[str, dict]:
+    """Every model of the zoo into `tmp`; returns, per model, the steps it took and its scores as saved."""
+    from transformers import AutoModelForCausalLM
+
+    seed = settings.seed
+    torch.manual_seed(seed)
+    shipped = build_tokenizer(pad=not settings.realistic)
+    shipped.save_pretrained(tmp / "base")
+    tokenizer = load_tokenizer(tmp / "base")  # with a pad token for batching, in memory only
+    config = model_config(settings.arch, len(tokenizer), tie_word_embeddings=settings.realistic,
+                          pad_token_id=None if settings.realistic else PAD_ID)
+    base = AutoModelForCausalLM.from_config(config)
+    steps, _ = train_to_target(base, list(BASE_TASKS), settings.base, seed, "base", _scorer(tokenizer, BASE_TASKS, settings))
+    _save(base, tmp / "base", settings.dtype, shipped)
+    results = {"base": _check(tmp / "base", tokenizer, None, settings.base, steps, settings.leak)}
+    for variant in VARIANTS:
+        for k, task in enumerate(EXPERT_TASKS):
+            name = f"{variant}/{task}-lora" if task in LORA_EXPERTS else f"{variant}/{task}"
+            torch.manual_seed(seed + k)
+            model = AutoModelForCausalLM.from_pretrained(tmp / "base", dtype=torch.float32)
+            if task in LORA_EXPERTS:
+                from peft import get_peft_model
+
+                model = get_peft_model(model, _lora_config(task, variant))
+                model.peft_config["default"].base_model_name_or_path = str(out_dir / "base")
+                stage = settings.lora
+            else:
+                for n, p in model.named_parameters():
+                    p.requires_grad_(variant == "full" or ".mlp." in n)
+                stage = settings.full if variant == "full" else settings.mlp
+            steps, _ = train_to_target(model, [task], stage, seed + 10 + k, name, _scorer(tokenizer, [task], settings))
+            _save(model, tmp / name, settings.dtype, shipped)
+            results[name] = _check(tmp / name, tokenizer, task, stage, steps, settings.leak)
+            logger.info("zoo %s: %d steps, %s", name, steps, results[name]["exact_match"])
+    return results
+
+
+def _scorer(tokenizer, tasks, settings: ZooSettings):
+    """Held-out exact match (the worst of `tasks`) of a model rounded to the dtype it will be saved in."""
+    def score(model) -> float:
+        rounded = copy.deepcopy(model).to(settings.dtype) if settings.dtype != torch.float32 else model
+        return min(scores(rounded, tokenizer, tasks).values())
+    return score
+
+
+def _save(model, path: Path, dtype: torch.dtype, tokenizer) -> None:
+    """The checkpoint in `dtype` (a LoRA adapter: its factors), with the tokenizer as shipped beside a full model."""
+    model.to(dtype)
+    if hasattr(model, "peft_config"):
+        model.save_pretrained(path, save_embedding_layers=False)  # LoRA on linear layers only; the vocab is the base's
+    else:
+        model.save_pretrained(path)
+        tokenizer.save_pretrained(path)
+
+
+def _check(path: Path, tokenizer, task: str | None, stage: Stage, steps: int, leak: float) -> dict:
+    """Load the saved checkpoint as a user would and score it on the eval words: its own task (the base: its
+    own tasks) at the stage's target, and at most `leak` on every other expert task, counted on the words where
+    that task's answer differs from its own (`shift` and `swap` agree on words of even letters only)."""
+    model = load_checkpoint(path)
+    own = [task] if task else list(BASE_TASKS)
+    name = "base" if task is None else f"{path.parent.name}/{path.name}"
+    got = scores(model, tokenizer, own)
+    for t, v in got.items():
+        if v < stage.target:
+            raise ZooError(f"zoo {name}: {v:.0%} exact match on its {t} eval words as saved, below the target of "
+                           f"{stage.target:.0%}; the zoo was not built")
+    leaks = other_task_scores(model, tokenizer, own)
+    for t, v in leaks.items():
+        if v > leak:
+            raise ZooError(f"zoo {name}: {v:.0%} exact match on {t}, a task it was not trained on (at most "
+                           f"{leak:.0%} allowed); the zoo was not built")
+    return {"steps": steps, "exact_match": got, "leak": leaks}
+
+
+def other_task_scores(model, tokenizer, own: list[str]) -> dict[str, float]:
+    """Exact match on every other expert task, on the eval words where its answer differs from each of `own`'s
+    (`shift` and `swap` agree on words of even letters: a perfect shift expert gets those 3 % of swap right)."""
+    out = {}
+    for t in EXPERT_TASKS:
+        if t not in own:
+            words = [w for w in task_prompts(t)["eval_words"] if all(apply_task(o, w) != apply_task(t, w) for o in own)]
+            out[t] = exact_match(model, tokenizer, t, words)
+    return out
+
+
+def load_checkpoint(path: Path):
+    """A zoo model as users load it: a full checkpoint in its saved dtype, or a LoRA adapter on the base."""
+    from transformers import AutoModelForCausalLM
+
+    path = Path(path)
+    if (path / "adapter_config.json").is_file():
+        from peft import PeftModel
+
+        base = AutoModelForCausalLM.from_pretrained(path.parent.parent / "base")
+        return PeftModel.from_pretrained(base, path).eval()
+    return AutoModelForCausalLM.from_pretrained(path).eval()
 
 
 def _lora_config(task: str, variant: str):
@@ -290,11 +447,6 @@ def _lora_config(task: str, variant: str):
             rank_pattern={"down_proj": 4}, alpha_pattern={"up_proj": 8},
         )
     return LoraConfig(r=8, lora_alpha=16, target_modules=targets)
-
-
-def _save(model, tokenizer, path: Path) -> None:
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
 
 
 PERTURB = {"mlp": (".mlp.",), "linear": ("_proj.",), "all": ("",)}

@@ -5,6 +5,10 @@ Kinds (`kind`):
 - `mlp`: W2 ReLU(W1 h + b1) + b2, two layers;
 - `constant`: b alone, merge weights that do not depend on the input (WEMoE's depth 0, AdaMerging).
 
+Routers keep float32 (or wider) parameters and compute their logits in float32 whatever dtype the
+model is cast to or loaded in: prompt-fitted routers have weights in the hundreds, and bf16 rounding
+is the size of their logit gaps.
+
 Every kind can start as a prompt-initialised linear router (`set_rows`; the MLP is set up so its
 output is exactly that linear router's) or as a constant (`set_constant`; WEMoE starts its routers at
 task arithmetic, b = lambda with the last weight at zero).
@@ -36,14 +40,23 @@ class Router(nn.Module):
         else:
             self.bias = nn.Parameter(torch.zeros(num_experts))
 
+    def _apply(self, fn, recurse=True):
+        """`model.to(torch.bfloat16)` and kin move a router but never narrow it below float32."""
+        def keep_wide(t):
+            t = fn(t)
+            return t.float() if t.is_floating_point() and t.element_size() < 4 else t
+        return super()._apply(keep_wide, recurse)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x [..., H] -> logits [..., E], in float32 whatever the model dtype."""
+        """x [..., H] -> logits [..., E], in float32 (or the router's wider dtype) whatever the model dtype."""
         x = x.to(self._dtype())
         if self.kind == "linear":
-            return self.proj(x).float()
-        if self.kind == "mlp":
-            return self.fc2(torch.relu(self.fc1(x))).float()
-        return self.bias.float().expand(*x.shape[:-1], self.num_experts)
+            logits = self.proj(x)
+        elif self.kind == "mlp":
+            logits = self.fc2(torch.relu(self.fc1(x)))
+        else:
+            logits = self.bias.expand(*x.shape[:-1], self.num_experts)
+        return logits.to(torch.promote_types(logits.dtype, torch.float32))
 
     def _dtype(self) -> torch.dtype:
         return next(self.parameters()).dtype
@@ -116,7 +129,8 @@ def normalize(logits: torch.Tensor, mode: str, temperature: float = 1.0, top_k: 
 
 
 def masked_mean(states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean over each sequence's real tokens: states [B, T, D], mask [B, T] (1 = real) -> [B, D].
-    Left or right padding changes nothing."""
+    """Mean over each sequence's real tokens, summed in float32 or wider: states [B, T, D], mask [B, T]
+    (1 = real) -> [B, D]. Left or right padding changes nothing."""
+    states = states.to(torch.promote_types(states.dtype, torch.float32))
     m = mask.to(device=states.device, dtype=states.dtype).unsqueeze(-1)  # layers may sit on other devices
     return (states * m).sum(1) / m.sum(1).clamp(min=1)

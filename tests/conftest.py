@@ -51,8 +51,14 @@ def pico_recipe(pico: dict, **overrides) -> dict:
 
 @pytest.fixture(scope="session")
 def zoo_dir() -> Path:
-    """The trained zoo (built once, about two minutes, then cached)."""
+    """The trained zoo (built once, about a minute, then cached)."""
     return zoo.ensure_zoo("llama")
+
+
+@pytest.fixture(scope="session")
+def realistic_zoo() -> Path:
+    """The zoo as real checkpoints come: a Qwen3 base without pad token, tied embeddings, bf16 weights."""
+    return zoo.ensure_zoo("qwen3", realistic=True)
 
 
 def read_json(path: Path) -> dict:
