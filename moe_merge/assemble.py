@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -78,6 +79,24 @@ def open_recipe(config: MergeConfig, recipe_dir: Path | None = None) -> Recipe:
     if len(set(labels)) != len(labels):
         labels = [f"{i}:{label}" for i, label in enumerate(labels)]
     return Recipe(config, base, experts, shared, fmt, labels)
+
+
+def portable(config: MergeConfig, from_dir: Path | None, to_dir: Path) -> MergeConfig:
+    """`config` as the output's own moe-merge.yaml names its sources: a Hub id as given, a local directory by
+    its path relative to `to_dir`, so that the recipe resolves from where it sits and no absolute local path
+    reaches the Hub. `from_dir` is where the given paths are relative to (the recipe's directory)."""
+    def ref(text: str) -> str:
+        parts = []
+        for part in text.split("+"):  # mergekit's `base+adapter`
+            path = resolve_path(part, from_dir)
+            parts.append(part if card.hub_id(part, path) else os.path.relpath(path, Path(to_dir).absolute()))
+        return "+".join(parts)
+
+    def moved(experts):
+        return [e.model_copy(update={"source_model": ref(e.source_model)}) for e in experts]
+
+    return config.model_copy(update={"base_model": ref(config.base_model), "experts": moved(config.experts),
+                                     "shared_experts": moved(config.shared_experts)})
 
 
 def choose_format(config: MergeConfig, base: Checkpoint) -> MoEFormat:
@@ -213,6 +232,10 @@ def assemble(
     from moe_merge.quality import load_eval_rows, quality_table
 
     eval_rows = load_eval_rows(eval_data) if eval_data else None  # a bad file fails before any work
+    try:
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError, ValueError) as e:  # torch's word for a missing or unknown device varies
+        raise ConfigError(f"--device {device}: {str(e).splitlines()[0]}; give a device this machine has, e.g. cpu") from None
     recipe = open_recipe(config, recipe_dir)
     if dtype:
         config = config.model_copy(update={"dtype": dtype})
@@ -224,7 +247,8 @@ def assemble(
         from moe_merge.dynamic import assemble_dynamic
 
         return assemble_dynamic(recipe, Path(out_dir), tokenizer=tokenizer, force=force, dtype=out_dtype,
-                                shard_size=shard_size, seed=seed, tokenizer_files=TOKENIZER_FILES,
+                                shard_size=shard_size, seed=seed, tokenizer_files=TOKENIZER_FILES, device=device,
+                                shown=replace(recipe, config=portable(config, recipe_dir, out_dir)),
                                 eval_data=(eval_data, eval_rows) if eval_rows else None)
     out_config = moe_config(recipe)
     entries = plan(recipe)
@@ -235,7 +259,7 @@ def assemble(
 
     with atomic_output_dir(out_dir, force=force) as tmp:
         writer = ShardWriter(tmp, shard_size)
-        fitter = RouterFitter(recipe, out_config, tokenizer, seed, device)
+        fitter = RouterFitter(recipe, out_config, tokenizer, seed, device, out_dtype or torch.float32)
         by_layer: dict[int | None, list[TensorPlan]] = {}
         for p in entries:
             by_layer.setdefault(layer_of(p.name), []).append(p)
@@ -257,8 +281,8 @@ def assemble(
         for name in TOKENIZER_FILES:  # unchanged: no pad token injected into the user's files
             if (recipe.base.path / name).is_file():
                 shutil.copy2(recipe.base.path / name, tmp / name)
-        resolved = config.resolved()
-        (tmp / "moe-merge.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+        shown = replace(recipe, config=portable(config, recipe_dir, out_dir))
+        (tmp / "moe-merge.yaml").write_text(yaml.safe_dump(shown.config.resolved(), sort_keys=False))
         rep = fitter.report()
         report.write(rep, tmp)
         quality = None
@@ -266,7 +290,7 @@ def assemble(
             from transformers import AutoModelForCausalLM
 
             quality = quality_table(AutoModelForCausalLM.from_pretrained(tmp), tokenizer, eval_data, eval_rows)
-        card.write_card(tmp, recipe, rep, quality)
+        card.write_card(tmp, shown, rep, quality)
     return Path(out_dir)
 
 
@@ -297,8 +321,8 @@ def _write_generation_config(base_path: Path, out: Path) -> None:
 class RouterFitter:
     """Fits each layer's router on the prompts as the layers stream past, and records the routing report."""
 
-    def __init__(self, recipe: Recipe, out_config, tokenizer, seed: int, device: str):
-        self.recipe, self.config, self.tokenizer = recipe, out_config, tokenizer
+    def __init__(self, recipe: Recipe, out_config, tokenizer, seed: int, device: str, dtype: torch.dtype):
+        self.recipe, self.config, self.tokenizer, self.dtype = recipe, out_config, tokenizer, dtype
         self.spec = recipe.config.router_spec
         self.runner = LayerRunner(out_config, device)
         self.generator = torch.Generator().manual_seed(seed)
@@ -337,8 +361,11 @@ class RouterFitter:
         if self.recipe.shared is not None:
             routers["shared_router"] = self._shared_router(shared_features, positive)
             module.mlp.shared_expert_gate.weight.data = routers["shared_router"].float()
+        # The report measures the layer as it ships: in the output dtype, its router rounded to it too (a stock
+        # MoE's router computes in the model's dtype).
         module.mlp.gate.weight.data = weight.float()
-        stats = [self.runner.step(module, s)[1] if s is not None else None for s in self.evals]
+        module.to(self.dtype)
+        stats = [self.runner.step(module, s)[1].float() if s is not None else None for s in self.evals]
         self.layers.append(report.layer_stats(layer, stats, self.evals, weight, self.config.num_experts_per_tok, scale))
         return routers
 

@@ -7,6 +7,7 @@ computes, so they bake only for one-hot (top-1) weights: the chosen expert's lay
 
 from __future__ import annotations
 
+import copy
 import shutil
 from pathlib import Path
 
@@ -80,16 +81,17 @@ def baked_state(model: MoEMergeForCausalLM, weights: torch.Tensor) -> dict[str, 
 
 
 def baked_model(model: MoEMergeForCausalLM, weights: torch.Tensor):
+    """The dense model, loaded strictly: a missing or unexpected tensor is an error, tied base or not. A tied
+    base stays tied unless the mix gives the head other values than the embedding (at model level the head is
+    the chosen expert's own embedding, the embedding the merged one): then the dense model is untied."""
     from transformers import AutoModelForCausalLM
 
-    text = model.config.text_config
-    dense = AutoModelForCausalLM.from_config(text, dtype=model.dtype)
+    text = copy.deepcopy(model.config.text_config)
     state = baked_state(model, weights)
-    if text.tie_word_embeddings:
-        state.pop("lm_head.weight", None)
-    dense.load_state_dict(state, strict=not text.tie_word_embeddings)
-    if text.tie_word_embeddings:
-        dense.tie_weights()
+    if text.tie_word_embeddings and not torch.equal(state["lm_head.weight"], state["model.embed_tokens.weight"]):
+        text.tie_word_embeddings = False
+    dense = AutoModelForCausalLM.from_config(text, dtype=model.dtype)
+    dense.load_state_dict(state)
     return dense.eval()
 
 

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import yaml
 
+from moe_merge.config import PROMPT_INITS
+
 
 def hub_id(ref: str, path: Path) -> str | None:
     """`ref` when it named a Hub repo, i.e. it was resolved from the Hugging Face cache; None for local paths."""
@@ -75,6 +77,9 @@ def write_card(out_dir: Path, recipe, rep: dict, quality: dict | None = None) ->
         for i, (label, e) in enumerate(zip(rep["experts"], cfg.experts))
     )
     warnings = "\n".join(f"- {w}" for w in rep["warnings"]) or "- none"
+    report = (f"Where each expert's held-out prompts are routed, layer by layer (`routing_report.json`). Warnings:\n\n"
+              f"{warnings}\n\n![routing report](routing_report.png)" if rep["measured"] else rep["note"].capitalize() + ".")
+    start = "initialised from each expert's prompts without training" if cfg.gate_init in PROMPT_INITS else "no prompts read"
     text = f"""---
 {data.to_yaml()}
 ---
@@ -93,16 +98,12 @@ from {len(cfg.experts)} experts fine-tuned from `{cfg.base_model}`.
 ## Method
 
 - level: `{cfg.level}`, method: `{cfg.method}` (top-{cfg.experts_per_token} of {len(cfg.experts)} experts per token)
-- routers: `{cfg.gate_init}`, initialised from each expert's prompts without training
+- routers: `{cfg.gate_init}`, {start}
 - non-expert weights (attention, norms, embeddings): `{cfg.static_method}`
 
 ## Routing report
 
-Where each expert's held-out prompts are routed, layer by layer (`routing_report.json`). Warnings:
-
-{warnings}
-
-![routing report](routing_report.png)
+{report}
 {_quality(quality)}
 ## How to load
 
@@ -133,12 +134,15 @@ def write_dynamic_card(out_dir: Path, recipe, rep: dict, quality: dict | None = 
 
     cfg = recipe.config
     data = _card_data(recipe, [f"moe-merge-{cfg.method}", f"level-{cfg.level}"])
-    first = rep["accuracy"][0]
+    measured = rep["measured"]
     rows = "\n".join(
-        f"| {i} | {label} | `{e.source_model}` | {_pct(min(a[i] for a in rep['accuracy']))} | "
-        f"{_pct(rep['routed_right_at_every_router'][i])} |"
+        f"| {i} | {label} | `{e.source_model}` | "
+        + (f"{_pct(min(a[i] for a in rep['accuracy']))} | {_pct(rep['routed_right_at_every_router'][i])} |"
+           if measured and rep["accuracy"][0][i] is not None else "not measured | not measured |")
         for i, (label, e) in enumerate(zip(rep["experts"], cfg.experts))
-    ) if first else ""
+    )
+    report = ("Mean merge weights of each expert's held-out prompts, per router (`routing_report.json`):\n\n"
+              "![routing report](routing_report.png)" if measured else rep["note"].capitalize() + ".")
     spec = cfg.router_spec
     text = f"""---
 {data.to_yaml()}
@@ -164,9 +168,7 @@ model applies the merged parameters in one forward pass.
 
 ## Routing report
 
-Mean merge weights of each expert's held-out prompts, per router (`routing_report.json`):
-
-![routing report](routing_report.png)
+{report}
 {_quality(quality)}
 ## How to load
 

@@ -22,8 +22,9 @@ from tqdm.auto import tqdm
 
 from moe_merge.arch import layer_of
 from moe_merge.config import MergeConfig
-from moe_merge.errors import CompatibilityError
+from moe_merge.errors import CompatibilityError, ConfigError
 from moe_merge.merge import static_merge
+from moe_merge.report import NO_PROMPTS
 from moe_merge.modeling import ATTN_PROJS, MLP_PROJS, MoEMergeConfig, MoEMergeForCausalLM, stock_layer
 from moe_merge.routers import prompt_init
 from moe_merge.routers.router import Router, masked_mean
@@ -77,6 +78,12 @@ def _owner(proj: str) -> str:
 
 def model_config(recipe, text_config) -> MoEMergeConfig:
     cfg = recipe.config
+    layers = text_config.num_hidden_layers
+    for field, value, used in (("twin.router_layer", cfg.twin.router_layer, cfg.method == "twin"),
+                               ("dense_layers", cfg.dense_layers, cfg.level == "model")):
+        if used and value >= layers:
+            raise ConfigError(f"`{field}: {value}` is past the last layer: the base {recipe.base.path} has {layers} "
+                              f"layers, so it must be at most {layers - 1}")
     forms, ranks = plan_forms(recipe, text_config)
     spec = cfg.router_spec
     return MoEMergeConfig(
@@ -275,21 +282,21 @@ def routers(model: MoEMergeForCausalLM) -> list[Router]:
 def router_inputs(model, tokenizer, prompts: list[str], expert: int | None) -> list[torch.Tensor]:
     """Each router's pooled input [n, H] for `prompts`, with routing forced one-hot to `expert` (perfect
     routing: what the router must recognise) or left to the routers (expert None)."""
-    enc = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left")
+    enc = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left").to(model.device)
     mask = enc["attention_mask"]
     captured: list[torch.Tensor | None] = [None] * len(routers(model))
 
     def hook(i):
         def grab(_module, args):
             x = args[0].float()
-            captured[i] = masked_mean(x, mask) if x.dim() == 3 else x
+            captured[i] = (masked_mean(x, mask) if x.dim() == 3 else x).cpu()
         return grab
 
     handles = [r.register_forward_pre_hook(hook(i)) for i, r in enumerate(routers(model))]
     try:
         forced = None
         if expert is not None:
-            forced = torch.nn.functional.one_hot(torch.tensor(expert), model.config.num_experts).float()
+            forced = torch.nn.functional.one_hot(torch.tensor(expert), model.config.num_experts).float().to(model.device)
         model(**enc, merge_weights=forced, use_cache=False)
     finally:
         for h in handles:
@@ -331,24 +338,38 @@ def init_routers(model, tokenizer, config: MergeConfig, seed: int) -> list[float
 
 @torch.no_grad()
 def routing_report(model, tokenizer, config: MergeConfig, labels: list[str]) -> dict:
-    """How each router sends every expert's held-out prompts: accuracy and mean merge weights."""
-    per_expert = []
-    for i, e in enumerate(config.experts):
+    """How each router sends every expert's held-out prompts (`eval_prompts`, else `positive_prompts`):
+    accuracy and mean merge weights; None for an expert without prompts."""
+    R = model.config.num_routers
+    per_expert: list[torch.Tensor | None] = []
+    for e in config.experts:
         prompts = e.eval_prompts if e.eval_prompts is not None else e.positive_prompts
-        enc = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left")
+        if not prompts:
+            per_expert.append(None)
+            continue
+        enc = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left").to(model.device)
         w = model(**enc, use_cache=False).merge_weights  # [B, R, E] or [B, R, T, E]
         if w.dim() == 4:
             w = masked_mean(w.permute(0, 2, 1, 3).flatten(2), enc["attention_mask"]).view(w.shape[0], w.shape[1], -1)
-        per_expert.append(w.float())
-    R = per_expert[0].shape[1]
-    accuracy = [[(w[:, k].argmax(-1) == i).float().mean().item() for i, w in enumerate(per_expert)] for k in range(R)]
-    mean_weights = [[w[:, k].mean(0).tolist() for w in per_expert] for k in range(R)]
-    everywhere = [(w.argmax(-1) == i).all(-1).float().mean().item() for i, w in enumerate(per_expert)]
-    return {"experts": labels, "method": config.method, "level": config.level, "routers": R,
-            "accuracy": accuracy, "mean_weights": mean_weights, "routed_right_at_every_router": everywhere}
+        per_expert.append(w.float().cpu())
+    rep = {"experts": labels, "method": config.method, "level": config.level, "routers": R}
+    if all(w is None for w in per_expert):
+        return {**rep, "measured": False, "note": NO_PROMPTS}
+
+    def each(f):
+        return [None if w is None else f(i, w) for i, w in enumerate(per_expert)]
+
+    accuracy = [each(lambda i, w: (w[:, k].argmax(-1) == i).float().mean().item()) for k in range(R)]
+    mean_weights = [each(lambda i, w: w[:, k].mean(0).tolist()) for k in range(R)]
+    everywhere = each(lambda i, w: (w.argmax(-1) == i).all(-1).float().mean().item())
+    return {**rep, "measured": True, "accuracy": accuracy, "mean_weights": mean_weights,
+            "routed_right_at_every_router": everywhere}
 
 
 def plot_report(rep: dict, path: Path) -> None:
+    """Heatmaps of mean merge weights for the first, middle and last router; nothing if nothing was measured."""
+    if not rep["measured"]:
+        return
     import matplotlib
 
     matplotlib.use("Agg")
@@ -358,7 +379,8 @@ def plot_report(rep: dict, path: Path) -> None:
     picks = sorted({0, R // 2, R - 1})
     fig, axes = plt.subplots(1, len(picks), figsize=(3.2 * len(picks) + 1, 3.2), squeeze=False)
     for ax, k in zip(axes[0], picks):
-        im = ax.imshow(rep["mean_weights"][k], vmin=0, vmax=1, cmap="viridis")
+        rows = [w if w is not None else [float("nan")] * len(rep["experts"]) for w in rep["mean_weights"][k]]
+        im = ax.imshow(rows, vmin=0, vmax=1, cmap="viridis")
         ax.set_title(f"router {k}" if R > 1 else "router")
         ax.set_xticks(range(len(rep["experts"])), rep["experts"], rotation=45, ha="right", fontsize=7)
         ax.set_yticks(range(len(rep["experts"])), rep["experts"], fontsize=7)
@@ -380,41 +402,38 @@ def save_model(model: MoEMergeForCausalLM, out: Path, max_shard_size: str | int 
     (Path(out) / "modeling_moe_merge.py").write_text(REMOTE_CODE)
 
 
-def write_outputs(tmp: Path, model, recipe, rep: dict, tokenizer_files, base_path: Path, shard_size,
-                  quality: dict | None = None) -> None:
+def assemble_dynamic(recipe, out_dir: Path, *, tokenizer, force: bool, dtype: torch.dtype | None, shard_size,
+                     seed: int, tokenizer_files, shown, device: str = "cpu",
+                     eval_data: tuple[Path, list[dict]] | None = None) -> Path:
+    """Build, start the routers from prompts on `device`, write atomically; then measure the routing report (and
+    exact match on `eval_data`, (path, rows)) on the model loaded back from the output, as users get it: its
+    dtype, its RoPE tables. `shown` is the recipe as the output names its sources (`assemble.portable`)."""
     from moe_merge import card
     from moe_merge.assemble import _write_generation_config
-
-    cfg = recipe.config
-    save_model(model, tmp, shard_size)
-    _write_generation_config(base_path, tmp)
-    for name in tokenizer_files:
-        if (base_path / name).is_file():
-            shutil.copy2(base_path / name, tmp / name)
-    (tmp / "moe-merge.yaml").write_text(yaml.safe_dump(cfg.resolved(), sort_keys=False))
-    (tmp / "routing_report.json").write_text(json.dumps(rep, indent=2))
-    plot_report(rep, tmp / "routing_report.png")
-    card.write_dynamic_card(tmp, recipe, rep, quality)
-
-
-def assemble_dynamic(recipe, out_dir: Path, *, tokenizer, force: bool, dtype: torch.dtype | None, shard_size,
-                     seed: int, tokenizer_files, eval_data: tuple[Path, list[dict]] | None = None) -> Path:
-    """Build, start the routers from prompts, report, measure on `eval_data` (path, rows), and write atomically."""
     from moe_merge.outdir import atomic_output_dir
 
     cfg = recipe.config
     logger.info("building a %s / %s dynamic model from %d experts", cfg.method, cfg.level, len(recipe.experts))
-    model = build_model(recipe, seed)
+    model = build_model(recipe, seed).to(device)
     scales = init_routers(model, tokenizer, cfg, seed)
-    rep = routing_report(model, tokenizer, cfg, recipe.labels)
-    rep["calibration_scales"] = scales
     if dtype is not None:
-        model.to(dtype)
-    quality = None
-    if eval_data is not None:
-        from moe_merge.quality import quality_table
-
-        quality = quality_table(model, tokenizer, *eval_data)
+        model.to(dtype)  # the routers stay float32
     with atomic_output_dir(out_dir, force=force) as tmp:
-        write_outputs(tmp, model, recipe, rep, tokenizer_files, recipe.base.path, shard_size, quality)
+        save_model(model, tmp, shard_size)
+        del model
+        shipped = MoEMergeForCausalLM.from_pretrained(tmp).to(device).eval()
+        rep = {**routing_report(shipped, tokenizer, cfg, recipe.labels), "calibration_scales": scales}
+        quality = None
+        if eval_data is not None:
+            from moe_merge.quality import quality_table
+
+            quality = quality_table(shipped, tokenizer, *eval_data)
+        _write_generation_config(recipe.base.path, tmp)
+        for name in tokenizer_files:
+            if (recipe.base.path / name).is_file():
+                shutil.copy2(recipe.base.path / name, tmp / name)
+        (tmp / "moe-merge.yaml").write_text(yaml.safe_dump(shown.config.resolved(), sort_keys=False))
+        (tmp / "routing_report.json").write_text(json.dumps(rep, indent=2))
+        plot_report(rep, tmp / "routing_report.png")
+        card.write_dynamic_card(tmp, shown, rep, quality)
     return Path(out_dir)

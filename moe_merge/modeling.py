@@ -345,17 +345,16 @@ class MoEMergeModel(MoEMergePreTrainedModel):
         return list(types)
 
     def _ensure_cache_layers(self, cache: Cache) -> None:
-        """Sparse block and model levels keep one KV cache per expert layer: E x the base's layers.
-        Generation builds the cache from the base config, so the missing layers are added here; a cache
-        of fixed size (StaticCache and its kin) cannot grow, so it is refused if it is too short."""
+        """The model runs on a DynamicCache: sparse block and model levels keep one KV cache per expert layer
+        (E x the base's layers), which generation's cache, built from the base config, lacks, so the missing
+        layers are added here. Caches of fixed size (StaticCache and its kin) are refused."""
+        if not isinstance(cache, DynamicCache):
+            raise ValueError(
+                f"moe-merge dynamic models run on a DynamicCache, not a {type(cache).__name__}: pass a DynamicCache or "
+                "none (in `generate`, leave `cache_implementation` unset)")
         text = self.config.text_config
         types = self._layer_types()
         needed = text.num_hidden_layers * (self.config.num_experts if self.config.method == "sparse" else 1)
-        if len(cache.layers) < needed and type(cache) is not DynamicCache:
-            raise ValueError(
-                f"this {self.config.method} / {self.config.level} model keeps one KV cache per expert layer "
-                f"({needed} layers) but was given a {type(cache).__name__} of {len(cache.layers)}; pass a DynamicCache "
-                "or none (in `generate`, leave `cache_implementation` unset)")
         while len(cache.layers) < needed:
             kind = types[len(cache.layers) % len(types)]
             cache.layers.append(DynamicSlidingWindowLayer(sliding_window=text.sliding_window)

@@ -14,6 +14,11 @@ Objectives, combined with weights (`--objective lm=1,routing=0.5`):
 
 Router logits from either kind of model are brought to one shape, [B, R, S, E] with a mask [B, S]
 (S = 1 for per-sequence routers, S = T for per-token ones).
+
+`lm`, `entropy` and `routing` are means over the *global* batch when given its totals (target tokens,
+labelled rows): each process sums over its share and divides by the global count, times the number of
+processes, so the average DDP takes of the processes' gradients is the single-process gradient. `balance`
+(a product of shares) is computed over each process's share, as Switch Transformer does per device.
 """
 
 from __future__ import annotations
@@ -102,20 +107,37 @@ def routing_logits(out, batch: dict, stock: bool) -> tuple[torch.Tensor, torch.T
     return logits, mask
 
 
-def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+def totals(rows: list[dict]) -> dict[str, int]:
+    """What the mean of each term divides by, counted over rows (the global batch): target tokens, labelled rows."""
+    return {"tokens": sum(sum(t != -100 for t in r["labels"][1:]) for r in rows),
+            "labelled": sum(r["expert"] >= 0 for r in rows)}
 
 
-def entropy_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def _mean(total: torch.Tensor, count: torch.Tensor, over: tuple[int, int] | None) -> torch.Tensor:
+    """`total / count`, or, with `over` = (global count, processes), this process's share of the global mean."""
+    if over is None:
+        return total / count.clamp(min=1)
+    return total * over[1] / max(over[0], 1)
+
+
+def lm_loss(logits: torch.Tensor, labels: torch.Tensor, over: tuple[int, int] | None = None) -> torch.Tensor:
+    targets = labels[:, 1:].flatten()
+    ce = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets, ignore_index=-100, reduction="sum")
+    return _mean(ce, (targets != -100).sum(), over)
+
+
+def entropy_loss(logits: torch.Tensor, labels: torch.Tensor, over: tuple[int, int] | None = None) -> torch.Tensor:
     """Mean entropy of the next-token distribution where a target exists (labels are not read otherwise)."""
     logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
     entropy = -(logp.exp() * logp).sum(-1)
     where = (labels[:, 1:] != -100).float()
-    return (entropy * where).sum() / where.sum().clamp(min=1)
+    return _mean((entropy * where).sum(), where.sum(), over)
 
 
-def routing_loss(router_logits: torch.Tensor, mask: torch.Tensor, expert: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy of every router's logits against the row's expert, over labelled rows."""
+def routing_loss(router_logits: torch.Tensor, mask: torch.Tensor, expert: torch.Tensor,
+                 over: tuple[int, int] | None = None) -> torch.Tensor:
+    """Cross-entropy of every router's logits against the row's expert: per labelled row, the mean over its
+    routers and routed units, then the mean over labelled rows."""
     labelled = expert >= 0
     if not labelled.any():  # keep the graph (DDP expects every router to get a gradient)
         return router_logits.sum() * 0.0
@@ -123,7 +145,8 @@ def routing_loss(router_logits: torch.Tensor, mask: torch.Tensor, expert: torch.
     target = expert[labelled].view(-1, 1, 1).expand(lg.shape[:-1])
     ce = F.cross_entropy(lg.flatten(0, 2).float(), target.flatten(), reduction="none").view(target.shape)
     w = m.unsqueeze(1).expand_as(ce)
-    return (ce * w).sum() / w.sum().clamp(min=1)
+    per_row = (ce * w).sum((1, 2)) / w.sum((1, 2)).clamp(min=1)
+    return _mean(per_row.sum(), labelled.sum(), over)
 
 
 def balance_loss(router_logits: torch.Tensor, mask: torch.Tensor, k: int) -> torch.Tensor:
@@ -149,22 +172,27 @@ def routing_hits(router_logits: torch.Tensor, mask: torch.Tensor, expert: torch.
     return int(hits), int(mean.shape[0] * mean.shape[1])
 
 
-def objective(model: nn.Module, batch: dict, weights: dict[str, float], stock: bool,
-              k: int) -> tuple[torch.Tensor, dict[str, torch.Tensor], object]:
+def objective(model: nn.Module, batch: dict, weights: dict[str, float], stock: bool, k: int,
+              global_totals: dict[str, int] | None = None, processes: int = 1,
+              ) -> tuple[torch.Tensor, dict[str, torch.Tensor], object]:
     """The weighted loss, each term (detached) and the model's output. `model` may be wrapped (DDP), so
-    whether it is a stock MoE and its top-k come from the caller."""
+    whether it is a stock MoE and its top-k come from the caller. With `global_totals` (`totals` of the whole
+    global batch) the means are this process's share of the global batch's, for DDP."""
+    def over(key):
+        return None if global_totals is None else (global_totals[key], processes)
+
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
     inputs.update({"output_router_logits": True} if stock else {"routing_mask": batch["routing_mask"]})
     out = model(**inputs)
     terms = {}
     if "lm" in weights:
-        terms["lm"] = lm_loss(out.logits, batch["labels"])
+        terms["lm"] = lm_loss(out.logits, batch["labels"], over("tokens"))
     if "entropy" in weights:
-        terms["entropy"] = entropy_loss(out.logits, batch["labels"])
+        terms["entropy"] = entropy_loss(out.logits, batch["labels"], over("tokens"))
     if "routing" in weights or "balance" in weights:
         logits, mask = routing_logits(out, batch, stock)
         if "routing" in weights:
-            terms["routing"] = routing_loss(logits, mask, batch["expert"])
+            terms["routing"] = routing_loss(logits, mask, batch["expert"], over("labelled"))
         if "balance" in weights:
             terms["balance"] = balance_loss(logits, mask, k)
     loss = sum(weights[k] * v for k, v in terms.items())

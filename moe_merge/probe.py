@@ -80,7 +80,7 @@ class LayerRunner:
         hooks = [layer.mlp.register_forward_pre_hook(grab_input), layer.mlp.gate.register_forward_hook(route)]
         try:
             b, t = stream.ids.shape
-            stream.hidden = stream.hidden.to(self.device)
+            stream.hidden = stream.hidden.to(self.device, next(layer.parameters()).dtype)
             position_ids = torch.arange(t, device=self.device).unsqueeze(0).expand(b, t)
             position_embeddings = self.rotary(stream.hidden, position_ids)
             # Right padding and a causal mask: real tokens never see padding, so no mask is needed.

@@ -31,6 +31,7 @@ def validate_folder(folder: Path | str) -> str:
     if not folder.is_dir():
         raise PushError(f"{folder} is not a directory")
     _check_card(folder)
+    _check_recipe(folder)
     _check_index(folder)
     if (folder / "adapter_config.json").is_file():
         _check_adapter(folder)
@@ -59,6 +60,22 @@ def _check_card(folder: Path) -> None:
         except HFValidationError:
             raise PushError(f"{path}: `base_model` lists {ref!r}, which is not a Hub repo id (the Hub refuses local "
                             "paths); replace it with the repo id or remove it") from None
+
+
+def _check_recipe(folder: Path) -> None:
+    """The resolved recipe names its sources by Hub id or relative path; an absolute one would publish this
+    machine's directory layout and resolve nowhere else."""
+    import yaml
+
+    path = folder / "moe-merge.yaml"
+    if not path.is_file():
+        return
+    recipe = yaml.safe_load(path.read_text()) or {}
+    refs = [recipe.get("base_model")] + [e.get("source_model") for e in recipe.get("experts", []) + (recipe.get("shared_experts") or [])]
+    local = [r for r in refs if isinstance(r, str) and any(Path(part).is_absolute() for part in r.split("+"))]
+    if local:
+        raise PushError(f"{path} names sources by absolute local path ({local[0]}): write them as Hub ids or as paths "
+                        "relative to the folder (moe-merge assemble does), then push")
 
 
 def _check_index(folder: Path) -> None:

@@ -19,6 +19,7 @@ logger = logging.getLogger(__name__)
 COLLAPSE_SHARE = 0.9  # one expert takes this much of all tokens at a layer
 DEAD_SHARE = 0.02  # an expert gets less than this
 PARALLEL_COSINE = 0.98  # two router rows point the same way
+NO_PROMPTS = "no prompts to measure: give experts `eval_prompts` (or `positive_prompts`) to get a report"
 
 
 def layer_stats(layer: int, logits: list, streams: list, weight: torch.Tensor, top_k: int, scale: float | None) -> dict:
@@ -77,8 +78,11 @@ def summarise(layers: list[dict], labels: list[str], config) -> dict:
                             "their experts' prompts look alike at this layer")
     for w in warnings:
         logger.warning("routing report: %s", w)
+    measured = any(s is not None for lay in layers for s in lay["share"])
     return {
         "experts": labels,
+        "measured": measured,
+        **({} if measured else {"note": NO_PROMPTS}),
         "gate_init": config.gate_init,
         "experts_per_token": config.experts_per_token,
         "layers": [{k: v for k, v in lay.items() if not k.startswith("_")} for lay in layers],
@@ -96,7 +100,8 @@ def _mean(xs: list) -> float | None:
 
 def write(rep: dict, out_dir: Path) -> None:
     (Path(out_dir) / "routing_report.json").write_text(json.dumps(rep, indent=2) + "\n")
-    plot(rep, Path(out_dir) / "routing_report.png")
+    if rep["measured"]:
+        plot(rep, Path(out_dir) / "routing_report.png")
 
 
 def plot(rep: dict, path: Path) -> None:

@@ -18,6 +18,7 @@ Every other parameter is frozen and stays bit-identical.
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import logging
 import math
@@ -28,6 +29,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+import yaml
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
@@ -77,10 +79,10 @@ def lr_at(step: int, args: TrainRouterArgs) -> float:
     return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def batch_rows(n: int, step: int, micro: int, args: TrainRouterArgs, rank: int, world: int) -> list[int]:
-    """Row indices this process trains on at (step, micro): a slice of the global batch, epochs reshuffled."""
+def batch_rows(n: int, step: int, micro: int, args: TrainRouterArgs) -> list[int]:
+    """Row indices of the global batch at (step, micro), epochs reshuffled; process r of N trains on [r::N]."""
     start = (step * args.grad_accum + micro) * args.batch_size
-    return [_epoch_order(n, args.seed, p // n)[p % n] for p in range(start + rank, start + args.batch_size, world)]
+    return [_epoch_order(n, args.seed, p // n)[p % n] for p in range(start, start + args.batch_size)]
 
 
 @functools.lru_cache(maxsize=2)  # a batch spans at most two epochs
@@ -336,12 +338,16 @@ def _train(accelerator, model_dir: Path, run_dir: Path, args: TrainRouterArgs) -
         lr = lr_at(step, args)
         for group in optimizer.param_groups:
             group["lr"] = lr * group["scale"]
+        seen = []
         for micro in range(args.grad_accum):
-            rows = [train.rows[i] for i in batch_rows(len(train), step, micro, args, accelerator.process_index,
-                                                       accelerator.num_processes)]
-            batch = _to(train_data.collate(rows, tokenizer.pad_token_id), accelerator.device)
+            global_rows = batch_rows(len(train), step, micro, args)
+            mine = global_rows[accelerator.process_index :: accelerator.num_processes]
+            seen += mine
+            batch = _to(train_data.collate([train.rows[i] for i in mine], tokenizer.pad_token_id), accelerator.device)
             with accelerator.accumulate(model):
-                loss, terms, _ = objectives.objective(model, batch, args.objective, stock, k)
+                loss, terms, _ = objectives.objective(model, batch, args.objective, stock, k,
+                                                      objectives.totals([train.rows[i] for i in global_rows]),
+                                                      accelerator.num_processes)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and args.max_grad_norm > 0:
                     accelerator.clip_grad_norm_(params, args.max_grad_norm)
@@ -349,7 +355,9 @@ def _train(accelerator, model_dir: Path, run_dir: Path, args: TrainRouterArgs) -
                 optimizer.zero_grad(set_to_none=True)
         train_seconds += time.perf_counter() - t0
         bar.set_postfix(loss=f"{loss.item():.4f}")
-        log({"step": step + 1, "lr": lr, "loss": loss.item(), **{t: v.item() for t, v in terms.items()}})
+        trained = accelerator.gather(torch.tensor(seen, device=accelerator.device)).tolist()  # every process's rows
+        log({"step": step + 1, "lr": lr, "loss": loss.item(), **{t: v.item() for t, v in terms.items()},
+             "rows": hashlib.sha256(str(sorted(trained)).encode()).hexdigest()[:16]})
         done = step + 1
         if done % args.eval_every == 0 or done == args.steps:
             consider(done)
@@ -385,8 +393,14 @@ def export(model, tokenizer, model_dir: Path, out: Path, dtype: torch.dtype, sum
             if f.is_file() and not f.name.endswith(WEIGHT_SUFFIXES):
                 shutil.copy2(f, tmp / f.name)
         model.to(dtype).save_pretrained(tmp)
-        if not objectives.is_stock(model) and (model_dir / "moe-merge.yaml").is_file():
-            _refresh_routing_report(model, tokenizer, model_dir, tmp)
+        if (model_dir / "moe-merge.yaml").is_file():  # its sources named from the new place
+            from moe_merge.assemble import portable
+            from moe_merge.config import load_config
+
+            recipe = portable(load_config(model_dir / "moe-merge.yaml"), model_dir, out)
+            (tmp / "moe-merge.yaml").write_text(yaml.safe_dump(recipe.resolved(), sort_keys=False))
+            if not objectives.is_stock(model):
+                _refresh_routing_report(model, tokenizer, model_dir, tmp)
         (tmp / "router_training.json").write_text(json.dumps(summary, indent=2))
 
 

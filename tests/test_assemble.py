@@ -168,6 +168,36 @@ def test_cli_runs_a_mergekit_yaml_unchanged(pico, tmp_path):
         assert f.get_tensor("model.layers.0.block_sparse_moe.gate.weight").dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize("method", ["sparse", "smear"])
+def test_the_resolved_recipe_names_sources_relative_to_itself(pico, tmp_path, method):
+    """moe-merge.yaml (and the card) travel with the output, to the Hub too: no absolute local path, and the
+    recipe resolves from where it sits, so `assemble OUT/moe-merge.yaml` rebuilds the same model."""
+    import yaml
+
+    from moe_merge.config import load_config
+
+    recipe = pico_recipe(pico, method=method)
+    recipe["experts"][0]["source_model"] = os.path.relpath(pico["experts"][0], tmp_path)  # relative to the recipe
+    path = write_recipe(tmp_path / "recipe.yaml", recipe)
+    assert cli_main(["assemble", str(path), str(tmp_path / "out" / "moe")]) == 0
+    out = tmp_path / "out" / "moe"
+    written = yaml.safe_load((out / "moe-merge.yaml").read_text())
+    refs = [written["base_model"]] + [e["source_model"] for e in written["experts"]]
+    assert all(not os.path.isabs(r) and (out / r).is_dir() for r in refs), refs
+    assert str(tmp_path) not in (out / "moe-merge.yaml").read_text() + (out / "README.md").read_text()
+    again = assemble(load_config(out / "moe-merge.yaml"), tmp_path / "again", recipe_dir=out)
+    assert (again / "model.safetensors").read_bytes() == (out / "model.safetensors").read_bytes()
+
+
+@pytest.mark.parametrize("method", ["sparse", "smear"])
+def test_a_device_this_machine_lacks_is_a_clear_error(pico, tmp_path, capsys, method):
+    path = write_recipe(tmp_path / "recipe.yaml", pico_recipe(pico, method=method))
+    for device in ("cuda:7" if not torch.cuda.is_available() else "cuda:99", "gpu"):
+        assert cli_main(["assemble", str(path), str(tmp_path / "out"), "--device", device]) == 2
+        assert f"--device {device}:" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 # --- bad inputs: a clear error, and nothing left behind -------------------------------------------
 
 

@@ -72,6 +72,41 @@ def test_prompt_free_gate_modes_need_no_prompts():
     assert config.gate_init == "uniform"
 
 
+def _twin(**twin) -> MergeConfig:
+    return MergeConfig.model_validate({"base_model": "b", "method": "twin", "gate_mode": "random", "experts_per_token": 1,
+                                       "twin": twin, "experts": [{"source_model": "a"}, {"source_model": "c"}]})
+
+
+def test_twin_rank_is_a_count_and_rank_fraction_a_share():
+    assert _twin(rank=1).twin.rank_for(192, 64) == 1
+    assert _twin(rank=1000).twin.rank_for(192, 64) == 64  # capped at min(out, in)
+    assert _twin(rank_fraction=1.0).twin.rank_for(192, 64) == 64  # full rank: exact
+    assert _twin().twin.rank_for(192, 64) == 32  # the default, a half
+    assert _twin().resolved()["twin"] == {**_twin().resolved()["twin"], "rank": None, "rank_fraction": 0.5}
+    assert MergeConfig.model_validate(_twin(rank=8).resolved()).twin.rank == 8  # the resolved recipe loads back
+
+
+@pytest.mark.parametrize("twin, message", [
+    ({"rank": 1.0}, "whole number of singular vectors .* `rank_fraction: 1.0`"),
+    ({"rank": 0.5}, "`rank_fraction: 0.5`"),
+    ({"rank": 8, "rank_fraction": 0.5}, "not both"),
+    ({"rank_fraction": 1.5}, "less than or equal to 1"),
+])
+def test_ambiguous_twin_ranks_are_refused(twin, message):
+    with pytest.raises(ValueError, match=message):
+        _twin(**twin)
+
+
+@pytest.mark.parametrize("method", ["smear", "sparse"])
+def test_averaging_methods_refuse_raw_merge_weights(method):
+    """SMEAR's Σ w_e θ_e with weights that sum to 2 is twice the model; WEMoE's base + Σ w_e τ_e is task arithmetic."""
+    recipe = {"base_model": "b", "method": method, "level": "block", "gate_mode": "random", "experts_per_token": 1,
+              "router": {"init": "random", "normalize": "none"}, "experts": [{"source_model": "a"}, {"source_model": "c"}]}
+    with pytest.raises(ValueError, match="must sum to one: `router.normalize` must be softmax or topk"):
+        MergeConfig.model_validate(recipe)
+    assert MergeConfig.model_validate({**recipe, "method": "wemoe"}).normalize == "none"
+
+
 def test_every_shipped_config_validates():
     configs = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
     assert configs, "configs/ has no YAML"

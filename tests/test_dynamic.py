@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -10,13 +11,17 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from pydantic import ValidationError
+
 from moe_merge.assemble import assemble, open_recipe
 from moe_merge.bake import baked_model
+from moe_merge.cli import main as cli_main
 from moe_merge.config import MergeConfig
 from moe_merge.dynamic import build_model, init_routers, svd_factors
 from moe_merge.errors import ConfigError
+from moe_merge.modeling import CACHE
 from moe_merge.zoo import pico_checkpoint
-from tests.conftest import pico_recipe
+from tests.conftest import pico_recipe, write_recipe
 
 PROMPTS = ["shift abcd=", "mirror xy=", "back hello there="]
 # (method, level, which experts, extra recipe keys); twin at full rank is exact.
@@ -210,7 +215,7 @@ def test_decoding_without_the_prefill_weights_is_a_clear_error(sources):
     model, tok, _ = _build(sources, "smear", "ffn", "mlp", {})
     out = model(**tok(["shift ab="], return_tensors="pt"), use_cache=True)
     with pytest.raises(ValueError, match="merge_weights"):
-        model(input_ids=torch.tensor([[5]]), past_key_values=out.past_key_values)
+        model(input_ids=torch.tensor([[5]]), **{CACHE: out[CACHE]})
 
 
 def test_sparse_output_mixing_does_not_bake(sources):
@@ -226,8 +231,77 @@ def test_sparse_output_mixing_does_not_bake(sources):
     ({"method": "smear", "gate_mode": "fit"}, "dynamic models take"),
 ])
 def test_bad_dynamic_recipes_name_the_field(pico, overrides, message):
-    with pytest.raises(Exception, match=message):
+    with pytest.raises(ValidationError, match=message):
         MergeConfig.model_validate(pico_recipe(pico, **overrides))
+
+
+@pytest.mark.parametrize("overrides, field", [
+    ({"method": "twin", "twin": {"router_layer": 2}}, "`twin.router_layer: 2` is past the last layer"),
+    ({"method": "sparse", "level": "model", "dense_layers": 5}, "`dense_layers: 5` is past the last layer"),
+])
+def test_layers_past_the_last_are_recipe_errors_not_tracebacks(pico, tmp_path, capsys, overrides, field):
+    recipe = write_recipe(tmp_path / "recipe.yaml", pico_recipe(pico, **overrides))
+    for extra in ([], ["--dry-run"]):
+        assert cli_main(["assemble", str(recipe), str(tmp_path / "out"), *extra]) == 2
+        err = capsys.readouterr().err
+        assert field in err and "has 2 layers" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_averaging_methods_refuse_a_given_mix_that_does_not_sum_to_one(sources, pico, tmp_path, capsys):
+    model, tok, _ = _build(sources, "smear", "ffn", "mlp", {})
+    enc = tok(["shift ab="], return_tensors="pt")
+    with pytest.raises(ValueError, match="must sum to one; these sum to \\[2.0\\]"):
+        model(**enc, merge_weights=torch.tensor([1.0, 1.0, 0.0]))
+    model(**enc, merge_weights=torch.tensor([0.25, 0.25, 0.5]))
+    wemoe, _, _ = _build(sources, "wemoe", "ffn", "mlp", {})
+    wemoe(**enc, merge_weights=torch.tensor([1.0, 1.0, 0.0]))  # base + τ1 + τ2: task arithmetic at λ = 1
+    out = assemble(_recipe(sources, "mlp", method="smear"), tmp_path / "smear")
+    for verb in ("bake", "export-lora"):
+        assert cli_main([verb, str(out), str(tmp_path / verb), "--weights", "1,1,0"]) == 2
+        assert "--weights 1,1,0: `smear` averages its experts, so merge weights must sum to one" in capsys.readouterr().err
+        assert not (tmp_path / verb).exists()
+
+
+@torch.no_grad()
+def test_a_given_mix_of_every_documented_shape_survives_beam_expansion(sources):
+    """generate repeats every tensor along dim 0 for beams: [E] and [B, E] have no batch dim to repeat."""
+    model, tok, _ = _build(sources, "wemoe", "block", "linear", {})
+    enc = _enc(tok)
+    w = torch.tensor([0.2, 0.5, 0.3], dtype=torch.float64)
+    shapes = [w, w.expand(len(PROMPTS), 3), w.expand(len(PROMPTS), model.config.num_routers, 3)]
+    kw = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
+    for beams in ({}, {"num_beams": 3, "num_return_sequences": 2}, {"num_return_sequences": 2, "do_sample": True}):
+        outs = []
+        for given in shapes:
+            torch.manual_seed(0)
+            outs.append(model.generate(**enc, merge_weights=given, **{**kw, **beams}))
+        assert all(torch.equal(outs[-1], o) for o in outs), beams
+
+
+def test_fixed_size_caches_are_refused_clearly(sources):
+    from transformers import StaticCache
+
+    for method, level, kind in (("smear", "ffn", "mlp"), ("sparse", "block", "linear")):
+        model, tok, _ = _build(sources, method, level, kind, {})
+        enc = tok(["shift abc="], return_tensors="pt")
+        with pytest.raises(ValueError, match="run on a DynamicCache, not a StaticCache"):
+            model(**enc, **{CACHE: StaticCache(config=model.config.text_config, max_cache_len=16)})
+        with pytest.raises(ValueError, match="leave `cache_implementation` unset"):
+            model.generate(**enc, max_new_tokens=2, cache_implementation="static", pad_token_id=0)
+
+
+@pytest.mark.parametrize("router", [{"init": "random"}, {"init": "uniform"}])
+def test_a_recipe_without_prompts_assembles_and_says_so(pico, tmp_path, router):
+    recipe = pico_recipe(pico, method="smear", router=router)
+    for e in recipe["experts"]:
+        e["positive_prompts"] = []
+    out = assemble(MergeConfig.model_validate(recipe), tmp_path / "out")
+    report = json.loads((out / "routing_report.json").read_text())
+    assert report["measured"] is False and report["note"].startswith("no prompts to measure")
+    assert "No prompts to measure" in (out / "README.md").read_text() and not (out / "routing_report.png").exists()
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model(input_ids=torch.tensor([[1, 5, 6]])).merge_weights.shape == (1, 2, 3)
 
 
 def test_token_level_routing_is_causal_and_batch_exact(sources):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -89,15 +90,20 @@ def test_refused_before_upload_with_the_file_named(model_dir, tmp_path, capsys):
         card = (folder / "README.md").read_text()
         (folder / "README.md").write_text(card.replace("library_name:", "base_model:\n- /models/base\nlibrary_name:", 1))
 
+    def absolute_source(folder):
+        recipe = (folder / "moe-merge.yaml").read_text()
+        (folder / "moe-merge.yaml").write_text(recipe.replace("base_model: ", "base_model: /home/me/models/", 1))
+
     cases = [
         (broken("index", drop_from_index), "holds ['model.norm.weight'] that the index does not list"),
+        (broken("recipe", absolute_source), "names sources by absolute local path (/home/me/models/"),
         (broken("code", lambda f: (f / "modeling_moe_merge.py").unlink()), "modeling_moe_merge.py"),
         (broken("missing", drop_tensor), "does not load cleanly: missing keys ['model.norm.weight']"),
         (broken("card", local_base_model), "'/models/base', which is not a Hub repo id"),
         (broken("yaml", lambda f: (f / "README.md").write_text("---\nbase_model: [\n---\n")), "does not parse"),
     ]
     for folder, message in cases:
-        with pytest.raises(PushError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        with pytest.raises(PushError, match=re.escape(message)):
             validate_folder(folder)
     assert validate_folder(model_dir) == "model"
     # the CLI: a clear message, exit 2, and no request sent

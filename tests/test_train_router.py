@@ -17,6 +17,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import moe_merge.modeling  # noqa: F401
 from moe_merge import objectives, train_data, zoo
 from moe_merge.assemble import assemble
+from moe_merge.cli import main as cli_main
 from moe_merge.config import MergeConfig
 from moe_merge.errors import MoEMergeError, OutputExistsError
 from moe_merge.train_router import TrainRouterArgs, train_router
@@ -144,20 +145,32 @@ def test_resume_refuses_other_settings_and_an_existing_run_needs_a_flag(models, 
         train_router(models["smear"], run, quick(models["data"], steps=2, lr=1.0, resume=True))
 
 
-def test_two_cpu_processes(models, tmp_path):
-    """accelerate's multi-process launcher on CPU (gloo DDP): the run completes and both processes train."""
-    run = tmp_path / "run"
+def test_two_cpu_processes_see_the_same_batches_and_reach_the_same_routers_as_one(models, tmp_path):
+    """accelerate's multi-process launcher on CPU (gloo DDP). Each process trains on its half of the same global
+    batch, and the losses are shares of the global batch's means, so DDP's averaged gradient is one process's."""
+    flags = ["--steps", "4", "--batch-size", "8", "--eval-every", "4", "--save-every", "4", "--lr", "0.05",
+             "--objective", "lm=1,routing=0.5"]
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29533",
-           "-m", "moe_merge.cli", "train-router", str(models["smear"]), "--data", str(models["data"]), "--out", str(run),
-           "--steps", "3", "--batch-size", "8", "--eval-every", "3", "--save-every", "3", "--lr", "0.05"]
+           "-m", "moe_merge.cli", "train-router", str(models["smear"]), "--data", str(models["data"]),
+           "--out", str(tmp_path / "two"), *flags]
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    summary = json.loads((run / "summary.json").read_text())
-    assert summary["processes"] == 2
-    before, after = tensors(models["smear"]), tensors(run / "model")
-    assert any(not torch.equal(before[k], after[k]) for k in before if ".router." in k)
+    assert json.loads((tmp_path / "two" / "summary.json").read_text())["processes"] == 2
+    assert cli_main(["train-router", str(models["smear"]), "--data", str(models["data"]), "--out", str(tmp_path / "one"),
+                     *flags]) == 0
+
+    def trained_rows(run):
+        return [e["rows"] for e in map(json.loads, (run / "log.jsonl").read_text().splitlines()) if "rows" in e]
+
+    assert len(trained_rows(tmp_path / "one")) == 4 and trained_rows(tmp_path / "one") == trained_rows(tmp_path / "two")
+    last = "checkpoints/step-000004/routers.safetensors"
+    one, two = load_file(tmp_path / "one" / last), load_file(tmp_path / "two" / last)
+    start = AutoModelForCausalLM.from_pretrained(models["smear"]).state_dict()
+    assert one.keys() == two.keys() and any(not torch.equal(start[k], v) for k, v in one.items())
+    for k in one:
+        torch.testing.assert_close(two[k], one[k], rtol=1e-4, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------- data

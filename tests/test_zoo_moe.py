@@ -42,7 +42,9 @@ def test_fitted_routers_beat_prompt_mean_directions(mlp_moes):
     fit, hidden = evaluate(mlp_moes["fit"]), evaluate(mlp_moes["hidden"])
     print("exact match, fit:", fit, "hidden:", hidden)
     mean = lambda s: sum(s.values()) / len(s)
-    assert mean(fit) >= 0.05 and mean(fit) > mean(hidden) + 0.03
+    # measured here: fit 12-45 % per task (mean 25 %), hidden 0-3 %
+    assert mean(fit) >= 0.15 and mean(fit) >= mean(hidden) + 0.10
+    assert sum(fit[t] > hidden[t] for t in fit) >= len(fit) - 1
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,67 @@
+"""The command line says what the code does, and passes the user's choices through."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from transformers import GenerationMixin
+
+from moe_merge.assemble import assemble
+from moe_merge.cli import build_parser
+from moe_merge.config import MergeConfig
+from moe_merge.errors import MoEMergeError
+from moe_merge.generate import generate
+from moe_merge.train_router import TrainRouterArgs, _check_launcher
+from tests.conftest import pico_recipe
+
+ROOT = Path(__file__).parent.parent
+
+
+def _help(verb: str) -> str:
+    verbs = build_parser()._subparsers._group_actions[0].choices
+    return " ".join(verbs[verb].format_help().split())
+
+
+def test_train_router_help_suggests_a_launch_that_is_not_refused(monkeypatch):
+    text = _help("train-router")
+    assert "accelerate launch --multi_gpu --num_processes N" in text
+    assert "--num_processes 2 --cpu" not in text.replace("`--cpu --num_processes N` is refused", "")
+    # what the help calls refused, is: `--cpu` makes accelerate set these and start a single process
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "true")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    with pytest.raises(MoEMergeError, match="--multi_gpu --num_processes N"):
+        _check_launcher()
+
+
+def test_learning_rate_help_says_it_is_relative():
+    text = _help("train-router")
+    assert "relative learning rate: each router's step is lr times the RMS of its own parameters" in text
+    assert "peak learning rate" not in text and TrainRouterArgs.lr == 3e-3 and "(default 3e-3)" in text
+
+
+def test_push_help_promises_one_commit():
+    text = _help("push")
+    assert "in one commit" in text and "several" not in text
+
+
+def test_generate_passes_a_pad_id_of_zero(pico, tmp_path, monkeypatch):
+    """The zoo's pad id is 0, which `pad_token_id or eos` used to drop."""
+    out = assemble(MergeConfig.model_validate(pico_recipe(pico, method="smear")), tmp_path / "smear")
+    seen = {}
+    real = GenerationMixin.generate
+
+    def spy(self, *args, **kwargs):
+        seen.update(kwargs)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(GenerationMixin, "generate", spy)
+    generate(out, "shift ab=", max_new_tokens=2)
+    assert seen["pad_token_id"] == 0
+
+
+def test_no_message_points_to_a_file_the_package_does_not_ship():
+    for folder in ("moe_merge", "kernels", "routers"):
+        for path in (ROOT / folder).rglob("*.py"):
+            assert "FIELD-NOTES" not in path.read_text(), os.path.relpath(path, ROOT)

@@ -1,0 +1,231 @@
+"""The checkpoints users really bring: no pad token, tied input and output embeddings, bf16 weights.
+
+Every verb runs on the realistic zoo (a Qwen3 base with all three traits). Comparisons are made in
+bf16, as the model ships, so they hold to a bf16 tolerance: most positions agree to the bit, and the
+greedy next token agrees almost everywhere.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM
+
+import moe_merge.modeling  # noqa: F401  registers the dynamic model
+from moe_merge import zoo
+from moe_merge.assemble import assemble
+from moe_merge.cli import main as cli_main
+from moe_merge.config import MergeConfig, load_config
+from moe_merge.dynamic import routing_report
+from moe_merge.tokens import load_tokenizer
+
+RECIPES = {  # name -> (zoo variant, recipe overrides); MLP-only experts, so one-hot routing is each expert
+    "stock": ("mlp", {"router": {"init": "fit"}, "experts_per_token": 1}),
+    "smear-ffn": ("mlp", {"method": "smear", "level": "ffn"}),
+    "twin-ffn": ("mlp", {"method": "twin", "level": "ffn", "twin": {"rank_fraction": 1.0}}),
+    "wemoe-block": ("mlp", {"method": "wemoe", "level": "block"}),
+    "sparse-model": ("mlp", {"method": "sparse", "level": "model"}),
+}
+DYNAMIC = [name for name in RECIPES if name != "stock"]
+
+
+@pytest.fixture(scope="module")
+def built(realistic_zoo, tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("realistic")
+    return {name: assemble(MergeConfig.model_validate(zoo.zoo_recipe(realistic_zoo, variant, **overrides)), root / name)
+            for name, (variant, overrides) in RECIPES.items()}
+
+
+@pytest.fixture(scope="module")
+def batch(realistic_zoo):
+    """Left-padded prompts of every task (the tokenizer gets a pad token in memory only)."""
+    tok = load_tokenizer(realistic_zoo / "base")
+    prompts = [zoo.prompt(t, zoo.task_prompts(t)["eval_words"][i]) for i in range(3) for t in zoo.EXPERT_TASKS]
+    return tok, prompts, tok(prompts, return_tensors="pt", padding=True, padding_side="left")
+
+
+def assert_close_in_bf16(got: torch.Tensor, want: torch.Tensor, mask: torch.Tensor) -> None:
+    """Logits of two bf16 computations of the same function: small mean error, the same greedy token."""
+    got, want = got.float()[mask], want.float()[mask]
+    assert (got - want).abs().mean() <= 0.03 * want.abs().mean(), (got - want).abs().mean()
+    assert (got.argmax(-1) == want.argmax(-1)).float().mean() >= 0.98
+
+
+def test_outputs_ship_in_bf16_with_float32_routers_and_the_tokenizer_untouched(built, realistic_zoo):
+    """A stock MoE's router computes in the model's dtype in every engine, so it ships in it; ours are float32."""
+    for name, out in built.items():
+        with safe_open(out / ("model.safetensors"), "pt") as f:
+            dtypes = {k: f.get_slice(k).get_dtype() for k in f.keys()}
+        routers = {k for k in dtypes if ".router." in k or k.endswith(".gate.weight")}
+        assert routers and {dtypes[k] for k in routers} == {"BF16" if name == "stock" else "F32"}, name
+        assert {v for k, v in dtypes.items() if k not in routers} == {"BF16"}, name
+        assert json.loads((out / "config.json").read_text()).get("tie_word_embeddings", True) is True, name
+        for f in ("tokenizer.json", "tokenizer_config.json"):  # no pad token written into the user's files
+            assert (out / f).read_bytes() == (realistic_zoo / "base" / f).read_bytes(), (name, f)
+
+
+@pytest.mark.parametrize("name", DYNAMIC)
+def test_loaded_in_bf16_the_routers_and_merge_weights_stay_float32(built, batch, name):
+    model = AutoModelForCausalLM.from_pretrained(built[name])
+    assert model.dtype == torch.bfloat16
+    assert {p.dtype for n, p in model.named_parameters() if ".router." in n or n.startswith("model.router.")} == {torch.float32}
+    model.to(torch.float16)  # a later cast moves the routers but does not narrow them
+    assert {p.dtype for n, p in model.named_parameters() if "router." in n} == {torch.float32}
+    model.to(torch.bfloat16)
+    with torch.no_grad():
+        out = model(**batch[2])
+    assert out.merge_weights.dtype == out.router_logits.dtype == torch.float32
+
+
+def test_the_routing_report_is_measured_on_the_model_as_shipped(built):
+    for name in DYNAMIC:
+        model = AutoModelForCausalLM.from_pretrained(built[name])  # bf16, as shipped
+        config = load_config(built[name] / "moe-merge.yaml")
+        shipped = json.loads((built[name] / "routing_report.json").read_text())
+        again = routing_report(model, load_tokenizer(built[name]), config, list(model.config.expert_names))
+        assert again["mean_weights"] == shipped["mean_weights"], name
+
+
+@pytest.mark.parametrize("name", DYNAMIC)
+def test_one_hot_weights_reproduce_each_expert(built, batch, realistic_zoo, name):
+    model = AutoModelForCausalLM.from_pretrained(built[name])
+    _, _, enc = batch
+    positions = (enc["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+    real = enc["attention_mask"].bool()
+    for e, expert in enumerate(zoo.zoo_recipe(realistic_zoo, "mlp")["experts"]):
+        with torch.no_grad():
+            got = model(**enc, merge_weights=torch.nn.functional.one_hot(torch.tensor(e), 5)).logits
+            want = zoo.load_checkpoint(expert["source_model"])(**enc, position_ids=positions).logits
+        assert_close_in_bf16(got, want, real)
+
+
+def test_stock_one_hot_routing_reproduces_each_expert(built, batch, realistic_zoo):
+    model = AutoModelForCausalLM.from_pretrained(built["stock"], experts_implementation="eager")
+    assert type(model).__name__ == "Qwen3MoeForCausalLM" and model.dtype == torch.bfloat16
+    _, _, enc = batch
+    positions = (enc["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+    real = enc["attention_mask"].bool()
+    for e, expert in enumerate(zoo.zoo_recipe(realistic_zoo, "mlp")["experts"]):
+        def one_hot(_m, _a, out, e=e):
+            n = out[0].shape[0]
+            return out[0], torch.ones(n, 1, dtype=out[1].dtype), torch.full((n, 1), e)
+        hooks = [layer.mlp.gate.register_forward_hook(one_hot) for layer in model.model.layers]
+        with torch.no_grad():
+            got = model(**enc, position_ids=positions).logits
+            want = zoo.load_checkpoint(expert["source_model"])(**enc, position_ids=positions).logits
+        for h in hooks:
+            h.remove()
+        assert_close_in_bf16(got, want, real)
+
+
+@pytest.mark.parametrize("name", DYNAMIC)
+def test_cache_and_left_padding_change_nothing(built, batch, name):
+    """In bf16 a cached step and a recomputed one round differently, so the check is on the logits: each
+    generated step's, with the cache, against one forward pass over the whole sequence without it."""
+    model = AutoModelForCausalLM.from_pretrained(built[name])
+    tok, prompts, enc = batch
+    with torch.no_grad():
+        gen = model.generate(**enc, max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id,
+                             output_logits=True, return_dict_in_generate=True)
+        cached = torch.stack(gen.logits, 1)  # [B, 8, V]
+        new = gen.sequences[:, enc["input_ids"].shape[1]:]
+        mask = torch.cat([enc["attention_mask"], torch.ones_like(new)], 1)
+        prompt = torch.cat([enc["attention_mask"], torch.zeros_like(new)], 1)  # what the routers read at prefill
+        recomputed = model(input_ids=gen.sequences, attention_mask=mask, routing_mask=prompt, use_cache=False).logits
+        recomputed = recomputed[:, enc["input_ids"].shape[1] - 1 : -1]
+        assert_close_in_bf16(cached, recomputed, torch.ones(cached.shape[:2], dtype=torch.bool))
+        out = model(**enc)
+        alone = [model(**tok([p], return_tensors="pt")) for p in prompts]
+    got = out.logits[:, -1:]
+    want = torch.cat([a.logits[:, -1:] for a in alone])
+    assert_close_in_bf16(got, want, torch.ones(got.shape[:2], dtype=torch.bool))
+    torch.testing.assert_close(out.merge_weights, torch.cat([a.merge_weights for a in alone]), rtol=0, atol=1e-3)
+
+
+def test_model_level_heads_are_each_experts_tied_embedding(built, realistic_zoo):
+    model = AutoModelForCausalLM.from_pretrained(built["sparse-model"])
+    params = dict(model.named_parameters(remove_duplicate=False))
+    assert all(k in params and v in params for k, v in model.all_tied_weights_keys.items())
+    for e, expert in enumerate(zoo.zoo_recipe(realistic_zoo, "mlp")["experts"]):
+        want = zoo.load_checkpoint(expert["source_model"]).get_input_embeddings().weight
+        assert torch.equal(model.model.experts[e].lm_head.weight, want)
+
+
+def test_generate_from_the_command_line(built, capsys):
+    assert cli_main(["generate", str(built["smear-ffn"]), "shift abcd=", "--max-new-tokens", "6"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "bcde" and out[2].split()[:3] == ["merge", "weights", "1.000"]  # routed to shift
+    assert cli_main(["generate", str(built["stock"]), "shift abcd=", "--max-new-tokens", "6"]) == 0
+    assert len(capsys.readouterr().out.splitlines()[0]) == 4  # per-token top-1 routing: an answer, not always right
+
+
+def test_bake_writes_a_strict_tied_bf16_model_equal_to_the_mix(built, batch, tmp_path):
+    tok, _, enc = batch
+    mix = [0.0, 0.0, 1.0, 0.0, 0.0]
+    assert cli_main(["bake", str(built["smear-ffn"]), str(tmp_path / "baked"), "--weights", ",".join(map(str, mix))]) == 0
+    baked, info = AutoModelForCausalLM.from_pretrained(tmp_path / "baked", output_loading_info=True)
+    assert not any(info.values()) and baked.dtype == torch.bfloat16 and baked.config.tie_word_embeddings
+    dynamic = AutoModelForCausalLM.from_pretrained(built["smear-ffn"])
+    positions = (enc["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        want = dynamic(**enc, merge_weights=torch.tensor(mix)).logits
+        got = baked(**enc, position_ids=positions).logits
+    assert_close_in_bf16(got, want, enc["attention_mask"].bool())
+    # at model level the expert's head is its own embedding, not the merged one: the dense model is untied
+    assert cli_main(["bake", str(built["sparse-model"]), str(tmp_path / "expert"), "--weights", "0,1,0,0,0"]) == 0
+    expert = AutoModelForCausalLM.from_pretrained(tmp_path / "expert")
+    dynamic = AutoModelForCausalLM.from_pretrained(built["sparse-model"])
+    with torch.no_grad():
+        want = dynamic(**enc, merge_weights=torch.tensor([0.0, 1, 0, 0, 0])).logits
+        got = expert(**enc, position_ids=positions).logits
+    assert_close_in_bf16(got, want, enc["attention_mask"].bool())
+
+
+def test_export_lora_on_the_tied_bf16_base(built, batch, realistic_zoo, tmp_path):
+    from peft import PeftModel
+
+    tok, _, enc = batch
+    mix = torch.tensor([0.0, 0.0, 0.0, 1.0, 0.0])
+    assert cli_main(["export-lora", str(built["smear-ffn"]), str(tmp_path / "lora"), "--weights", "0,0,0,1,0"]) == 0
+    peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(realistic_zoo / "base"), tmp_path / "lora")
+    dynamic = AutoModelForCausalLM.from_pretrained(built["smear-ffn"])
+    positions = (enc["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        assert_close_in_bf16(peft(**enc, position_ids=positions).logits, dynamic(**enc, merge_weights=mix).logits,
+                             enc["attention_mask"].bool())
+
+
+@pytest.mark.parametrize("name", ["smear-ffn", "stock"])
+def test_train_router_batches_rows_of_different_lengths_without_a_pad_token(built, tmp_path, name):
+    from safetensors.torch import load_file
+
+    from moe_merge.train_router import TrainRouterArgs, train_router
+
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps(r) + "\n" for r in zoo.router_training_rows(8)))
+    train_router(built[name], tmp_path / "run", TrainRouterArgs(data=rows, steps=3, batch_size=8, eval_every=3,
+                                                                save_every=3, objective={"lm": 1.0, "routing": 1.0}))
+    before, after = load_file(built[name] / "model.safetensors"), load_file(tmp_path / "run" / "model" / "model.safetensors")
+    assert {k: v.dtype for k, v in before.items()} == {k: v.dtype for k, v in after.items()}
+    assert all(torch.equal(before[k], after[k]) for k in before if ".router." not in k and ".gate." not in k)
+
+
+def test_push_to_the_hub_stand_in(built, tmp_path):
+    from tests.hub_standin import HubStandIn
+    from tests.test_push import TOKEN, _files
+
+    env = {**os.environ, "HF_TOKEN": TOKEN, "HF_HOME": str(tmp_path / "hf"), "NO_PROXY": "127.0.0.1"}
+    with HubStandIn(TOKEN) as hub:
+        env["HF_ENDPOINT"] = hub.url
+        for name in ("smear-ffn", "stock"):
+            run = subprocess.run([sys.executable, "-m", "moe_merge.cli", "push", str(built[name]), f"me/{name}"],
+                                 capture_output=True, text=True, env=env)
+            assert run.returncode == 0, run.stderr
+            assert hub.repos[f"me/{name}"].branches["main"] == _files(built[name])
