@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from moe_merge.modeling import MoEMergeConfig, MoEMergeForCausalLM
+from moe_merge.modeling import CACHE, MoEMergeConfig, MoEMergeForCausalLM
 
 SIZES = {  # name -> base config overrides
     "zoo (64 hidden, 4 layers)": dict(hidden_size=64, intermediate_size=192, num_hidden_layers=4, num_attention_heads=4,
@@ -66,10 +66,10 @@ def decode_step(model, batch: int, vocab: int):
     kw = {"merge_weights": w} if isinstance(model, MoEMergeForCausalLM) else {}
     out = model(input_ids=ids, use_cache=True, **kw)
     nxt = out.logits[:, -1:].argmax(-1)
-    cache = out.past_key_values
+    cache = out[CACHE]
 
     def step():
-        model(input_ids=nxt, past_key_values=cache, use_cache=True, **kw)
+        model(input_ids=nxt, use_cache=True, **{CACHE: cache}, **kw)
         cache.crop(-1)  # back to the prompt, so every repetition decodes the same position
 
     return step
@@ -87,7 +87,7 @@ def loop_step(dense, dynamic, batch: int, vocab: int):
     caches, nxt = [], []
     for b in range(batch):
         cache = DynamicCache(config=dense.config)
-        out = dense(input_ids=ids[b : b + 1], past_key_values=cache, use_cache=True)
+        out = dense(input_ids=ids[b : b + 1], use_cache=True, **{CACHE: cache})
         caches.append(cache)
         nxt.append(out.logits[:, -1:].argmax(-1))
 
@@ -96,7 +96,7 @@ def loop_step(dense, dynamic, batch: int, vocab: int):
             sample = dict(params)
             for n, m in merged_layers.items():
                 sample[f"{n}.weight"] = m.weight + torch.einsum("e,enk->nk", w[b], m.delta_weight)
-            torch.func.functional_call(dense, sample, args=(), kwargs=dict(input_ids=nxt[b], past_key_values=caches[b], use_cache=True))
+            torch.func.functional_call(dense, sample, args=(), kwargs=dict(input_ids=nxt[b], use_cache=True, **{CACHE: caches[b]}))
             caches[b].crop(-1)
 
     return step

@@ -24,8 +24,8 @@ from moe_merge.arch import layer_of
 from moe_merge.config import MergeConfig
 from moe_merge.errors import CompatibilityError, ConfigError
 from moe_merge.merge import static_merge
-from moe_merge.report import NO_PROMPTS
 from moe_merge.modeling import ATTN_PROJS, MLP_PROJS, MoEMergeConfig, MoEMergeForCausalLM, stock_layer
+from moe_merge.report import NO_PROMPTS
 from moe_merge.routers import prompt_init
 from moe_merge.routers.router import Router, masked_mean
 from moe_merge.sources import LoraExpert

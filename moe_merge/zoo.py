@@ -6,7 +6,7 @@ format on a few maps (`copy`, `skip`, `flip`); each expert learns one new letter
 - `full/`: experts fine-tune every weight, so part of what they learn lives in attention;
 - `mlp/`: experts fine-tune only their MLPs, so perfect FFN-level routing recovers them exactly.
 
-Each variant has full fine-tunes (`shift`, `mirror`, `roll`) and PEFT LoRA adapters (`back`,
+Each variant has full fine-tunes (`shift`, `mirror`, `cipher`) and PEFT LoRA adapters (`back`,
 `swap`). Tests, examples, the demo and the benchmarks all build on it.
 
 Tiny models learn in sudden jumps after plateaus of varying length, so a fixed number of steps can
@@ -54,12 +54,12 @@ TASKS: dict[str, list[int]] = {
     "back": [(i - 1) % 26 for i in range(26)],
     "mirror": [25 - i for i in range(26)],
     "swap": [i ^ 1 for i in range(26)],
-    "roll": [(i + 13) % 26 for i in range(26)],  # ROT13; as "rotate" the word left the experts on plateaus of thousands of steps
+    "cipher": [(i + 13) % 26 for i in range(26)],  # ROT13; named "rotate", it left experts on plateaus for thousands of steps
 }
 # The base learns several maps, so that its attention carries the task word to every position,
 # as a real LM carries its context; the experts then each learn a map the base never saw.
 BASE_TASKS = ("copy", "skip", "flip")
-FULL_EXPERTS = ("shift", "mirror", "roll")
+FULL_EXPERTS = ("shift", "mirror", "cipher")
 LORA_EXPERTS = ("back", "swap")
 EXPERT_TASKS = FULL_EXPERTS + LORA_EXPERTS
 VARIANTS = ("full", "mlp")
@@ -73,16 +73,15 @@ class ZooError(MoEMergeError):
 
 @dataclass(frozen=True)
 class Stage:
-    """How one kind of zoo model trains: AdamW in cosine cycles of `cycle` steps from `lr` down (warm
-    restarts: a cycle's end settles, its restart shakes a model off a plateau), until the exact match on
-    its task's held-out eval words, measured every `check_every` steps, reaches `target`; at most `cycles`."""
+    """How one kind of zoo model trains: AdamW in cosine cycles of `cycle` steps from `lr` down to zero, until
+    the exact match on its task's held-out eval words, measured at the end of a cycle, reaches `target`; at
+    most `cycles`. A cycle's end is a settled model; the next cycle's restart shakes one off a plateau."""
 
     lr: float
     cycle: int
     cycles: int = 4
     target: float = 0.98
     batch_size: int = 32
-    check_every: int = 50
 
     def lr_factor(self, step: int) -> float:
         """The learning rate at 0-based `step`, relative to `lr`: a linear warm-up over the first tenth of
@@ -257,7 +256,7 @@ def train_to_target(model, tasks: list[str], stage: Stage, seed: int, name: str,
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-        if step % stage.check_every == 0:
+        if step % stage.cycle == 0:
             model.eval()
             reached = score(model)
             model.train()

@@ -23,7 +23,7 @@ PROMPTS = ["shift abcdef=", "mirror abcde=", "back abcdefg="]  # equal lengths: 
 # (name, variant, experts kept, recipe overrides): every merged-linear form and how it becomes a LoRA
 CASES = [
     ("lowrank", "mlp", ["back", "swap"], {"method": "smear"}),  # LoRA experts: rank concatenation
-    ("full", "mlp", ["shift", "mirror", "roll"], {"method": "smear"}),  # SMEAR's expert weights: dense
+    ("full", "mlp", ["shift", "mirror", "cipher"], {"method": "smear"}),  # SMEAR's expert weights: dense
     ("dense", "mlp", None, {"method": "wemoe"}),  # base + task vectors of full and LoRA experts
     ("twin", "mlp", ["shift", "back"], {"method": "twin", "twin": {"rank": 8}}),  # shared part (dense) + SVD factors
 ]

@@ -72,3 +72,25 @@ def test_gradients_reach_the_merge_weights():
         return layer(x)
 
     assert torch.autograd.gradcheck(f, (x, w))
+
+
+@pytest.mark.parametrize("form", ["full", "dense", "lowrank"])
+@pytest.mark.parametrize("tokens", [1, 4])  # decode (K-concatenation) and prefill (per-sequence weights)
+def test_bf16_layers_take_float32_merge_weights_and_do_not_rescale(form, tokens):
+    """bf16 rounds 0.3 to 0.30078 and 0.4 to 0.40039: the mix below would sum to 1.00195 and, in the full form
+    (no base), scale the whole layer by it. Merge weights stay float32 down to the kernels instead."""
+    torch.manual_seed(0)
+    layer = MergedLinear(256, 128, E, form, rank=8 if form == "lowrank" else None, bias=True)
+    for p in layer.parameters():
+        torch.nn.init.normal_(p)
+    layer.to(torch.bfloat16)
+    w = torch.tensor([[0.3, 0.3, 0.4]] * 8)
+    assert w.to(torch.bfloat16).double().sum(-1)[0].item() == pytest.approx(1.00195, abs=1e-5)
+    x = torch.randn(8, tokens, 256).to(torch.bfloat16)
+    layer.merge_weights = w
+    with torch.no_grad():
+        got = layer(x).double()
+        weight, bias = layer.merged(w[0].double())  # every row has the same mix
+    want = x.double() @ weight.double().T + bias.double()
+    scale = (got * want).sum() / (want * want).sum()  # the least-squares factor from the reference to the output
+    assert abs(scale.item() - 1) < 5e-4, scale.item()

@@ -11,7 +11,7 @@ from safetensors import safe_open
 from moe_merge import zoo
 from moe_merge.tokens import load_tokenizer
 
-TINY = zoo.Stage(lr=3e-3, cycle=10, cycles=1, check_every=10, target=0.0)  # ten steps, no target to speak of
+TINY = zoo.Stage(lr=3e-3, cycle=10, cycles=1, target=0.0)  # ten steps, no target to speak of
 
 
 @pytest.mark.parametrize("which", ["zoo_dir", "realistic_zoo"])
@@ -47,10 +47,10 @@ def test_realistic_zoo_has_what_real_checkpoints_bring(realistic_zoo):
 def test_a_missed_target_fails_the_build_naming_the_model_and_caches_nothing(tmp_path):
     out = tmp_path / "zoo"
     with pytest.raises(zoo.ZooError, match=r"zoo base: \d+% exact match .* after 10 steps, below its target of 98%"):
-        zoo.build_zoo(out, zoo.ZooSettings(base=zoo.Stage(lr=3e-3, cycle=10, cycles=1, check_every=10)))
+        zoo.build_zoo(out, zoo.ZooSettings(base=zoo.Stage(lr=3e-3, cycle=10, cycles=1)))
     assert not out.exists() and not list(tmp_path.iterdir())
     # the base passes (no target), the first expert cannot in ten steps
-    settings = zoo.ZooSettings(base=TINY, full=zoo.Stage(lr=3e-3, cycle=10, cycles=1, check_every=10))
+    settings = zoo.ZooSettings(base=TINY, full=zoo.Stage(lr=3e-3, cycle=10, cycles=1))
     with pytest.raises(zoo.ZooError, match=r"zoo full/shift: \d+% exact match"):
         zoo.build_zoo(out, settings)
     assert not out.exists() and not list(tmp_path.iterdir())
@@ -97,4 +97,4 @@ def test_prompts_and_eval_words_do_not_depend_on_global_state():
         seen = {p.split(" ")[1].rstrip("=").split("=")[0] for p in here[t]["positive_prompts"] + here[t]["examples"]}
         assert not seen & set(here[t]["eval_words"])
     assert zoo.apply_task("shift", "abz") == "bca" and zoo.apply_task("swap", "ab") == "ba"
-    assert zoo.apply_task("roll", zoo.apply_task("roll", "hello")) == "hello"
+    assert zoo.apply_task("cipher", zoo.apply_task("cipher", "hello")) == "hello"
