@@ -265,8 +265,8 @@ def train_to_target(model, tasks: list[str], stage: Stage, seed: int, name: str,
                 model.eval()
                 return step, reached
     raise ZooError(f"zoo {name}: {reached:.0%} exact match on its held-out words after {max_steps} steps, "
-                   f"below its target of {stage.target:.0%}; the zoo was not built (raise the step cap or check the "
-                   "training settings in moe_merge/zoo.py)")
+                   f"below its target of {stage.target:.0%}; the zoo was not built (give its Stage more `cycles`, or "
+                   "check the training settings in moe_merge/zoo.py)")
 
 
 @torch.no_grad()
