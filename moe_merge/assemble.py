@@ -29,7 +29,7 @@ from moe_merge.merge import static_merge
 from moe_merge.outdir import atomic_output_dir
 from moe_merge.probe import LayerRunner, Stream, make_streams
 from moe_merge.routers import prompt_init
-from moe_merge.sources import Checkpoint, Expert, open_expert, resolve_path
+from moe_merge.sources import Checkpoint, Expert, open_expert, resolve_path, source_parts
 from moe_merge.tokens import load_tokenizer
 from moe_merge.writer import ShardWriter
 
@@ -87,7 +87,7 @@ def portable(config: MergeConfig, from_dir: Path | None, to_dir: Path) -> MergeC
     reaches the Hub. `from_dir` is where the given paths are relative to (the recipe's directory)."""
     def ref(text: str) -> str:
         parts = []
-        for part in text.split("+"):  # mergekit's `base+adapter`
+        for part in source_parts(text, from_dir):  # one source, or mergekit's `base+adapter`
             path = resolve_path(part, from_dir)
             parts.append(part if card.hub_id(part, path) else os.path.relpath(path, Path(to_dir).absolute()))
         return "+".join(parts)

@@ -19,3 +19,8 @@ class CompatibilityError(MoEMergeError):
 
 class OutputExistsError(MoEMergeError):
     """The output directory exists and --force was not given."""
+
+
+class ModelConfigError(ConfigError, ValueError):
+    """A dynamic model's config, or a mix given to it, that it cannot take; also a ValueError, as transformers'
+    callers expect from a model."""

@@ -73,6 +73,7 @@ class MergedLinear(nn.Module):
         if w is None:
             raise RuntimeError("MergedLinear was called without merge weights; call it through its decoder layer")
         B, T, K = x.shape  # [B, T, K]; w stays float32 (or wider) down to the kernels
+        w = w.to(x.device)  # with device_map the router may sit on another device
         base = None if self.form == "full" else self.weight
         deltas = self.expert_weight if self.form == "full" else getattr(self, "delta_weight", None)
         if w.dim() == 2 and deltas is not None and materialize_pays(
@@ -88,7 +89,7 @@ class MergedLinear(nn.Module):
             else:
                 y = kernels.merged_linear(x2, w2, deltas, base)
             y = y.view(B, T, -1)
-        return y + self._merged_bias(w.to(x.device)) if self._has_bias() else y
+        return y + self._merged_bias(w) if self._has_bias() else y
 
     def _has_bias(self) -> bool:
         return (self.expert_bias if self.form == "full" else self.bias) is not None

@@ -37,6 +37,7 @@ from transformers.masking_utils import create_causal_mask, create_sliding_window
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from moe_merge.errors import ModelConfigError
 from moe_merge.merged_linear import MergedLinear
 from moe_merge.routers.router import Router, masked_mean, normalize
 
@@ -84,19 +85,19 @@ class MoEMergeConfig(PreTrainedConfig):
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
         if self.method not in METHODS or self.level not in LEVELS:
-            raise ValueError(f"`method` {self.method!r} / `level` {self.level!r}: choose from {METHODS} / {LEVELS}")
+            raise ModelConfigError(f"`method` {self.method!r} / `level` {self.level!r}: choose from {METHODS} / {LEVELS}")
         if self.text_config.model_type not in FAMILIES:
-            raise ValueError(f"base model_type {self.text_config.model_type!r} is not supported; use one of {FAMILIES}")
+            raise ModelConfigError(f"base model_type {self.text_config.model_type!r} is not supported; use one of {FAMILIES}")
         if self.method == "sparse" and self.level == "ffn":
-            raise ValueError("sparse FFN-level models are stock Mixtral/Qwen-MoE checkpoints, not moe_merge models")
+            raise ModelConfigError("sparse FFN-level models are stock Mixtral/Qwen-MoE checkpoints, not moe_merge models")
         if self.method != "sparse" and self.level == "model":
-            raise ValueError("`level: model` is a sparse mixture of expert models; use `method: sparse`")
+            raise ModelConfigError("`level: model` is a sparse mixture of expert models; use `method: sparse`")
         if self.level == "model" or self.method == "twin":
             if self.router_granularity != "sequence":
-                raise ValueError(f"{self.method} at {self.level} level routes once per sequence; "
+                raise ModelConfigError(f"{self.method} at {self.level} level routes once per sequence; "
                                  "set `router.granularity: sequence`")
         if self.method in AVERAGING_METHODS and self.router_normalize == "none":
-            raise ValueError(f"`{self.method}` averages, so its merge weights must sum to one: set `router_normalize` "
+            raise ModelConfigError(f"`{self.method}` averages, so its merge weights must sum to one: set `router_normalize` "
                              "to softmax or topk")
         self.tie_word_embeddings = bool(self.text_config.tie_word_embeddings)
         self.delta_forms = self.delta_forms or {}
@@ -114,7 +115,7 @@ class MoEMergeConfig(PreTrainedConfig):
             return
         sums = weights.double().sum(-1)
         if not torch.allclose(sums, torch.ones_like(sums), atol=1e-3):
-            raise ValueError(
+            raise ModelConfigError(
                 f"`{self.method}` averages its experts, so merge weights must sum to one; these sum to "
                 f"{sorted({round(x, 4) for x in sums.flatten().tolist()})[:4]}: divide them by their sum "
                 "(a task-vector method, wemoe or twin, takes any weights)")

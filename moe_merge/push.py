@@ -70,8 +70,14 @@ def _check_recipe(folder: Path) -> None:
     path = folder / "moe-merge.yaml"
     if not path.is_file():
         return
-    recipe = yaml.safe_load(path.read_text()) or {}
-    refs = [recipe.get("base_model")] + [e.get("source_model") for e in recipe.get("experts", []) + (recipe.get("shared_experts") or [])]
+    try:
+        recipe = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise PushError(f"{path} is not valid YAML ({e}); fix it or remove it") from None
+    if not isinstance(recipe, dict):
+        raise PushError(f"{path} is not a recipe (a mapping with `base_model` and `experts`); fix it or remove it")
+    entries = (recipe.get("experts") or []) + (recipe.get("shared_experts") or [])
+    refs = [recipe.get("base_model")] + [e.get("source_model") for e in entries if isinstance(e, dict)]
     local = [r for r in refs if isinstance(r, str) and any(Path(part).is_absolute() for part in r.split("+"))]
     if local:
         raise PushError(f"{path} names sources by absolute local path ({local[0]}): write them as Hub ids or as paths "

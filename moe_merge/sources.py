@@ -29,10 +29,17 @@ MATCHING_FIELDS = ("model_type", "hidden_size", "num_hidden_layers", "vocab_size
                    "num_attention_heads", "num_key_value_heads")
 
 
+def _local(ref: str, relative_to: Path | None) -> list[Path]:
+    """Where `ref` may be on disk: relative to the recipe's directory first (a recipe means its own
+    neighbours), then as given (absolute, or relative to the current directory)."""
+    return ([relative_to / ref] if relative_to else []) + [Path(ref).expanduser()]
+
+
 def resolve_path(ref: str, relative_to: Path | None = None) -> Path:
-    """A local directory for `ref`: a path (absolute, relative to CWD or to the recipe) or a cached Hub id."""
-    for candidate in (Path(ref).expanduser(), (relative_to / ref) if relative_to else None):
-        if candidate is not None and candidate.is_dir():
+    """A local directory for `ref`: a path (absolute, relative to the recipe's directory, else to the current
+    one) or a cached Hub id."""
+    for candidate in _local(ref, relative_to):
+        if candidate.is_dir():
             return candidate.absolute()
     if ref.count("/") == 1 and not Path(ref).exists():
         from huggingface_hub import snapshot_download
@@ -227,10 +234,18 @@ def is_adapter(path: Path) -> bool:
     return (path / "adapter_config.json").is_file()
 
 
+def source_parts(ref: str, relative_to: Path | None = None) -> list[str]:
+    """`ref` as one source, or as mergekit's `base+adapter` pair when it names no directory as a whole
+    (`runs/lr+wd` may be a directory)."""
+    if "+" in ref and not any(p.is_dir() for p in _local(ref, relative_to)):
+        return ref.split("+", 1)
+    return [ref]
+
+
 def open_expert(ref: str, base: Checkpoint, relative_to: Path | None = None) -> Expert:
     """Open an expert: a checkpoint directory, a LoRA adapter directory, or mergekit's `base+adapter`."""
-    if "+" in ref and not Path(ref).exists():
-        model_ref, adapter_ref = ref.split("+", 1)
+    if len(parts := source_parts(ref, relative_to)) == 2:
+        model_ref, adapter_ref = parts
         model_path = resolve_path(model_ref, relative_to)
         if model_path.resolve() != base.path.resolve():
             raise CompatibilityError(

@@ -354,10 +354,13 @@ def _train(accelerator, model_dir: Path, run_dir: Path, args: TrainRouterArgs) -
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
         train_seconds += time.perf_counter() - t0
-        bar.set_postfix(loss=f"{loss.item():.4f}")
         trained = accelerator.gather(torch.tensor(seen, device=accelerator.device)).tolist()  # every process's rows
-        log({"step": step + 1, "lr": lr, "loss": loss.item(), **{t: v.item() for t, v in terms.items()},
+        # each process's terms are its share of the global batch's means, N x its sum over the global count:
+        # their mean over processes is the global batch's value
+        values = accelerator.reduce(torch.stack([loss.detach(), *terms.values()]), reduction="mean").tolist()
+        log({"step": step + 1, "lr": lr, **dict(zip(["loss", *terms], values)),
              "rows": hashlib.sha256(str(sorted(trained)).encode()).hexdigest()[:16]})
+        bar.set_postfix(loss=f"{values[0]:.4f}")
         done = step + 1
         if done % args.eval_every == 0 or done == args.steps:
             consider(done)
@@ -384,7 +387,14 @@ def _train(accelerator, model_dir: Path, run_dir: Path, args: TrainRouterArgs) -
 
 
 def export(model, tokenizer, model_dir: Path, out: Path, dtype: torch.dtype, summary: dict) -> None:
-    """The input directory with the trained routers: same files, same layout, same dtype; written atomically."""
+    """The input directory with the trained routers: same files, same layout, same dtype; written atomically.
+    moe-merge.yaml names its sources from the new place, and a dynamic model's routing report is measured
+    again, on the model as written."""
+    from transformers import AutoModelForCausalLM
+
+    from moe_merge.assemble import portable
+    from moe_merge.config import load_config
+    from moe_merge.dynamic import plot_report, routing_report
     from moe_merge.outdir import atomic_output_dir
 
     model.eval()
@@ -393,24 +403,20 @@ def export(model, tokenizer, model_dir: Path, out: Path, dtype: torch.dtype, sum
             if f.is_file() and not f.name.endswith(WEIGHT_SUFFIXES):
                 shutil.copy2(f, tmp / f.name)
         model.to(dtype).save_pretrained(tmp)
-        if (model_dir / "moe-merge.yaml").is_file():  # its sources named from the new place
-            from moe_merge.assemble import portable
-            from moe_merge.config import load_config
-
-            recipe = portable(load_config(model_dir / "moe-merge.yaml"), model_dir, out)
-            (tmp / "moe-merge.yaml").write_text(yaml.safe_dump(recipe.resolved(), sort_keys=False))
-            if not objectives.is_stock(model):
-                _refresh_routing_report(model, tokenizer, model_dir, tmp)
         (tmp / "router_training.json").write_text(json.dumps(summary, indent=2))
-
-
-def _refresh_routing_report(model, tokenizer, model_dir: Path, out: Path) -> None:
-    """The copied routing report describes the untrained routers; measure the trained ones on the same prompts."""
-    from moe_merge.config import load_config
-    from moe_merge.dynamic import plot_report, routing_report
-
-    with torch.no_grad():
-        rep = routing_report(model.float(), tokenizer, load_config(model_dir / "moe-merge.yaml"),
-                             list(model.config.expert_names))
-    (out / "routing_report.json").write_text(json.dumps(rep, indent=2))
-    plot_report(rep, out / "routing_report.png")
+        if not (model_dir / "moe-merge.yaml").is_file():
+            return
+        try:
+            config = load_config(model_dir / "moe-merge.yaml")
+            recipe = portable(config, model_dir, out)
+        except MoEMergeError as e:  # written by another release, or its sources moved: keep it as it was
+            logger.warning("%s copied unchanged and its routing report not measured again: %s",
+                           model_dir / "moe-merge.yaml", e)
+            return
+        (tmp / "moe-merge.yaml").write_text(yaml.safe_dump(recipe.resolved(), sort_keys=False))
+        if not objectives.is_stock(model):
+            with torch.no_grad():
+                written = AutoModelForCausalLM.from_pretrained(tmp).to(model.device).eval()
+                rep = routing_report(written, tokenizer, config, list(model.config.expert_names))
+            (tmp / "routing_report.json").write_text(json.dumps(rep, indent=2))
+            plot_report(rep, tmp / "routing_report.png")

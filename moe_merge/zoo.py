@@ -87,7 +87,7 @@ class Stage:
         """The learning rate at 0-based `step`, relative to `lr`: a linear warm-up over the first tenth of
         the first cycle (from scratch, a shorter one stalls the base for a thousand steps), then the cycles."""
         phase = (step % self.cycle) / self.cycle
-        return min(1.0, (step + 1) / (self.cycle // 10)) * 0.5 * (1 + math.cos(math.pi * phase))
+        return min(1.0, (step + 1) / max(1, self.cycle // 10)) * 0.5 * (1 + math.cos(math.pi * phase))
 
 
 @dataclass(frozen=True)

@@ -198,6 +198,19 @@ def test_a_device_this_machine_lacks_is_a_clear_error(pico, tmp_path, capsys, me
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("gate_mode", ["random", "uniform"])
+def test_a_stock_recipe_without_prompts_assembles_and_says_so(pico, tmp_path, gate_mode):
+    recipe = pico_recipe(pico, gate_mode=gate_mode)
+    for e in recipe["experts"]:
+        e["positive_prompts"] = []
+    out = _assemble(recipe, tmp_path / "moe")
+    report = read_json(out / "routing_report.json")
+    assert report["measured"] is False and report["note"].startswith("no prompts to measure")
+    card = (out / "README.md").read_text()
+    assert "No prompts to measure" in card and f"`{gate_mode}`, no prompts read" in card
+    assert not (out / "routing_report.png").exists() and "routing_report.png" not in card
+
+
 # --- bad inputs: a clear error, and nothing left behind -------------------------------------------
 
 
