@@ -233,8 +233,8 @@ def _char_id(c: str) -> int:
     return len(SPECIAL_TOKENS) + (" =" + ALPHABET).index(c)
 
 
-def train_to_target(model, tasks: list[str], stage: Stage, seed: int, name: str, score) -> tuple[int, float]:
-    """Train `model` on `tasks` until `score(model)` reaches the stage's target; returns (steps, score).
+def train_to_target(model, tasks: list[str], stage: Stage, seed: int, name: str, score) -> int:
+    """Train `model` on `tasks` until `score(model)` reaches the stage's target; returns the steps it took.
 
     Batches are drawn from (seed, step) alone and never hold an eval word.
     """
@@ -263,7 +263,7 @@ def train_to_target(model, tasks: list[str], stage: Stage, seed: int, name: str,
             logger.debug("zoo %s: step %d, loss %.4f, held-out exact match %.3f", name, step, loss.item(), reached)
             if reached >= stage.target:
                 model.eval()
-                return step, reached
+                return step
     raise ZooError(f"zoo {name}: {reached:.0%} exact match on its held-out words after {max_steps} steps, "
                    f"below its target of {stage.target:.0%}; the zoo was not built (give its Stage more `cycles`, or "
                    "check the training settings in moe_merge/zoo.py)")
@@ -347,7 +347,7 @@ def _build(tmp: Path, out_dir: Path, settings: ZooSettings) -> dict[str, dict]:
     config = model_config(settings.arch, len(tokenizer), tie_word_embeddings=settings.realistic,
                           pad_token_id=None if settings.realistic else PAD_ID)
     base = AutoModelForCausalLM.from_config(config)
-    steps, _ = train_to_target(base, list(BASE_TASKS), settings.base, seed, "base", _scorer(tokenizer, BASE_TASKS, settings))
+    steps = train_to_target(base, list(BASE_TASKS), settings.base, seed, "base", _scorer(tokenizer, BASE_TASKS, settings))
     _save(base, tmp / "base", settings.dtype, shipped)
     results = {"base": _check(tmp / "base", tokenizer, None, settings.base, steps, settings.leak)}
     for variant in VARIANTS:
@@ -365,7 +365,7 @@ def _build(tmp: Path, out_dir: Path, settings: ZooSettings) -> dict[str, dict]:
                 for n, p in model.named_parameters():
                     p.requires_grad_(variant == "full" or ".mlp." in n)
                 stage = settings.full if variant == "full" else settings.mlp
-            steps, _ = train_to_target(model, [task], stage, seed + 10 + k, name, _scorer(tokenizer, [task], settings))
+            steps = train_to_target(model, [task], stage, seed + 10 + k, name, _scorer(tokenizer, [task], settings))
             _save(model, tmp / name, settings.dtype, shipped)
             results[name] = _check(tmp / name, tokenizer, task, stage, steps, settings.leak)
             logger.info("zoo %s: %d steps, %s", name, steps, results[name]["exact_match"])

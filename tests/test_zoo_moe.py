@@ -6,7 +6,7 @@ import torch
 from moe_merge import zoo
 from moe_merge.assemble import assemble
 from moe_merge.config import MergeConfig
-from moe_merge.demo import evaluate
+from moe_merge.demo import evaluate, expert_scores
 from tests.test_assemble import IDS, _logits
 
 
@@ -55,11 +55,7 @@ def test_fitted_routers_beat_prompt_mean_directions(mlp_moes):
 @pytest.fixture(scope="module")
 def mlp_experts(zoo_dir) -> dict[str, float]:
     """Each MLP-only expert's exact match on its own task, measured here."""
-    from moe_merge.tokens import load_tokenizer
-
-    tok = load_tokenizer(zoo_dir / "base")
-    experts = zoo.zoo_recipe(zoo_dir, "mlp")["experts"]
-    return {e["name"]: zoo.scores(zoo.load_checkpoint(e["source_model"]), tok, [e["name"]])[e["name"]] for e in experts}
+    return expert_scores(zoo_dir, "mlp")
 
 
 @pytest.mark.parametrize("method", ["smear", "wemoe"])
