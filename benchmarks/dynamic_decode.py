@@ -77,7 +77,7 @@ def decode_step(model, batch: int, vocab: int):
 
 @torch.no_grad()
 def loop_step(dense, dynamic, batch: int, vocab: int):
-    """fusion_bench's way: per sample, materialise the merged MLP weights and call the stock model."""
+    """fusion_bench's way: per sample, materialize the merged MLP weights and call the stock model."""
     from transformers import DynamicCache
 
     params = dict(dense.named_parameters())

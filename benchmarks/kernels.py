@@ -5,8 +5,8 @@
 
 Full sweep (bf16): layers d=4096 × ffn ∈ {11008, 14336}, both ways round (up: N=ffn, K=d; down: N=d,
 K=ffn); E ∈ {2, 4, 8}; decode B ∈ {1, 8, 32, 64, 128}; prefill (sequences, tokens) ∈ {(1, 2048), (8, 512)};
-low-rank r ∈ {8, 16, 64}; and a sweep of tokens per sequence that measures where materialise-then-GEMM
-overtakes K-concatenation. Baselines: per-sample weights materialised + bmm, every expert then outputs
+low-rank r ∈ {8, 16, 64}; and a sweep of tokens per sequence that measures where materialize-then-GEMM
+overtakes K-concatenation. Baselines: per-sample weights materialized + bmm, every expert then outputs
 weighted, torch.einsum, the K-concatenated F.linear through cuBLAS, and a single base GEMM.
 
 Every result is checked against the fp32 torch reference before it is timed. On CUDA: the median of
@@ -144,7 +144,7 @@ class Bench:
 
 # --- baselines (torch) -------------------------------------------------------------------------------
 
-def materialise_bmm(x, w, deltas, base):  # x [M, K], w [M, E]: a weight per row, then one bmm
+def materialize_bmm(x, w, deltas, base):  # x [M, K], w [M, E]: a weight per row, then one bmm
     weights = base + torch.einsum("me,enk->mnk", w.to(deltas.dtype), deltas)  # [M, N, K]
     return torch.bmm(x.unsqueeze(1), weights.transpose(1, 2)).squeeze(1)
 
@@ -197,14 +197,14 @@ def run_decode(bench: Bench, sweep: Sweep, dtype: torch.dtype) -> None:
                 merged = dict(bytes=(E + 1) * N * K * el + act, flops=2 * B * N * K * (E + 1))
                 methods = {
                     "kconcat-triton (ours)": lambda: kernels.merged_linear(x, w, deltas, base),
-                    "materialise+bmm": lambda: materialise_bmm(x, w, deltas, base),
+                    "materialize+bmm": lambda: materialize_bmm(x, w, deltas, base),
                     "every-expert": lambda: every_expert(x, w, deltas, base),
                     "einsum": lambda: einsum(x, w, deltas, base),
                     "kconcat-F.linear": lambda: kconcat_linear(x, w, w_cat),
                 }
                 for method, fn in methods.items():
-                    # materialising B weights in a graph would pin B·N·K of memory; it runs for ms anyway
-                    bench.record(fn, expected, graph=method != "materialise+bmm", method=method, **merged, **case)
+                    # materializing B weights in a graph would pin B·N·K of memory; it runs for ms anyway
+                    bench.record(fn, expected, graph=method != "materialize+bmm", method=method, **merged, **case)
                 bench.record(lambda: F.linear(x, base), F.linear(x.float(), base.float()), graph=True,
                              method="base-gemm", bytes=N * K * el + act, flops=2 * B * N * K, **case)
             del deltas, base, w_cat
@@ -229,9 +229,9 @@ def run_prefill(bench: Bench, sweep: Sweep, dtype: torch.dtype) -> None:
                 methods = {
                     f"auto→{chosen} (ours)": lambda: kernels.merged_linear_per_sequence(x, w, deltas, base),
                     "kconcat-triton": lambda: kernels.merged_linear_per_sequence(x, w, deltas, base, strategy="kconcat"),
-                    "materialise-triton+bmm": lambda: kernels.merged_linear_per_sequence(
-                        x, w, deltas, base, strategy="materialise"),
-                    "materialise-torch+bmm": lambda: torch.bmm(
+                    "materialize-triton+bmm": lambda: kernels.merged_linear_per_sequence(
+                        x, w, deltas, base, strategy="materialize"),
+                    "materialize-torch+bmm": lambda: torch.bmm(
                         x, (base + torch.einsum("se,enk->snk", w.to(dtype), deltas)).transpose(1, 2)),
                     "every-expert": lambda: every_expert(x2, w_tok, deltas, base).view(S, T, N),
                     "einsum": lambda: einsum(x2, w_tok, deltas, base).view(S, T, N),
@@ -273,7 +273,7 @@ def run_lowrank(bench: Bench, sweep: Sweep, dtype: torch.dtype) -> None:
 
 
 def run_crossover(bench: Bench, sweep: Sweep, dtype: torch.dtype) -> list[dict]:
-    """Per-sequence prefill by both strategies over tokens per sequence; where materialising starts to win."""
+    """Per-sequence prefill by both strategies over tokens per sequence; where materializing starts to win."""
     from moe_merge import kernels
     from moe_merge.kernels import reference
     N, K = sweep.layers[0]
@@ -289,11 +289,11 @@ def run_crossover(bench: Bench, sweep: Sweep, dtype: torch.dtype) -> list[dict]:
                 el, M = dtype.itemsize, S * T
                 case = dict(op="crossover", layer=f"{N}×{K}", experts=E, sequences=S, tokens=T, rank=0,
                             bytes=(E + 1) * N * K * el + M * (K + N) * el, flops=2 * N * K * (S * E + M))
-                for strategy in ("kconcat", "materialise"):
+                for strategy in ("kconcat", "materialize"):
                     row = bench.record(lambda: kernels.merged_linear_per_sequence(x, w, deltas, base, strategy=strategy),
                                        expected, graph=False, method=strategy, **case)
                     times[T, strategy] = row.seconds
-            wins = [T for T in sweep.crossover_tokens if times[T, "materialise"] < times[T, "kconcat"]]
+            wins = [T for T in sweep.crossover_tokens if times[T, "materialize"] < times[T, "kconcat"]]
             found.append({"layer": f"{N}×{K}", "experts": E, "sequences": S,
                           "measured_tokens": wins[0] if wins else None,
                           "model_tokens": kernels.crossover_tokens(S, E, element_size=dtype.itemsize, rates=bench.rates)})
@@ -319,8 +319,8 @@ def targets(rows: list[Row]) -> list[dict]:
     checks = [  # (target, [(row, value)], value meets it, lower is better)
         ("decode ≥ 85% of the bandwidth floor (B ≤ 64)",
          [(r, r.efficiency) for r in find("decode", "kconcat-triton") if r.sequences <= 64], lambda v: v >= 0.85, False),
-        ("≥ 10× materialise+bmm at B=64, E=8",
-         [(r, seconds("decode", "materialise+bmm", r) / r.seconds) for r in find("decode", "kconcat-triton",
+        ("≥ 10× materialize+bmm at B=64, E=8",
+         [(r, seconds("decode", "materialize+bmm", r) / r.seconds) for r in find("decode", "kconcat-triton",
                                                                                    sequences=64, experts=8)],
          lambda v: v >= 10, False),
         ("low-rank ≤ 1.1× base GEMM",
@@ -350,7 +350,7 @@ def markdown(meta: dict, rows: list[Row], checks: list[dict], crossover: list[di
         lines += [f"| {c['target']} | {c['passed']}/{c['cases']} | {c['worst']:.2f} |" for c in checks]
         lines.append("")
     if crossover:
-        lines += ["Tokens per sequence where materialise-then-GEMM overtakes K-concatenation:", "",
+        lines += ["Tokens per sequence where materialize-then-GEMM overtakes K-concatenation:", "",
                   "| layer | E | sequences | measured (first T that wins) | model (dispatch.crossover_tokens) |",
                   "|---|---|---|---|---|"]
         lines += [f"| {c['layer']} | {c['experts']} | {c['sequences']} | {c['measured_tokens'] or '> swept'} | "

@@ -7,7 +7,7 @@ implementation in `*_op.py`:
 - `lowrank_merged_linear(x, merge_weights, A [E, r, K], B [E, N, r], base) -> [M, N]`
 - `merge_weights_into(base, deltas, merge_weights [S, E]) -> [S, N, K]`
 - `merged_linear_per_sequence(x [S, T, K], merge_weights [S, E], deltas, base) -> [S, T, N]`, which
-  takes K-concatenation or materialise-then-GEMM by the cost model in `dispatch.py`.
+  takes K-concatenation or materialize-then-GEMM by the cost model in `dispatch.py`.
 
 Each call runs Triton or the reference as `MOE_MERGE_KERNELS` says (`dispatch.use_triton`): by default
 Triton on CUDA tensors, the reference elsewhere. Importing this needs neither a GPU nor triton: the
@@ -19,11 +19,12 @@ from typing import Literal
 import torch
 
 from moe_merge.kernels import reference
-from moe_merge.kernels.dispatch import DeviceRates, Strategy, choose_strategy, crossover_tokens, use_triton
+from moe_merge.kernels.dispatch import (MATERIALIZE_BUDGET_BYTES, DeviceRates, Strategy, choose_strategy, crossover_tokens,
+                                       use_triton)
 
 __all__ = [
     "merged_linear", "lowrank_merged_linear", "merge_weights_into", "merged_linear_per_sequence",
-    "crossover_tokens", "choose_strategy", "DeviceRates",
+    "crossover_tokens", "choose_strategy", "DeviceRates", "MATERIALIZE_BUDGET_BYTES",
 ]
 
 
@@ -61,7 +62,7 @@ def merged_linear_per_sequence(x: torch.Tensor, merge_weights: torch.Tensor, del
     Args:
         x: `[S, T, K]`, S sequences of T tokens; merge_weights: `[S, E]`; deltas: `[E, N, K]`;
         base: `[N, K]` or None.
-        strategy: `kconcat` (merged_linear with the weights repeated per token), `materialise`
+        strategy: `kconcat` (merged_linear with the weights repeated per token), `materialize`
             (merge_weights_into, then one batched GEMM), or `auto`: `choose_strategy` by S, T and E.
     Returns: `[S, T, N]`.
     """
@@ -70,9 +71,9 @@ def merged_linear_per_sequence(x: torch.Tensor, merge_weights: torch.Tensor, del
     S, T, K = x.shape
     if strategy == "auto":
         strategy = choose_strategy(T, S, deltas.shape[0], base is not None, x.element_size())
-    if strategy == "materialise":
+    if strategy == "materialize":
         return torch.bmm(x, merge_weights_into(base, deltas, merge_weights).transpose(1, 2))
     if strategy == "kconcat":
         per_token = merge_weights.repeat_interleave(T, dim=0)  # [S·T, E]
         return merged_linear(x.reshape(S * T, K), per_token, deltas, base).view(S, T, -1)
-    raise ValueError(f"strategy={strategy!r}; choose auto, kconcat or materialise")
+    raise ValueError(f"strategy={strategy!r}; choose auto, kconcat or materialize")

@@ -7,8 +7,9 @@ Two decisions live here, both cheap and made per call:
   else; `triton` forces the kernels (on CPU tensors only under `TRITON_INTERPRET=1`); `torch` forces
   the reference. Nothing here imports triton unless the kernels are about to run.
 - **strategy** for one weight vector per sequence: K-concatenation (expand the weights to every token)
-  or materialise-then-GEMM (form W_s = W0 + Σ_e w_se Δ_e once per sequence, then a batched GEMM).
-  `crossover_tokens` is the cost model; its device rates are measured by `benchmarks/kernels.py`.
+  or materialize-then-GEMM (form W_s = W0 + Σ_e w_se Δ_e once per sequence, then a batched GEMM).
+  `choose_strategy` decides for a device: the per-sequence copies must fit `MATERIALIZE_BUDGET_BYTES`,
+  then `crossover_tokens` is the cost model, with the device's `RATES` (measured by `benchmarks/kernels.py`).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import torch
 ENV_VAR = "MOE_MERGE_KERNELS"
 Backend = Literal["auto", "triton", "torch"]
 BACKENDS: tuple[Backend, ...] = ("auto", "triton", "torch")
-Strategy = Literal["kconcat", "materialise"]
+Strategy = Literal["kconcat", "materialize"]
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what the Triton kernels take
 
 
@@ -76,15 +77,15 @@ RATES = DeviceRates(bandwidth=3.0e12, matmul_flops=8.0e14)
 
 def crossover_tokens(sequences: int, experts: int, has_base: bool = True, element_size: int = 2,
                      rates: DeviceRates = RATES) -> float:
-    """Tokens per sequence beyond which materialise-then-GEMM beats K-concatenation.
+    """Tokens per sequence beyond which materialize-then-GEMM beats K-concatenation.
 
     With G = E + has_base weight segments of P elements each, S sequences of T tokens, b bytes per
     element, copy bandwidth BW and GEMM rate F (prefill is compute-bound for K-concat):
     - K-concatenation: 2·S·T·P·G flops, its weights read once;
-    - materialise: read G·P, write S·P and read them back in the GEMM, (G + 2S)·P·b bytes, then
+    - materialize: read G·P, write S·P and read them back in the GEMM, (G + 2S)·P·b bytes, then
       2·S·T·P flops.
     They cost the same at T* = (F / BW)·b·(G + 2S) / (2·S·(G − 1)); with one segment (G = 1) there is
-    nothing to merge and materialising never pays (infinity).
+    nothing to merge and materializing never pays (infinity).
     """
     segments = experts + int(has_base)
     if segments <= 1:
@@ -93,8 +94,22 @@ def crossover_tokens(sequences: int, experts: int, has_base: bool = True, elemen
     return ridge * element_size * (segments + 2 * sequences) / (2 * sequences * (segments - 1))
 
 
-def choose_strategy(tokens: int, sequences: int, experts: int, has_base: bool = True,
-                    element_size: int = 2) -> Strategy:
-    """`materialise` when each sequence is longer than `crossover_tokens`, else `kconcat`."""
+# Above this, the per-sequence weight copies cost more memory than they save time.
+MATERIALIZE_BUDGET_BYTES = 256 * 2**20
+
+
+def choose_strategy(tokens: int, sequences: int, experts: int, has_base: bool = True, element_size: int = 2,
+                    device: torch.device | str = "cuda", weight_bytes: int = 0) -> Strategy:
+    """`materialize` when each sequence is longer than the crossover on `device`, else `kconcat`.
+
+    `weight_bytes` is what the S per-sequence weight copies would take; above `MATERIALIZE_BUDGET_BYTES` it is
+    always `kconcat`. On a GPU the crossover is `crossover_tokens` with `RATES`. The CPU's torch reference is
+    compute-bound: K-concatenation does (E+1)·T multiply-adds per weight element and sequence, materializing
+    E + T, so materializing wins from T = 2.
+    """
+    if weight_bytes > MATERIALIZE_BUDGET_BYTES:
+        return "kconcat"
+    if torch.device(device).type == "cpu":
+        return "materialize" if tokens >= 2 else "kconcat"
     crossover = crossover_tokens(sequences, experts, has_base, element_size)
-    return "materialise" if tokens > crossover else "kconcat"
+    return "materialize" if tokens > crossover else "kconcat"

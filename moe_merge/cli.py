@@ -7,6 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
+from moe_merge.arch import FAMILIES
 from moe_merge.errors import MoEMergeError
 
 SIZE_UNITS = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
@@ -31,7 +32,7 @@ def parse_weights(text: str) -> list[float]:
 
 
 def parse_objective(text: str) -> dict[str, float]:
-    from moe_merge.objectives import parse_objective as parse
+    from moe_merge.train.objectives import parse_objective as parse
 
     try:
         return parse(text)
@@ -40,6 +41,7 @@ def parse_objective(text: str) -> dict[str, float]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The `moe-merge` parser: global -v, then one sub-parser per command (each built below)."""
     parser = argparse.ArgumentParser(
         prog="moe-merge",
         description="Assemble expert checkpoints fine-tuned from one base (full fine-tunes and PEFT LoRA "
@@ -50,7 +52,25 @@ def build_parser() -> argparse.ArgumentParser:
     verbose = argparse.ArgumentParser(add_help=False)
     verbose.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS, help="more logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _assemble_parser(sub, verbose)
+    _generate_parser(sub, verbose)
+    _bake_parser(sub, verbose)
+    _train_router_parser(sub, verbose)
+    _export_lora_parser(sub, verbose)
+    _push_parser(sub, verbose)
+    _zoo_parser(sub, verbose)
+    _demo_parser(sub, verbose)
+    return parser
 
+
+def _merge_weights_arguments(p: argparse.ArgumentParser) -> None:
+    """The fixed merge weights of `bake` and `export-lora`: given, or what the routers give a prompt."""
+    mix = p.add_mutually_exclusive_group(required=True)
+    mix.add_argument("--weights", type=parse_weights, help="comma-separated merge weights, one per expert, e.g. 1,0,0")
+    mix.add_argument("--prompt", help="use the merge weights the routers give this prompt")
+
+
+def _assemble_parser(sub, verbose: argparse.ArgumentParser) -> None:
     p = sub.add_parser(
         "assemble",
         parents=[verbose],
@@ -78,6 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="JSON lines of prompt, completion and expert: the model card gets the result's exact match per "
                    "expert (greedy generation)")
 
+
+def _generate_parser(sub, verbose: argparse.ArgumentParser) -> None:
     p = sub.add_parser(
         "generate",
         parents=[verbose],
@@ -93,22 +115,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     p.add_argument("--show-routing", action="store_true", help="print the merge weights of every router")
 
+
+def _bake_parser(sub, verbose: argparse.ArgumentParser) -> None:
     p = sub.add_parser(
         "bake",
         parents=[verbose],
-        help="write a plain dense checkpoint of the base architecture for one fixed mix",
-        description="Bake a dynamic model for a fixed mix into a stock dense checkpoint (no remote code): each "
-        "merged linear layer becomes W0 + sum_e w_e delta_e. The mix is given as one weight per expert "
+        help="write a plain dense checkpoint of the base architecture for fixed merge weights",
+        description="Bake a dynamic model for fixed merge weights into a stock dense checkpoint (no remote code): each "
+        "merged linear layer becomes W0 + sum_e w_e delta_e. The merge weights are given one per expert "
         "(--weights) or taken from what the routers give a prompt (--prompt). Sparse block/model models bake "
         "only for one-hot weights.",
     )
     p.add_argument("model_dir", type=Path, help="a moe-merge dynamic model directory")
     p.add_argument("out_dir", type=Path, help="output directory; written to a temporary sibling and renamed")
-    mix = p.add_mutually_exclusive_group(required=True)
-    mix.add_argument("--weights", type=parse_weights, help="comma-separated merge weights, one per expert, e.g. 1,0,0")
-    mix.add_argument("--prompt", help="use the merge weights the routers give this prompt")
+    _merge_weights_arguments(p)
     p.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists")
 
+
+def _train_router_parser(sub, verbose: argparse.ArgumentParser) -> None:
     p = sub.add_parser(
         "train-router",
         parents=[verbose],
@@ -149,11 +173,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--force", action="store_true", help="discard an existing OUT and start over")
     p.add_argument("--trust-remote-code", action="store_true", help="allow MODEL_DIR's own code (off by default)")
 
+
+def _export_lora_parser(sub, verbose: argparse.ArgumentParser) -> None:
     p = sub.add_parser(
         "export-lora",
         parents=[verbose],
-        help="write a dynamic model's merged delta for one fixed mix as a PEFT LoRA adapter on the base",
-        description="Export the exact difference between a dynamic model under one fixed mix and its base as a "
+        help="write a dynamic model's merged delta for fixed merge weights as a PEFT LoRA adapter on the base",
+        description="Export the exact difference between a dynamic model under fixed merge weights and its base as a "
         "PEFT LoRA adapter (PeftModel.from_pretrained, vLLM/TGI multi-LoRA serving). LoRA experts become a rank "
         "concatenation (rank = sum of the experts' ranks); dense differences become exact full-rank factors "
         "(rank min(out, in), as large as the dense delta). Every module has one rank and lora_alpha = r. Refused "
@@ -161,13 +187,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("model_dir", type=Path, help="a moe-merge dynamic model directory")
     p.add_argument("out_dir", type=Path, help="adapter directory; written to a temporary sibling and renamed")
-    mix = p.add_mutually_exclusive_group(required=True)
-    mix.add_argument("--weights", type=parse_weights, help="comma-separated merge weights, one per expert, e.g. 1,0,0")
-    mix.add_argument("--prompt", help="use the merge weights the routers give this prompt")
+    _merge_weights_arguments(p)
     p.add_argument("--base", help="the base model (path or cached Hub id; default: `base_model` of MODEL_DIR/moe-merge.yaml)")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="adapter dtype (default: the model's)")
     p.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists")
 
+
+def _push_parser(sub, verbose: argparse.ArgumentParser) -> None:
     p = sub.add_parser(
         "push",
         parents=[verbose],
@@ -183,6 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--revision", help="branch to push to (created from main if missing; default main)")
     p.add_argument("--commit-message", help="default: 'Upload <dir> with moe-merge'")
 
+
+def _zoo_parser(sub, verbose: argparse.ArgumentParser) -> None:
     p = sub.add_parser(
         "zoo",
         parents=[verbose],
@@ -194,12 +222,14 @@ def build_parser() -> argparse.ArgumentParser:
         "2 CPU cores.",
     )
     p.add_argument("out_dir", type=Path, help="where to write the zoo")
-    p.add_argument("--arch", choices=["llama", "mistral", "qwen2", "qwen3"], default="llama", help="base family")
+    p.add_argument("--arch", choices=list(FAMILIES), default="llama", help="base family")
     p.add_argument("--realistic", action="store_true",
                    help="a base as real checkpoints come: no pad token (Llama, Mistral), tied input and output "
                    "embeddings (Qwen3-0.6B, Llama-3.2), weights saved in bf16")
     p.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists")
 
+
+def _demo_parser(sub, verbose: argparse.ArgumentParser) -> None:
     p = sub.add_parser(
         "demo",
         parents=[verbose],
@@ -209,7 +239,93 @@ def build_parser() -> argparse.ArgumentParser:
         "exact match for every expert, the base and the assembled MoE, and generates a few samples.",
     )
     p.add_argument("--out", type=Path, default=Path("demo-out"), help="where to write the assembled models")
-    return parser
+
+
+def _assemble(args: argparse.Namespace) -> int:
+    from moe_merge.assemble import assemble
+    from moe_merge.config import load_config
+
+    config = load_config(args.config)
+    if args.dry_run:
+        from moe_merge.assemble.dryrun import dry_run
+
+        print(dry_run(config, recipe_dir=args.config.parent.absolute(), dtype=args.dtype,
+                      shard_size=args.shard_size).format())
+        return 0
+    out = assemble(config, args.out_dir, recipe_dir=args.config.parent.absolute(), force=args.force,
+                   device=args.device, dtype=args.dtype, shard_size=args.shard_size, seed=args.seed,
+                   eval_data=args.eval_data)
+    print(f"wrote {out}")
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from moe_merge.generate import generate
+
+    generate(args.model_dir, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+             seed=args.seed, show_routing=args.show_routing)
+    return 0
+
+
+def _bake(args: argparse.Namespace) -> int:
+    from moe_merge.export.bake import bake
+
+    print(f"wrote {bake(args.model_dir, args.out_dir, weights=args.weights, prompt=args.prompt, force=args.force)}")
+    return 0
+
+
+def _train_router(args: argparse.Namespace) -> int:
+    from moe_merge.train.loop import TrainRouterArgs, train_router
+
+    fields = {k: getattr(args, k) for k in TrainRouterArgs.__dataclass_fields__ if hasattr(args, k)}
+    train_router(args.model_dir, args.out, TrainRouterArgs(**fields))
+    return 0
+
+
+def _export_lora(args: argparse.Namespace) -> int:
+    import torch
+
+    from moe_merge.export.lora import export_lora
+
+    out = export_lora(args.model_dir, args.out_dir, weights=args.weights, prompt=args.prompt, base=args.base,
+                      dtype=getattr(torch, args.dtype) if args.dtype else None, force=args.force)
+    print(f"wrote {out}")
+    return 0
+
+
+def _push(args: argparse.Namespace) -> int:
+    from moe_merge.export.push import push
+
+    url = push(args.out_dir, args.repo_id, private=args.private, revision=args.revision,
+               commit_message=args.commit_message)
+    print(f"pushed {args.out_dir}: {url}")
+    return 0
+
+
+def _zoo(args: argparse.Namespace) -> int:
+    from moe_merge.zoo import ZooSettings, build_zoo
+
+    print(f"wrote {build_zoo(args.out_dir, ZooSettings(arch=args.arch, realistic=args.realistic), force=args.force)}")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from moe_merge.demo import run_demo
+
+    run_demo(args.out)
+    return 0
+
+
+COMMANDS = {
+    "assemble": _assemble,
+    "generate": _generate,
+    "bake": _bake,
+    "train-router": _train_router,
+    "export-lora": _export_lora,
+    "push": _push,
+    "zoo": _zoo,
+    "demo": _demo,
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -217,61 +333,10 @@ def main(argv: list[str] | None = None) -> int:
     level = logging.WARNING if args.verbose == 0 else logging.INFO if args.verbose == 1 else logging.DEBUG
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     try:
-        if args.command == "assemble":
-            from moe_merge.assemble import assemble
-            from moe_merge.config import load_config
-
-            config = load_config(args.config)
-            if args.dry_run:
-                from moe_merge.dryrun import dry_run
-
-                print(dry_run(config, recipe_dir=args.config.parent.absolute(), dtype=args.dtype,
-                              shard_size=args.shard_size).format())
-                return 0
-            out = assemble(config, args.out_dir, recipe_dir=args.config.parent.absolute(), force=args.force,
-                           device=args.device, dtype=args.dtype, shard_size=args.shard_size, seed=args.seed,
-                           eval_data=args.eval_data)
-            print(f"wrote {out}")
-        elif args.command == "generate":
-            from moe_merge.generate import generate
-
-            generate(args.model_dir, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                     seed=args.seed, show_routing=args.show_routing)
-        elif args.command == "bake":
-            from moe_merge.bake import bake
-
-            print(f"wrote {bake(args.model_dir, args.out_dir, weights=args.weights, prompt=args.prompt, force=args.force)}")
-        elif args.command == "train-router":
-            from moe_merge.train_router import TrainRouterArgs, train_router
-
-            fields = {k: getattr(args, k) for k in TrainRouterArgs.__dataclass_fields__ if hasattr(args, k)}
-            train_router(args.model_dir, args.out, TrainRouterArgs(**fields))
-        elif args.command == "export-lora":
-            import torch
-
-            from moe_merge.export_lora import export_lora
-
-            out = export_lora(args.model_dir, args.out_dir, weights=args.weights, prompt=args.prompt, base=args.base,
-                              dtype=getattr(torch, args.dtype) if args.dtype else None, force=args.force)
-            print(f"wrote {out}")
-        elif args.command == "push":
-            from moe_merge.push import push
-
-            url = push(args.out_dir, args.repo_id, private=args.private, revision=args.revision,
-                       commit_message=args.commit_message)
-            print(f"pushed {args.out_dir}: {url}")
-        elif args.command == "zoo":
-            from moe_merge.zoo import ZooSettings, build_zoo
-
-            print(f"wrote {build_zoo(args.out_dir, ZooSettings(arch=args.arch, realistic=args.realistic), force=args.force)}")
-        elif args.command == "demo":
-            from moe_merge.demo import run_demo
-
-            run_demo(args.out)
+        return COMMANDS[args.command](args)
     except MoEMergeError as e:
         print(f"moe-merge: error: {e}", file=sys.stderr)
         return 2
-    return 0
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ A mergekit-moe YAML is a valid recipe as it is; our keys extend it. Vocabulary u
   block), `model` (whole expert models above shared first layers).
 - **method**: `sparse` (top-k output mixing; at FFN level a stock Mixtral/Qwen-MoE), `smear` (routed
   parameter averaging), `wemoe` (base + routed task vectors), `twin` (shared merge + routed low-rank
-  exclusive parts). Everything but sparse FFN is a moe_merge dynamic model.
+  exclusive parts): the records in `methods.py`. Everything but sparse FFN is a moe_merge dynamic model.
 """
 
 from __future__ import annotations
@@ -23,8 +23,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from moe_merge.errors import ConfigError
+from moe_merge.methods import LEVELS, METHOD_NAMES, METHODS, Method
 
-GateInit = Literal["hidden", "fit", "hidden_last", "cheap_embed", "random", "uniform"]
+RouterInit = Literal["hidden", "fit", "hidden_last", "cheap_embed", "random", "uniform"]
 PROMPT_INITS = ("hidden", "fit", "hidden_last", "cheap_embed")  # the modes that read prompts
 DYNAMIC_INITS = ("hidden", "random", "uniform")  # what the dynamic model's routers accept
 # mergekit-moe's gate_mode spellings and what each becomes here.
@@ -55,16 +56,16 @@ class ExpertSpec(_Strict):
 class RouterSpec(_Strict):
     """The routers: their kind, how they turn logits into merge weights, and their training-free start."""
 
-    init: GateInit = "hidden"
+    init: RouterInit = "hidden"
     kind: Literal["linear", "mlp", "constant"] = Field(
         "linear", description="dynamic models: linear, mlp (2 layers + ReLU), constant (input-independent, WEMoE depth 0)")
     hidden_size: int | None = Field(None, ge=2, description="mlp routers: hidden width (default 2 x experts)")
     granularity: Literal["token", "sequence"] = Field(
         "sequence", description="dynamic models: one weight vector per sequence (from the prompt) or per token")
     normalize: Literal["softmax", "topk", "none"] | None = Field(
-        None, description="softmax | topk (renormalised) | none (raw, WEMoE-style); default topk for sparse, else softmax")
+        None, description="softmax | topk (renormalized) | none (raw, WEMoE-style); default topk for sparse, else softmax")
     top_k: int | None = Field(None, ge=1, description="`topk`: experts kept; default `experts_per_token`")
-    temperature: float = Field(1.0, gt=0.0, description="logits are divided by this before normalising")
+    temperature: float = Field(1.0, gt=0.0, description="logits are divided by this before normalizing")
     calibrate: float | None = Field(
         0.9, gt=0.0, lt=1.0,
         description="scale each router so the mean top probability on the prompts equals this; null keeps raw "
@@ -132,11 +133,11 @@ class MergeConfig(_Strict):
     experts: list[ExpertSpec] = Field(min_length=1)
     shared_experts: list[ExpertSpec] = Field([], max_length=1)
     architecture: str | None = Field(None, description="output: mixtral | qwen (Qwen2-MoE) | qwen3; default from the base")
-    gate_mode: GateInit = "hidden"
+    gate_mode: RouterInit = "hidden"  # mergekit-moe's name for `router.init`
     dtype: Literal["float32", "float16", "bfloat16"] | None = None
     experts_per_token: int = Field(2, ge=1)
-    level: Literal["ffn", "block", "model"] = "ffn"
-    method: Literal["sparse", "smear", "wemoe", "twin"] = "sparse"
+    level: Literal[LEVELS] = "ffn"
+    method: Literal[METHOD_NAMES] = "sparse"
     non_expert: Literal["base", "average", "task_arithmetic", "ties", "dare_linear", "dare_ties"] | None = Field(
         None, description="static merge of what is not routed; default base (sparse ffn), average (sparse, smear), "
         "task_arithmetic (wemoe); twin uses its shared merge")
@@ -159,48 +160,49 @@ class MergeConfig(_Strict):
 
     @model_validator(mode="after")
     def _check(self) -> MergeConfig:
-        if self.level == "model" and self.method != "sparse":
-            raise ValueError(f"`level: model` mixes whole expert models, which is `method: sparse`, not `{self.method}`")
+        problems = self.merging.problems(self.level, self.router_spec.granularity, self.normalize)
+        if self.dynamic and problems:
+            raise ValueError(problems[0])
+        self._check_routers()
+        if self.experts_per_token > len(self.experts):
+            raise ValueError(
+                f"`experts_per_token` is {self.experts_per_token} but there are only {len(self.experts)} experts"
+            )
+        if self.merge.weights is not None and len(self.merge.weights) != len(self.experts):
+            raise ValueError(f"`merge.weights` has {len(self.merge.weights)} entries for {len(self.experts)} experts")
+        if self.router_init in PROMPT_INITS:
+            self._check_prompts()
+        return self
+
+    def _check_routers(self) -> None:
+        """What the routers of a dynamic model, and those of a stock sparse MoE, can be."""
         if self.dynamic:
             if self.shared_experts:
                 raise ValueError("`shared_experts` is a Qwen2-MoE feature of sparse FFN-level models only")
-            if self.gate_init not in DYNAMIC_INITS:
-                raise ValueError(f"router init `{self.gate_init}` is for stock sparse FFN-level routers; dynamic models "
-                                 f"take one of {', '.join(DYNAMIC_INITS)}")
-            if self.router_spec.granularity == "token" and (self.level == "model" or self.method == "twin"):
-                raise ValueError(f"{self.method} at {self.level} level routes once per sequence; "
-                                 "`router.granularity` must be `sequence`")
-            if self.method in ("smear", "sparse") and self.router_spec.normalize == "none":
-                raise ValueError(f"`method: {self.method}` averages the experts' "
-                                 f"{'parameters' if self.method == 'smear' else 'outputs'}, so its merge weights must "
-                                 "sum to one: `router.normalize` must be softmax or topk (raw weights on task vectors "
-                                 "are `method: wemoe`)")
-            if self.router_spec.kind == "constant" and self.gate_init == "hidden":
+            if self.router_init not in DYNAMIC_INITS:
+                raise ValueError(f"router init `{self.router_init}` is for stock sparse FFN-level routers; dynamic "
+                                 f"models take one of {', '.join(DYNAMIC_INITS)}")
+            if self.router_spec.kind == "constant" and self.router_init == "hidden":
                 raise ValueError("a `constant` router ignores its input, so it cannot start from prompts; "
                                  "set `router.init: random` (WEMoE: starts at task arithmetic) or `uniform`")
         elif self.router and (self.router.kind != "linear" or self.router.granularity != "sequence"
                               or self.router.normalize not in (None, "topk")):
             raise ValueError("sparse FFN-level output is a stock Mixtral/Qwen-MoE: its routers are linear, per token "
                              "and top-k; `router.kind/granularity/normalize` apply to dynamic models")
-        if self.experts_per_token > len(self.experts):
-            raise ValueError(
-                f"`experts_per_token` is {self.experts_per_token} but there are only {len(self.experts)} experts"
-            )
         if self.router and "gate_mode" in self.model_fields_set and self.router.init != self.gate_mode:
             raise ValueError(f"`gate_mode: {self.gate_mode}` and `router.init: {self.router.init}` disagree; give one")
-        if self.merge.weights is not None and len(self.merge.weights) != len(self.experts):
-            raise ValueError(f"`merge.weights` has {len(self.merge.weights)} entries for {len(self.experts)} experts")
-        if self.gate_init in PROMPT_INITS:
-            for i, e in enumerate(self.experts):
-                if not e.positive_prompts:
-                    raise ValueError(f"`experts[{i}].positive_prompts` is empty; gate_mode `{self.gate_init}` needs prompts")
-            keys = {(tuple(e.positive_prompts), tuple(e.negative_prompts)) for e in self.experts}
-            if len(self.experts) > 1 and len(keys) == 1:
-                raise ValueError(
-                    "every expert has the same positive and negative prompts, so their routers would be identical; "
-                    "give each expert prompts of its own task"
-                )
-        return self
+
+    def _check_prompts(self) -> None:
+        """Routers fitted on prompts need each expert's own."""
+        for i, e in enumerate(self.experts):
+            if not e.positive_prompts:
+                raise ValueError(f"`experts[{i}].positive_prompts` is empty; gate_mode `{self.router_init}` needs prompts")
+        keys = {(tuple(e.positive_prompts), tuple(e.negative_prompts)) for e in self.experts}
+        if len(self.experts) > 1 and len(keys) == 1:
+            raise ValueError(
+                "every expert has the same positive and negative prompts, so their routers would be identical; "
+                "give each expert prompts of its own task"
+            )
 
     def resolved(self) -> dict:
         """Every field, defaults included, as written beside an output; loads back to the same recipe."""
@@ -210,16 +212,19 @@ class MergeConfig(_Strict):
         return data
 
     @property
+    def merging(self) -> Method:
+        """The record of `method` (methods.py): what it routes, its forms, its static merge, its routers."""
+        return METHODS[self.method]
+
+    @property
     def dynamic(self) -> bool:
         """Whether the output is a moe_merge dynamic model rather than a stock sparse MoE."""
-        return not (self.method == "sparse" and self.level == "ffn")
+        return not (self.merging.merges == "outputs" and self.level == "ffn")
 
     @property
     def static_method(self) -> str:
-        if self.non_expert is not None:
-            return self.non_expert
-        return {"wemoe": "task_arithmetic", "twin": self.twin.shared}.get(
-            self.method, "average" if self.dynamic else "base")
+        """The static merge of what is not routed (`non_expert`, else the method's default)."""
+        return self.merging.static(self).method
 
     @property
     def calibration_target(self) -> float | None:
@@ -239,10 +244,10 @@ class MergeConfig(_Strict):
 
     @property
     def normalize(self) -> str:
-        return self.router_spec.normalize or ("topk" if self.method == "sparse" else "softmax")
+        return self.router_spec.normalize or self.merging.default_normalize
 
     @property
-    def gate_init(self) -> str:
+    def router_init(self) -> str:
         return self.router.init if self.router else self.gate_mode
 
     @property

@@ -42,7 +42,7 @@ def train_and_score(zoo_dir: Path, out: Path, run: tuple, data: Path, steps: int
     """Assemble one recipe training-free, train only its routers on `data`, score both on the eval words."""
     from moe_merge.assemble import assemble
     from moe_merge.config import MergeConfig
-    from moe_merge.train_router import TrainRouterArgs, train_router
+    from moe_merge.train.loop import TrainRouterArgs, train_router
 
     variant, name, overrides, objective = run
     experts = expert_scores(zoo_dir, variant)
@@ -91,9 +91,9 @@ def static_scores(zoo_dir: Path, variant: str, method: str) -> dict[str, float]:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from moe_merge.assemble import open_recipe
+    from moe_merge.assemble.dynamic import StaticMerge
     from moe_merge.config import MergeConfig
-    from moe_merge.dynamic import StaticMerge
+    from moe_merge.recipe import open_recipe
 
     recipe = open_recipe(MergeConfig.model_validate(zoo.zoo_recipe(zoo_dir, variant, non_expert=method)))
     merge = StaticMerge(recipe, seed=0, dtype=torch.float32)

@@ -22,5 +22,17 @@ class OutputExistsError(MoEMergeError):
 
 
 class ModelConfigError(ConfigError, ValueError):
-    """A dynamic model's config, or a mix given to it, that it cannot take; also a ValueError, as transformers'
+    """A dynamic model's config, or merge weights given to it, that it cannot take; also a ValueError, as transformers'
     callers expect from a model."""
+
+
+class DataError(MoEMergeError):
+    """Router-training data cannot be read or does not fit the model (the message names the file and row)."""
+
+
+class PushError(MoEMergeError):
+    """The folder would not work on the Hub, or the Hub could not be reached."""
+
+
+class ZooError(MoEMergeError):
+    """A zoo model missed its target: the zoo is not built (nor cached)."""

@@ -1,14 +1,20 @@
-"""The merged linear layer every dynamic method uses: y = x·(W0 + Σ_e w_e·Δ_e)ᵀ + b.
+"""The merged linear layers every parameter-merging method uses: y = x·(W0 + Σ_e w_e·Δ_e)ᵀ + b.
 
-It holds one of three forms, chosen when the model is built:
-- `full`: E expert weights and no base (SMEAR with dense experts: Σ p_e θ_e, one matrix fewer);
-- `dense`: a base W0 and E dense task vectors;
-- `lowrank`: a base W0 and E low-rank task vectors B_e·A_e (LoRA or SVD factors), never reconstructed.
+One class per form, chosen when the model is built (`merged_linear`):
+- `FullMergedLinear`: E expert weights and no W0 (SMEAR with dense experts: Σ p_e θ_e, one matrix fewer);
+- `DenseMergedLinear`: W0 and E dense task vectors;
+- `LowRankMergedLinear`: W0 and E low-rank task vectors B_e·A_e (LoRA or SVD factors), never reconstructed.
+W0 is the base's weight, or the static merge for methods that add their task vectors to it (twin).
 
 The owning layer sets `merge_weights` before calling it: [B, E] per sequence or [B, T, E] per token.
 Decode (one token per sequence) never loops over samples nor copies a weight per sample: it uses
-x·W0ᵀ + Σ_e w_e (x·Δ_eᵀ), which reads each weight once for the whole batch. A long prefill with
-per-sequence weights may instead materialise W_b once per sequence and run one GEMM (`materialize_pays`).
+x·W0ᵀ + Σ_e w_e (x·Δ_eᵀ), which reads each weight once for the whole batch. A prefill with
+per-sequence weights may instead materialize W_b once per sequence and run one GEMM, when
+`kernels.choose_strategy` says so for this device.
+
+Each form also gives, for one fixed weight vector, its merged weight (`merged`, for bake) and that
+weight as a dense part plus low-rank factors (`parts`, for export-lora), so neither export looks
+inside the layer.
 """
 
 from __future__ import annotations
@@ -17,56 +23,23 @@ import torch
 from torch import nn
 
 from moe_merge import kernels
+from moe_merge.methods import FORMS
 
-FORMS = ("full", "dense", "lowrank")
-# Above this, a per-sequence weight copy costs more memory than it saves time.
-MATERIALIZE_BUDGET_BYTES = 256 * 2**20
-
-
-def materialize_pays(batch: int, tokens: int, experts: int, out_features: int, in_features: int,
-                     element_size: int, device: torch.device) -> bool:
-    """Whether forming W_b = W0 + Σ_e w_be Δ_e per sequence beats the K-concatenated product.
-
-    Per sequence, K-concatenation does (E+1)·T multiply-adds per weight element; materialising does
-    E + T, plus writing and re-reading B weight copies. On a CPU (compute-bound) materialising wins
-    from T = 2 if the copies fit the budget. On a GPU, decode is bandwidth-bound: K-concat reads
-    (E+1)·P bytes, materialising (E+1+2B)·P, so it only pays once T > 267·(E+1+2B)/(E·B) (H100's
-    ratio of bf16 FLOP/s to bytes/s: ~8e14 / 3.0e12).
-    """
-    if batch * out_features * in_features * element_size > MATERIALIZE_BUDGET_BYTES:
-        return False
-    if device.type == "cpu":
-        return tokens >= 2
-    return tokens > 267 * (experts + 1 + 2 * batch) / (experts * batch)
+Factors = tuple[torch.Tensor, torch.Tensor]  # A [r, K], B [N, r]
 
 
 class MergedLinear(nn.Module):
-    def __init__(self, in_features: int, out_features: int, num_experts: int, form: str = "dense",
-                 rank: int | None = None, bias: bool = False):
+    """What every form shares: shapes, the merge weights slot, the forward pass and the bias."""
+
+    form: str
+
+    def __init__(self, in_features: int, out_features: int, num_experts: int):
         super().__init__()
-        if form not in FORMS:
-            raise ValueError(f"unknown merged-linear form {form!r}; choose one of {', '.join(FORMS)}")
-        if form == "lowrank" and not rank:
-            raise ValueError("a `lowrank` merged linear needs a rank")
-        self.in_features, self.out_features, self.num_experts, self.form = in_features, out_features, num_experts, form
-        E, N, K = num_experts, out_features, in_features
-        if form == "full":
-            self.expert_weight = nn.Parameter(torch.empty(E, N, K))
-            self.expert_bias = nn.Parameter(torch.empty(E, N)) if bias else None
-        else:
-            self.weight = nn.Parameter(torch.empty(N, K))
-            self.bias = nn.Parameter(torch.empty(N)) if bias else None
-            self.delta_bias = nn.Parameter(torch.empty(E, N)) if bias else None
-            if form == "dense":
-                self.delta_weight = nn.Parameter(torch.empty(E, N, K))
-            else:
-                self.lora_A = nn.Parameter(torch.empty(E, rank, K))
-                self.lora_B = nn.Parameter(torch.empty(E, N, rank))
+        self.in_features, self.out_features, self.num_experts = in_features, out_features, num_experts
         self.merge_weights: torch.Tensor | None = None  # set by the owning layer for one call
 
     def extra_repr(self) -> str:
-        rank = f", rank={self.lora_A.shape[1]}" if self.form == "lowrank" else ""
-        return f"in={self.in_features}, out={self.out_features}, experts={self.num_experts}, form={self.form}{rank}"
+        return f"in={self.in_features}, out={self.out_features}, experts={self.num_experts}, form={self.form}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.merge_weights
@@ -74,50 +47,181 @@ class MergedLinear(nn.Module):
             raise RuntimeError("MergedLinear was called without merge weights; call it through its decoder layer")
         B, T, K = x.shape  # [B, T, K]; w stays float32 (or wider) down to the kernels
         w = w.to(x.device)  # with device_map the router may sit on another device
-        base = None if self.form == "full" else self.weight
-        deltas = self.expert_weight if self.form == "full" else getattr(self, "delta_weight", None)
-        if w.dim() == 2 and deltas is not None and materialize_pays(
-            B, T, self.num_experts, self.out_features, K, x.element_size(), x.device
-        ):
-            W = kernels.merge_weights_into(base, deltas, w)  # [B, N, K]
+        if w.dim() == 2 and self._stack() is not None and kernels.choose_strategy(
+            T, B, self.num_experts, self._w0() is not None, x.element_size(), x.device,
+            weight_bytes=B * self.out_features * K * x.element_size(),
+        ) == "materialize":
+            W = kernels.merge_weights_into(self._w0(), self._stack(), w)  # [B, N, K]
             y = torch.bmm(x, W.transpose(1, 2))
         else:
             w_tok = w.unsqueeze(1).expand(B, T, -1) if w.dim() == 2 else w  # [B, T, E]
-            x2, w2 = x.reshape(B * T, K), w_tok.reshape(B * T, -1)
-            if self.form == "lowrank":
-                y = kernels.lowrank_merged_linear(x2, w2, self.lora_A, self.lora_B, base)
-            else:
-                y = kernels.merged_linear(x2, w2, deltas, base)
-            y = y.view(B, T, -1)
-        return y + self._merged_bias(w) if self._has_bias() else y
+            y = self._per_token(x.reshape(B * T, K), w_tok.reshape(B * T, -1)).view(B, T, -1)
+        bias = self._merged_bias(w if w.dim() == 3 else w.unsqueeze(1))  # [B, T or 1, N]
+        return y if bias is None else y + bias.to(self._w0_or_stack().dtype)
 
-    def _has_bias(self) -> bool:
-        return (self.expert_bias if self.form == "full" else self.bias) is not None
+    def _per_token(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return kernels.merged_linear(x, w, self._stack(), self._w0())
 
-    def _merged_bias(self, w: torch.Tensor) -> torch.Tensor:
-        w = w if w.dim() == 3 else w.unsqueeze(1)  # [B, T or 1, E]
-        if self.form == "full":
-            bias = w @ self.expert_bias.to(w.dtype)
-        else:
-            bias = self.bias.to(w.dtype) + w @ self.delta_bias.to(w.dtype)
-        return bias.to(self._dtype())
+    def _w0_or_stack(self) -> torch.Tensor:
+        return self._w0() if self._w0() is not None else self._stack()
 
-    def _dtype(self) -> torch.dtype:
-        return (self.expert_weight if self.form == "full" else self.weight).dtype
+    @property
+    def stored_dtype(self) -> torch.dtype:
+        """The dtype its weights are stored in (the model's)."""
+        return self._w0_or_stack().dtype
+
+    def _widest(self) -> torch.dtype:
+        """float32, or the layer's dtype if wider: the dtype `merged` and `parts` compute in."""
+        return torch.promote_types(self._w0_or_stack().dtype, torch.float32)
+
+    # each form: its W0 (or None), its stack of dense weights or deltas (or None), its bias terms
+    def _w0(self) -> torch.Tensor | None:
+        raise NotImplementedError
+
+    def _stack(self) -> torch.Tensor | None:
+        raise NotImplementedError
+
+    def _merged_bias(self, w: torch.Tensor) -> torch.Tensor | None:
+        raise NotImplementedError
 
     @torch.no_grad()
     def merged(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The dense weight and bias for one fixed weight vector w [E] (for baking), in float32 or wider."""
-        dtype = torch.promote_types(self.lora_A.dtype if self.form == "lowrank" else next(self.parameters()).dtype, torch.float32)
-        p = {k: v.to(dtype) for k, v in self.named_parameters() if v is not None}
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def parts(self, w: torch.Tensor) -> tuple[list[torch.Tensor], list[Factors], torch.Tensor | None]:
+        """The merged weight for w [E], in float64, as it is made: dense terms [N, K] (summed in this order),
+        low-rank factors (A, B) whose B·A add to them, and the bias (or None). export-lora subtracts the base
+        from the first term, so that a weight equal to the base gives an exact zero."""
+        raise NotImplementedError
+
+
+class FullMergedLinear(MergedLinear):
+    """E expert weights θ_e: W = Σ_e w_e θ_e (the weights sum to one)."""
+
+    form = "full"
+
+    def __init__(self, in_features: int, out_features: int, num_experts: int, bias: bool = False):
+        super().__init__(in_features, out_features, num_experts)
+        self.expert_weight = nn.Parameter(torch.empty(num_experts, out_features, in_features))
+        self.expert_bias = nn.Parameter(torch.empty(num_experts, out_features)) if bias else None
+
+    def _w0(self):
+        return None
+
+    def _stack(self):
+        return self.expert_weight
+
+    def _merged_bias(self, w):
+        return None if self.expert_bias is None else w @ self.expert_bias.to(w.dtype)
+
+    @torch.no_grad()
+    def merged(self, w):
+        dtype = self._widest()
         w = w.to(dtype)
-        if self.form == "full":
-            weight = torch.einsum("e,enk->nk", w, p["expert_weight"])
-        elif self.form == "dense":
-            weight = p["weight"] + torch.einsum("e,enk->nk", w, p["delta_weight"])
-        else:
-            weight = p["weight"] + torch.einsum("e,enr,erk->nk", w, p["lora_B"], p["lora_A"])
-        bias = None
-        if self._has_bias():
-            bias = w @ p["expert_bias"] if self.form == "full" else p["bias"] + w @ p["delta_bias"]
-        return weight, bias
+        weight = torch.einsum("e,enk->nk", w, self.expert_weight.to(dtype))
+        return weight, None if self.expert_bias is None else w @ self.expert_bias.to(dtype)
+
+    @torch.no_grad()
+    def parts(self, w):
+        w = w.double()
+        bias = None if self.expert_bias is None else w @ self.expert_bias.double()
+        return [torch.einsum("e,enk->nk", w, self.expert_weight.double())], [], bias
+
+
+class _WithW0(MergedLinear):
+    """Forms that add routed task vectors to W0: `weight` (and `bias`) plus E bias deltas."""
+
+    def __init__(self, in_features: int, out_features: int, num_experts: int, bias: bool):
+        super().__init__(in_features, out_features, num_experts)
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
+        self.delta_bias = nn.Parameter(torch.empty(num_experts, out_features)) if bias else None
+
+    def _w0(self):
+        return self.weight
+
+    def _merged_bias(self, w):
+        if self.bias is None:
+            return None
+        return self.bias.to(w.dtype) + w @ self.delta_bias.to(w.dtype)
+
+    def _bias(self, w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
+        return None if self.bias is None else self.bias.to(dtype) + w @ self.delta_bias.to(dtype)
+
+
+class DenseMergedLinear(_WithW0):
+    """W0 and E dense task vectors Δ_e: W = W0 + Σ_e w_e Δ_e."""
+
+    form = "dense"
+
+    def __init__(self, in_features: int, out_features: int, num_experts: int, bias: bool = False):
+        super().__init__(in_features, out_features, num_experts, bias)
+        self.delta_weight = nn.Parameter(torch.empty(num_experts, out_features, in_features))
+
+    def _stack(self):
+        return self.delta_weight
+
+    @torch.no_grad()
+    def merged(self, w):
+        dtype = self._widest()
+        w = w.to(dtype)
+        weight = self.weight.to(dtype) + torch.einsum("e,enk->nk", w, self.delta_weight.to(dtype))
+        return weight, self._bias(w, dtype)
+
+    @torch.no_grad()
+    def parts(self, w):
+        w = w.double()
+        return [self.weight.double(), torch.einsum("e,enk->nk", w, self.delta_weight.double())], [], self._bias(w, torch.float64)
+
+
+class LowRankMergedLinear(_WithW0):
+    """W0 and E low-rank task vectors B_e·A_e of rank r: W = W0 + Σ_e w_e B_e A_e, never formed in the forward."""
+
+    form = "lowrank"
+
+    def __init__(self, in_features: int, out_features: int, num_experts: int, rank: int, bias: bool = False):
+        super().__init__(in_features, out_features, num_experts, bias)
+        self.lora_A = nn.Parameter(torch.empty(num_experts, rank, in_features))
+        self.lora_B = nn.Parameter(torch.empty(num_experts, out_features, rank))
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, rank={self.lora_A.shape[1]}"
+
+    def _stack(self):
+        return None  # the factors are multiplied, never stacked into dense deltas
+
+    def _per_token(self, x, w):
+        return kernels.lowrank_merged_linear(x, w, self.lora_A, self.lora_B, self.weight)
+
+    def _widest(self):
+        return torch.promote_types(self.lora_A.dtype, torch.float32)
+
+    @torch.no_grad()
+    def merged(self, w):
+        dtype = self._widest()
+        w = w.to(dtype)
+        weight = self.weight.to(dtype) + torch.einsum("e,enr,erk->nk", w, self.lora_B.to(dtype), self.lora_A.to(dtype))
+        return weight, self._bias(w, dtype)
+
+    @torch.no_grad()
+    def parts(self, w):
+        w = w.double()
+        A, B = self.lora_A.double(), self.lora_B.double()
+        factors = [(w[e] * A[e], B[e]) for e in range(self.num_experts) if w[e] != 0]
+        return [self.weight.double()], factors, self._bias(w, torch.float64)
+
+
+def merged_linear(in_features: int, out_features: int, num_experts: int, form: str, rank: int | None = None,
+                  bias: bool = False) -> MergedLinear:
+    """The merged linear of `form` (full | dense | lowrank; lowrank needs its rank)."""
+    if form == "full":
+        return FullMergedLinear(in_features, out_features, num_experts, bias)
+    if form == "dense":
+        return DenseMergedLinear(in_features, out_features, num_experts, bias)
+    if form == "lowrank":
+        if not rank:
+            raise ValueError("a `lowrank` merged linear needs a rank")
+        return LowRankMergedLinear(in_features, out_features, num_experts, rank, bias)
+    raise ValueError(f"unknown merged-linear form {form!r}; choose one of {', '.join(FORMS)}")

@@ -17,13 +17,12 @@ Methods and levels (the vocabulary of the recipe):
 Merge weights are per sequence (the masked mean over the prompt decides them once, at prefill) or per
 token. Per-sequence weights come back as `outputs.merge_weights` [B, R, E] (R routers) and are passed
 back in as `merge_weights=` at every decode step; `generate` does this by itself. Passing
-`merge_weights` yourself ([E], [B, E] or [B, R, E]) forces a mix.
+`merge_weights` yourself ([E], [B, E] or [B, R, E]) forces them.
 """
 
 from __future__ import annotations
 
 import contextlib
-import importlib
 from dataclasses import dataclass
 
 import torch
@@ -35,20 +34,13 @@ from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, DynamicS
 from transformers.configuration_utils import SubConfigSpec
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
+from moe_merge.arch import ATTN_PROJS, FAMILIES, MLP_PROJS
 from moe_merge.errors import ModelConfigError
-from moe_merge.merged_linear import MergedLinear
+from moe_merge.merged_linear import MergedLinear, merged_linear
+from moe_merge.methods import LEVELS, METHOD_NAMES, METHODS, Method
 from moe_merge.routers.router import Router, masked_mean, normalize
-
-LEVELS = ("ffn", "block", "model")
-METHODS = ("sparse", "smear", "wemoe", "twin")
-ATTN_PROJS = ("q_proj", "k_proj", "v_proj", "o_proj")
-MLP_PROJS = ("gate_proj", "up_proj", "down_proj")
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
-# Methods that average (SMEAR its experts' parameters, sparse their outputs): merge weights must sum to one.
-# The others add weighted task vectors to a base, so any weights mean something.
-AVERAGING_METHODS = ("smear", "sparse")
 # transformers 5.24 renamed the KV cache `past_key_values` -> `cache` (outputs, masks, attention);
 # 5.23 knows only the old name. Every call into transformers passes the cache under the installed name.
 CACHE = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
@@ -85,33 +77,37 @@ class MoEMergeConfig(PreTrainedConfig):
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
         if self.method not in METHODS or self.level not in LEVELS:
-            raise ModelConfigError(f"`method` {self.method!r} / `level` {self.level!r}: choose from {METHODS} / {LEVELS}")
+            raise ModelConfigError(f"`method` {self.method!r} / `level` {self.level!r}: choose from {METHOD_NAMES} / {LEVELS}")
         if self.text_config.model_type not in FAMILIES:
-            raise ModelConfigError(f"base model_type {self.text_config.model_type!r} is not supported; use one of {FAMILIES}")
-        if self.method == "sparse" and self.level == "ffn":
+            raise ModelConfigError(f"base model_type {self.text_config.model_type!r} is not supported; use one of "
+                                   f"{tuple(FAMILIES)}")
+        if self.merging.merges == "outputs" and self.level == "ffn":
             raise ModelConfigError("sparse FFN-level models are stock Mixtral/Qwen-MoE checkpoints, not moe_merge models")
-        if self.method != "sparse" and self.level == "model":
-            raise ModelConfigError("`level: model` is a sparse mixture of expert models; use `method: sparse`")
-        if self.level == "model" or self.method == "twin":
-            if self.router_granularity != "sequence":
-                raise ModelConfigError(f"{self.method} at {self.level} level routes once per sequence; "
-                                 "set `router.granularity: sequence`")
-        if self.method in AVERAGING_METHODS and self.router_normalize == "none":
-            raise ModelConfigError(f"`{self.method}` averages, so its merge weights must sum to one: set `router_normalize` "
-                             "to softmax or topk")
+        problems = self.merging.problems(self.level, self.router_granularity, self.router_normalize)
+        if problems:
+            raise ModelConfigError(problems[0])
         self.tie_word_embeddings = bool(self.text_config.tie_word_embeddings)
         self.delta_forms = self.delta_forms or {}
         self.delta_ranks = self.delta_ranks or {}
 
     @property
+    def merging(self) -> Method:
+        """The record of `method` (methods.py)."""
+        return METHODS[self.method]
+
+    @property
     def num_routers(self) -> int:
         """R: routers whose weights `merge_weights` [B, R, E] holds."""
-        return 1 if self.method == "twin" or self.level == "model" else self.text_config.num_hidden_layers
+        return 1 if self.merging.shared_router or self.level == "model" else self.text_config.num_hidden_layers
 
-    def check_mix(self, weights: torch.Tensor) -> None:
+    def router_of_layer(self, layer: int) -> int:
+        """The router (index into R) whose merge weights decoder layer `layer` uses."""
+        return 0 if self.num_routers == 1 else layer
+
+    def check_merge_weights(self, weights: torch.Tensor) -> None:
         """Refuse given merge weights [..., E] that an averaging method cannot read: Σ_e w_e θ_e with Σ w = 2 is
         twice the model, not a merge of it."""
-        if self.method not in AVERAGING_METHODS:
+        if not self.merging.averages:
             return
         sums = weights.double().sum(-1)
         if not torch.allclose(sums, torch.ones_like(sums), atol=1e-3):
@@ -122,20 +118,25 @@ class MoEMergeConfig(PreTrainedConfig):
 
 
 @dataclass
+class MoEMergeModelOutput(BaseModelOutputWithPast):
+    """The decoder's output (its cache under `CACHE`) plus the routing: merge weights [B, R, E] per sequence or
+    [B, R, T, E] per token, and the router logits of the same shape (None where forced)."""
+
+    merge_weights: torch.FloatTensor | None = None
+    router_logits: torch.FloatTensor | None = None
+
+
+@dataclass
 class MoEMergeOutput(CausalLMOutputWithPast):
     """The causal-LM output (its cache under the installed transformers' name, `CACHE`) plus the routing."""
 
     merge_weights: torch.FloatTensor | None = None  # [B, R, E] per sequence, [B, R, T, E] per token
-    router_logits: torch.FloatTensor | None = None  # same shape, before normalisation; None where forced
-
-
-def _family_module(text_config):
-    return importlib.import_module(f"transformers.models.{text_config.model_type}.modeling_{text_config.model_type}")
+    router_logits: torch.FloatTensor | None = None  # same shape, before normalization; None where forced
 
 
 def _stock(text_config, name: str):
-    prefix = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3"}[text_config.model_type]
-    return getattr(_family_module(text_config), prefix + name)
+    """The base family's own transformers class `{prefix}{name}`, e.g. LlamaDecoderLayer."""
+    return FAMILIES[text_config.model_type].cls(name)
 
 
 def stock_layer(text_config, layer_idx: int, cache_idx: int | None = None) -> nn.Module:
@@ -163,16 +164,16 @@ class Routing:
         self.granularity, self.mode = config.router_granularity, config.router_normalize
         self.temperature, self.top_k = config.router_temperature, config.router_top_k
         # WEMoE routes each token and averages the router outputs; the others route the pooled states.
-        self.pool_outputs = config.method == "wemoe"
+        self.pool_outputs = config.merging.pools_outputs
 
-    def route(self, router: Router, states: torch.Tensor, prompt_mask: torch.Tensor | None,
+    def route(self, router: Router, states: torch.Tensor, routing_mask: torch.Tensor | None,
               given: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """(weights used, router logits or None). Per-sequence routers read the prompt at prefill only
-        (`prompt_mask` set); per-token routers read every step. Given weights win; the logits are still
+        (`routing_mask` set); per-token routers read every step. Given weights win; the logits are still
         reported."""
-        if prompt_mask is None and self.granularity == "sequence":
+        if routing_mask is None and self.granularity == "sequence":
             return given, None
-        mask = prompt_mask if prompt_mask is not None else torch.ones(states.shape[:2], device=states.device)
+        mask = routing_mask if routing_mask is not None else torch.ones(states.shape[:2], device=states.device)
         weights, logits = self(router, states, mask)
         return (weights if given is None else given), logits
 
@@ -208,26 +209,26 @@ class MoEMergeDecoderLayer(GradientCheckpointingLayer):
             for name in names:
                 if name in config.delta_forms:
                     old = getattr(owner, name)
-                    new = MergedLinear(old.in_features, old.out_features, config.num_experts, config.delta_forms[name],
-                                       config.delta_ranks.get(name), bias=old.bias is not None)
+                    new = merged_linear(old.in_features, old.out_features, config.num_experts, config.delta_forms[name],
+                                        config.delta_ranks.get(name), bias=old.bias is not None)
                     setattr(owner, name, new)
                     merged.append(new)
         self.router = Router(text.hidden_size, config.num_experts, config.router_kind, config.router_hidden_size) if routed else None
         self.routing = Routing(config)
 
-    def _route(self, states, prompt_mask, given):
-        return (given, None) if self.router is None else self.routing.route(self.router, states, prompt_mask, given)
+    def _route(self, states, routing_mask, given):
+        return (given, None) if self.router is None else self.routing.route(self.router, states, routing_mask, given)
 
-    def forward(self, hidden_states, merge_weights=None, prompt_mask=None, attention_mask=None, position_ids=None,
+    def forward(self, hidden_states, merge_weights=None, routing_mask=None, attention_mask=None, position_ids=None,
                 position_embeddings=None, **kwargs):
-        """merge_weights: this layer's [B, E] (or [B, T, E]) if already known; prompt_mask: [B, T] at prefill,
+        """merge_weights: this layer's [B, E] (or [B, T, E]) if already known; routing_mask: [B, T] at prefill,
         None once the weights are fixed; the cache comes in `kwargs` under its `CACHE` name. Returns
         (hidden_states, weights used, router logits or None)."""
         residual = hidden_states
         x = self.input_layernorm(hidden_states)
         logits = None
         if self.level == "block":
-            merge_weights, logits = self._route(x, prompt_mask, merge_weights)
+            merge_weights, logits = self._route(x, routing_mask, merge_weights)
         with merging(self.attn_linears, merge_weights):
             x, _ = self.self_attn(hidden_states=x, attention_mask=attention_mask, position_ids=position_ids,
                                   position_embeddings=position_embeddings, **kwargs)
@@ -235,7 +236,7 @@ class MoEMergeDecoderLayer(GradientCheckpointingLayer):
         residual = hidden_states
         x = self.post_attention_layernorm(hidden_states)
         if self.level == "ffn":
-            merge_weights, logits = self._route(x, prompt_mask, merge_weights)
+            merge_weights, logits = self._route(x, routing_mask, merge_weights)
         with merging(self.mlp_linears, merge_weights):
             x = self.mlp(x)
         return residual + x, merge_weights, logits
@@ -256,8 +257,8 @@ class MoEMergeSparseBlock(GradientCheckpointingLayer):
         self.router = Router(text.hidden_size, config.num_experts, config.router_kind, config.router_hidden_size)
         self.routing = Routing(config)
 
-    def forward(self, hidden_states, merge_weights=None, prompt_mask=None, **kwargs):
-        merge_weights, logits = self.routing.route(self.router, hidden_states, prompt_mask, merge_weights)
+    def forward(self, hidden_states, merge_weights=None, routing_mask=None, **kwargs):
+        merge_weights, logits = self.routing.route(self.router, hidden_states, routing_mask, merge_weights)
         w = merge_weights.unsqueeze(1) if merge_weights.dim() == 2 else merge_weights  # [B, 1 or T, E], float32
         out = sum(w[..., e : e + 1] * expert(hidden_states, **kwargs) for e, expert in enumerate(self.experts))
         return out.to(hidden_states.dtype), merge_weights, logits
@@ -281,7 +282,7 @@ class MoEMergePreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _no_split_modules = ["MoEMergeDecoderLayer", "MoEMergeSparseBlock", "MoEMergeExpertStack",
-                         "LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer", "Qwen3DecoderLayer"]
+                         *(f"{family.prefix}DecoderLayer" for family in FAMILIES.values())]
     _keep_in_fp32_modules_strict = ["router."]  # see routers/router.py: bf16 rounding would move the routing
     _supports_sdpa = True
     _supports_flash_attn = True
@@ -310,23 +311,24 @@ class MoEMergeModel(MoEMergePreTrainedModel):
         L = text.num_hidden_layers
         self.embed_tokens = nn.Embedding(text.vocab_size, text.hidden_size, text.pad_token_id)
         self.rotary_emb = _stock(text, "RotaryEmbedding")(config=text)
-        self.router = None
-        if config.method == "twin":
-            if not 0 <= config.router_layer < L:
-                raise ValueError(f"twin `router_layer` is {config.router_layer}; it must be in [0, {L})")
-            self.layers = nn.ModuleList(
-                stock_layer(text, i) if i < config.router_layer else MoEMergeDecoderLayer(config, i, routed=False)
-                for i in range(L)
-            )
-            self.router = Router(text.hidden_size, config.num_experts, config.router_kind, config.router_hidden_size)
-        elif config.level == "model":
+        self.router = None  # the model's own router: the shared one (twin), or the one above the dense layers
+        method = config.merging
+        if config.level == "model":
             if not 0 <= config.dense_layers < L:
                 raise ValueError(f"`dense_layers` is {config.dense_layers}; it must be in [0, {L})")
             self.layers = nn.ModuleList(stock_layer(text, i) for i in range(config.dense_layers))
             self.router = Router(text.hidden_size, config.num_experts, config.router_kind, config.router_hidden_size)
             self.experts = nn.ModuleList(MoEMergeExpertStack(config, e) for e in range(config.num_experts))
-        elif config.method == "sparse":
+        elif method.merges == "outputs":
             self.layers = nn.ModuleList(MoEMergeSparseBlock(config, i) for i in range(L))
+        elif method.shared_router:  # below the router the layers keep the static merge
+            if not 0 <= config.router_layer < L:
+                raise ValueError(f"`router_layer` is {config.router_layer}; it must be in [0, {L})")
+            self.layers = nn.ModuleList(
+                stock_layer(text, i) if i < config.router_layer else MoEMergeDecoderLayer(config, i, routed=False)
+                for i in range(L)
+            )
+            self.router = Router(text.hidden_size, config.num_experts, config.router_kind, config.router_hidden_size)
         else:
             self.layers = nn.ModuleList(MoEMergeDecoderLayer(config, i, routed=True) for i in range(L))
         if config.level != "model":
@@ -355,7 +357,7 @@ class MoEMergeModel(MoEMergePreTrainedModel):
                 "none (in `generate`, leave `cache_implementation` unset)")
         text = self.config.text_config
         types = self._layer_types()
-        needed = text.num_hidden_layers * (self.config.num_experts if self.config.method == "sparse" else 1)
+        needed = text.num_hidden_layers * (self.config.num_experts if self.config.merging.merges == "outputs" else 1)
         while len(cache.layers) < needed:
             kind = types[len(cache.layers) % len(types)]
             cache.layers.append(DynamicSlidingWindowLayer(sliding_window=text.sliding_window)
@@ -386,98 +388,121 @@ class MoEMergeModel(MoEMergePreTrainedModel):
             raise ValueError(f"`merge_weights` must be [E], [B, E] or [B, R, E] = [{batch}, {R}, {E}]; got {tuple(merge_weights.shape)}")
         return w
 
+    def _positions(self, inputs_embeds, attention_mask, position_ids, past: int) -> torch.Tensor:
+        if position_ids is not None:
+            return position_ids
+        T = inputs_embeds.shape[1]
+        if attention_mask is not None:  # left padding: count real tokens, as if each sequence ran alone
+            return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]
+        return (torch.arange(T, device=inputs_embeds.device) + past).unsqueeze(0)
+
+    def _routing_mask(self, routing_mask, attention_mask, inputs_embeds, prefill: bool) -> torch.Tensor | None:
+        """The tokens the routers read: at prefill the given mask, else the attention mask, else every token;
+        afterwards none (per-sequence weights are fixed and per-token routers read each new token)."""
+        B, T, _ = inputs_embeds.shape
+        if not prefill:
+            return None
+        if routing_mask is not None:
+            return routing_mask
+        if attention_mask is not None:
+            return attention_mask[:, -T:]
+        return torch.ones(B, T, device=inputs_embeds.device)
+
+    def _check_given(self, given: torch.Tensor | None, prefill: bool) -> None:
+        if prefill and given is not None:
+            self.config.check_merge_weights(given)
+        if self.config.router_granularity == "sequence" and not prefill and given is None:
+            raise ValueError(
+                "this model routes once per sequence, at prefill; pass the prefill's `outputs.merge_weights` back as "
+                "`merge_weights=` at every decode step (`generate` does this)"
+            )
+
     # ------------------------------------------------------------------------------------ forward
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
                 use_cache=None, merge_weights=None, routing_mask=None, output_hidden_states=None, past_key_values=None,
-                **kwargs):
-        """Returns (last hidden state [B, T, H] or, at model level, [E, B, T, H]; cache; hidden states;
-        merge weights; router logits). `routing_mask` [B, T] marks the tokens the routers read at prefill
-        (default: the attention mask); training passes the prompt's tokens so that routing sees what
-        `generate` will see. The KV cache is `cache` (transformers >= 5.24) or `past_key_values` (5.23)."""
+                **kwargs) -> MoEMergeModelOutput:
+        """`last_hidden_state` is [B, T, H], or at model level each expert model's [E, B, T, H]. `routing_mask`
+        [B, T] marks the tokens the routers read at prefill (default: the attention mask); training passes the
+        prompt's tokens so that routing sees what `generate` will see. The KV cache is `cache` (transformers
+        >= 5.24) or `past_key_values` (5.23)."""
         cache = past_key_values if cache is None else cache
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
-        B, T, _ = inputs_embeds.shape
         use_cache = getattr(self.config.text_config, "use_cache", True) if use_cache is None else use_cache
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config.text_config)
         if cache is not None:
             self._ensure_cache_layers(cache)
         past = cache.get_seq_length() if cache is not None else 0
-        if position_ids is None:
-            if attention_mask is not None:  # left padding: count real tokens, as if each sequence ran alone
-                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]
-            else:
-                position_ids = (torch.arange(T, device=inputs_embeds.device) + past).unsqueeze(0)
-        given = self.given_weights(merge_weights, B)
-        sequence = self.config.router_granularity == "sequence"
-        prefill = past == 0
-        if prefill and given is not None:
-            self.config.check_mix(given)
-        if sequence and not prefill and given is None:
-            raise ValueError(
-                "this model routes once per sequence, at prefill; pass the prefill's `outputs.merge_weights` back as "
-                "`merge_weights=` at every decode step (`generate` does this)"
-            )
+        position_ids = self._positions(inputs_embeds, attention_mask, position_ids, past)
+        routes = Routes(self.given_weights(merge_weights, inputs_embeds.shape[0]))
+        self._check_given(routes.given, prefill=past == 0)
         # At prefill the routers read the prompt (also when weights are forced: their logits are reported);
         # afterwards per-sequence weights are fixed and only per-token routers run.
-        prompt_mask = None
-        if prefill and routing_mask is not None:
-            prompt_mask = routing_mask
-        elif prefill and attention_mask is not None:
-            prompt_mask = attention_mask[:, -T:]
-        elif prefill:
-            prompt_mask = torch.ones(B, T, device=inputs_embeds.device)
-
+        routing_mask = self._routing_mask(routing_mask, attention_mask, inputs_embeds, prefill=past == 0)
         masks = self._masks(inputs_embeds, attention_mask, cache, position_ids)
         types = self._layer_types()
         h = inputs_embeds
-        position_embeddings = self.rotary_emb(h, position_ids)
-        common = dict(position_ids=position_ids, position_embeddings=position_embeddings, **{CACHE: cache})
-        all_hidden = [h] if output_hidden_states else None
-        used, logits = [], []
-
-        def route_once(states):
-            w, lg = self.routing.route(self.router, states, prompt_mask, given[:, 0] if given is not None else None)
-            used.append(w)
-            logits.append(lg)
-            return w
-
+        common = dict(position_ids=position_ids, position_embeddings=self.rotary_emb(h, position_ids), **{CACHE: cache})
+        hidden = [h] if output_hidden_states else None
+        shared_at = self.config.router_layer if self.config.merging.shared_router else None
         for i, layer in enumerate(self.layers):
-            if self.config.method == "twin" and i == self.config.router_layer:
-                twin_weights = route_once(h)
+            if i == shared_at:  # the shared router reads the states entering its layer
+                routes.add(*self.routing.route(self.router, h, routing_mask, routes.weights(0)))
             if isinstance(layer, (MoEMergeDecoderLayer, MoEMergeSparseBlock)):
-                w_in = given[:, 0 if self.config.method == "twin" else i] if given is not None else (
-                    twin_weights if self.config.method == "twin" else None)
-                h, w, lg = layer(h, merge_weights=w_in, prompt_mask=prompt_mask, attention_mask=masks[types[i]], **common, **kwargs)
-                if self.config.method != "twin":
-                    used.append(w)
-                    logits.append(lg)
+                h, w, logits = layer(h, merge_weights=routes.weights(self.config.router_of_layer(i)),
+                                     routing_mask=routing_mask, attention_mask=masks[types[i]], **common, **kwargs)
+                if layer.router is not None:
+                    routes.add(w, logits)
             else:
                 h = layer(h, attention_mask=masks[types[i]], **common, **kwargs)
-            if output_hidden_states:
-                all_hidden.append(h)
-
+            if hidden is not None:
+                hidden.append(h)
         if self.config.level == "model":
-            w = route_once(h)
-            outs = []
-            for expert in self.experts:
-                x = h
-                for j, layer in enumerate(expert.layers):
-                    x = layer(x, attention_mask=masks[types[self.config.dense_layers + j]], **common, **kwargs)
-                outs.append(expert.norm(x))
-            last = torch.stack([o.to(h.device) for o in outs])  # [E, B, T, H]; experts may sit on other devices
+            routes.add(*self.routing.route(self.router, h, routing_mask, routes.weights(0)))
+            last = self._expert_models(h, masks, types, common, kwargs)
         else:
             last = self.norm(h)
-        return last, cache, tuple(all_hidden) if all_hidden else None, _stack(used, 1), _stack(logits, 1)
+        return MoEMergeModelOutput(last_hidden_state=last, hidden_states=tuple(hidden) if hidden else None,
+                                   merge_weights=routes.stacked("used"), router_logits=routes.stacked("logits"),
+                                   **{CACHE: cache})
+
+    def _expert_models(self, h, masks, types, common, kwargs) -> torch.Tensor:
+        """Model level: each expert model's layers and final norm above the dense layers, [E, B, T, H]."""
+        outs = []
+        for expert in self.experts:
+            x = h
+            for j, layer in enumerate(expert.layers):
+                x = layer(x, attention_mask=masks[types[self.config.dense_layers + j]], **common, **kwargs)
+            outs.append(expert.norm(x))
+        return torch.stack([o.to(h.device) for o in outs])  # experts may sit on other devices
 
 
-def _stack(xs: list, dim: int) -> torch.Tensor | None:
-    """Per-router tensors on one device (with device_map, layers sit on several)."""
-    return None if not xs or any(x is None for x in xs) else torch.stack([x.to(xs[0].device) for x in xs], dim)
+class Routes:
+    """The merge weights given for one forward pass and those its routers used, in router order."""
+
+    def __init__(self, given: torch.Tensor | None):
+        self.given = given  # [B, R, E] or None
+        self.used: list[torch.Tensor | None] = []
+        self.logits: list[torch.Tensor | None] = []
+
+    def weights(self, router: int) -> torch.Tensor | None:
+        """What a layer reading `router` merges with: the given weights, else the router's if it already ran."""
+        if self.given is not None:
+            return self.given[:, router]
+        return self.used[router] if router < len(self.used) else None
+
+    def add(self, weights: torch.Tensor | None, logits: torch.Tensor | None) -> None:
+        self.used.append(weights)
+        self.logits.append(logits)
+
+    def stacked(self, which: str) -> torch.Tensor | None:
+        """[B, R, E] (or [B, R, T, E]) on one device (with device_map, layers sit on several); None if any is."""
+        xs = getattr(self, which)
+        return None if not xs or any(x is None for x in xs) else torch.stack([x.to(xs[0].device) for x in xs], 1)
 
 
 class MoEMergeForCausalLM(MoEMergePreTrainedModel, GenerationMixin):
@@ -504,12 +529,13 @@ class MoEMergeForCausalLM(MoEMergePreTrainedModel, GenerationMixin):
                 labels=None, use_cache=None, merge_weights=None, routing_mask=None,
                 logits_to_keep: int | torch.Tensor = 0, output_hidden_states=None, past_key_values=None,
                 **kwargs) -> MoEMergeOutput:
-        last, cache, hidden, weights, router_logits = self.model(
+        out = self.model(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
             cache=past_key_values if cache is None else cache, inputs_embeds=inputs_embeds, use_cache=use_cache,
             merge_weights=merge_weights, routing_mask=routing_mask, output_hidden_states=output_hidden_states,
             **kwargs,
         )
+        last, weights = out.last_hidden_state, out.merge_weights
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         if self.config.level == "model":
             w = weights[:, 0]  # [B, E], float32: the experts' logits are mixed in float32
@@ -520,8 +546,8 @@ class MoEMergeForCausalLM(MoEMergePreTrainedModel, GenerationMixin):
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.vocab_size, **kwargs)
-        return MoEMergeOutput(loss=loss, logits=logits, hidden_states=hidden, merge_weights=weights,
-                              router_logits=router_logits, **{CACHE: cache})
+        return MoEMergeOutput(loss=loss, logits=logits, hidden_states=out.hidden_states, merge_weights=weights,
+                              router_logits=out.router_logits, **{CACHE: getattr(out, CACHE)})
 
     def _expand_inputs_for_generation(self, expand_size=1, is_encoder_decoder=False, input_ids=None, **model_kwargs):
         """Beams and `num_return_sequences` repeat every tensor along dim 0; a given `merge_weights` of [E] or

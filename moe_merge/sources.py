@@ -54,6 +54,17 @@ def resolve_path(ref: str, relative_to: Path | None = None) -> Path:
     )
 
 
+def hub_id(ref: str, path: Path) -> str | None:
+    """`ref` when it named a Hub repo, i.e. it was resolved from the Hugging Face cache; None for local paths."""
+    from huggingface_hub import constants
+
+    try:
+        Path(path).resolve().relative_to(Path(constants.HF_HUB_CACHE).resolve())
+    except ValueError:
+        return None
+    return ref.rsplit("+", 1)[-1]  # mergekit's `base+adapter`: the adapter is the source
+
+
 def read_safetensors_header(path: Path) -> dict[str, dict]:
     """Tensor name -> {"dtype", "shape", "data_offsets"} from a safetensors file, reading only its header
     (an 8-byte little-endian length, then that many bytes of JSON): planning never touches tensor data."""

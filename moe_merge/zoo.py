@@ -35,7 +35,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from moe_merge.errors import MoEMergeError
+from moe_merge.arch import FAMILIES
+from moe_merge.errors import ZooError
 from moe_merge.outdir import atomic_output_dir
 from moe_merge.tokens import load_tokenizer
 
@@ -64,11 +65,7 @@ LORA_EXPERTS = ("back", "swap")
 EXPERT_TASKS = FULL_EXPERTS + LORA_EXPERTS
 VARIANTS = ("full", "mlp")
 TRAIN_SEEDS = 10**7  # training batches draw words from seeds above the ones prompts and eval words use
-ARCHS = ("llama", "mistral", "qwen2", "qwen3")
-
-
-class ZooError(MoEMergeError):
-    """A zoo model missed its target: the zoo is not built (nor cached)."""
+ARCHS = tuple(FAMILIES)
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Routers of the dynamic model: a hidden state in, merge-weight logits out, then a normalisation.
+"""Routers of the dynamic model: a hidden state in, merge-weight logits out, then a normalization.
 
 Kinds (`kind`):
 - `linear`: W h + b;
@@ -117,7 +117,7 @@ class Router(nn.Module):
 
 
 def normalize(logits: torch.Tensor, mode: str, temperature: float = 1.0, top_k: int = 1) -> torch.Tensor:
-    """Merge weights from router logits [..., E]: softmax, top-k renormalised softmax, or raw (`none`)."""
+    """Merge weights from router logits [..., E]: softmax, top-k renormalized softmax, or raw (`none`)."""
     if mode == "softmax":
         return torch.softmax(logits / temperature, dim=-1)
     if mode == "topk":
@@ -125,7 +125,7 @@ def normalize(logits: torch.Tensor, mode: str, temperature: float = 1.0, top_k: 
         return torch.zeros_like(logits).scatter(-1, idx, torch.softmax(top, dim=-1))
     if mode == "none":
         return logits
-    raise ValueError(f"unknown router normalisation {mode!r}; choose one of {', '.join(NORMALIZATIONS)}")
+    raise ValueError(f"unknown router normalization {mode!r}; choose one of {', '.join(NORMALIZATIONS)}")
 
 
 def masked_mean(states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -55,7 +55,7 @@ def test_identical_experts_give_the_base(pico, tmp_path):
     for e in recipe["experts"]:
         e["source_model"] = str(pico["base"])
     out = _assemble(recipe, tmp_path / "moe")
-    # Mixtral's router renormalises its top-k weights in float32, so they sum to 1 within ~1e-7.
+    # Mixtral's router renormalizes its top-k weights in float32, so they sum to 1 within ~1e-7.
     torch.testing.assert_close(_logits(out, IDS), _logits(pico["base"], IDS), rtol=0, atol=1e-6)
 
 

@@ -13,7 +13,7 @@ from moe_merge.cli import build_parser
 from moe_merge.config import MergeConfig
 from moe_merge.errors import MoEMergeError
 from moe_merge.generate import generate
-from moe_merge.train_router import TrainRouterArgs, _check_launcher
+from moe_merge.train.loop import TrainRouterArgs, _check_launcher
 from tests.conftest import pico_recipe
 
 ROOT = Path(__file__).parent.parent

@@ -27,7 +27,7 @@ shared_experts: null
 
 def test_a_mergekit_moe_yaml_is_a_valid_recipe(tmp_path):
     config = load_config(_write(tmp_path, MERGEKIT_YAML))
-    assert config.gate_init == "hidden"  # hidden_avg is our masked mean
+    assert config.router_init == "hidden"  # hidden_avg is our masked mean
     assert config.experts[1].residual_scale == 0.5
     assert (config.level, config.method, config.static_method) == ("ffn", "sparse", "base")
 
@@ -69,7 +69,7 @@ def test_block_level_makes_a_dynamic_model_and_sparse_ffn_keeps_stock_routers():
 def test_prompt_free_gate_modes_need_no_prompts():
     config = MergeConfig.model_validate({"base_model": "b", "gate_mode": "uniform_random", "experts_per_token": 1,
                                          "experts": [{"source_model": "a"}, {"source_model": "c"}]})
-    assert config.gate_init == "uniform"
+    assert config.router_init == "uniform"
 
 
 def _twin(**twin) -> MergeConfig:

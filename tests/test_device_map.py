@@ -6,9 +6,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from moe_merge.assemble import open_recipe
+from moe_merge.recipe import open_recipe
 from moe_merge.config import MergeConfig
-from moe_merge.dynamic import build_model, save_model
+from moe_merge.assemble.dynamic import build_model, save_model
 from moe_merge.zoo import zoo_recipe
 
 

@@ -10,7 +10,7 @@ import torch
 
 from moe_merge.cli import main as cli_main
 from moe_merge.config import MergeConfig
-from moe_merge.dryrun import dry_run
+from moe_merge.assemble.dryrun import dry_run
 from tests.conftest import write_recipe
 
 MISTRAL_7B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,

@@ -13,11 +13,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pydantic import ValidationError
 
-from moe_merge.assemble import assemble, open_recipe
-from moe_merge.bake import baked_model
+from moe_merge.assemble import assemble
+from moe_merge.recipe import open_recipe
+from moe_merge.export.bake import baked_model
 from moe_merge.cli import main as cli_main
 from moe_merge.config import MergeConfig
-from moe_merge.dynamic import build_model, init_routers, svd_factors
+from moe_merge.assemble.dynamic import build_model, init_routers, svd_factors
 from moe_merge.errors import ConfigError
 from moe_merge.modeling import CACHE
 from moe_merge.zoo import pico_checkpoint

@@ -10,13 +10,13 @@ import yaml
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from moe_merge.assemble import open_recipe
+from moe_merge.recipe import open_recipe
 from moe_merge.cli import main as cli_main
 from moe_merge.config import MergeConfig
-from moe_merge.dynamic import build_model, save_model
+from moe_merge.assemble.dynamic import build_model, save_model
 from moe_merge.errors import ConfigError
-from moe_merge.export_lora import dense_factors, export_lora
-from moe_merge.push import validate_folder
+from moe_merge.export.lora import dense_factors, export_lora
+from moe_merge.export.push import validate_folder
 from moe_merge.zoo import zoo_recipe
 
 PROMPTS = ["shift abcdef=", "mirror abcde=", "back abcdefg="]  # equal lengths: no padding
@@ -95,7 +95,7 @@ def test_adapter_on_the_base_equals_the_dynamic_model(dynamic_dir, zoo_dir, tmp_
 def test_cli_prompt_mix_in_float32(zoo_dir, tmp_path_factory, tmp_path, capsys):
     from peft import PeftModel
 
-    from moe_merge.bake import weights_for_prompt
+    from moe_merge.export.bake import weights_for_prompt
 
     model_dir = _dynamic_dir(zoo_dir, tmp_path_factory, "mlp", ["back", "swap"], {"method": "smear"})
     out = tmp_path / "adapter"

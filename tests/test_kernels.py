@@ -208,7 +208,7 @@ def test_references_pass_gradcheck_in_float64():
     assert torch.autograd.gradcheck(reference.lowrank_merged_linear, (x, w, A, B, base))
     assert torch.autograd.gradcheck(reference.merge_weights_into, (base, deltas, w))
     xs = leaf(3, 2, 5)  # 3 sequences of 2 tokens, on the reference path (CPU, float64)
-    for strategy in ("kconcat", "materialise"):
+    for strategy in ("kconcat", "materialize"):
         assert torch.autograd.gradcheck(
             lambda x_, w_: kernels.merged_linear_per_sequence(x_, w_, deltas, base, strategy=strategy), (xs, w))
 
@@ -244,7 +244,7 @@ def test_merge_weights_into_gradients_match_reference():
 
 # --- dispatch ----------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("strategy", ["kconcat", "materialise"])
+@pytest.mark.parametrize("strategy", ["kconcat", "materialize"])
 def test_per_sequence_strategies_match_reference(strategy, monkeypatch):
     monkeypatch.setenv(dispatch.ENV_VAR, "triton")
     S, T, N, K, E = 3, 5, 17, 19, 2
@@ -264,8 +264,8 @@ def test_crossover_is_the_field_notes_rule():
 @pytest.mark.parametrize(("tokens", "sequences", "experts", "expected"), [
     (1, 64, 8, "kconcat"),  # decode
     (16, 8, 4, "kconcat"),
-    (2048, 1, 4, "materialise"),  # long prefill
-    (512, 8, 8, "materialise"),
+    (2048, 1, 4, "materialize"),  # long prefill
+    (512, 8, 8, "materialize"),
 ])
 def test_strategy_follows_the_crossover(tokens, sequences, experts, expected):
     assert kernels.choose_strategy(tokens, sequences, experts) == expected

@@ -72,7 +72,7 @@ def test_merge_weights_into_at_model_shape():
     assert rel_error(merged, expected) < MAX_REL_ERROR[torch.bfloat16]
 
 
-@pytest.mark.parametrize("strategy", ["kconcat", "materialise"])
+@pytest.mark.parametrize("strategy", ["kconcat", "materialize"])
 def test_per_sequence_prefill_both_strategies(strategy):
     x = torch.randn(2, 300, 1024, device="cuda", dtype=torch.bfloat16)
     _, _, deltas, base = inputs(1, 2048, 1024, 4, torch.bfloat16)

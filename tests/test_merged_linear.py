@@ -5,15 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 
+from moe_merge import kernels
 from moe_merge import merged_linear as ml
-from moe_merge.merged_linear import MergedLinear
+from moe_merge.merged_linear import MergedLinear, merged_linear
 
 E, N, K, R = 3, 5, 7, 2
 
 
 def _layer(form: str, bias: bool) -> MergedLinear:
     torch.manual_seed(0)
-    layer = MergedLinear(K, N, E, form, rank=R if form == "lowrank" else None, bias=bias).double()
+    layer = merged_linear(K, N, E, form, rank=R if form == "lowrank" else None, bias=bias).double()
     for p in layer.parameters():
         torch.nn.init.normal_(p)
     return layer
@@ -41,20 +42,20 @@ def test_batched_merging_equals_a_per_sample_loop(form, bias, per_token, tokens)
     torch.testing.assert_close(layer(x), _reference(layer, x, w), rtol=0, atol=1e-12)
 
 
-def test_materialised_and_k_concatenated_paths_agree(monkeypatch):
+def test_materialized_and_k_concatenated_paths_agree(monkeypatch):
     layer = _layer("dense", True)
     x, w = torch.randn(3, 6, K, dtype=torch.float64), torch.randn(3, E, dtype=torch.float64)
     layer.merge_weights = w
     outs = []
-    for choice in (True, False):
-        monkeypatch.setattr(ml, "materialize_pays", lambda *a, c=choice: c)
+    for choice in ("materialize", "kconcat"):
+        monkeypatch.setattr(ml.kernels, "choose_strategy", lambda *a, c=choice, **k: c)
         outs.append(layer(x))
     torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=1e-12)
 
 
-def test_decode_never_materialises_on_cpu():
-    assert not ml.materialize_pays(64, 1, 8, 4096, 4096, 2, torch.device("cpu"))
-    assert ml.materialize_pays(4, 512, 8, 256, 256, 4, torch.device("cpu"))
+def test_decode_never_materializes_on_cpu():
+    assert kernels.choose_strategy(1, 64, 8, element_size=2, device="cpu", weight_bytes=64 * 4096 * 4096 * 2) == "kconcat"
+    assert kernels.choose_strategy(512, 4, 8, element_size=4, device="cpu", weight_bytes=4 * 256 * 256 * 4) == "materialize"
 
 
 def test_calling_without_merge_weights_is_an_error():
@@ -80,7 +81,7 @@ def test_bf16_layers_take_float32_merge_weights_and_do_not_rescale(form, tokens)
     """bf16 rounds 0.3 to 0.30078 and 0.4 to 0.40039: the mix below would sum to 1.00195 and, in the full form
     (no base), scale the whole layer by it. Merge weights stay float32 down to the kernels instead."""
     torch.manual_seed(0)
-    layer = MergedLinear(256, 128, E, form, rank=8 if form == "lowrank" else None, bias=True)
+    layer = merged_linear(256, 128, E, form, rank=8 if form == "lowrank" else None, bias=True)
     for p in layer.parameters():
         torch.nn.init.normal_(p)
     layer.to(torch.bfloat16)

@@ -14,7 +14,7 @@ import pytest
 from moe_merge.assemble import assemble
 from moe_merge.cli import main as cli_main
 from moe_merge.config import MergeConfig
-from moe_merge.push import PushError, push, validate_folder
+from moe_merge.export.push import PushError, push, validate_folder
 from tests.conftest import pico_recipe
 from tests.hub_standin import HubStandIn
 

@@ -23,7 +23,7 @@ from moe_merge import zoo
 from moe_merge.assemble import assemble
 from moe_merge.cli import main as cli_main
 from moe_merge.config import MergeConfig, load_config
-from moe_merge.dynamic import routing_report
+from moe_merge.assemble.report import routing_report
 from moe_merge.tokens import load_tokenizer
 
 RECIPES = {  # name -> (zoo variant, recipe overrides); MLP-only experts, so one-hot routing is each expert
@@ -210,7 +210,7 @@ def test_export_lora_on_the_tied_bf16_base(built, batch, realistic_zoo, tmp_path
 def test_train_router_batches_rows_of_different_lengths_without_a_pad_token(built, tmp_path, name):
     from safetensors.torch import load_file
 
-    from moe_merge.train_router import TrainRouterArgs, train_router
+    from moe_merge.train.loop import TrainRouterArgs, train_router
 
     rows = tmp_path / "rows.jsonl"
     rows.write_text("".join(json.dumps(r) + "\n" for r in zoo.router_training_rows(8)))

@@ -15,12 +15,14 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import moe_merge.modeling  # noqa: F401
-from moe_merge import objectives, train_data, zoo
+from moe_merge import zoo
+from moe_merge.train import data as train_data
+from moe_merge.train import objectives
 from moe_merge.assemble import assemble
 from moe_merge.cli import main as cli_main
 from moe_merge.config import MergeConfig
-from moe_merge.errors import MoEMergeError, OutputExistsError
-from moe_merge.train_router import TrainRouterArgs, train_router
+from moe_merge.errors import DataError, MoEMergeError, OutputExistsError
+from moe_merge.train.loop import TrainRouterArgs, train_router
 
 
 def write_rows(path: Path, rows: list[dict]) -> Path:
@@ -205,14 +207,14 @@ def test_bad_data_is_refused_before_training(models, tmp_path, case):
     text, message = BAD_DATA[case]
     data = tmp_path / "bad.jsonl"
     data.write_text(text)
-    with pytest.raises(train_data.DataError, match=message):
+    with pytest.raises(DataError, match=message):
         train_router(models["smear"], tmp_path / "run", quick(data, eval_data=data))
     assert not (tmp_path / "run").exists()
 
 
 def test_routing_objective_needs_labels(models, tmp_path):
     data = write_rows(tmp_path / "d.jsonl", [{"text": "shift abc=bcd"}] * 4)
-    with pytest.raises(train_data.DataError, match="`expert` label"):
+    with pytest.raises(DataError, match="`expert` label"):
         train_router(models["smear"], tmp_path / "run", quick(data, objective={"routing": 1.0}))
 
 

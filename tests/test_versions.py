@@ -59,9 +59,9 @@ hf_logging.get_logger().addHandler(Keep())
 from pathlib import Path
 import tempfile
 from moe_merge import zoo
-from moe_merge.assemble import open_recipe
+from moe_merge.recipe import open_recipe
 from moe_merge.config import MergeConfig
-from moe_merge.dynamic import build_model
+from moe_merge.assemble.dynamic import build_model
 root = Path(tempfile.mkdtemp())
 base = zoo.pico_checkpoint(root / "base")
 experts = [zoo.pico_checkpoint(root / f"e{i}", seed=i + 1, base=base, perturb="linear") for i in range(2)]
@@ -84,9 +84,9 @@ def test_the_dynamic_model_takes_the_cache_under_either_name(pico):
     """`cache` is transformers 5.24's name, `past_key_values` 5.23's; callers of either release work."""
     import torch
 
-    from moe_merge.assemble import open_recipe
+    from moe_merge.recipe import open_recipe
     from moe_merge.config import MergeConfig
-    from moe_merge.dynamic import build_model
+    from moe_merge.assemble.dynamic import build_model
     from moe_merge.modeling import CACHE
     from tests.conftest import pico_recipe
 

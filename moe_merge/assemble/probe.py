@@ -12,11 +12,11 @@ Two kinds of prompt batch ("streams") flow through:
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass
 
 import torch
 
+from moe_merge.arch import MoEFormat
 from moe_merge.routers.prompt_init import TokenSet
 
 
@@ -45,16 +45,14 @@ def make_streams(tokenizer, embed: torch.Tensor, prompts: list[list[str]], force
 
 
 class LayerRunner:
-    """Holds the output config and builds stock decoder layers from per-layer state dicts."""
+    """Holds the output config and builds its stock decoder layers (`fmt`'s classes) from per-layer state dicts."""
 
-    def __init__(self, config, device: str = "cpu"):
+    def __init__(self, config, fmt: MoEFormat, device: str = "cpu"):
         self.config, self.device = config, torch.device(device)
-        module = importlib.import_module(f"transformers.models.{config.model_type}.modeling_{config.model_type}")
-        prefix = config.architectures[0].removesuffix("ForCausalLM")
-        self.layer_cls = getattr(module, f"{prefix}DecoderLayer")
+        self.layer_cls = fmt.cls("DecoderLayer")
         config._attn_implementation = "sdpa"
         config._experts_implementation = "eager"
-        self.rotary = getattr(module, f"{prefix}RotaryEmbedding")(config).to(self.device)
+        self.rotary = fmt.cls("RotaryEmbedding")(config).to(self.device)
 
     def build(self, layer_idx: int, state_dict: dict[str, torch.Tensor]) -> torch.nn.Module:
         with torch.device("meta"):

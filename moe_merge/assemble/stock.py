@@ -1,6 +1,6 @@
 """FFN-level sparse assembly: dense experts in, a stock Mixtral / Qwen-MoE checkpoint out.
 
-`plan()` decides where every output tensor comes from without reading tensor data; `assemble()`
+`plan()` decides where every output tensor comes from without reading tensor data; `assemble_stock()`
 executes the plan layer by layer: it reads one layer of every expert, fits that layer's router on
 the prompts, measures the routing report, and streams the tensors into sharded safetensors.
 Peak memory is one output shard plus one layer's experts, whatever the number of experts.
@@ -10,121 +10,31 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
 import zlib
-from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Literal
 
 import torch
 import yaml
 from tqdm.auto import tqdm
 
-from moe_merge import card, report
-from moe_merge.arch import ARCHITECTURE_NAMES, FAMILIES, FORMATS, MLP_KEY, MLP_PROJS, MoEFormat, is_mlp_tensor, layer_of
-from moe_merge.config import PROMPT_INITS, MergeConfig
-from moe_merge.errors import CompatibilityError, ConfigError
+from moe_merge.arch import MLP_KEY, MLP_PROJS, is_mlp_tensor, layer_of
+from moe_merge.assemble import report
+from moe_merge.assemble.probe import LayerRunner, Stream, make_streams
+from moe_merge.config import PROMPT_INITS
+from moe_merge.errors import CompatibilityError
+from moe_merge.export import card
 from moe_merge.merge import static_merge
 from moe_merge.outdir import atomic_output_dir
-from moe_merge.probe import LayerRunner, Stream, make_streams
+from moe_merge.recipe import Recipe, TensorPlan, copy_companions
 from moe_merge.routers import prompt_init
-from moe_merge.sources import Checkpoint, Expert, open_expert, resolve_path, source_parts
-from moe_merge.tokens import load_tokenizer
+from moe_merge.sources import Expert
 from moe_merge.writer import ShardWriter
 
 logger = logging.getLogger(__name__)
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja")
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # Dense-only config fields the MoE configs do not have.
 DENSE_ONLY_FIELDS = ("architectures", "model_type", "transformers_version", "_name_or_path", "auto_map",
                      "mlp_bias", "pretraining_tp", "torch_dtype")
-
-
-@dataclass(frozen=True)
-class TensorPlan:
-    """One output tensor: its name and where it comes from."""
-
-    name: str
-    source: Literal["base", "static", "expert", "shared", "router", "shared_router"]
-    tensor: str | None = None  # input tensor name
-    expert: int | None = None
-
-
-@dataclass
-class Recipe:
-    """A validated config with its sources opened (lazily) and its output format chosen."""
-
-    config: MergeConfig
-    base: Checkpoint
-    experts: list[Expert]
-    shared: Expert | None
-    fmt: MoEFormat | None
-    labels: list[str] = field(default_factory=list)
-
-
-def open_recipe(config: MergeConfig, recipe_dir: Path | None = None) -> Recipe:
-    """Open the base and every expert and check they fit together, before any tensor is read."""
-    base = Checkpoint(resolve_path(config.base_model, recipe_dir))
-    if base.family not in FAMILIES:
-        raise CompatibilityError(
-            f"base {base.path}/config.json has model_type {base.family!r}; supported: {', '.join(FAMILIES)}"
-        )  # checked here too, as a recipe whose experts are all adapters never calls check_compatible
-    experts = [open_expert(e.source_model, base, recipe_dir) for e in config.experts]
-    shared = open_expert(config.shared_experts[0].source_model, base, recipe_dir) if config.shared_experts else None
-    fmt = None if config.dynamic else choose_format(config, base)  # dynamic models keep the base's family
-    labels = [e.label for e in config.experts]
-    if len(set(labels)) != len(labels):
-        labels = [f"{i}:{label}" for i, label in enumerate(labels)]
-    return Recipe(config, base, experts, shared, fmt, labels)
-
-
-def portable(config: MergeConfig, from_dir: Path | None, to_dir: Path) -> MergeConfig:
-    """`config` as the output's own moe-merge.yaml names its sources: a Hub id as given, a local directory by
-    its path relative to `to_dir`, so that the recipe resolves from where it sits and no absolute local path
-    reaches the Hub. `from_dir` is where the given paths are relative to (the recipe's directory)."""
-    def ref(text: str) -> str:
-        parts = []
-        for part in source_parts(text, from_dir):  # one source, or mergekit's `base+adapter`
-            path = resolve_path(part, from_dir)
-            parts.append(part if card.hub_id(part, path) else os.path.relpath(path, Path(to_dir).absolute()))
-        return "+".join(parts)
-
-    def moved(experts):
-        return [e.model_copy(update={"source_model": ref(e.source_model)}) for e in experts]
-
-    return config.model_copy(update={"base_model": ref(config.base_model), "experts": moved(config.experts),
-                                     "shared_experts": moved(config.shared_experts)})
-
-
-def choose_format(config: MergeConfig, base: Checkpoint) -> MoEFormat:
-    family = FAMILIES[base.family]
-    if config.architecture is not None:
-        key = ARCHITECTURE_NAMES.get(config.architecture.lower())
-        if key is None:
-            raise ConfigError(
-                f"`architecture: {config.architecture}` is not supported; choose one of {', '.join(ARCHITECTURE_NAMES)}"
-            )
-        fmt = FORMATS[key]
-        if fmt not in (family.moe, family.moe_with_shared):
-            raise ConfigError(f"`architecture: {config.architecture}` cannot be built from a {base.family} base")
-    else:
-        fmt = family.moe_with_shared if config.shared_experts else family.moe
-    if config.shared_experts and fmt.shared_expert_key is None:
-        raise ConfigError(
-            f"`shared_experts` needs an output with a shared expert (Qwen2-MoE), which a {base.family} base cannot become"
-        )
-    if fmt.shared_expert_key is not None and not config.shared_experts:
-        raise ConfigError(
-            "Qwen2-MoE output needs exactly one entry in `shared_experts` (e.g. the base: "
-            "`shared_experts: [{source_model: <base_model>}]`)"
-        )
-    for key in ("attention_bias", "mlp_bias"):
-        if base.config.get(key) and not (key == "attention_bias" and fmt.model_type == "qwen2_moe" and base.family == "qwen2"):
-            raise CompatibilityError(f"{base.path}/config.json sets `{key}: true`, which {fmt.architecture} cannot hold")
-    return fmt
 
 
 def moe_config(recipe: Recipe):
@@ -154,27 +64,28 @@ def moe_config(recipe: Recipe):
 def plan(recipe: Recipe) -> list[TensorPlan]:
     """Every output tensor, in write order (globals first, then layer by layer), without reading data."""
     non_expert = "base" if recipe.config.static_method == "base" else "static"
-    fmt, layers = recipe.fmt, recipe.base.config["num_hidden_layers"]
+    fmt, layers, base = recipe.fmt, recipe.base.config["num_hidden_layers"], recipe.base
+    hidden, E = base.config["hidden_size"], len(recipe.experts)
     by_layer: dict[int | None, list[str]] = {}
-    for name in recipe.base.keys():
+    for name in base.keys():
         by_layer.setdefault(layer_of(name), []).append(name)
     out: list[TensorPlan] = []
     for name in sorted(by_layer.pop(None, []), key=lambda n: (not n.startswith("model.embed"), n)):
-        out.append(TensorPlan(name, non_expert, name))
+        out.append(TensorPlan(name, non_expert, base.shape(name), name))
     for layer in range(layers):
         for name in sorted(by_layer.get(layer, [])):
             if not is_mlp_tensor(name):
-                out.append(TensorPlan(name, non_expert, name))
-        for e in range(len(recipe.experts)):
+                out.append(TensorPlan(name, non_expert, base.shape(name), name))
+        for e in range(E):
             for proj in MLP_PROJS:
                 src = MLP_KEY.format(layer=layer, proj=proj)
-                out.append(TensorPlan(fmt.expert_tensor(layer, e, proj), "expert", src, e))
+                out.append(TensorPlan(fmt.expert_tensor(layer, e, proj), "expert", base.shape(src), src, e))
         if recipe.shared is not None:
             for proj in MLP_PROJS:
                 src = MLP_KEY.format(layer=layer, proj=proj)
-                out.append(TensorPlan(fmt.shared_expert_key.format(layer=layer, proj=proj), "shared", src))
-            out.append(TensorPlan(fmt.shared_router_key.format(layer=layer), "shared_router"))
-        out.append(TensorPlan(fmt.router_key.format(layer=layer), "router"))
+                out.append(TensorPlan(fmt.shared_expert_key.format(layer=layer, proj=proj), "shared", base.shape(src), src))
+            out.append(TensorPlan(fmt.shared_router_key.format(layer=layer), "shared_router", (1, hidden)))
+        out.append(TensorPlan(fmt.router_key.format(layer=layer), "router", (E, hidden)))
     return out
 
 
@@ -215,41 +126,10 @@ class TensorReader:
         return t
 
 
-def assemble(
-    config: MergeConfig,
-    out_dir: Path | str,
-    *,
-    recipe_dir: Path | None = None,
-    force: bool = False,
-    device: str = "cpu",
-    dtype: str | None = None,
-    shard_size: int = 5 * 2**30,
-    seed: int | None = None,
-    eval_data: Path | None = None,
-) -> Path:
-    """Build the MoE checkpoint described by `config` into `out_dir` (atomically). With `eval_data` (JSON lines
-    of prompt, completion, expert), the model card gets the exact match of the result per task."""
-    from moe_merge.quality import load_eval_rows, quality_table
-
-    eval_rows = load_eval_rows(eval_data) if eval_data else None  # a bad file fails before any work
-    try:
-        torch.empty(0, device=device)
-    except (RuntimeError, AssertionError, ValueError) as e:  # torch's word for a missing or unknown device varies
-        raise ConfigError(f"--device {device}: {str(e).splitlines()[0]}; give a device this machine has, e.g. cpu") from None
-    recipe = open_recipe(config, recipe_dir)
-    if dtype:
-        config = config.model_copy(update={"dtype": dtype})
-        recipe.config = config
-    seed = config.seed if seed is None else seed
-    out_dtype = DTYPES.get(config.dtype or str(recipe.base.config.get("dtype") or recipe.base.config.get("torch_dtype")))
-    tokenizer = load_tokenizer(recipe.base.path)
-    if config.dynamic:
-        from moe_merge.dynamic import assemble_dynamic
-
-        return assemble_dynamic(recipe, Path(out_dir), tokenizer=tokenizer, force=force, dtype=out_dtype,
-                                shard_size=shard_size, seed=seed, tokenizer_files=TOKENIZER_FILES, device=device,
-                                shown=replace(recipe, config=portable(config, recipe_dir, out_dir)),
-                                eval_data=(eval_data, eval_rows) if eval_rows else None)
+def assemble_stock(recipe: Recipe, out_dir: Path, *, shown: Recipe, tokenizer, force: bool, shard_size: int,
+                   seed: int, device: str, eval_data: tuple[Path, list[dict]] | None) -> Path:
+    """Stream the stock MoE into `out_dir` layer by layer, fitting each layer's router as it passes."""
+    out_dtype = recipe.output_dtype
     out_config = moe_config(recipe)
     entries = plan(recipe)
     read = TensorReader(recipe, out_dtype, seed)
@@ -263,8 +143,7 @@ def assemble(
         by_layer: dict[int | None, list[TensorPlan]] = {}
         for p in entries:
             by_layer.setdefault(layer_of(p.name), []).append(p)
-        globals_ = by_layer.pop(None)
-        for p in globals_:
+        for p in by_layer.pop(None):
             t = read(p)
             writer.add(p.name, t)
             if p.name == "model.embed_tokens.weight":
@@ -277,19 +156,17 @@ def assemble(
             del tensors
         writer.finalize()
         _write_config(out_config, tmp)
-        _write_generation_config(recipe.base.path, tmp)
-        for name in TOKENIZER_FILES:  # unchanged: no pad token injected into the user's files
-            if (recipe.base.path / name).is_file():
-                shutil.copy2(recipe.base.path / name, tmp / name)
-        shown = replace(recipe, config=portable(config, recipe_dir, out_dir))
+        copy_companions(recipe.base.path, tmp)
         (tmp / "moe-merge.yaml").write_text(yaml.safe_dump(shown.config.resolved(), sort_keys=False))
         rep = fitter.report()
         report.write(rep, tmp)
         quality = None
-        if eval_rows:
+        if eval_data:
             from transformers import AutoModelForCausalLM
 
-            quality = quality_table(AutoModelForCausalLM.from_pretrained(tmp), tokenizer, eval_data, eval_rows)
+            from moe_merge.quality import quality_table
+
+            quality = quality_table(AutoModelForCausalLM.from_pretrained(tmp), tokenizer, *eval_data)
         card.write_card(tmp, shown, rep, quality)
     return Path(out_dir)
 
@@ -307,24 +184,13 @@ def _write_config(config, out: Path) -> None:
         (out / "config.json").write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
-def _write_generation_config(base_path: Path, out: Path) -> None:
-    src = base_path / "generation_config.json"
-    if src.is_file():
-        shutil.copy2(src, out / "generation_config.json")
-    else:
-        from transformers import GenerationConfig
-
-        cfg = json.loads((base_path / "config.json").read_text())
-        GenerationConfig(**{k: cfg[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in cfg}).save_pretrained(out)
-
-
 class RouterFitter:
     """Fits each layer's router on the prompts as the layers stream past, and records the routing report."""
 
     def __init__(self, recipe: Recipe, out_config, tokenizer, seed: int, device: str, dtype: torch.dtype):
         self.recipe, self.config, self.tokenizer, self.dtype = recipe, out_config, tokenizer, dtype
         self.spec = recipe.config.router_spec
-        self.runner = LayerRunner(out_config, device)
+        self.runner = LayerRunner(out_config, recipe.fmt, device)
         self.generator = torch.Generator().manual_seed(seed)
         self.layers: list[dict] = []
 

@@ -19,14 +19,10 @@ from pathlib import Path
 
 import torch
 
-from moe_merge.errors import MoEMergeError
+from moe_merge.errors import DataError
 
 FILE_FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 NO_LABEL = -1
-
-
-class DataError(MoEMergeError):
-    pass
 
 
 def load_rows(path: Path | str, split: str = "train"):

@@ -1,4 +1,4 @@
-"""Bake a dynamic model for one fixed mix into a plain dense checkpoint of the base architecture.
+"""Bake a dynamic model for fixed merge weights into a plain dense checkpoint of the base architecture.
 
 For parameter-merging methods (smear, wemoe, twin) any merge-weight vector bakes: each merged linear
 becomes W0 + Σ_e w_e Δ_e. Sparse block and model levels mix outputs, which no single dense model
@@ -8,16 +8,15 @@ computes, so they bake only for one-hot (top-1) weights: the chosen expert's lay
 from __future__ import annotations
 
 import copy
-import shutil
 from pathlib import Path
 
 import torch
 
-from moe_merge.assemble import TOKENIZER_FILES
 from moe_merge.errors import ConfigError
 from moe_merge.merged_linear import MergedLinear
 from moe_merge.modeling import MoEMergeDecoderLayer, MoEMergeForCausalLM, MoEMergeSparseBlock
 from moe_merge.outdir import atomic_output_dir
+from moe_merge.recipe import copy_companions
 from moe_merge.routers.router import Router
 
 
@@ -25,7 +24,7 @@ from moe_merge.routers.router import Router
 def weights_for_prompt(model: MoEMergeForCausalLM, tokenizer, prompt: str) -> torch.Tensor:
     """The merge weights [R, E] the model's routers give `prompt`."""
     if model.config.router_granularity != "sequence":
-        raise ConfigError("this model routes each token, so a prompt gives no single mix; bake it with --weights")
+        raise ConfigError("this model routes each token, so a prompt gives no single set of merge weights; bake it with --weights")
     with torch.no_grad():
         return model(**tokenizer(prompt, return_tensors="pt"), use_cache=False).merge_weights[0]
 
@@ -53,7 +52,7 @@ def baked_state(model: MoEMergeForCausalLM, weights: torch.Tensor) -> dict[str, 
     for i, layer in enumerate(inner.layers):
         dst = f"model.layers.{i}."
         if isinstance(layer, MoEMergeDecoderLayer):
-            wi = w[0] if cfg.method == "twin" else w[i]
+            wi = w[cfg.router_of_layer(i)]
             merged = {n: m for n, m in layer.named_modules() if isinstance(m, MergedLinear)}
             for n, m in merged.items():
                 weight, bias = m.merged(wi)
@@ -82,7 +81,7 @@ def baked_state(model: MoEMergeForCausalLM, weights: torch.Tensor) -> dict[str, 
 
 def baked_model(model: MoEMergeForCausalLM, weights: torch.Tensor):
     """The dense model, loaded strictly: a missing or unexpected tensor is an error, tied base or not. A tied
-    base stays tied unless the mix gives the head other values than the embedding (at model level the head is
+    base stays tied unless the merge weights give the head other values than the embedding (at model level the head is
     the chosen expert's own embedding, the embedding the merged one): then the dense model is untied."""
     from transformers import AutoModelForCausalLM
 
@@ -104,9 +103,9 @@ def load_dynamic(model_dir: Path, **kwargs) -> MoEMergeForCausalLM:
     return model
 
 
-def fixed_mix(model: MoEMergeForCausalLM, model_dir: Path, weights: list[float] | torch.Tensor | None,
+def fixed_merge_weights(model: MoEMergeForCausalLM, model_dir: Path, weights: list[float] | torch.Tensor | None,
               prompt: str | None) -> torch.Tensor:
-    """The mix the user asked for: `weights` ([E] for every router, or [R, E]) or the routers' for `prompt` [R, E]."""
+    """The merge weights the user asked for: `weights` ([E] for every router, or [R, E]) or the routers' for `prompt` [R, E]."""
     from moe_merge.tokens import load_tokenizer
 
     if (weights is None) == (prompt is None):
@@ -121,7 +120,7 @@ def fixed_mix(model: MoEMergeForCausalLM, model_dir: Path, weights: list[float] 
                           f"merge weights of shape {tuple(w.shape)}; {model_dir} needs [{cfg.num_experts}] or "
                           f"[{cfg.num_routers}, {cfg.num_experts}]")
     try:
-        cfg.check_mix(w)
+        cfg.check_merge_weights(w)
     except ValueError as e:
         raise ConfigError(f"--weights {','.join(f'{x:g}' for x in w.flatten().tolist())}: {e}") from None
     return w
@@ -129,18 +128,16 @@ def fixed_mix(model: MoEMergeForCausalLM, model_dir: Path, weights: list[float] 
 
 def bake(model_dir: Path | str, out_dir: Path | str, *, weights: list[float] | None = None, prompt: str | None = None,
          force: bool = False) -> Path:
-    """Write the dense checkpoint for a fixed mix (`weights`, one per expert) or the mix the routers give `prompt`."""
+    """Write the dense checkpoint for fixed merge weights (`weights`, one per expert) or those the routers give `prompt`."""
     model_dir = Path(model_dir)
-    from moe_merge.card import write_baked_card
+    from moe_merge.export.card import write_baked_card
 
     model = load_dynamic(model_dir)
-    w = fixed_mix(model, model_dir, weights, prompt)
+    w = fixed_merge_weights(model, model_dir, weights, prompt)
     dense = baked_model(model, w)
     with atomic_output_dir(out_dir, force=force) as tmp:
         dense.save_pretrained(tmp)
-        for name in (*TOKENIZER_FILES, "generation_config.json"):
-            if (model_dir / name).is_file():
-                shutil.copy2(model_dir / name, tmp / name)
+        copy_companions(model_dir, tmp, make_generation_config=False)
         write_baked_card(tmp, model_dir=model_dir, expert_names=list(model.config.expert_names or []), weights=w,
                          architecture=type(dense).__name__)
     return Path(out_dir)

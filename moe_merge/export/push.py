@@ -15,14 +15,10 @@ import importlib
 import json
 from pathlib import Path
 
-from moe_merge.errors import MoEMergeError
+from moe_merge.errors import PushError
 from moe_merge.sources import read_safetensors_header
 
 INDEX_SUFFIX = ".safetensors.index.json"
-
-
-class PushError(MoEMergeError):
-    """The folder would not work on the Hub, or the Hub could not be reached."""
 
 
 def validate_folder(folder: Path | str) -> str:

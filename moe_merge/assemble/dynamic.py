@@ -1,31 +1,32 @@
-"""Build a dynamic moe_merge model from a recipe: plan the merged-linear forms, fill every tensor from
-the sources, start the routers from prompts, and write the checkpoint.
+"""Build a dynamic moe_merge model from a recipe: plan every tensor, fill it from the sources, start the
+routers from prompts, write the checkpoint.
 
-Which tensor comes from where:
+`plan()` says where each tensor of the dynamic model comes from, without reading tensor data (the dry run
+prints it); `build_state()` executes it, one tensor at a time:
 - routed projections (the MLP at ffn level, every linear layer of the block at block level) hold the
-  experts: E full weights (smear), base + task vectors (wemoe), base + LoRA factors when every expert
-  is a LoRA adapter, or shared + SVD factors of each expert's exclusive part (twin);
+  experts in their method's form: E full weights (smear), W0 + task vectors (wemoe), W0 + LoRA factors when
+  every expert is a LoRA adapter, or W0 = the shared merge + SVD factors of each expert's exclusive part (twin);
 - sparse block / model levels hold each expert's whole layers (and, at model level, its head);
-- everything else is one static merge of the experts (`non_expert`, or twin's shared merge).
+- everything else is one static merge of the experts (the method's `static`).
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import shutil
 from pathlib import Path
 
 import torch
 import yaml
 from tqdm.auto import tqdm
 
-from moe_merge.arch import layer_of
+from moe_merge.arch import ATTN_PROJS, MLP_PROJS, layer_of
+from moe_merge.assemble.report import routing_report, write_dynamic_report
 from moe_merge.config import MergeConfig
 from moe_merge.errors import CompatibilityError, ConfigError
 from moe_merge.merge import static_merge
-from moe_merge.modeling import ATTN_PROJS, MLP_PROJS, MoEMergeConfig, MoEMergeForCausalLM, stock_layer
-from moe_merge.report import NO_PROMPTS
+from moe_merge.methods import Method
+from moe_merge.modeling import MoEMergeConfig, MoEMergeForCausalLM
+from moe_merge.recipe import Recipe, TensorPlan, copy_companions
 from moe_merge.routers import prompt_init
 from moe_merge.routers.router import Router, masked_mean
 from moe_merge.sources import LoraExpert
@@ -49,42 +50,45 @@ AUTO_MAP = {"AutoConfig": "modeling_moe_merge.MoEMergeConfig",
 # ----------------------------------------------------------------------------------------- planning
 
 
-def routed_projections(config: MergeConfig) -> tuple[str, ...]:
-    if config.method == "sparse":
+def routed_projections(method: Method, level: str) -> tuple[str, ...]:
+    """The projections a parameter-merging method routes: the MLP's at ffn level, every linear layer's at block."""
+    if method.merges != "parameters":
         return ()
-    return MLP_PROJS if config.level == "ffn" else ATTN_PROJS + MLP_PROJS
-
-
-def plan_forms(recipe, text_config) -> tuple[dict[str, str], dict[str, int]]:
-    """The merged-linear form (and rank) of each routed projection."""
-    cfg = recipe.config
-    forms, ranks = {}, {}
-    all_lora = all(isinstance(e, LoraExpert) and not e.fan_in_fan_out for e in recipe.experts)
-    for proj in routed_projections(cfg):
-        if cfg.method == "twin":
-            out_f, in_f = recipe.base.shape(f"model.layers.0.{_owner(proj)}.{proj}.weight")
-            forms[proj], ranks[proj] = "lowrank", cfg.twin.rank_for(out_f, in_f)
-        elif all_lora:
-            factor_ranks = [A.shape[0] for e in recipe.experts for n, (A, _, _) in e.factors.items() if n.endswith(f".{proj}.weight")]
-            forms[proj], ranks[proj] = "lowrank", max(factor_ranks, default=1)
-        else:  # softmax weights sum to one, so SMEAR needs no base: sum_e p_e theta_e
-            forms[proj] = "full" if cfg.method == "smear" else "dense"
-    return forms, ranks
+    return MLP_PROJS if level == "ffn" else ATTN_PROJS + MLP_PROJS
 
 
 def _owner(proj: str) -> str:
     return "self_attn" if proj in ATTN_PROJS else "mlp"
 
 
-def model_config(recipe, text_config) -> MoEMergeConfig:
-    cfg = recipe.config
+def plan_forms(recipe: Recipe) -> tuple[dict[str, str], dict[str, int]]:
+    """The merged-linear form (and rank) of each routed projection: the method's form for dense experts; experts
+    that are all LoRA adapters keep their factors (low rank), unless the method takes SVDs of every expert."""
+    cfg, method = recipe.config, recipe.config.merging
+    forms, ranks = {}, {}
+    all_lora = all(isinstance(e, LoraExpert) and not e.fan_in_fan_out for e in recipe.experts)
+    for proj in routed_projections(method, cfg.level):
+        if method.svd:
+            out_f, in_f = recipe.base.shape(f"model.layers.0.{_owner(proj)}.{proj}.weight")
+            forms[proj], ranks[proj] = "lowrank", method.rank(cfg, out_f, in_f)
+        elif all_lora:
+            factor_ranks = [A.shape[0] for e in recipe.experts for n, (A, _, _) in e.factors.items()
+                            if n.endswith(f".{proj}.weight")]
+            forms[proj], ranks[proj] = "lowrank", max(factor_ranks, default=1)
+        else:  # softmax weights sum to one, so SMEAR needs no W0: Σ_e p_e θ_e
+            forms[proj] = method.form
+    return forms, ranks
+
+
+def model_config(recipe: Recipe, text_config) -> MoEMergeConfig:
+    cfg, method = recipe.config, recipe.config.merging
     layers = text_config.num_hidden_layers
-    for field, value, used in (("twin.router_layer", cfg.twin.router_layer, cfg.method == "twin"),
+    for field, value, used in (("twin.router_layer", method.router_layer(cfg), method.shared_router),
                                ("dense_layers", cfg.dense_layers, cfg.level == "model")):
         if used and value >= layers:
             raise ConfigError(f"`{field}: {value}` is past the last layer: the base {recipe.base.path} has {layers} "
                               f"layers, so it must be at most {layers - 1}")
-    forms, ranks = plan_forms(recipe, text_config)
+    forms, ranks = plan_forms(recipe)
     spec = cfg.router_spec
     return MoEMergeConfig(
         text_config=text_config.to_dict(),
@@ -110,33 +114,77 @@ def model_config(recipe, text_config) -> MoEMergeConfig:
     )
 
 
+def plan(recipe: Recipe, config: MoEMergeConfig) -> list[TensorPlan]:
+    """Every tensor of the dynamic model, in the base's tensor order, then its routers; reads no tensor data."""
+    base, E = recipe.base, len(recipe.experts)
+    out: list[TensorPlan] = []
+    for name in base.keys():
+        out += _plan_tensor(name, base.shape(name), config, E)
+    if config.level == "model" and config.tie_word_embeddings:  # each expert's head is its own (tied) embedding
+        embed = "model.embed_tokens.weight"
+        out += [TensorPlan(f"model.experts.{e}.lm_head.weight", "expert", base.shape(embed), embed, e) for e in range(E)]
+    out += _plan_routers(config)
+    return out
+
+
+def _plan_tensor(name: str, shape: tuple[int, ...], config: MoEMergeConfig, E: int) -> list[TensorPlan]:
+    """The dynamic model's tensors made from base tensor `name`."""
+    method, layer = config.merging, layer_of(name)
+    rel = name.split(".", 3)[3] if layer is not None else None  # e.g. "self_attn.q_proj.weight"
+    each = lambda fmt: [TensorPlan(fmt.format(e=e), "expert", shape, name, e) for e in range(E)]  # noqa: E731
+    if config.level == "model":
+        if name in ("model.norm.weight", "lm_head.weight"):
+            return each(f"model.experts.{{e}}.{name.split('.')[-2]}.weight")
+        if layer is None or layer < config.dense_layers:
+            return [TensorPlan(name, "static", shape, name)]
+        return each(f"model.experts.{{e}}.layers.{layer - config.dense_layers}.{rel}")
+    if method.merges == "outputs":
+        return each(f"model.layers.{layer}.experts.{{e}}.{rel}") if layer is not None else [TensorPlan(name, "static", shape, name)]
+    proj = rel.split(".")[1] if rel else None
+    if proj not in config.delta_forms or (method.shared_router and layer < config.router_layer):
+        return [TensorPlan(name, "static", shape, name)]
+    prefix, kind = name.rsplit(".", 1)
+    form = config.delta_forms[proj]
+    if form == "full":
+        return [TensorPlan(f"{prefix}.expert_{kind}", "experts", (E, *shape), name)]
+    w0 = [TensorPlan(name, "static" if method.w0 == "static" else "base", shape, name)]
+    if kind == "bias" or form == "dense":
+        return w0 + [TensorPlan(f"{prefix}.delta_{kind}", "deltas", (E, *shape), name)]
+    rank, factors = config.delta_ranks[proj], "svd" if method.svd else "lora"
+    return w0 + [TensorPlan(f"{prefix}.lora_A", f"{factors}_A", (E, rank, shape[1]), name),
+                 TensorPlan(f"{prefix}.lora_B", f"{factors}_B", (E, shape[0], rank), name)]
+
+
+def _plan_routers(config: MoEMergeConfig) -> list[TensorPlan]:
+    text = config.text_config
+    with torch.device("meta"):
+        router = Router(text.hidden_size, config.num_experts, config.router_kind, config.router_hidden_size)
+    shapes = [(n, tuple(p.shape)) for n, p in router.named_parameters()]
+    prefixes = ["model.router"] if config.num_routers == 1 else [f"model.layers.{i}.router" for i in range(config.num_routers)]
+    return [TensorPlan(f"{prefix}.{n}", "router", shape) for prefix in prefixes for n, shape in shapes]
+
+
 # ----------------------------------------------------------------------------------------- tensors
 
 
 class StaticMerge:
-    """The static merge of one tensor over the experts, as the recipe says (cached: twin reads it twice)."""
+    """The method's static merge of one tensor over the experts (cached: W0 and the deltas read it in turn)."""
 
-    def __init__(self, recipe, seed: int, dtype: torch.dtype):
-        cfg = recipe.config
-        self.recipe, self.seed, self.method, self.dtype = recipe, seed, cfg.static_method, dtype
-        if cfg.method == "twin":
-            self.scale, self.density, self.weights = cfg.twin.scale, cfg.twin.density, None
-        elif cfg.method == "wemoe" and cfg.non_expert is None:
-            self.scale, self.density, self.weights = cfg.wemoe.scale, cfg.merge.density, cfg.merge.weights
-        else:
-            self.scale, self.density, self.weights = cfg.merge.scale, cfg.merge.density, cfg.merge.weights
+    def __init__(self, recipe: Recipe, seed: int, dtype: torch.dtype):
+        self.recipe, self.seed, self.dtype = recipe, seed, dtype
+        self.spec = recipe.config.merging.static(recipe.config)
         self._last: tuple[str, torch.Tensor] | None = None
 
     def __call__(self, name: str) -> torch.Tensor:
         if self._last is not None and self._last[0] == name:
             return self._last[1]
         base = self.recipe.base.get(name).to(self.dtype)
-        if self.method == "base":
+        if self.spec.method == "base":
             t = base
         else:
             deltas = [expert_tensor(e, name, base.shape, self.dtype) - base for e in self.recipe.experts]
-            t = static_merge(self.method, base, deltas, scale=self.scale, density=self.density, weights=self.weights,
-                             seed=self.seed, name=name)
+            t = static_merge(self.spec.method, base, deltas, scale=self.spec.scale, density=self.spec.density,
+                             weights=self.spec.weights, seed=self.seed, name=name)
         self._last = (name, t)
         return t
 
@@ -182,70 +230,61 @@ def lora_factors(expert: LoraExpert, name: str, rank: int, shape, dtype) -> tupl
     return A, B
 
 
-def build_state(recipe, config: MoEMergeConfig, seed: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Every tensor of the dynamic model except the routers, read tensor by tensor from the sources and
-    computed in `dtype` (float32; float64 for exactness tests)."""
-    cfg, base, experts = recipe.config, recipe.base, recipe.experts
-    static = StaticMerge(recipe, seed, dtype)
-    L, d = config.text_config.num_hidden_layers, config.dense_layers
-    state: dict[str, torch.Tensor] = {}
-    for name in tqdm(base.keys(), desc="building", disable=None):
-        layer = layer_of(name)
-        rel = name.split(".", 3)[3] if layer is not None else None  # e.g. "self_attn.q_proj.weight"
-        shape = base.shape(name)
-        if cfg.level == "model":
-            if name in ("model.norm.weight", "lm_head.weight"):
-                for e, expert in enumerate(experts):
-                    state[f"model.experts.{e}.{name.split('.')[-2]}.weight"] = expert_tensor(expert, name, shape, dtype)
-            elif layer is None or layer < d:
-                state[name] = static(name)
+class TensorBuilder:
+    """Executes plan entries: each tensor from the sources, computed in `dtype` (float32; float64 in tests)."""
+
+    def __init__(self, recipe: Recipe, seed: int, dtype: torch.dtype):
+        self.recipe, self.dtype = recipe, dtype
+        self.static = StaticMerge(recipe, seed, dtype)
+        self._factors: tuple[str, torch.Tensor, torch.Tensor] | None = None  # A and B are planned in turn
+
+    def __call__(self, p: TensorPlan) -> torch.Tensor:
+        if p.source == "static":
+            return self.static(p.tensor)
+        if p.source == "base":
+            return self.recipe.base.get(p.tensor).to(self.dtype)
+        if p.source == "expert":
+            return expert_tensor(self.recipe.experts[p.expert], p.tensor, self.recipe.base.shape(p.tensor), self.dtype)
+        if p.source == "experts":
+            return torch.stack(self._thetas(p.tensor))
+        if p.source == "deltas":
+            w0 = self._w0(p.tensor)
+            return torch.stack([t - w0 for t in self._thetas(p.tensor)])
+        if p.source in ("svd_A", "svd_B", "lora_A", "lora_B"):
+            return self._factor(p)
+        raise ValueError(f"internal error: no tensor source {p.source!r} for {p.name}")
+
+    def _thetas(self, name: str) -> list[torch.Tensor]:
+        shape = self.recipe.base.shape(name)
+        return [expert_tensor(e, name, shape, self.dtype) for e in self.recipe.experts]
+
+    def _w0(self, name: str) -> torch.Tensor:
+        if self.recipe.config.merging.w0 == "static":
+            return self.static(name)
+        return self.recipe.base.get(name).to(self.dtype)
+
+    def _factor(self, p: TensorPlan) -> torch.Tensor:
+        """svd_A/B or lora_A/B [E, r, K] / [E, N, r]; both come from one computation."""
+        if self._factors is None or self._factors[0] != p.tensor:
+            rank = p.shape[1] if p.source.endswith("_A") else p.shape[2]
+            if p.source.startswith("svd"):
+                w0 = self._w0(p.tensor)
+                factors = [svd_factors(t - w0, rank) for t in self._thetas(p.tensor)]
             else:
-                for e, expert in enumerate(experts):
-                    state[f"model.experts.{e}.layers.{layer - d}.{rel}"] = expert_tensor(expert, name, shape, dtype)
-        elif cfg.method == "sparse":
-            if layer is None:
-                state[name] = static(name)
-            else:
-                for e, expert in enumerate(experts):
-                    state[f"model.layers.{layer}.experts.{e}.{rel}"] = expert_tensor(expert, name, shape, dtype)
-        else:
-            proj = rel.split(".")[1] if rel else None
-            routed = proj in config.delta_forms and not (cfg.method == "twin" and layer < config.router_layer)
-            if not routed:
-                state[name] = static(name)
-            else:
-                state.update(_routed(recipe, config, static, name, proj, shape, dtype))
-    if cfg.level == "model" and config.tie_word_embeddings:  # each expert's head is its own (tied) embedding
-        for e, expert in enumerate(experts):
-            state[f"model.experts.{e}.lm_head.weight"] = expert_tensor(expert, "model.embed_tokens.weight", base.shape("model.embed_tokens.weight"), dtype)
-    return state
+                shape = self.recipe.base.shape(p.tensor)
+                factors = [lora_factors(e, p.tensor, rank, shape, self.dtype) for e in self.recipe.experts]
+            self._factors = (p.tensor, torch.stack([a for a, _ in factors]), torch.stack([b for _, b in factors]))
+        return self._factors[1] if p.source.endswith("_A") else self._factors[2]
 
 
-def _routed(recipe, config, static, name: str, proj: str, shape, dtype) -> dict[str, torch.Tensor]:
-    """The merged-linear tensors of one routed projection's weight or bias."""
-    experts, prefix, kind = recipe.experts, name.rsplit(".", 1)[0], name.rsplit(".", 1)[1]
-    form = config.delta_forms[proj]
-    thetas = lambda: [expert_tensor(e, name, shape, dtype) for e in experts]  # noqa: E731
-    if form == "full":
-        return {f"{prefix}.expert_{kind}": torch.stack(thetas())}
-    w0 = static(name) if config.method == "twin" else recipe.base.get(name).to(dtype)
-    out = {f"{prefix}.{kind}": w0}
-    if kind == "bias":
-        out[f"{prefix}.delta_bias"] = torch.stack([t - w0 for t in thetas()])
-    elif form == "dense":
-        out[f"{prefix}.delta_weight"] = torch.stack([t - w0 for t in thetas()])
-    else:
-        rank = config.delta_ranks[proj]
-        if config.method == "twin":
-            factors = [svd_factors(t - w0, rank) for t in thetas()]
-        else:
-            factors = [lora_factors(e, name, rank, shape, dtype) for e in experts]
-        out[f"{prefix}.lora_A"] = torch.stack([a for a, _ in factors])
-        out[f"{prefix}.lora_B"] = torch.stack([b for _, b in factors])
-    return out
+def build_state(recipe: Recipe, config: MoEMergeConfig, seed: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Every tensor of the dynamic model but the routers, executed from `plan`, one tensor at a time."""
+    build = TensorBuilder(recipe, seed, dtype)
+    entries = [p for p in plan(recipe, config) if p.source != "router"]
+    return {p.name: build(p) for p in tqdm(entries, desc="building", disable=None)}
 
 
-def build_model(recipe, seed: int, dtype: torch.dtype = torch.float32) -> MoEMergeForCausalLM:
+def build_model(recipe: Recipe, seed: int, dtype: torch.dtype = torch.float32) -> MoEMergeForCausalLM:
     """The dynamic model with its tensors in place and its routers at zero (see `init_routers`)."""
     from transformers import AutoConfig
     from transformers.initialization import no_init_weights
@@ -304,7 +343,7 @@ def router_inputs(model, tokenizer, prompts: list[str], expert: int | None) -> l
     return captured
 
 
-def init_routers(model, tokenizer, config: MergeConfig, seed: int) -> list[float | None]:
+def init_routers(model: MoEMergeForCausalLM, tokenizer, config: MergeConfig, seed: int) -> list[float | None]:
     """Start every router as the recipe says; returns each router's calibration scale (None if none)."""
     spec, rs = config.router_spec, routers(model)
     g = torch.Generator().manual_seed(seed)
@@ -336,62 +375,6 @@ def init_routers(model, tokenizer, config: MergeConfig, seed: int) -> list[float
     return scales
 
 
-@torch.no_grad()
-def routing_report(model, tokenizer, config: MergeConfig, labels: list[str]) -> dict:
-    """How each router sends every expert's held-out prompts (`eval_prompts`, else `positive_prompts`):
-    accuracy and mean merge weights; None for an expert without prompts."""
-    R = model.config.num_routers
-    per_expert: list[torch.Tensor | None] = []
-    for e in config.experts:
-        prompts = e.eval_prompts if e.eval_prompts is not None else e.positive_prompts
-        if not prompts:
-            per_expert.append(None)
-            continue
-        enc = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left").to(model.device)
-        w = model(**enc, use_cache=False).merge_weights  # [B, R, E] or [B, R, T, E]
-        if w.dim() == 4:
-            w = masked_mean(w.permute(0, 2, 1, 3).flatten(2), enc["attention_mask"]).view(w.shape[0], w.shape[1], -1)
-        per_expert.append(w.float().cpu())
-    rep = {"experts": labels, "method": config.method, "level": config.level, "routers": R}
-    if all(w is None for w in per_expert):
-        return {**rep, "measured": False, "note": NO_PROMPTS}
-
-    def each(f):
-        return [None if w is None else f(i, w) for i, w in enumerate(per_expert)]
-
-    accuracy = [each(lambda i, w: (w[:, k].argmax(-1) == i).float().mean().item()) for k in range(R)]
-    mean_weights = [each(lambda i, w: w[:, k].mean(0).tolist()) for k in range(R)]
-    everywhere = each(lambda i, w: (w.argmax(-1) == i).all(-1).float().mean().item())
-    return {**rep, "measured": True, "accuracy": accuracy, "mean_weights": mean_weights,
-            "routed_right_at_every_router": everywhere}
-
-
-def plot_report(rep: dict, path: Path) -> None:
-    """Heatmaps of mean merge weights for the first, middle and last router; nothing if nothing was measured."""
-    if not rep["measured"]:
-        return
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    R = rep["routers"]
-    picks = sorted({0, R // 2, R - 1})
-    fig, axes = plt.subplots(1, len(picks), figsize=(3.2 * len(picks) + 1, 3.2), squeeze=False)
-    for ax, k in zip(axes[0], picks):
-        rows = [w if w is not None else [float("nan")] * len(rep["experts"]) for w in rep["mean_weights"][k]]
-        im = ax.imshow(rows, vmin=0, vmax=1, cmap="viridis")
-        ax.set_title(f"router {k}" if R > 1 else "router")
-        ax.set_xticks(range(len(rep["experts"])), rep["experts"], rotation=45, ha="right", fontsize=7)
-        ax.set_yticks(range(len(rep["experts"])), rep["experts"], fontsize=7)
-        ax.set_xlabel("merge weight on expert")
-    axes[0][0].set_ylabel("held-out prompts of")
-    fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8)
-    fig.suptitle(f"{rep['method']} / {rep['level']}: mean merge weights")
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-
-
 # ----------------------------------------------------------------------------------------- writing
 
 
@@ -402,17 +385,15 @@ def save_model(model: MoEMergeForCausalLM, out: Path, max_shard_size: str | int 
     (Path(out) / "modeling_moe_merge.py").write_text(REMOTE_CODE)
 
 
-def assemble_dynamic(recipe, out_dir: Path, *, tokenizer, force: bool, dtype: torch.dtype | None, shard_size,
-                     seed: int, tokenizer_files, shown, device: str = "cpu",
-                     eval_data: tuple[Path, list[dict]] | None = None) -> Path:
+def assemble_dynamic(recipe: Recipe, out_dir: Path, *, shown: Recipe, tokenizer, force: bool, shard_size: int,
+                     seed: int, device: str, eval_data: tuple[Path, list[dict]] | None) -> Path:
     """Build, start the routers from prompts on `device`, write atomically; then measure the routing report (and
     exact match on `eval_data`, (path, rows)) on the model loaded back from the output, as users get it: its
-    dtype, its RoPE tables. `shown` is the recipe as the output names its sources (`assemble.portable`)."""
-    from moe_merge import card
-    from moe_merge.assemble import _write_generation_config
+    dtype, its RoPE tables. `shown` is the recipe as the output names its sources (`recipe.portable`)."""
+    from moe_merge.export import card
     from moe_merge.outdir import atomic_output_dir
 
-    cfg = recipe.config
+    cfg, dtype = recipe.config, recipe.output_dtype
     logger.info("building a %s / %s dynamic model from %d experts", cfg.method, cfg.level, len(recipe.experts))
     model = build_model(recipe, seed).to(device)
     scales = init_routers(model, tokenizer, cfg, seed)
@@ -428,12 +409,8 @@ def assemble_dynamic(recipe, out_dir: Path, *, tokenizer, force: bool, dtype: to
             from moe_merge.quality import quality_table
 
             quality = quality_table(shipped, tokenizer, *eval_data)
-        _write_generation_config(recipe.base.path, tmp)
-        for name in tokenizer_files:
-            if (recipe.base.path / name).is_file():
-                shutil.copy2(recipe.base.path / name, tmp / name)
+        copy_companions(recipe.base.path, tmp)
         (tmp / "moe-merge.yaml").write_text(yaml.safe_dump(shown.config.resolved(), sort_keys=False))
-        (tmp / "routing_report.json").write_text(json.dumps(rep, indent=2))
-        plot_report(rep, tmp / "routing_report.png")
+        write_dynamic_report(rep, tmp)
         card.write_dynamic_card(tmp, shown, rep, quality)
     return Path(out_dir)

@@ -14,8 +14,10 @@ from pathlib import Path
 
 import torch
 
-from moe_merge.assemble import DTYPES, Recipe, open_recipe, plan
+from moe_merge.arch import layer_of
+from moe_merge.assemble import dynamic, stock
 from moe_merge.config import MergeConfig
+from moe_merge.recipe import Recipe, TensorPlan, open_recipe
 from moe_merge.sources import LoraExpert
 
 # Importing torch, transformers and matplotlib (measured: about 0.4-0.5 GiB before any tensor).
@@ -110,16 +112,6 @@ def _size(n: float) -> str:
     return f"{n:.0f} B" if i == 0 else f"{n:.1f} {units[i]}"
 
 
-def _touches_experts(name: str, config) -> bool:
-    """Whether the dynamic model's tensors for base tensor `name` are built from the experts' (beyond a static merge)."""
-    parts = name.split(".")
-    if parts[:2] != ["model", "layers"]:
-        return config.level == "model" and name in ("model.norm.weight", "lm_head.weight")
-    if config.method == "sparse":
-        return int(parts[2]) >= config.dense_layers
-    return parts[4] in config.delta_forms and not (config.method == "twin" and int(parts[2]) < config.router_layer)
-
-
 def _describe_experts(recipe: Recipe) -> list[str]:
     out = []
     for i, (label, e) in enumerate(zip(recipe.labels, recipe.experts)):
@@ -131,34 +123,30 @@ def _describe_experts(recipe: Recipe) -> list[str]:
 def dry_run(config: MergeConfig, *, recipe_dir: Path | None = None, dtype: str | None = None,
             shard_size: int = 5 * 2**30) -> DryRun:
     """The plan of `assemble(config, ...)` with its sizes, from configs, indexes and headers only."""
-    recipe = open_recipe(config, recipe_dir)
     if dtype:
-        recipe.config = config = config.model_copy(update={"dtype": dtype})
-    base_cfg = recipe.base.config
-    out_dtype = DTYPES.get(config.dtype or str(base_cfg.get("dtype") or base_cfg.get("torch_dtype")), torch.float32)
+        config = config.model_copy(update={"dtype": dtype})
+    recipe = open_recipe(config, recipe_dir)
+    out_dtype = recipe.output_dtype or torch.float32
     if config.dynamic:
         return _dry_run_dynamic(recipe, out_dtype, shard_size)
-    return _dry_run_sparse(recipe, out_dtype, shard_size)
+    return _dry_run_stock(recipe, out_dtype, shard_size)
 
 
-def _dry_run_sparse(recipe: Recipe, dtype: torch.dtype, shard_size: int) -> DryRun:
-    from moe_merge.arch import layer_of
-
+def _dry_run_stock(recipe: Recipe, dtype: torch.dtype, shard_size: int) -> DryRun:
     cfg, base = recipe.config, recipe.base
-    E, hidden = len(recipe.experts), base.config["hidden_size"]
+    E = len(recipe.experts)
     run = DryRun(f"plan: {recipe.fmt.architecture} from {E} experts of {base.path} ({base.family})",
                  _describe_experts(recipe), dtype, shard_size)
     static = f"{cfg.static_method} of the base and {E} experts"
     # Working set of each step beyond the shard buffer: per global tensor, and per layer (its outputs,
     # their float32 copy for the router's fit, and the largest static merge's float32 base + E deltas + result).
     global_work, layer_out, layer_fp32, layer_merge = 0, {}, {}, {}
-    for p in plan(recipe):
-        shape = (E, hidden) if p.source == "router" else (1, hidden) if p.source == "shared_router" else base.shape(p.tensor)
+    for p in stock.plan(recipe):
         source = {"base": f"base: {p.tensor}", "static": f"{static}: {p.tensor}", "expert": f"expert {p.expert}: {p.tensor}",
-                  "shared": f"shared expert: {p.tensor}", "router": f"router, `{cfg.gate_init}` on the prompts",
+                  "shared": f"shared expert: {p.tensor}", "router": f"router, `{cfg.router_init}` on the prompts",
                   "shared_router": "shared-expert gate, from its prompts"}[p.source]
-        run.add(p.name, source, shape)
-        n = math.prod(shape)
+        run.add(p.name, source, p.shape)
+        n = math.prod(p.shape)
         if p.tensor is not None:
             run.read_bytes += (E + 1 if p.source == "static" else 1) * base.nbytes(p.tensor)
         merge = (E + 2) * n * FLOAT32 if p.source == "static" else 0
@@ -175,53 +163,36 @@ def _dry_run_sparse(recipe: Recipe, dtype: torch.dtype, shard_size: int) -> DryR
     return run
 
 
+def _describe_dynamic(p: TensorPlan, recipe: Recipe) -> str:
+    """Where one planned tensor of the dynamic model comes from, in words."""
+    cfg, E = recipe.config, len(recipe.experts)
+    w0 = "shared merge" if cfg.merging.w0 == "static" else "base"
+    static = "base" if cfg.static_method == "base" else f"{cfg.static_method} of the base and {E} experts"
+    if p.source == "router":
+        return f"router, `{cfg.router_init}` on the prompts"
+    what = {"static": static, "base": "base", "expert": f"expert {p.expert}", "experts": "experts",
+            "deltas": f"experts − {w0}", "svd_A": f"SVD of experts − {w0}", "svd_B": f"SVD of experts − {w0}",
+            "lora_A": "experts' LoRA A", "lora_B": "experts' LoRA B · scaling"}[p.source]
+    return f"{what}: {p.tensor}"
+
+
 def _dry_run_dynamic(recipe: Recipe, dtype: torch.dtype, shard_size: int) -> DryRun:
     from transformers import AutoConfig
 
-    from moe_merge.dynamic import model_config
-    from moe_merge.merged_linear import MergedLinear
-    from moe_merge.modeling import MoEMergeForCausalLM
-    from moe_merge.routers.router import Router
-
     cfg, base = recipe.config, recipe.base
-    config = model_config(recipe, AutoConfig.from_pretrained(base.path))
-    with torch.device("meta"):
-        model = MoEMergeForCausalLM(config)
+    config = dynamic.model_config(recipe, AutoConfig.from_pretrained(base.path))
     E = len(recipe.experts)
     run = DryRun(f"plan: moe_merge {cfg.method} / {cfg.level} dynamic model from {E} experts of {base.path} "
                  f"({base.family}); forms {config.delta_forms or 'none'}", _describe_experts(recipe), dtype, shard_size)
-    static = "base" if cfg.static_method == "base" else f"{cfg.static_method} of the base and {E} experts"
-    d = config.dense_layers
+    reads: dict[str, int] = {}  # base tensor -> sources read for it: the base alone, or the base and every expert
     fp32 = 0
-    for name, p in model.named_parameters():  # tied weights once, as save_pretrained writes them
-        prefix, leaf = name.rsplit(".", 1)
-        owner = model.get_submodule(prefix)
-        parts = name.split(".")
-        if isinstance(owner, Router) or ".router." in name:
-            source = f"router, `{cfg.gate_init}` on the prompts"
-        elif isinstance(owner, MergedLinear):
-            src = f"{prefix}.{'bias' if 'bias' in leaf else 'weight'}"
-            source = {"expert_weight": "experts", "expert_bias": "experts", "delta_weight": "experts − base",
-                      "delta_bias": "experts − base", "weight": "shared merge" if cfg.method == "twin" else "base",
-                      "bias": "shared merge" if cfg.method == "twin" else "base",
-                      "lora_A": "SVD of experts − shared" if cfg.method == "twin" else "experts' LoRA A",
-                      "lora_B": "SVD of experts − shared" if cfg.method == "twin" else "experts' LoRA B · scaling"}[leaf]
-            source = f"{source}: {src}"
-        elif parts[:2] == ["model", "experts"]:  # model level: expert e's layers, norm and head
-            e, rest = parts[2], parts[3:]
-            src = (f"model.layers.{int(rest[1]) + d}.{'.'.join(rest[2:])}" if rest[0] == "layers"
-                   else "model.norm.weight" if rest[0] == "norm"
-                   else "model.embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight")
-            source = f"expert {e}: {src}"
-        elif len(parts) > 4 and parts[:2] == ["model", "layers"] and parts[3] == "experts":  # sparse block
-            source = f"expert {parts[4]}: model.layers.{parts[2]}.{'.'.join(parts[5:])}"
-        else:
-            source = f"{static}: {name}"
-        run.add(name, source, tuple(p.shape))
-        fp32 += p.numel() * FLOAT32
-    for name in base.keys():  # the base's tensor, and every expert's where the output needs the experts
-        alone = cfg.static_method == "base" and not _touches_experts(name, config)
-        run.read_bytes += (1 if alone else E + 1) * base.nbytes(name)
+    for p in dynamic.plan(recipe, config):
+        run.add(p.name, _describe_dynamic(p, recipe), p.shape)
+        fp32 += math.prod(p.shape) * FLOAT32
+        if p.tensor is not None:
+            alone = p.source == "base" or p.source == "static" and cfg.static_method == "base"
+            reads[p.tensor] = max(reads.get(p.tensor, 1), 1 if alone else E + 1)
+    run.read_bytes = sum(reads.get(name, 1) * base.nbytes(name) for name in base.keys())
     # build_state holds every tensor in float32, then the model gets its own copy
     run.peak_parts = {"runtime": RUNTIME_BYTES, "built tensors (float32)": fp32, "model (float32)": fp32}
     return run

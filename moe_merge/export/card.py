@@ -13,20 +13,11 @@ from pathlib import Path
 import yaml
 
 from moe_merge.config import PROMPT_INITS
+from moe_merge.recipe import Recipe
+from moe_merge.sources import hub_id
 
 
-def hub_id(ref: str, path: Path) -> str | None:
-    """`ref` when it named a Hub repo, i.e. it was resolved from the Hugging Face cache; None for local paths."""
-    from huggingface_hub import constants
-
-    try:
-        Path(path).resolve().relative_to(Path(constants.HF_HUB_CACHE).resolve())
-    except ValueError:
-        return None
-    return ref.rsplit("+", 1)[-1]  # mergekit's `base+adapter`: the adapter is the source
-
-
-def _card_data(recipe, tags: list[str], library_name: str = "transformers"):
+def _card_data(recipe: Recipe, tags: list[str], library_name: str = "transformers"):
     """Hub metadata: every source that is a Hub repo is a base model of this merge."""
     from huggingface_hub import ModelCardData
 
@@ -67,7 +58,8 @@ def _recipe_yaml(cfg) -> str:
     return yaml.safe_dump(cfg.resolved(), sort_keys=False).strip()
 
 
-def write_card(out_dir: Path, recipe, rep: dict, quality: dict | None = None) -> None:
+def write_card(out_dir: Path, recipe: Recipe, rep: dict, quality: dict | None = None) -> None:
+    """The card of a stock sparse MoE. The card is one template read top to bottom, hence its length."""
     from huggingface_hub import ModelCard
 
     cfg = recipe.config
@@ -79,7 +71,7 @@ def write_card(out_dir: Path, recipe, rep: dict, quality: dict | None = None) ->
     warnings = "\n".join(f"- {w}" for w in rep["warnings"]) or "- none"
     report = (f"Where each expert's held-out prompts are routed, layer by layer (`routing_report.json`). Warnings:\n\n"
               f"{warnings}\n\n![routing report](routing_report.png)" if rep["measured"] else rep["note"].capitalize() + ".")
-    start = "initialised from each expert's prompts without training" if cfg.gate_init in PROMPT_INITS else "no prompts read"
+    start = "initialised from each expert's prompts without training" if cfg.router_init in PROMPT_INITS else "no prompts read"
     text = f"""---
 {data.to_yaml()}
 ---
@@ -98,7 +90,7 @@ from {len(cfg.experts)} experts fine-tuned from `{cfg.base_model}`.
 ## Method
 
 - level: `{cfg.level}`, method: `{cfg.method}` (top-{cfg.experts_per_token} of {len(cfg.experts)} experts per token)
-- routers: `{cfg.gate_init}`, {start}
+- routers: `{cfg.router_init}`, {start}
 - non-expert weights (attention, norms, embeddings): `{cfg.static_method}`
 
 ## Routing report
@@ -128,8 +120,9 @@ The resolved recipe (`moe-merge.yaml`), every default spelled out:
     ModelCard(text).save(Path(out_dir) / "README.md")
 
 
-def write_dynamic_card(out_dir: Path, recipe, rep: dict, quality: dict | None = None) -> None:
-    """The card of a moe_merge dynamic model (remote code; `trust_remote_code=True` or `import moe_merge`)."""
+def write_dynamic_card(out_dir: Path, recipe: Recipe, rep: dict, quality: dict | None = None) -> None:
+    """The card of a moe_merge dynamic model (remote code; `trust_remote_code=True` or `import moe_merge`). The
+    card is one template read top to bottom, hence its length."""
     from huggingface_hub import ModelCard
 
     cfg = recipe.config
@@ -163,7 +156,7 @@ model applies the merged parameters in one forward pass.
 ## Method
 
 - method: `{cfg.method}`, level: `{cfg.level}`
-- routers: `{spec.kind}`, `{spec.granularity}`-level, `{cfg.normalize}` normalisation, initialised `{cfg.gate_init}`
+- routers: `{spec.kind}`, `{spec.granularity}`-level, `{cfg.normalize}` normalisation, initialised `{cfg.router_init}`
 - everything not routed: `{cfg.static_method}`
 
 ## Routing report

@@ -14,6 +14,9 @@ from pathlib import Path
 
 import torch
 
+from moe_merge.config import MergeConfig
+from moe_merge.routers.router import masked_mean
+
 logger = logging.getLogger(__name__)
 
 COLLAPSE_SHARE = 0.9  # one expert takes this much of all tokens at a layer
@@ -83,7 +86,7 @@ def summarise(layers: list[dict], labels: list[str], config) -> dict:
         "experts": labels,
         "measured": measured,
         **({} if measured else {"note": NO_PROMPTS}),
-        "gate_init": config.gate_init,
+        "gate_init": config.router_init,
         "experts_per_token": config.experts_per_token,
         "layers": [{k: v for k, v in lay.items() if not k.startswith("_")} for lay in layers],
         "accuracy_mean": [_mean([lay["accuracy"][i] for lay in layers]) for i in range(num_experts)],
@@ -124,3 +127,66 @@ def plot(rep: dict, path: Path) -> None:
     fig.suptitle("routing of each expert's eval prompts (rows) to experts (columns)", fontsize=9)
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
+
+
+@torch.no_grad()
+def routing_report(model, tokenizer, config: MergeConfig, labels: list[str]) -> dict:
+    """How each router sends every expert's held-out prompts (`eval_prompts`, else `positive_prompts`):
+    accuracy and mean merge weights; None for an expert without prompts."""
+    R = model.config.num_routers
+    per_expert: list[torch.Tensor | None] = []
+    for e in config.experts:
+        prompts = e.eval_prompts if e.eval_prompts is not None else e.positive_prompts
+        if not prompts:
+            per_expert.append(None)
+            continue
+        enc = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left").to(model.device)
+        w = model(**enc, use_cache=False).merge_weights  # [B, R, E] or [B, R, T, E]
+        if w.dim() == 4:
+            w = masked_mean(w.permute(0, 2, 1, 3).flatten(2), enc["attention_mask"]).view(w.shape[0], w.shape[1], -1)
+        per_expert.append(w.float().cpu())
+    rep = {"experts": labels, "method": config.method, "level": config.level, "routers": R}
+    if all(w is None for w in per_expert):
+        return {**rep, "measured": False, "note": NO_PROMPTS}
+
+    def each(f):
+        return [None if w is None else f(i, w) for i, w in enumerate(per_expert)]
+
+    accuracy = [each(lambda i, w: (w[:, k].argmax(-1) == i).float().mean().item()) for k in range(R)]
+    mean_weights = [each(lambda i, w: w[:, k].mean(0).tolist()) for k in range(R)]
+    everywhere = each(lambda i, w: (w.argmax(-1) == i).all(-1).float().mean().item())
+    return {**rep, "measured": True, "accuracy": accuracy, "mean_weights": mean_weights,
+            "routed_right_at_every_router": everywhere}
+
+
+def plot_dynamic(rep: dict, path: Path) -> None:
+    """Heatmaps of mean merge weights for the first, middle and last router; nothing if nothing was measured."""
+    if not rep["measured"]:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    R = rep["routers"]
+    picks = sorted({0, R // 2, R - 1})
+    fig, axes = plt.subplots(1, len(picks), figsize=(3.2 * len(picks) + 1, 3.2), squeeze=False)
+    for ax, k in zip(axes[0], picks):
+        rows = [w if w is not None else [float("nan")] * len(rep["experts"]) for w in rep["mean_weights"][k]]
+        im = ax.imshow(rows, vmin=0, vmax=1, cmap="viridis")
+        ax.set_title(f"router {k}" if R > 1 else "router")
+        ax.set_xticks(range(len(rep["experts"])), rep["experts"], rotation=45, ha="right", fontsize=7)
+        ax.set_yticks(range(len(rep["experts"])), rep["experts"], fontsize=7)
+        ax.set_xlabel("merge weight on expert")
+    axes[0][0].set_ylabel("held-out prompts of")
+    fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8)
+    fig.suptitle(f"{rep['method']} / {rep['level']}: mean merge weights")
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
+
+
+def write_dynamic_report(rep: dict, out_dir: Path) -> None:
+    (Path(out_dir) / "routing_report.json").write_text(json.dumps(rep, indent=2))
+    plot_dynamic(rep, Path(out_dir) / "routing_report.png")

@@ -71,7 +71,7 @@ def router_param_groups(model: nn.Module) -> list[dict]:
     """One optimizer group per router, its learning rate relative to the router's scale.
 
     Routers fitted from prompts have weights of any size (an LDA router's can be in the hundreds, a
-    mergekit `hidden` gate's near one); Adam moves each weight by about lr per step whatever its size, so
+    mergekit `hidden` router's near one); Adam moves each weight by about lr per step whatever its size, so
     one absolute lr would freeze some routers and scramble others. Scaling by the RMS of the router's
     parameters makes `lr` the relative change per step.
     """

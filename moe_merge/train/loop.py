@@ -33,8 +33,9 @@ import yaml
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from moe_merge import objectives, train_data
-from moe_merge.errors import MoEMergeError, OutputExistsError
+from moe_merge.errors import DataError, MoEMergeError, OutputExistsError
+from moe_merge.train import data as train_data
+from moe_merge.train import objectives
 
 logger = logging.getLogger(__name__)
 
@@ -135,7 +136,7 @@ def split_data(args: TrainRouterArgs, tokenizer, names: list[str]):
         if not 0 < args.eval_fraction < 1:
             raise MoEMergeError(f"--eval-fraction must be between 0 and 1, got {args.eval_fraction}")
         if len(rows) < 2:
-            raise train_data.DataError(f"{args.data} has {len(rows)} row(s); at least 2 are needed to hold some out")
+            raise DataError(f"{args.data} has {len(rows)} row(s); at least 2 are needed to hold some out")
         parts = rows.train_test_split(test_size=args.eval_fraction, seed=args.seed)
         train, held, held_source = parts["train"], parts["test"], f"{args.data} (held-out part)"
     return (train_data.encode(train, tokenizer, names, str(args.data), args.max_length),
@@ -262,128 +263,149 @@ def _train(accelerator, model_dir: Path, run_dir: Path, args: TrainRouterArgs) -
         raise MoEMergeError(f"--batch-size {args.batch_size} must be a multiple of the {accelerator.num_processes} processes")
     set_seed(args.seed)
     model, tokenizer, saved_dtype = load_model(model_dir, args.trust_remote_code)
-    names = expert_names(model, model_dir)
-    train, held = split_data(args, tokenizer, names)
+    train, held = split_data(args, tokenizer, expert_names(model, model_dir))
     if "routing" in args.objective and not train.labelled:
-        raise train_data.DataError(f"objective `routing` needs an `expert` label on every row of {args.data}")
+        raise DataError(f"objective `routing` needs an `expert` label on every row of {args.data}")
     latest = _prepare_run_dir(run_dir, args, model_dir, accelerator)
-
-    stock, k = objectives.is_stock(model), objectives.top_k(model)
-    trainable = objectives.freeze_all_but_routers(model)
-    n_train = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad)
-    n_total = sum(p.numel() for p in model.parameters())
-    accelerator.print(f"trainable parameters: {n_train:,} of {n_total:,} ({100 * n_train / n_total:.3f} %), "
-                      f"in {len(trainable)} router tensors; {len(train)} training rows, {len(held)} held out")
-    if args.gradient_checkpointing:
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    model.train()
-    optimizer = torch.optim.AdamW(objectives.router_param_groups(model), lr=args.lr, weight_decay=args.weight_decay)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    unwrapped = accelerator.unwrap_model(model)
-
-    # accelerate saves the optimizer and RNG; the routers are saved here, the frozen rest never
-    def save_hook(models, weights, out):
-        weights.clear()
-        if accelerator.is_main_process:
-            save_file(router_state(unwrapped, trainable), Path(out) / ROUTERS_FILE)
-
-    def load_hook(models, src):
-        load_router_state(unwrapped, Path(src) / ROUTERS_FILE)
-        models.clear()
-
-    accelerator.register_save_state_pre_hook(save_hook)
-    accelerator.register_load_state_pre_hook(load_hook)
-
-    def log(entry: dict) -> None:
-        if accelerator.is_main_process:
-            with open(run_dir / "log.jsonl", "a") as f:
-                f.write(json.dumps(entry) + "\n")
-
-    def checkpoint(step: int) -> None:
-        final = run_dir / "checkpoints" / f"step-{step:06d}"
-        tmp = final.with_name(final.name + ".tmp")
-        accelerator.save_state(str(tmp))
-        if accelerator.is_main_process:
-            (tmp / STATE_FILE).write_text(json.dumps({"step": step, "best": best, "train_seconds": train_seconds}))
-            shutil.copy2(run_dir / "best" / ROUTERS_FILE, tmp / BEST_FILE)  # the best as of this step, for resume
-            shutil.rmtree(final, ignore_errors=True)
-            tmp.rename(final)
-        accelerator.wait_for_everyone()
-
-    def consider(step: int) -> None:
-        nonlocal best
-        metrics = evaluate(model, held, args, stock, k, accelerator, tokenizer.pad_token_id)
-        log({"step": step, "eval": metrics})
-        if best is None or metrics["objective"] < best["objective"]:
-            best = {"step": step, **metrics}
-            if accelerator.is_main_process:
-                save_file(router_state(unwrapped, trainable), run_dir / "best" / ROUTERS_FILE)
-        accelerator.print(f"step {step}: held-out " + ", ".join(f"{m} {v:.4f}" for m, v in metrics.items()))
-
-    start, best, train_seconds = 0, None, 0.0
-    if latest is not None:
-        accelerator.load_state(latest["dir"])
-        if accelerator.is_main_process:
-            shutil.copy2(Path(latest["dir"]) / BEST_FILE, run_dir / "best" / ROUTERS_FILE)
-        start, best, train_seconds = latest["step"], latest["best"], latest["train_seconds"]
-        accelerator.print(f"resumed from {latest['dir']} at step {start}")
-    else:
-        consider(0)
-
-    params = [p for p in model.parameters() if p.requires_grad]
+    run = Run(accelerator, model, args, run_dir, held, tokenizer.pad_token_id)
+    accelerator.print(f"trainable parameters: {run.n_train:,} of {run.n_total:,} "
+                      f"({100 * run.n_train / run.n_total:.3f} %), in {len(run.trainable)} router tensors; "
+                      f"{len(train)} training rows, {len(held)} held out")
+    start = run.resume(latest) if latest is not None else run.consider(0)
     bar = tqdm(range(start, args.steps), desc="training routers", disable=not accelerator.is_local_main_process or None,
                initial=start, total=args.steps)
     for step in bar:
+        loss = run.step(train, step)
+        bar.set_postfix(loss=f"{loss:.4f}")
+        done = step + 1
+        if done % args.eval_every == 0 or done == args.steps:
+            run.consider(done)
+        if done % args.save_every == 0 or done == args.steps:
+            run.checkpoint(done)
+    return run.finish(tokenizer, model_dir, saved_dtype)
+
+
+class Run:
+    """One router-training run on its accelerator: the prepared model and optimizer, the best routers so far,
+    the log and the checkpoints. Every method is called on every process; only the main one writes."""
+
+    def __init__(self, accelerator, model, args: TrainRouterArgs, run_dir: Path, held: train_data.Encoded, pad_id: int):
+        self.accelerator, self.args, self.run_dir, self.held, self.pad_id = accelerator, args, run_dir, held, pad_id
+        self.stock, self.k = objectives.is_stock(model), objectives.top_k(model)
+        self.trainable = objectives.freeze_all_but_routers(model)
+        self.n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        self.n_total = sum(p.numel() for p in model.parameters())
+        if args.gradient_checkpointing:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+        optimizer = torch.optim.AdamW(objectives.router_param_groups(model), lr=args.lr, weight_decay=args.weight_decay)
+        self.model, self.optimizer = accelerator.prepare(model, optimizer)
+        self.unwrapped = accelerator.unwrap_model(self.model)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.best: dict | None = None
+        self.train_seconds = 0.0
+        # accelerate saves the optimizer and RNG; the routers are saved here, the frozen rest never
+        accelerator.register_save_state_pre_hook(self._save_hook)
+        accelerator.register_load_state_pre_hook(self._load_hook)
+
+    def _save_hook(self, models, weights, out) -> None:
+        weights.clear()
+        if self.accelerator.is_main_process:
+            save_file(router_state(self.unwrapped, self.trainable), Path(out) / ROUTERS_FILE)
+
+    def _load_hook(self, models, src) -> None:
+        load_router_state(self.unwrapped, Path(src) / ROUTERS_FILE)
+        models.clear()
+
+    def log(self, entry: dict) -> None:
+        if self.accelerator.is_main_process:
+            with open(self.run_dir / "log.jsonl", "a") as f:
+                f.write(json.dumps(entry) + "\n")
+
+    def consider(self, step: int) -> int:
+        """Evaluate on the held-out rows; keep the routers if they are the best so far. Returns `step`."""
+        metrics = evaluate(self.model, self.held, self.args, self.stock, self.k, self.accelerator, self.pad_id)
+        self.log({"step": step, "eval": metrics})
+        if self.best is None or metrics["objective"] < self.best["objective"]:
+            self.best = {"step": step, **metrics}
+            if self.accelerator.is_main_process:
+                save_file(router_state(self.unwrapped, self.trainable), self.run_dir / "best" / ROUTERS_FILE)
+        self.accelerator.print(f"step {step}: held-out " + ", ".join(f"{m} {v:.4f}" for m, v in metrics.items()))
+        return step
+
+    def checkpoint(self, step: int) -> None:
+        """accelerate's state plus the trainer state and the best routers, written beside and renamed into place."""
+        final = self.run_dir / "checkpoints" / f"step-{step:06d}"
+        tmp = final.with_name(final.name + ".tmp")
+        self.accelerator.save_state(str(tmp))
+        if self.accelerator.is_main_process:
+            state = {"step": step, "best": self.best, "train_seconds": self.train_seconds}
+            (tmp / STATE_FILE).write_text(json.dumps(state))
+            shutil.copy2(self.run_dir / "best" / ROUTERS_FILE, tmp / BEST_FILE)  # the best as of this step, for resume
+            shutil.rmtree(final, ignore_errors=True)
+            tmp.rename(final)
+        self.accelerator.wait_for_everyone()
+
+    def resume(self, latest: dict) -> int:
+        """Load the latest checkpoint; returns the step it was taken at."""
+        self.accelerator.load_state(latest["dir"])
+        if self.accelerator.is_main_process:
+            shutil.copy2(Path(latest["dir"]) / BEST_FILE, self.run_dir / "best" / ROUTERS_FILE)
+        self.best, self.train_seconds = latest["best"], latest["train_seconds"]
+        self.accelerator.print(f"resumed from {latest['dir']} at step {latest['step']}")
+        return latest["step"]
+
+    def step(self, train: train_data.Encoded, step: int) -> float:
+        """One optimizer step over the global batch of `step`; logs it and returns its loss."""
+        args, acc = self.args, self.accelerator
         t0 = time.perf_counter()
         lr = lr_at(step, args)
-        for group in optimizer.param_groups:
+        for group in self.optimizer.param_groups:
             group["lr"] = lr * group["scale"]
         seen = []
         for micro in range(args.grad_accum):
             global_rows = batch_rows(len(train), step, micro, args)
-            mine = global_rows[accelerator.process_index :: accelerator.num_processes]
+            mine = global_rows[acc.process_index :: acc.num_processes]
             seen += mine
-            batch = _to(train_data.collate([train.rows[i] for i in mine], tokenizer.pad_token_id), accelerator.device)
-            with accelerator.accumulate(model):
-                loss, terms, _ = objectives.objective(model, batch, args.objective, stock, k,
+            batch = _to(train_data.collate([train.rows[i] for i in mine], self.pad_id), acc.device)
+            with acc.accumulate(self.model):
+                loss, terms, _ = objectives.objective(self.model, batch, args.objective, self.stock, self.k,
                                                       objectives.totals([train.rows[i] for i in global_rows]),
-                                                      accelerator.num_processes)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and args.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(params, args.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-        train_seconds += time.perf_counter() - t0
-        trained = accelerator.gather(torch.tensor(seen, device=accelerator.device)).tolist()  # every process's rows
+                                                      acc.num_processes)
+                acc.backward(loss)
+                if acc.sync_gradients and args.max_grad_norm > 0:
+                    acc.clip_grad_norm_(self.params, args.max_grad_norm)
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+        self.train_seconds += time.perf_counter() - t0
+        trained = acc.gather(torch.tensor(seen, device=acc.device)).tolist()  # every process's rows
         # each process's terms are its share of the global batch's means, N x its sum over the global count:
         # their mean over processes is the global batch's value
-        values = accelerator.reduce(torch.stack([loss.detach(), *terms.values()]), reduction="mean").tolist()
-        log({"step": step + 1, "lr": lr, **dict(zip(["loss", *terms], values)),
-             "rows": hashlib.sha256(str(sorted(trained)).encode()).hexdigest()[:16]})
-        bar.set_postfix(loss=f"{values[0]:.4f}")
-        done = step + 1
-        if done % args.eval_every == 0 or done == args.steps:
-            consider(done)
-        if done % args.save_every == 0 or done == args.steps:
-            checkpoint(done)
+        values = acc.reduce(torch.stack([loss.detach(), *terms.values()]), reduction="mean").tolist()
+        self.log({"step": step + 1, "lr": lr, **dict(zip(["loss", *terms], values)),
+                  "rows": hashlib.sha256(str(sorted(trained)).encode()).hexdigest()[:16]})
+        return values[0]
 
-    load_router_state(unwrapped, run_dir / "best" / ROUTERS_FILE)
-    summary = {
-        "steps": args.steps,
-        "best": best,
-        "seconds_per_step": train_seconds / max(1, args.steps),
-        "train_minutes": train_seconds / 60,
-        "processes": accelerator.num_processes,
-        "device": str(accelerator.device),
-        "trainable_parameters": n_train,
-    }
-    if accelerator.is_main_process:
-        export(unwrapped, tokenizer, model_dir, run_dir / "model", saved_dtype, summary)
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    accelerator.wait_for_everyone()
-    accelerator.print(f"{summary['seconds_per_step']:.3f} s per step, {summary['train_minutes']:.2f} min of training; "
-                      f"best held-out objective {best['objective']:.4f} at step {best['step']}; wrote {run_dir / 'model'}")
-    return summary
+    def finish(self, tokenizer, model_dir: Path, saved_dtype: torch.dtype) -> dict:
+        """Load the best routers, export the model and the summary; return the summary."""
+        acc, args, best = self.accelerator, self.args, self.best
+        load_router_state(self.unwrapped, self.run_dir / "best" / ROUTERS_FILE)
+        summary = {
+            "steps": args.steps,
+            "best": best,
+            "seconds_per_step": self.train_seconds / max(1, args.steps),
+            "train_minutes": self.train_seconds / 60,
+            "processes": acc.num_processes,
+            "device": str(acc.device),
+            "trainable_parameters": self.n_train,
+        }
+        if acc.is_main_process:
+            export(self.unwrapped, tokenizer, model_dir, self.run_dir / "model", saved_dtype, summary)
+            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        acc.wait_for_everyone()
+        acc.print(f"{summary['seconds_per_step']:.3f} s per step, {summary['train_minutes']:.2f} min of training; "
+                  f"best held-out objective {best['objective']:.4f} at step {best['step']}; wrote {self.run_dir / 'model'}")
+        return summary
 
 
 def export(model, tokenizer, model_dir: Path, out: Path, dtype: torch.dtype, summary: dict) -> None:
@@ -392,9 +414,9 @@ def export(model, tokenizer, model_dir: Path, out: Path, dtype: torch.dtype, sum
     again, on the model as written."""
     from transformers import AutoModelForCausalLM
 
-    from moe_merge.assemble import portable
+    from moe_merge.assemble.report import routing_report, write_dynamic_report
     from moe_merge.config import load_config
-    from moe_merge.dynamic import plot_report, routing_report
+    from moe_merge.recipe import portable
     from moe_merge.outdir import atomic_output_dir
 
     model.eval()
@@ -418,5 +440,4 @@ def export(model, tokenizer, model_dir: Path, out: Path, dtype: torch.dtype, sum
             with torch.no_grad():
                 written = AutoModelForCausalLM.from_pretrained(tmp).to(model.device).eval()
                 rep = routing_report(written, tokenizer, config, list(model.config.expert_names))
-            (tmp / "routing_report.json").write_text(json.dumps(rep, indent=2))
-            plot_report(rep, tmp / "routing_report.png")
+            write_dynamic_report(rep, tmp)

@@ -1,4 +1,4 @@
-"""Export a dynamic model's merged delta for one fixed mix as a PEFT LoRA adapter on the base.
+"""Export a dynamic model's merged delta for fixed merge weights as a PEFT LoRA adapter on the base.
 
 For fixed merge weights w (one vector for every router, or one per router) each linear layer of the
 dynamic model computes (W_base + D)·x. The adapter holds D exactly, as B·A with scaling 1:
@@ -26,7 +26,7 @@ from moe_merge.errors import CompatibilityError, ConfigError, SourceError
 from moe_merge.merged_linear import MergedLinear
 from moe_merge.modeling import MoEMergeForCausalLM
 from moe_merge.routers.router import Router
-from moe_merge.sources import Checkpoint, resolve_path
+from moe_merge.sources import Checkpoint, hub_id, resolve_path
 
 Factors = tuple[torch.Tensor, torch.Tensor]  # A [r, K], B [N, r]
 
@@ -45,43 +45,38 @@ class _Base:
     def __init__(self, checkpoint: Checkpoint):
         self.checkpoint = checkpoint
 
-    def __call__(self, name: str, like: torch.Tensor) -> torch.Tensor:
+    def __call__(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """The base's `name`, rounded to the model's `dtype` as the model stores it, in float64."""
         if name not in self.checkpoint:
             raise CompatibilityError(f"the base {self.checkpoint.path} has no tensor {name!r}; is it the model's base?")
         t = self.checkpoint.get(name)
-        if tuple(t.shape) != tuple(like.shape):
+        if tuple(t.shape) != tuple(shape):
             raise CompatibilityError(f"tensor {name!r} is {tuple(t.shape)} in the base {self.checkpoint.path} but "
-                                     f"{tuple(like.shape)} in the model; is it the model's base?")
-        return t.to(like.dtype).double()
+                                     f"{tuple(shape)} in the model; is it the model's base?")
+        return t.to(dtype).double()
+
+    def like(self, name: str, t: torch.Tensor) -> torch.Tensor:
+        return self(name, t.shape, t.dtype)
 
     def require_equal(self, name: str, t: torch.Tensor) -> None:
-        if not torch.equal(t.double(), self(name, t)):
+        if not torch.equal(t.double(), self.like(name, t)):
             raise ConfigError(
                 f"{name} differs from the base's ({self.checkpoint.path}), and a LoRA adapter only changes linear layers' "
-                "weights: write a dense model for this mix with `moe-merge bake`, or rebuild the model with "
+                "weights: write a dense model for these merge weights with `moe-merge bake`, or rebuild the model with "
                 "`non_expert: base` so that nothing outside the routed layers moves"
             )
 
 
 def _merged_factors(m: MergedLinear, w: torch.Tensor, name: str, base: _Base) -> list[Factors]:
     """The factors of merged linear `name` for weights w [E], relative to the base's weight."""
-    p = {k: v.double() for k, v in m.named_parameters()}
-    if m.form == "full":
-        like = m.expert_weight[0]
-        dense = torch.einsum("e,enk->nk", w, p["expert_weight"]) - base(f"{name}.weight", like)
-        bias = w @ p["expert_bias"] if m.expert_bias is not None else None
-    else:
-        dense = p["weight"] - base(f"{name}.weight", m.weight)  # twin's shared part; zero otherwise
-        if m.form == "dense":
-            dense = dense + torch.einsum("e,enk->nk", w, p["delta_weight"])
-        bias = p["bias"] + w @ p["delta_bias"] if m.bias is not None else None
-    if bias is not None and not torch.equal(bias, base(f"{name}.bias", bias)):
-        raise ConfigError(f"{name}.bias differs from the base's for this mix; LoRA adapters for serving carry no bias: "
+    terms, factors, bias = m.parts(w)
+    dense = terms[0] - base(f"{name}.weight", (m.out_features, m.in_features), m.stored_dtype)
+    for t in terms[1:]:
+        dense = dense + t
+    if bias is not None and not torch.equal(bias, base.like(f"{name}.bias", bias)):
+        raise ConfigError(f"{name}.bias differs from the base's for these merge weights; LoRA adapters for serving carry no bias: "
                           "write a dense model with `moe-merge bake`")
-    factors = [dense_factors(dense)] if dense.any() else []
-    if m.form == "lowrank":
-        factors += [(w[e] * p["lora_A"][e], p["lora_B"][e]) for e in range(m.num_experts) if w[e] != 0]
-    return factors
+    return ([dense_factors(dense)] if dense.any() else []) + factors
 
 
 @torch.no_grad()
@@ -89,8 +84,8 @@ def delta_factors(model: MoEMergeForCausalLM, weights: torch.Tensor, base: Check
     """Module name -> (A [r, K], B [N, r]) in float64 with B·A = the model's weight minus the base's, for merge
     weights [E] (every router) or [R, E]. Modules equal to the base are left out."""
     cfg = model.config
-    if cfg.method == "sparse":
-        raise ConfigError(f"`method: sparse` at {cfg.level} level mixes whole layers' outputs, which no LoRA on one "
+    if cfg.merging.merges == "outputs":
+        raise ConfigError(f"`method: {cfg.method}` at {cfg.level} level mixes whole layers' outputs, which no LoRA on one "
                           "model computes; for one expert's layers use `moe-merge bake --weights` with one-hot weights")
     w = weights.double().expand(cfg.num_routers, cfg.num_experts)
     ref = _Base(base)
@@ -101,7 +96,7 @@ def delta_factors(model: MoEMergeForCausalLM, weights: torch.Tensor, base: Check
         ref.require_equal("lm_head.weight", model.lm_head.weight)
     out: dict[str, Factors] = {}
     for i, layer in enumerate(inner.layers):
-        wi = w[0] if cfg.method == "twin" else w[i]
+        wi = w[cfg.router_of_layer(i)]
         for n, m in layer.named_modules():
             if n == "router" or n.startswith("router.") or isinstance(m, Router):
                 continue
@@ -109,7 +104,7 @@ def delta_factors(model: MoEMergeForCausalLM, weights: torch.Tensor, base: Check
             if isinstance(m, MergedLinear):
                 factors = _merged_factors(m, wi, name, ref)
             elif isinstance(m, nn.Linear):
-                dense = m.weight.double() - ref(f"{name}.weight", m.weight)
+                dense = m.weight.double() - ref.like(f"{name}.weight", m.weight)
                 factors = [dense_factors(dense)] if dense.any() else []
                 if m.bias is not None:
                     ref.require_equal(f"{name}.bias", m.bias)
@@ -144,21 +139,21 @@ def recipe_base(model_dir: Path) -> str:
 def export_lora(model_dir: Path | str, out_dir: Path | str, *, weights: list[float] | torch.Tensor | None = None,
                 prompt: str | None = None, base: str | None = None, dtype: torch.dtype | None = None,
                 force: bool = False) -> Path:
-    """Write the PEFT LoRA adapter (on the base) that reproduces `model_dir` under one fixed mix.
+    """Write the PEFT LoRA adapter (on the base) that reproduces `model_dir` under fixed merge weights.
 
-    The mix is `weights` ([E] for every router, or [R, E]) or the routers' weights for `prompt`. `base` (a
+    The merge weights are `weights` ([E] for every router, or [R, E]) or the routers' weights for `prompt`. `base` (a
     path or cached Hub id) defaults to the recipe's `base_model`; `dtype` to the model's.
     """
     from peft import LoraConfig
     from safetensors.torch import save_file
 
-    from moe_merge import card
-    from moe_merge.bake import fixed_mix, load_dynamic
+    from moe_merge.export import card
+    from moe_merge.export.bake import fixed_merge_weights, load_dynamic
     from moe_merge.outdir import atomic_output_dir
 
     model_dir = Path(model_dir)
     model = load_dynamic(model_dir)
-    w = fixed_mix(model, model_dir, weights, prompt)
+    w = fixed_merge_weights(model, model_dir, weights, prompt)
     base_ref = base or recipe_base(model_dir)
     try:
         base_path = resolve_path(base_ref, model_dir)
@@ -166,15 +161,15 @@ def export_lora(model_dir: Path | str, out_dir: Path | str, *, weights: list[flo
         raise SourceError(f"{e}; or pass the base's directory with --base") from None
     factors = delta_factors(model, w, Checkpoint(base_path))
     if not factors:
-        raise ConfigError(f"for this mix {model_dir} equals its base {base_path}: there is no delta to export")
+        raise ConfigError(f"for these merge weights {model_dir} equals its base {base_path}: there is no delta to export")
     tensors, rank = adapter_tensors(factors, dtype or model.dtype)
-    hub_id = card.hub_id(base_ref, base_path)  # the Hub's name for the base, when it came from there
+    base_hub_id = hub_id(base_ref, base_path)  # the Hub's name for the base, when it came from there
     config = LoraConfig(r=rank, lora_alpha=rank, target_modules=sorted(factors), lora_dropout=0.0, bias="none",
-                        task_type="CAUSAL_LM", base_model_name_or_path=hub_id or str(base_path))
+                        task_type="CAUSAL_LM", base_model_name_or_path=base_hub_id or str(base_path))
     with atomic_output_dir(out_dir, force=force) as tmp:
         config.save_pretrained(tmp)
         save_file(tensors, tmp / "adapter_model.safetensors", metadata={"format": "pt"})
-        card.write_adapter_card(tmp, base=hub_id or str(base_path), hub_id=hub_id, model_dir=model_dir,
+        card.write_adapter_card(tmp, base=base_hub_id or str(base_path), hub_id=base_hub_id, model_dir=model_dir,
                                 expert_names=list(model.config.expert_names or []), weights=w.float(), rank=rank,
                                 modules=len(factors))
     return Path(out_dir)

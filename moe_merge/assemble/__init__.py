@@ -1,0 +1,56 @@
+"""`moe-merge assemble`: a recipe in, a checkpoint out.
+
+Both paths plan first (`TensorPlan`s: what tensor comes from where, no data read) and then execute:
+- `stock.py`: sparse FFN level, a stock Mixtral / Qwen-MoE streamed layer by layer, routers fitted as
+  the layers pass (`probe.py` runs the prompts through them);
+- `dynamic.py`: every other method and level, a moe_merge dynamic model;
+- `dryrun.py` prints either plan with its sizes; `report.py` measures and plots the routing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from moe_merge.config import MergeConfig
+from moe_merge.errors import ConfigError
+from moe_merge.recipe import open_recipe, portable
+from moe_merge.tokens import load_tokenizer
+
+
+def assemble(
+    config: MergeConfig,
+    out_dir: Path | str,
+    *,
+    recipe_dir: Path | None = None,
+    force: bool = False,
+    device: str = "cpu",
+    dtype: str | None = None,
+    shard_size: int = 5 * 2**30,
+    seed: int | None = None,
+    eval_data: Path | None = None,
+) -> Path:
+    """Build the model described by `config` into `out_dir` (atomically). With `eval_data` (JSON lines of prompt,
+    completion, expert), the model card gets the exact match of the result per task."""
+    from moe_merge.quality import load_eval_rows
+
+    eval_rows = load_eval_rows(eval_data) if eval_data else None  # a bad file fails before any work
+    try:
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError, ValueError) as e:  # torch's word for a missing or unknown device varies
+        raise ConfigError(f"--device {device}: {str(e).splitlines()[0]}; give a device this machine has, e.g. cpu") from None
+    if dtype:
+        config = config.model_copy(update={"dtype": dtype})
+    recipe = open_recipe(config, recipe_dir)
+    seed = config.seed if seed is None else seed
+    shown = replace(recipe, config=portable(config, recipe_dir, out_dir))  # as the output names its sources
+    tokenizer = load_tokenizer(recipe.base.path)
+    quality = (eval_data, eval_rows) if eval_rows else None
+    if config.dynamic:
+        from moe_merge.assemble.dynamic import assemble_dynamic as run
+    else:
+        from moe_merge.assemble.stock import assemble_stock as run
+    return run(recipe, Path(out_dir), shown=shown, tokenizer=tokenizer, force=force, shard_size=shard_size,
+               seed=seed, device=device, eval_data=quality)

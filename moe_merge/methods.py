@@ -1,0 +1,126 @@
+"""The merging methods, one small frozen record each, and the registry everything else reads.
+
+A method says what its merge weights act on and how the rest of the model is built:
+- `merges`: the experts' `parameters` (one merged linear per routed projection) or their `outputs`
+  (sparse: every expert's whole layers run and their outputs are mixed);
+- `form`: how a routed projection holds dense experts (full | dense | lowrank), and `w0`, the
+  weight the task vectors are added to (the base, or the static merge);
+- `static`: the merge of everything that is not routed;
+- where its routers sit (one per layer, or one `shared_router` at `router_layer`) and whether a
+  router pools its outputs over the prompt (WEMoE) or its inputs;
+- whether its merge weights must sum to one (the averaging methods).
+
+Adding a method is one entry here and its tests; the recipe's `method` field, the dynamic model,
+the plans, `bake` and `export-lora` all read these records.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    from moe_merge.config import MergeConfig
+
+Level = Literal["ffn", "block", "model"]
+Form = Literal["full", "dense", "lowrank"]
+LEVELS: tuple[Level, ...] = ("ffn", "block", "model")
+FORMS: tuple[Form, ...] = ("full", "dense", "lowrank")
+
+
+@dataclass(frozen=True)
+class StaticSpec:
+    """A static merge of one tensor over the experts: peft merge_utils' method and its arguments."""
+
+    method: str  # base | average | task_arithmetic | ties | dare_linear | dare_ties
+    scale: float | None
+    density: float
+    weights: list[float] | None
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    summary: str
+    merges: Literal["parameters", "outputs"] = "parameters"
+    form: Form | None = None  # dense experts' form in a merged linear; None when outputs are mixed
+    w0: Literal["base", "static"] = "base"  # what the task vectors are added to (dense and lowrank forms)
+    svd: bool = False  # the low-rank parts are SVDs of expert − w0, whatever the experts are
+    averages: bool = False  # Σ_e w_e θ_e with Σ w ≠ 1 is not a merge: weights must sum to one
+    shared_router: bool = False  # one router, at `router_layer`, serves every layer above it
+    pools_outputs: bool = False  # route each token, then average the router outputs over the prompt
+    levels: tuple[Level, ...] = ("ffn", "block")
+    default_normalize: str = "softmax"
+
+    def static(self, cfg: MergeConfig) -> StaticSpec:
+        """The static merge of what this method does not route."""
+        default = "average" if cfg.dynamic else "base"
+        return StaticSpec(cfg.non_expert or default, cfg.merge.scale, cfg.merge.density, cfg.merge.weights)
+
+    def rank(self, cfg: MergeConfig, out_features: int, in_features: int) -> int | None:
+        """The SVD rank of one routed out x in projection (svd methods only)."""
+        return None
+
+    def router_layer(self, cfg: MergeConfig) -> int:
+        """The layer whose input the shared router reads (shared_router methods only)."""
+        return 0
+
+    def problems(self, level: str, granularity: str, normalize: str) -> list[str]:
+        """What this method cannot do at `level` with these routers, each as a sentence naming the recipe field."""
+        out = []
+        if level not in self.levels:
+            out.append(f"`level: {level}` mixes whole expert models, which is `method: sparse`, not `{self.name}`"
+                       if level == "model" else f"`method: {self.name}` does not run at `level: {level}`")
+        if granularity == "token" and (self.shared_router or level == "model"):
+            out.append(f"{self.name} at {level} level routes once per sequence; `router.granularity` must be `sequence`")
+        if self.averages and normalize == "none":
+            out.append(f"`method: {self.name}` averages the experts' {self.merges}, so its merge weights must sum to "
+                       "one: `router.normalize` must be softmax or topk (raw weights on task vectors are `method: "
+                       "wemoe`)")
+        return out
+
+
+@dataclass(frozen=True)
+class Sparse(Method):
+    def static(self, cfg: MergeConfig) -> StaticSpec:
+        spec = super().static(cfg)
+        return spec
+
+
+@dataclass(frozen=True)
+class Wemoe(Method):
+    def static(self, cfg: MergeConfig) -> StaticSpec:
+        if cfg.non_expert is not None:
+            return super().static(cfg)
+        return StaticSpec("task_arithmetic", cfg.wemoe.scale, cfg.merge.density, cfg.merge.weights)
+
+
+@dataclass(frozen=True)
+class Twin(Method):
+    def static(self, cfg: MergeConfig) -> StaticSpec:
+        return StaticSpec(cfg.non_expert or cfg.twin.shared, cfg.twin.scale, cfg.twin.density, None)
+
+    def rank(self, cfg: MergeConfig, out_features: int, in_features: int) -> int:
+        return cfg.twin.rank_for(out_features, in_features)
+
+    def router_layer(self, cfg: MergeConfig) -> int:
+        return cfg.twin.router_layer
+
+
+METHODS: dict[str, Method] = {m.name: m for m in (
+    Sparse("sparse", "top-k mixing of the experts' outputs (at ffn level a stock Mixtral / Qwen-MoE)",
+           merges="outputs", averages=True, levels=LEVELS, default_normalize="topk"),
+    Method("smear", "routed averaging of the experts' parameters (SMEAR)", form="full", averages=True),
+    Wemoe("wemoe", "the base plus routed task vectors, static task arithmetic elsewhere (WEMoE)", form="dense",
+          pools_outputs=True),
+    Twin("twin", "a shared static merge plus routed low-rank exclusive parts (Twin-Merging)", form="lowrank",
+         w0="static", svd=True, shared_router=True),
+)}
+METHOD_NAMES = tuple(METHODS)
+
+
+def get(name: str) -> Method:
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise ValueError(f"unknown method {name!r}; choose one of {', '.join(METHOD_NAMES)}") from None

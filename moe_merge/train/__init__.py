@@ -1,0 +1,2 @@
+"""`moe-merge train-router`: the accelerate loop (`loop.py`), its rows (`data.py`) and what it optimises
+(`objectives.py`)."""

@@ -1,0 +1,98 @@
+"""The method records: the recipe, the dynamic model, the plan and the exports all read them, so one record is
+one method."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import get_args
+
+import pytest
+import torch
+from transformers import AutoConfig
+
+from moe_merge import methods
+from moe_merge.assemble.dynamic import build_model, plan, plan_forms
+from moe_merge.config import MergeConfig
+from moe_merge.errors import ModelConfigError
+from moe_merge.export.bake import baked_model
+from moe_merge.methods import METHODS, Method, StaticSpec
+from moe_merge.modeling import MoEMergeConfig
+from moe_merge.recipe import open_recipe
+from tests.conftest import pico_recipe
+
+
+def test_the_recipe_offers_exactly_the_registered_methods():
+    assert get_args(MergeConfig.model_fields["method"].annotation) == tuple(METHODS)
+
+
+@pytest.mark.parametrize("method, static, scale", [
+    ("smear", "average", None), ("wemoe", "task_arithmetic", 0.3), ("twin", "task_arithmetic", None),
+    ("sparse", "average", None),
+])
+def test_each_method_names_its_static_merge(pico, method, static, scale):
+    cfg = MergeConfig.model_validate(pico_recipe(pico, method=method, level="block"))
+    assert cfg.merging.static(cfg) == StaticSpec(static, scale, 0.5, None)
+    assert cfg.static_method == static
+
+
+def test_a_stock_sparse_moe_keeps_the_base_outside_its_experts(pico):
+    assert MergeConfig.model_validate(pico_recipe(pico)).static_method == "base"
+
+
+def test_one_rule_refuses_in_the_recipe_and_in_the_model_config(pico):
+    recipe = pico_recipe(pico, method="smear", router={"init": "uniform", "normalize": "none"})
+    [problem] = METHODS["smear"].problems("ffn", "sequence", "none")
+    with pytest.raises(ValueError, match="must sum to one"):
+        MergeConfig.model_validate(recipe)
+    text = AutoConfig.from_pretrained(pico["base"]).to_dict()
+    with pytest.raises(ModelConfigError) as err:
+        MoEMergeConfig(text_config=text, num_experts=3, method="smear", level="ffn", router_normalize="none")
+    assert str(err.value) == problem
+
+
+@pytest.mark.parametrize("method, level, forms", [
+    ("smear", "ffn", {"gate_proj": "full", "up_proj": "full", "down_proj": "full"}),
+    ("wemoe", "ffn", {"gate_proj": "dense", "up_proj": "dense", "down_proj": "dense"}),
+    ("twin", "ffn", {"gate_proj": "lowrank", "up_proj": "lowrank", "down_proj": "lowrank"}),
+    ("sparse", "block", {}),
+])
+def test_each_method_holds_its_routed_projections_in_its_form(pico, method, level, forms):
+    recipe = open_recipe(MergeConfig.model_validate(pico_recipe(pico, method=method, level=level)))
+    assert plan_forms(recipe)[0] == forms
+
+
+def test_the_plan_names_every_tensor_the_model_has_and_nothing_else(pico):
+    for method, level in (("smear", "block"), ("wemoe", "ffn"), ("twin", "block"), ("sparse", "block"),
+                          ("sparse", "model")):
+        recipe = open_recipe(MergeConfig.model_validate(pico_recipe(pico, method=method, level=level)))
+        model = build_model(recipe, seed=0)
+        planned = {p.name: p.shape for p in plan(recipe, model.config)}
+        state = {k: tuple(v.shape) for k, v in model.state_dict().items() if k != "lm_head.weight"
+                 or not model.config.tie_word_embeddings}
+        assert planned == state, (method, level)
+
+
+@dataclass(frozen=True)
+class TiesRouted(Method):
+    """A method that is not shipped: a TIES merge with routed task vectors on top of it."""
+
+    def static(self, cfg: MergeConfig) -> StaticSpec:
+        return StaticSpec("ties", 1.0, cfg.merge.density, None)
+
+
+def test_a_new_method_is_one_record(pico, monkeypatch):
+    """Registered in methods.METHODS alone, a method builds, routes and bakes; nothing else knows its name."""
+    record = TiesRouted("ties_routed", "ties + routed task vectors", form="dense", w0="static")
+    monkeypatch.setitem(methods.METHODS, "ties_routed", record)
+    valid = MergeConfig.model_validate(pico_recipe(pico, method="wemoe", level="block"))
+    cfg = valid.model_copy(update={"method": "ties_routed"})  # the recipe's Literal was built at import
+    model = build_model(open_recipe(cfg), seed=0)
+    assert model.config.method == "ties_routed" and set(model.config.delta_forms.values()) == {"dense"}
+    w = torch.tensor([0.2, 0.5, 0.3])
+    ids = torch.tensor([[1, 5, 9, 3, 2]])
+    dense = baked_model(model, w)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids, merge_weights=w).logits, dense(ids).logits, rtol=1e-5, atol=1e-5)
+        # its W0 is the TIES merge, not the base
+        base = build_model(open_recipe(valid), seed=0)
+        assert not torch.equal(model.model.layers[0].mlp.gate_proj.weight, base.model.layers[0].mlp.gate_proj.weight)
