@@ -78,6 +78,7 @@ def test_adapter_on_the_base_equals_the_dynamic_model(dynamic_dir, zoo_dir, tmp_
             ranks = {f.get_slice(k).get_shape()[0] for k in f.keys() if "lora_A" in k}
         assert ranks == {config["r"]} and config["lora_alpha"] == config["r"]  # scaling 1 for every reader
         assert not config["rank_pattern"] and not config["alpha_pattern"]
+        assert config["target_modules"] == sorted(config["target_modules"])  # not a set's order: one file per mix
 
     peft = _peft(zoo_dir / "base", paths)
     enc = AutoTokenizer.from_pretrained(zoo_dir / "base")(PROMPTS, return_tensors="pt")

@@ -16,6 +16,7 @@ that differs from the base; sparse output mixing) is refused with the tensor's n
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -128,6 +129,14 @@ def adapter_tensors(factors: dict[str, Factors], dtype: torch.dtype) -> tuple[di
     return tensors, rank
 
 
+def _sort_target_modules(path: Path) -> None:
+    """peft writes `target_modules` from a set, in an order that changes from one process to the next; sorted,
+    one model and one set of merge weights always give the same file."""
+    data = json.loads(path.read_text())
+    data["target_modules"] = sorted(data["target_modules"])
+    path.write_text(json.dumps(data, indent=2, sort_keys=True))
+
+
 def recipe_base(model_dir: Path) -> str:
     """The base named in the model's resolved recipe (moe-merge.yaml)."""
     recipe = model_dir / "moe-merge.yaml"
@@ -168,6 +177,7 @@ def export_lora(model_dir: Path | str, out_dir: Path | str, *, weights: list[flo
                         task_type="CAUSAL_LM", base_model_name_or_path=base_hub_id or str(base_path))
     with atomic_output_dir(out_dir, force=force) as tmp:
         config.save_pretrained(tmp)
+        _sort_target_modules(tmp / "adapter_config.json")
         save_file(tensors, tmp / "adapter_model.safetensors", metadata={"format": "pt"})
         card.write_adapter_card(tmp, base=base_hub_id or str(base_path), hub_id=base_hub_id, model_dir=model_dir,
                                 expert_names=list(model.config.expert_names or []), weights=w.float(), rank=rank,
