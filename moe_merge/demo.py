@@ -139,7 +139,7 @@ def run_demo(out: Path) -> dict:
     last = out / "mlp-smear-ffn"
     report = json.loads((last / "routing_report.json").read_text())
     print(f"\nrouting report of {last.name}: share of each expert's held-out prompts routed to it, per router")
-    for k, acc in enumerate(report["accuracy"]):
+    for k, acc in enumerate(r["accuracy"] for r in report["routers"]):
         print(f"  router {k}: " + "  ".join(f"{e} {a:.0%}" for e, a in zip(report["experts"], acc)))
     print(f"\nsamples from {last.name} (greedy), with the merge weights each prompt chose:")
     _samples(last)

@@ -133,14 +133,31 @@ def test_lora_experts_and_qwen2_moe_with_shared_expert(zoo_dir, tmp_path):
     assert torch.isfinite(model(input_ids=IDS).logits).all()
 
 
+def test_stock_and_dynamic_outputs_write_one_report_schema(pico, tmp_path):
+    stock = read_json(_assemble(pico_recipe(pico), tmp_path / "stock") / "routing_report.json")
+    dynamic = read_json(_assemble(pico_recipe(pico, method="smear"), tmp_path / "smear") / "routing_report.json")
+    shared = {"experts", "method", "level", "router_init", "measured", "routers", "accuracy_mean", "accuracy_worst",
+              "routed_right_everywhere", "warnings"}
+    assert shared <= set(stock) and shared <= set(dynamic)
+    assert {"layer", "accuracy", "sent_to", "scale"} == set(dynamic["routers"][0]) < set(stock["routers"][0])
+    for rep in (stock, dynamic):
+        assert (rep["method"], rep["router_init"]) in (("sparse", "hidden"), ("smear", "hidden"))
+        assert len(rep["routers"]) == 2  # the pico base has two layers; each has its router
+        for r in rep["routers"]:
+            assert all(abs(sum(row) - 1) < 1e-5 for row in r["sent_to"])
+            if rep is stock:  # a stock router's accuracy is the share of an expert's tokens it sends to that expert
+                assert r["accuracy"] == [row[i] for i, row in enumerate(r["sent_to"])]
+        assert rep["accuracy_worst"] == [min(r["accuracy"][i] for r in rep["routers"]) for i in range(3)]
+
+
 def test_report_and_model_card(pico, tmp_path):
     from huggingface_hub import ModelCard
 
     out = _assemble(pico_recipe(pico), tmp_path / "moe")
     report = read_json(out / "routing_report.json")
-    assert len(report["layers"]) == 2 and len(report["layers"][0]["share"]) == 3
-    for lay in report["layers"]:
-        for row in lay["share"]:
+    assert len(report["routers"]) == 2 and len(report["routers"][0]["sent_to"]) == 3
+    for lay in report["routers"]:
+        for row in lay["sent_to"]:
             assert abs(sum(row) - 1) < 1e-6
     assert (out / "routing_report.png").read_bytes()[:4] == b"\x89PNG"
     card = ModelCard.load(out / "README.md")

@@ -20,7 +20,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from moe_merge.arch import ATTN_PROJS, MLP_PROJS, layer_of
-from moe_merge.assemble.report import routing_report, write_dynamic_report
+from moe_merge.assemble import report
 from moe_merge.config import MergeConfig
 from moe_merge.errors import CompatibilityError, ConfigError
 from moe_merge.merge import static_merge
@@ -403,7 +403,7 @@ def assemble_dynamic(recipe: Recipe, out_dir: Path, *, shown: Recipe, tokenizer,
         save_model(model, tmp, shard_size)
         del model
         shipped = MoEMergeForCausalLM.from_pretrained(tmp).to(device).eval()
-        rep = {**routing_report(shipped, tokenizer, cfg, recipe.labels), "calibration_scales": scales}
+        rep = report.routing_report(shipped, tokenizer, cfg, recipe.labels, scales)
         quality = None
         if eval_data is not None:
             from moe_merge.quality import quality_table
@@ -411,6 +411,6 @@ def assemble_dynamic(recipe: Recipe, out_dir: Path, *, shown: Recipe, tokenizer,
             quality = quality_table(shipped, tokenizer, *eval_data)
         copy_companions(recipe.base.path, tmp)
         (tmp / "moe-merge.yaml").write_text(yaml.safe_dump(shown.config.resolved(), sort_keys=False))
-        write_dynamic_report(rep, tmp)
+        report.write(rep, tmp)
         card.write_dynamic_card(tmp, shown, rep, quality)
     return Path(out_dir)

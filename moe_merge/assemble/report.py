@@ -1,9 +1,22 @@
-"""The routing report: where each expert's held-out prompts are routed, layer by layer.
+"""The routing report: where each expert's held-out prompts are routed, router by router.
 
-A stock MoE routes every token on its own at every layer, so an answer survives only if its tokens
-are routed right everywhere. The report gives, per layer, the share of each expert's eval tokens
-sent to each expert (top-1) and the routing accuracy, then the share of tokens and of prompts
-routed right at every layer. It warns about degenerate routers.
+One schema for both outputs, written as `routing_report.json` with one plot, `routing_report.png`:
+
+    experts, method, level, router_init     what was built
+    measured (and `note` when it is not)    whether any expert had prompts to measure
+    routers[k]: layer                        the layer whose input router k reads (None: the model's own router)
+                accuracy[i]                  share of expert i's prompts (stock: tokens) routed top-1 to i
+                sent_to[i][e]                where expert i's prompts went: the share of its tokens routed top-1
+                                             to e (stock), or the mean merge weight on e (dynamic)
+                scale                        the calibration scale of its prompt fit (None: not calibrated)
+    accuracy_mean[i], accuracy_worst[i]      over the routers
+    routed_right_everywhere[i]               share of expert i's prompts routed right at every router (stock: at
+                                             every token too)
+    warnings                                 collapsed, dead and parallel routers
+
+Entries of an expert without prompts are None. A stock MoE routes every token on its own at every layer, so
+an answer survives only if its tokens are routed right everywhere; the stock report adds
+`tokens_routed_right_everywhere`, `experts_per_token` and each router's `max_router_cosine`.
 """
 
 from __future__ import annotations
@@ -22,11 +35,15 @@ logger = logging.getLogger(__name__)
 COLLAPSE_SHARE = 0.9  # one expert takes this much of all tokens at a layer
 DEAD_SHARE = 0.02  # an expert gets less than this
 PARALLEL_COSINE = 0.98  # two router rows point the same way
+MAX_PLOTTED = 8  # routers in the plot, evenly spaced
 NO_PROMPTS = "no prompts to measure: give experts `eval_prompts` (or `positive_prompts`) to get a report"
 
 
-def layer_stats(layer: int, logits: list, streams: list, weight: torch.Tensor, top_k: int, scale: float | None) -> dict:
-    """Routing of every eval stream at one layer; `logits[i]` is [B, T, E] for expert i's prompts."""
+# ----------------------------------------------------------------------------------------- stock MoE
+
+
+def layer_stats(layer: int, logits: list, streams: list, weight: torch.Tensor, scale: float | None) -> dict:
+    """Routing of every eval stream by one stock layer's router; `logits[i]` is [B, T, E] for expert i's prompts."""
     num_experts = weight.shape[0]
     share, correct = [], []
     for i, (lg, s) in enumerate(zip(logits, streams)):
@@ -43,19 +60,19 @@ def layer_stats(layer: int, logits: list, streams: list, weight: torch.Tensor, t
     cos = rows @ rows.T - 2 * torch.eye(num_experts)
     return {
         "layer": layer,
-        "scale": scale,
-        "share": share,
         "accuracy": [s[i] if s is not None else None for i, s in enumerate(share)],
+        "sent_to": share,
+        "scale": scale,
         "max_router_cosine": cos.max().item() if num_experts > 1 else None,
         "_correct": correct,
         "_masks": [s.mask.bool() if s is not None else None for s in streams],
     }
 
 
-def summarise(layers: list[dict], labels: list[str], config) -> dict:
-    num_experts = len(labels)
+def summarise(layers: list[dict], labels: list[str], config: MergeConfig) -> dict:
+    """The stock report from every layer's `layer_stats`, with its warnings (also logged)."""
     tokens_ok, prompts_ok = [], []
-    for i in range(num_experts):
+    for i in range(len(labels)):
         per_layer = [lay["_correct"][i] for lay in layers]
         if per_layer[0] is None:
             tokens_ok.append(None)
@@ -65,75 +82,42 @@ def summarise(layers: list[dict], labels: list[str], config) -> dict:
         mask = layers[0]["_masks"][i]
         tokens_ok.append(all_layers[mask].float().mean().item())
         prompts_ok.append(all_layers.all(-1).float().mean().item())
+    routers = [{k: v for k, v in lay.items() if not k.startswith("_")} for lay in layers]
+    warnings = _warnings(routers, labels)
+    rep = _report(config, labels, routers, prompts_ok)
+    return {**rep, "experts_per_token": config.experts_per_token, "tokens_routed_right_everywhere": tokens_ok,
+            "warnings": warnings}
+
+
+def _warnings(routers: list[dict], labels: list[str]) -> list[str]:
     warnings = []
-    for lay in layers:
-        shares = [s for s in lay["share"] if s is not None]
-        if not shares or num_experts < 2:
+    for r in routers:
+        shares = [s for s in r["sent_to"] if s is not None]
+        if not shares or len(labels) < 2:
             continue
         total = torch.tensor(shares).mean(0)
         if total.max() > COLLAPSE_SHARE:
-            warnings.append(f"layer {lay['layer']}: router collapsed, expert {labels[total.argmax()]!r} "
+            warnings.append(f"layer {r['layer']}: router collapsed, expert {labels[total.argmax()]!r} "
                             f"takes {total.max():.0%} of all eval tokens")
         for e in (total < DEAD_SHARE).nonzero().flatten().tolist():
-            warnings.append(f"layer {lay['layer']}: expert {labels[e]!r} gets {total[e]:.1%} of eval tokens (dead)")
-        if lay["max_router_cosine"] is not None and lay["max_router_cosine"] > PARALLEL_COSINE:
-            warnings.append(f"layer {lay['layer']}: two router rows have cosine {lay['max_router_cosine']:.3f}; "
+            warnings.append(f"layer {r['layer']}: expert {labels[e]!r} gets {total[e]:.1%} of eval tokens (dead)")
+        if r["max_router_cosine"] is not None and r["max_router_cosine"] > PARALLEL_COSINE:
+            warnings.append(f"layer {r['layer']}: two router rows have cosine {r['max_router_cosine']:.3f}; "
                             "their experts' prompts look alike at this layer")
     for w in warnings:
         logger.warning("routing report: %s", w)
-    measured = any(s is not None for lay in layers for s in lay["share"])
-    return {
-        "experts": labels,
-        "measured": measured,
-        **({} if measured else {"note": NO_PROMPTS}),
-        "gate_init": config.router_init,
-        "experts_per_token": config.experts_per_token,
-        "layers": [{k: v for k, v in lay.items() if not k.startswith("_")} for lay in layers],
-        "accuracy_mean": [_mean([lay["accuracy"][i] for lay in layers]) for i in range(num_experts)],
-        "tokens_routed_right_at_every_layer": tokens_ok,
-        "prompts_routed_right_everywhere": prompts_ok,
-        "warnings": warnings,
-    }
+    return warnings
 
 
-def _mean(xs: list) -> float | None:
-    xs = [x for x in xs if x is not None]
-    return sum(xs) / len(xs) if xs else None
-
-
-def write(rep: dict, out_dir: Path) -> None:
-    (Path(out_dir) / "routing_report.json").write_text(json.dumps(rep, indent=2) + "\n")
-    if rep["measured"]:
-        plot(rep, Path(out_dir) / "routing_report.png")
-
-
-def plot(rep: dict, path: Path) -> None:
-    """One heatmap per layer: rows are the experts' eval prompts, columns the expert their tokens went to."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    labels, layers = rep["experts"], rep["layers"]
-    n = len(labels)
-    fig, axes = plt.subplots(1, len(layers), figsize=(2.2 + 1.9 * len(layers), 1.2 + 0.35 * n), squeeze=False)
-    for ax, lay in zip(axes[0], layers):
-        grid = [[float("nan")] * n if s is None else s for s in lay["share"]]
-        im = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis")
-        ax.set_title(f"layer {lay['layer']}", fontsize=9)
-        ax.set_xticks(range(n), labels, rotation=90, fontsize=7)
-        ax.set_yticks(range(n), labels if ax is axes[0][0] else [""] * n, fontsize=7)
-    fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="share of tokens (top-1)")
-    fig.suptitle("routing of each expert's eval prompts (rows) to experts (columns)", fontsize=9)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
+# ----------------------------------------------------------------------------------------- dynamic model
 
 
 @torch.no_grad()
-def routing_report(model, tokenizer, config: MergeConfig, labels: list[str]) -> dict:
-    """How each router sends every expert's held-out prompts (`eval_prompts`, else `positive_prompts`):
-    accuracy and mean merge weights; None for an expert without prompts."""
-    R = model.config.num_routers
+def routing_report(model, tokenizer, config: MergeConfig, labels: list[str],
+                   scales: list[float | None] | None = None) -> dict:
+    """How each router of a dynamic model sends every expert's held-out prompts (`eval_prompts`, else
+    `positive_prompts`); `scales` are the routers' calibration scales, if known."""
+    R, cfg = model.config.num_routers, model.config
     per_expert: list[torch.Tensor | None] = []
     for e in config.experts:
         prompts = e.eval_prompts if e.eval_prompts is not None else e.positive_prompts
@@ -145,48 +129,78 @@ def routing_report(model, tokenizer, config: MergeConfig, labels: list[str]) -> 
         if w.dim() == 4:
             w = masked_mean(w.permute(0, 2, 1, 3).flatten(2), enc["attention_mask"]).view(w.shape[0], w.shape[1], -1)
         per_expert.append(w.float().cpu())
-    rep = {"experts": labels, "method": config.method, "level": config.level, "routers": R}
-    if all(w is None for w in per_expert):
-        return {**rep, "measured": False, "note": NO_PROMPTS}
 
     def each(f):
         return [None if w is None else f(i, w) for i, w in enumerate(per_expert)]
 
-    accuracy = [each(lambda i, w: (w[:, k].argmax(-1) == i).float().mean().item()) for k in range(R)]
-    mean_weights = [each(lambda i, w: w[:, k].mean(0).tolist()) for k in range(R)]
+    scales = scales or [None] * R
+    routers = [{"layer": _router_layer(cfg, k),
+                "accuracy": each(lambda i, w: (w[:, k].argmax(-1) == i).float().mean().item()),
+                "sent_to": each(lambda i, w: w[:, k].mean(0).tolist()),
+                "scale": scales[k]} for k in range(R)]
     everywhere = each(lambda i, w: (w.argmax(-1) == i).all(-1).float().mean().item())
-    return {**rep, "measured": True, "accuracy": accuracy, "mean_weights": mean_weights,
-            "routed_right_at_every_router": everywhere}
+    return {**_report(config, labels, routers, everywhere), "warnings": []}
 
 
-def plot_dynamic(rep: dict, path: Path) -> None:
-    """Heatmaps of mean merge weights for the first, middle and last router; nothing if nothing was measured."""
-    if not rep["measured"]:
-        return
+def _router_layer(cfg, k: int) -> int | None:
+    """The layer whose input router k reads: its own layer, the shared router's layer, or None (model level)."""
+    if cfg.level == "model":
+        return None
+    return cfg.router_layer if cfg.num_routers == 1 else k
+
+
+# ----------------------------------------------------------------------------------------- both
+
+
+def _report(config: MergeConfig, labels: list[str], routers: list[dict], everywhere: list) -> dict:
+    measured = any(s is not None for r in routers for s in r["sent_to"])
+    accuracy = [[r["accuracy"][i] for r in routers] for i in range(len(labels))]
+    return {
+        "experts": labels,
+        "method": config.method,
+        "level": config.level,
+        "router_init": config.router_init,
+        "measured": measured,
+        **({} if measured else {"note": NO_PROMPTS}),
+        "routers": routers,
+        "accuracy_mean": [_mean(a) for a in accuracy],
+        "accuracy_worst": [min(a) if None not in a else None for a in accuracy],
+        "routed_right_everywhere": everywhere,
+    }
+
+
+def _mean(xs: list) -> float | None:
+    xs = [x for x in xs if x is not None]
+    return sum(xs) / len(xs) if xs else None
+
+
+def write(rep: dict, out_dir: Path) -> None:
+    """routing_report.json, and its plot when anything was measured."""
+    (Path(out_dir) / "routing_report.json").write_text(json.dumps(rep, indent=2) + "\n")
+    if rep["measured"]:
+        plot(rep, Path(out_dir) / "routing_report.png")
+
+
+def plot(rep: dict, path: Path) -> None:
+    """One heatmap per router (at most MAX_PLOTTED, evenly spaced): rows are the experts' held-out prompts,
+    columns where they went."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    R = rep["routers"]
-    picks = sorted({0, R // 2, R - 1})
-    fig, axes = plt.subplots(1, len(picks), figsize=(3.2 * len(picks) + 1, 3.2), squeeze=False)
+    labels, routers = rep["experts"], rep["routers"]
+    n, R = len(labels), len(routers)
+    picks = sorted({round(j * (R - 1) / (MAX_PLOTTED - 1)) for j in range(MAX_PLOTTED)}) if R > MAX_PLOTTED else range(R)
+    fig, axes = plt.subplots(1, len(picks), figsize=(2.2 + 1.9 * len(picks), 1.2 + 0.35 * n), squeeze=False)
     for ax, k in zip(axes[0], picks):
-        rows = [w if w is not None else [float("nan")] * len(rep["experts"]) for w in rep["mean_weights"][k]]
-        im = ax.imshow(rows, vmin=0, vmax=1, cmap="viridis")
-        ax.set_title(f"router {k}" if R > 1 else "router")
-        ax.set_xticks(range(len(rep["experts"])), rep["experts"], rotation=45, ha="right", fontsize=7)
-        ax.set_yticks(range(len(rep["experts"])), rep["experts"], fontsize=7)
-        ax.set_xlabel("merge weight on expert")
-    axes[0][0].set_ylabel("held-out prompts of")
-    fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8)
-    fig.suptitle(f"{rep['method']} / {rep['level']}: mean merge weights")
+        r = routers[k]
+        im = ax.imshow([[float("nan")] * n if s is None else s for s in r["sent_to"]], vmin=0, vmax=1, cmap="viridis")
+        ax.set_title("router" if R == 1 else f"layer {r['layer']}" if r["layer"] is not None else f"router {k}", fontsize=9)
+        ax.set_xticks(range(n), labels, rotation=90, fontsize=7)
+        ax.set_yticks(range(n), labels if ax is axes[0][0] else [""] * n, fontsize=7)
+    fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="top-1 share of tokens" if "experts_per_token" in rep
+                 else "mean merge weight")
+    fig.suptitle(f"{rep['method']} / {rep['level']}: where each expert's held-out prompts (rows) go", fontsize=9)
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
-
-
-
-
-def write_dynamic_report(rep: dict, out_dir: Path) -> None:
-    (Path(out_dir) / "routing_report.json").write_text(json.dumps(rep, indent=2))
-    plot_dynamic(rep, Path(out_dir) / "routing_report.png")

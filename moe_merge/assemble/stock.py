@@ -232,7 +232,7 @@ class RouterFitter:
         module.mlp.gate.weight.data = weight.float()
         module.to(self.dtype)
         stats = [self.runner.step(module, s)[1].float() if s is not None else None for s in self.evals]
-        self.layers.append(report.layer_stats(layer, stats, self.evals, weight, self.config.num_experts_per_tok, scale))
+        self.layers.append(report.layer_stats(layer, stats, self.evals, weight, scale))
         return routers
 
     def _features(self, module, streams: list[Stream | None]) -> list[prompt_init.TokenSet | None]:

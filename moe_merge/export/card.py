@@ -65,7 +65,7 @@ def write_card(out_dir: Path, recipe: Recipe, rep: dict, quality: dict | None = 
     cfg = recipe.config
     data = _card_data(recipe, [recipe.fmt.model_type])
     rows = "\n".join(
-        f"| {i} | {label} | `{e.source_model}` | {_pct(rep['accuracy_mean'][i])} | {_pct(rep['prompts_routed_right_everywhere'][i])} |"
+        f"| {i} | {label} | `{e.source_model}` | {_pct(rep['accuracy_mean'][i])} | {_pct(rep['routed_right_everywhere'][i])} |"
         for i, (label, e) in enumerate(zip(rep["experts"], cfg.experts))
     )
     warnings = "\n".join(f"- {w}" for w in rep["warnings"]) or "- none"
@@ -130,8 +130,8 @@ def write_dynamic_card(out_dir: Path, recipe: Recipe, rep: dict, quality: dict |
     measured = rep["measured"]
     rows = "\n".join(
         f"| {i} | {label} | `{e.source_model}` | "
-        + (f"{_pct(min(a[i] for a in rep['accuracy']))} | {_pct(rep['routed_right_at_every_router'][i])} |"
-           if measured and rep["accuracy"][0][i] is not None else "not measured | not measured |")
+        + (f"{_pct(rep['accuracy_worst'][i])} | {_pct(rep['routed_right_everywhere'][i])} |"
+           if measured and rep["accuracy_worst"][i] is not None else "not measured | not measured |")
         for i, (label, e) in enumerate(zip(rep["experts"], cfg.experts))
     )
     report = ("Mean merge weights of each expert's held-out prompts, per router (`routing_report.json`):\n\n"
@@ -156,7 +156,7 @@ model applies the merged parameters in one forward pass.
 ## Method
 
 - method: `{cfg.method}`, level: `{cfg.level}`
-- routers: `{spec.kind}`, `{spec.granularity}`-level, `{cfg.normalize}` normalisation, initialised `{cfg.router_init}`
+- routers: `{spec.kind}`, `{spec.granularity}`-level, `{cfg.normalize}` normalization, initialised `{cfg.router_init}`
 - everything not routed: `{cfg.static_method}`
 
 ## Routing report
@@ -175,7 +175,7 @@ out = model.generate(**tokenizer("your prompt", return_tensors="pt"), max_new_to
 
 The remote code needs the moe-merge package (`pip install moe-merge`); with it imported,
 `trust_remote_code` is not needed. `device_map="auto"` spreads the layers over GPUs and CPU (accelerate).
-For serving stacks without remote code, export a fixed mix: `moe-merge bake` (a dense model) or
+For serving stacks without remote code, export fixed merge weights: `moe-merge bake` (a dense model) or
 `moe-merge export-lora` (a LoRA adapter on the base).
 
 ## Recipe
@@ -189,16 +189,16 @@ The resolved recipe (`moe-merge.yaml`), every default spelled out:
     ModelCard(text).save(Path(out_dir) / "README.md")
 
 
-def _mix_table(expert_names: list[str], weights) -> str:
+def _merge_weights_table(expert_names: list[str], weights) -> str:
     """One row per router ([R, E]), or one row for all ([E])."""
-    mix = weights.reshape(-1, weights.shape[-1]).tolist()
+    rows = weights.reshape(-1, weights.shape[-1]).tolist()
     header = "| router | " + " | ".join(expert_names) + " |\n|---|" + "---|" * len(expert_names)
-    return header + "\n" + "\n".join(f"| {'all' if len(mix) == 1 else k} | " + " | ".join(f"{x:.4g}" for x in row)
-                                      + " |" for k, row in enumerate(mix))
+    return header + "\n" + "\n".join(f"| {'all' if len(rows) == 1 else k} | " + " | ".join(f"{x:.4g}" for x in row)
+                                      + " |" for k, row in enumerate(rows))
 
 
 def write_baked_card(out_dir: Path, *, model_dir: Path, expert_names: list[str], weights, architecture: str) -> None:
-    """The card of a `bake` output: a plain dense model for one mix; its metadata is the dynamic model's."""
+    """The card of a `bake` output: a plain dense model for fixed merge weights; its metadata is the dynamic model's."""
     from huggingface_hub import ModelCard, ModelCardData
 
     source = Path(model_dir) / "README.md"
@@ -213,12 +213,12 @@ def write_baked_card(out_dir: Path, *, model_dir: Path, expert_names: list[str],
 
 # {_title(out_dir)}
 
-A plain `{architecture}` holding the moe-merge dynamic model `{Path(model_dir).name}` under one fixed mix of its
+A plain `{architecture}` holding the moe-merge dynamic model `{Path(model_dir).name}` under fixed merge weights of its
 experts (each merged layer is W0 + Σ_e w_e Δ_e), written by `moe-merge bake`. It needs no remote code.
 
-## Mix
+## Merge weights
 
-{_mix_table(expert_names, weights)}
+{_merge_weights_table(expert_names, weights)}
 
 ## How to load
 
@@ -233,7 +233,7 @@ model = AutoModelForCausalLM.from_pretrained("<this directory or repo id>")
 
 def write_adapter_card(out_dir: Path, *, base: str, hub_id: str | None, model_dir: Path, expert_names: list[str],
                        weights, rank: int, modules: int) -> None:
-    """The card of an `export-lora` adapter: the mix it holds and how to serve it."""
+    """The card of an `export-lora` adapter: the merge weights it holds and how to serve it."""
     from huggingface_hub import ModelCard, ModelCardData
 
     data = ModelCardData(base_model=hub_id, library_name="peft", pipeline_tag="text-generation",
@@ -247,12 +247,12 @@ def write_adapter_card(out_dir: Path, *, base: str, hub_id: str | None, model_di
 # {_title(out_dir)}
 
 A LoRA adapter on `{base}` that reproduces the moe-merge dynamic model `{Path(model_dir).name}` exactly under
-one fixed mix of its experts, written by `moe-merge export-lora`. Rank {rank} on {modules} linear modules,
+fixed merge weights of its experts, written by `moe-merge export-lora`. Rank {rank} on {modules} linear modules,
 `lora_alpha` = r (scaling 1); lower-rank modules are zero-padded to one rank, as multi-LoRA servers expect.
 
-## Mix
+## Merge weights
 
-{_mix_table(expert_names, weights)}
+{_merge_weights_table(expert_names, weights)}
 
 ## How to load
 
@@ -263,6 +263,6 @@ from transformers import AutoModelForCausalLM
 model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("{base}"), "<this directory or repo id>")
 ```
 
-vLLM: `vllm serve {base} --enable-lora --max-lora-rank {rank} --lora-modules mix=<this directory>`.
+vLLM: `vllm serve {base} --enable-lora --max-lora-rank {rank} --lora-modules merged=<this directory>`.
 """
     ModelCard(text).save(Path(out_dir) / "README.md")

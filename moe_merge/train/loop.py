@@ -414,7 +414,7 @@ def export(model, tokenizer, model_dir: Path, out: Path, dtype: torch.dtype, sum
     again, on the model as written."""
     from transformers import AutoModelForCausalLM
 
-    from moe_merge.assemble.report import routing_report, write_dynamic_report
+    from moe_merge.assemble import report
     from moe_merge.config import load_config
     from moe_merge.recipe import portable
     from moe_merge.outdir import atomic_output_dir
@@ -439,5 +439,5 @@ def export(model, tokenizer, model_dir: Path, out: Path, dtype: torch.dtype, sum
         if not objectives.is_stock(model):
             with torch.no_grad():
                 written = AutoModelForCausalLM.from_pretrained(tmp).to(model.device).eval()
-                rep = routing_report(written, tokenizer, config, list(model.config.expert_names))
-            write_dynamic_report(rep, tmp)
+                rep = report.routing_report(written, tokenizer, config, list(model.config.expert_names))
+            report.write(rep, tmp)
