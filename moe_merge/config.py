@@ -182,6 +182,10 @@ class MergeConfig(_Strict):
             if self.router_init not in DYNAMIC_INITS:
                 raise ValueError(f"router init `{self.router_init}` is for stock sparse FFN-level routers; dynamic "
                                  f"models take one of {', '.join(DYNAMIC_INITS)}")
+            spec = self.router_spec
+            if spec.kind == "mlp" and spec.hidden_size is not None and spec.hidden_size < 2 * len(self.experts):
+                raise ValueError(f"`router.hidden_size: {spec.hidden_size}` is too narrow for {len(self.experts)} experts: "
+                                 f"an MLP router needs at least 2 x experts = {2 * len(self.experts)} hidden units")
             if self.router_spec.kind == "constant" and self.router_init == "hidden":
                 raise ValueError("a `constant` router ignores its input, so it cannot start from prompts; "
                                  "set `router.init: random` (WEMoE: starts at task arithmetic) or `uniform`")

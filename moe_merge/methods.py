@@ -40,6 +40,9 @@ class StaticSpec:
 
 @dataclass(frozen=True)
 class Method:
+    """One merging method. The defaults are the common case; a subclass overrides `static`, `rank` or
+    `router_layer` where its recipe section decides them."""
+
     name: str
     summary: str
     merges: Literal["parameters", "outputs"] = "parameters"
@@ -81,13 +84,6 @@ class Method:
 
 
 @dataclass(frozen=True)
-class Sparse(Method):
-    def static(self, cfg: MergeConfig) -> StaticSpec:
-        spec = super().static(cfg)
-        return spec
-
-
-@dataclass(frozen=True)
 class Wemoe(Method):
     def static(self, cfg: MergeConfig) -> StaticSpec:
         if cfg.non_expert is not None:
@@ -108,7 +104,7 @@ class Twin(Method):
 
 
 METHODS: dict[str, Method] = {m.name: m for m in (
-    Sparse("sparse", "top-k mixing of the experts' outputs (at ffn level a stock Mixtral / Qwen-MoE)",
+    Method("sparse", "top-k mixing of the experts' outputs (at ffn level a stock Mixtral / Qwen-MoE)",
            merges="outputs", averages=True, levels=LEVELS, default_normalize="topk"),
     Method("smear", "routed averaging of the experts' parameters (SMEAR)", form="full", averages=True),
     Wemoe("wemoe", "the base plus routed task vectors, static task arithmetic elsewhere (WEMoE)", form="dense",
@@ -117,10 +113,3 @@ METHODS: dict[str, Method] = {m.name: m for m in (
          w0="static", svd=True, shared_router=True),
 )}
 METHOD_NAMES = tuple(METHODS)
-
-
-def get(name: str) -> Method:
-    try:
-        return METHODS[name]
-    except KeyError:
-        raise ValueError(f"unknown method {name!r}; choose one of {', '.join(METHOD_NAMES)}") from None

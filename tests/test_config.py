@@ -118,3 +118,13 @@ def _write(tmp_path, text):
     path = tmp_path / "recipe.yaml"
     path.write_text(text)
     return path
+
+
+def test_a_too_narrow_mlp_router_is_a_recipe_error(tmp_path):
+    from tests.conftest import write_recipe
+
+    path = write_recipe(tmp_path / "r.yaml", {
+        "base_model": "b", "method": "smear", "router": {"kind": "mlp", "hidden_size": 4, "init": "uniform"},
+        "experts": [{"source_model": f"e{i}"} for i in range(3)]})
+    with pytest.raises(ConfigError, match=r"`router.hidden_size: 4` is too narrow for 3 experts.*2 x experts = 6"):
+        load_config(path)

@@ -14,12 +14,14 @@ def test_wheel_installs_subpackages_under_moe_merge(tmp_path):
     wheel = next((tmp_path / "dist").glob("moe_merge-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
     assert "moe_merge/kernels/__init__.py" in names and "moe_merge/routers/prompt_init.py" in names
+    assert {"moe_merge/assemble/dynamic.py", "moe_merge/export/lora.py", "moe_merge/train/loop.py"} <= set(names)
     assert not [n for n in names if n.split("/")[0] in ("kernels", "routers")]
     target = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],
                    check=True, capture_output=True)
     script = (
         "import moe_merge, moe_merge.kernels, moe_merge.routers.prompt_init, moe_merge.cli, importlib.util;"
+        "import moe_merge.assemble.dynamic, moe_merge.export.lora, moe_merge.train.loop;"
         f"assert moe_merge.__file__.startswith({str(target)!r}), moe_merge.__file__;"
         "assert importlib.util.find_spec('routers') is None;"
         "print('OK')"

@@ -104,7 +104,7 @@ def model_config(recipe: Recipe, text_config) -> MoEMergeConfig:
         router_normalize=cfg.normalize,
         router_top_k=min(cfg.top_k, len(recipe.experts)),
         router_temperature=spec.temperature,
-        router_layer=cfg.twin.router_layer,
+        router_layer=method.router_layer(cfg),
         dense_layers=cfg.dense_layers,
         architectures=["MoEMergeForCausalLM"],
         auto_map=AUTO_MAP,
