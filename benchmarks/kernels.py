@@ -435,7 +435,7 @@ def main() -> None:
         print(f"crossover {c['layer']} E={c['experts']} S={c['sequences']}: measured T={c['measured_tokens']}, "
               f"model T={c['model_tokens']:.0f}")
     if not tiny:
-        print(f"kernels/dispatch.py: RATES = DeviceRates(bandwidth={bench.rates.bandwidth:.3e}, "
+        print(f"kernels/dispatch.py: RATES[{bench.device.type!r}] = DeviceRates(bandwidth={bench.rates.bandwidth:.3e}, "
               f"matmul_flops={bench.rates.matmul_flops:.3e})  # {name}, {date}")
 
     args.out.mkdir(parents=True, exist_ok=True)

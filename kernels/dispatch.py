@@ -67,16 +67,28 @@ class DeviceRates:
     """The two device figures the strategy depends on, both measured (never a spec-sheet peak)."""
 
     bandwidth: float  # bytes/s: device-to-device copy
-    matmul_flops: float  # flop/s: dense bf16 GEMM
+    matmul_flops: float  # flop/s: dense GEMM (bf16 on CUDA, fp32 on CPU)
+    source: str = ""  # where the figures come from
 
 
-# Provisional until a GPU run of benchmarks/kernels.py replaces them with its printed DeviceRates:
-# H100 figures, 3.0 TB/s measured copy bandwidth and a ridge of ~267 flop/byte (8.0e14 flop/s).
-RATES = DeviceRates(bandwidth=3.0e12, matmul_flops=8.0e14)
+# Per device type, as `benchmarks/kernels.py` measures and prints them (copy bandwidth, dense GEMM rate).
+RATES: dict[str, DeviceRates] = {
+    # Provisional until a GPU run of the benchmark replaces them: H100 figures, 3.0 TB/s measured copy
+    # bandwidth and a ridge of ~267 flop/byte.
+    "cuda": DeviceRates(bandwidth=3.0e12, matmul_flops=8.0e14, source="provisional: H100 figures"),
+    # The torch reference on 2 cores of an AMD EPYC, fp32: medians of 8 runs of the benchmark's own measurement
+    # (64 MiB copy, 512² GEMM) on 2026-12-01; they ranged over 3.7-5.9e10 B/s and 1.2-1.9e11 flop/s (ridge 3.0-3.9).
+    "cpu": DeviceRates(bandwidth=4.1e10, matmul_flops=1.4e11, source="measured: 2-core AMD EPYC, 2026-12-01"),
+}
+
+
+def rates_for(device: torch.device | str) -> DeviceRates:
+    """The rates of `device`'s type; a device type not measured yet takes the (provisional) CUDA figures."""
+    return RATES.get(torch.device(device).type, RATES["cuda"])
 
 
 def crossover_tokens(sequences: int, experts: int, has_base: bool = True, element_size: int = 2,
-                     rates: DeviceRates = RATES) -> float:
+                     rates: DeviceRates = RATES["cuda"]) -> float:
     """Tokens per sequence beyond which materialize-then-GEMM beats K-concatenation.
 
     With G = E + has_base weight segments of P elements each, S sequences of T tokens, b bytes per
@@ -100,16 +112,12 @@ MATERIALIZE_BUDGET_BYTES = 256 * 2**20
 
 def choose_strategy(tokens: int, sequences: int, experts: int, has_base: bool = True, element_size: int = 2,
                     device: torch.device | str = "cuda", weight_bytes: int = 0) -> Strategy:
-    """`materialize` when each sequence is longer than the crossover on `device`, else `kconcat`.
+    """`materialize` when each sequence is longer than `crossover_tokens` with `device`'s rates, else `kconcat`.
 
     `weight_bytes` is what the S per-sequence weight copies would take; above `MATERIALIZE_BUDGET_BYTES` it is
-    always `kconcat`. On a GPU the crossover is `crossover_tokens` with `RATES`. The CPU's torch reference is
-    compute-bound: K-concatenation does (E+1)·T multiply-adds per weight element and sequence, materializing
-    E + T, so materializing wins from T = 2.
+    always `kconcat`.
     """
     if weight_bytes > MATERIALIZE_BUDGET_BYTES:
         return "kconcat"
-    if torch.device(device).type == "cpu":
-        return "materialize" if tokens >= 2 else "kconcat"
-    crossover = crossover_tokens(sequences, experts, has_base, element_size)
+    crossover = crossover_tokens(sequences, experts, has_base, element_size, rates_for(device))
     return "materialize" if tokens > crossover else "kconcat"

@@ -48,7 +48,7 @@ class MergedLinear(nn.Module):
         B, T, K = x.shape  # [B, T, K]; w stays float32 (or wider) down to the kernels
         w = w.to(x.device)  # with device_map the router may sit on another device
         if w.dim() == 2 and self._stack() is not None and kernels.choose_strategy(
-            T, B, self.num_experts, self._w0() is not None, x.element_size(), x.device,
+            T, B, self.num_experts, has_base=self._w0() is not None, element_size=x.element_size(), device=x.device,
             weight_bytes=B * self.out_features * K * x.element_size(),
         ) == "materialize":
             W = kernels.merge_weights_into(self._w0(), self._stack(), w)  # [B, N, K]

@@ -58,6 +58,19 @@ def test_decode_never_materializes_on_cpu():
     assert kernels.choose_strategy(512, 4, 8, element_size=4, device="cpu", weight_bytes=4 * 256 * 256 * 4) == "materialize"
 
 
+def test_the_layer_asks_dispatch_with_its_device_and_copy_size(monkeypatch):
+    """One cost model: the layer passes its device (whose measured rates decide) and what the copies would take."""
+    calls = []
+    real = kernels.choose_strategy
+    monkeypatch.setattr(ml.kernels, "choose_strategy", lambda *a, **k: calls.append(k) or real(*a, **k))
+    layer = _layer("dense", False)
+    layer.merge_weights = torch.randn(3, E, dtype=torch.float64)
+    layer(torch.randn(3, 6, K, dtype=torch.float64))
+    assert calls == [dict(has_base=True, element_size=8, device=torch.device("cpu"), weight_bytes=3 * N * K * 8)]
+    assert kernels.dispatch.rates_for("cpu") is kernels.dispatch.RATES["cpu"]
+    assert kernels.dispatch.RATES["cpu"].source.startswith("measured")
+
+
 def test_calling_without_merge_weights_is_an_error():
     with pytest.raises(RuntimeError, match="without merge weights"):
         _layer("dense", False)(torch.randn(1, 1, K, dtype=torch.float64))
