@@ -225,7 +225,7 @@ def run_prefill(bench: Bench, sweep: Sweep, dtype: torch.dtype) -> None:
                 case = dict(op="prefill", layer=f"{N}×{K}", experts=E, sequences=S, tokens=T, rank=0)
                 act = M * K * el + M * N * el
                 merged = dict(bytes=(E + 1) * N * K * el + act, flops=2 * N * K * (S * E + M))
-                chosen = kernels.choose_strategy(T, S, E, element_size=el)
+                chosen = kernels.choose_strategy(T, S, E, element_size=el, device=bench.device)
                 methods = {
                     f"auto→{chosen} (ours)": lambda: kernels.merged_linear_per_sequence(x, w, deltas, base),
                     "kconcat-triton": lambda: kernels.merged_linear_per_sequence(x, w, deltas, base, strategy="kconcat"),

@@ -19,12 +19,11 @@ from typing import Literal
 import torch
 
 from moe_merge.kernels import reference
-from moe_merge.kernels.dispatch import (MATERIALIZE_BUDGET_BYTES, DeviceRates, Strategy, choose_strategy, crossover_tokens,
-                                       use_triton)
+from moe_merge.kernels.dispatch import DeviceRates, Strategy, choose_strategy, crossover_tokens, use_triton
 
 __all__ = [
     "merged_linear", "lowrank_merged_linear", "merge_weights_into", "merged_linear_per_sequence",
-    "crossover_tokens", "choose_strategy", "DeviceRates", "MATERIALIZE_BUDGET_BYTES",
+    "crossover_tokens", "choose_strategy", "DeviceRates",
 ]
 
 
@@ -70,7 +69,8 @@ def merged_linear_per_sequence(x: torch.Tensor, merge_weights: torch.Tensor, del
         raise ValueError(f"x has shape {list(x.shape)}; expected [S, T, K] (use merged_linear for [M, K] tokens)")
     S, T, K = x.shape
     if strategy == "auto":
-        strategy = choose_strategy(T, S, deltas.shape[0], base is not None, x.element_size())
+        strategy = choose_strategy(T, S, deltas.shape[0], base is not None, x.element_size(), device=x.device,
+                                   weight_bytes=S * deltas.shape[1] * K * x.element_size())
     if strategy == "materialize":
         return torch.bmm(x, merge_weights_into(base, deltas, merge_weights).transpose(1, 2))
     if strategy == "kconcat":

@@ -88,7 +88,7 @@ def rates_for(device: torch.device | str) -> DeviceRates:
 
 
 def crossover_tokens(sequences: int, experts: int, has_base: bool = True, element_size: int = 2,
-                     rates: DeviceRates = RATES["cuda"]) -> float:
+                     rates: DeviceRates | None = None) -> float:
     """Tokens per sequence beyond which materialize-then-GEMM beats K-concatenation.
 
     With G = E + has_base weight segments of P elements each, S sequences of T tokens, b bytes per
@@ -97,8 +97,9 @@ def crossover_tokens(sequences: int, experts: int, has_base: bool = True, elemen
     - materialize: read G·P, write S·P and read them back in the GEMM, (G + 2S)·P·b bytes, then
       2·S·T·P flops.
     They cost the same at T* = (F / BW)·b·(G + 2S) / (2·S·(G − 1)); with one segment (G = 1) there is
-    nothing to merge and materializing never pays (infinity).
+    nothing to merge and materializing never pays (infinity). `rates` default to the (provisional) CUDA ones.
     """
+    rates = rates or RATES["cuda"]
     segments = experts + int(has_base)
     if segments <= 1:
         return math.inf

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from moe_merge.arch import FAMILIES
 from moe_merge.errors import MoEMergeError
+from moe_merge.methods import METHODS
 
 SIZE_UNITS = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
 
@@ -65,9 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _merge_weights_arguments(p: argparse.ArgumentParser) -> None:
     """The fixed merge weights of `bake` and `export-lora`: given, or what the routers give a prompt."""
-    mix = p.add_mutually_exclusive_group(required=True)
-    mix.add_argument("--weights", type=parse_weights, help="comma-separated merge weights, one per expert, e.g. 1,0,0")
-    mix.add_argument("--prompt", help="use the merge weights the routers give this prompt")
+    given = p.add_mutually_exclusive_group(required=True)
+    given.add_argument("--weights", type=parse_weights, help="comma-separated merge weights, one per expert, e.g. 1,0,0")
+    given.add_argument("--prompt", help="use the merge weights the routers give this prompt")
 
 
 def _assemble_parser(sub, verbose: argparse.ArgumentParser) -> None:
@@ -80,7 +81,7 @@ def _assemble_parser(sub, verbose: argparse.ArgumentParser) -> None:
         "of `experts`. Every other method/level (smear, wemoe, twin; block and model levels) writes a moe_merge "
         "dynamic model whose routers merge the experts per input. Routers start from the experts' prompts. "
         "Writes sharded safetensors, config, tokenizer, the resolved recipe, a routing report (JSON + PNG) and "
-        "a model card.",
+        "a model card. Methods: " + "; ".join(f"{m.name}, {m.summary}" for m in METHODS.values()) + ".",
     )
     p.add_argument("config", type=Path, help="recipe YAML (see the YAML reference in README.md)")
     p.add_argument("out_dir", type=Path, help="output directory; written to a temporary sibling and renamed")

@@ -29,7 +29,8 @@ Factors = tuple[torch.Tensor, torch.Tensor]  # A [r, K], B [N, r]
 
 
 class MergedLinear(nn.Module):
-    """What every form shares: shapes, the merge weights slot, the forward pass and the bias."""
+    """What every form shares: shapes, the merge weights slot and the forward pass; each form gives its W0,
+    its stack of weights or deltas, and its bias."""
 
     form: str
 
@@ -143,9 +144,7 @@ class _WithW0(MergedLinear):
         return self.weight
 
     def _merged_bias(self, w):
-        if self.bias is None:
-            return None
-        return self.bias.to(w.dtype) + w @ self.delta_bias.to(w.dtype)
+        return self._bias(w, w.dtype)
 
     def _bias(self, w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
         return None if self.bias is None else self.bias.to(dtype) + w @ self.delta_bias.to(dtype)

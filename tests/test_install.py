@@ -15,6 +15,7 @@ def test_wheel_installs_subpackages_under_moe_merge(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     assert "moe_merge/kernels/__init__.py" in names and "moe_merge/routers/prompt_init.py" in names
     assert {"moe_merge/assemble/dynamic.py", "moe_merge/export/lora.py", "moe_merge/train/loop.py"} <= set(names)
+    assert not {"moe_merge/dynamic.py", "moe_merge/train_router.py", "moe_merge/bake.py"} & set(names)  # moved
     assert not [n for n in names if n.split("/")[0] in ("kernels", "routers")]
     target = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],

@@ -18,6 +18,7 @@ from moe_merge.export.bake import baked_model
 from moe_merge.methods import METHODS, Method, StaticSpec
 from moe_merge.modeling import MoEMergeConfig
 from moe_merge.recipe import open_recipe
+from moe_merge.zoo import pico_checkpoint
 from tests.conftest import pico_recipe
 
 
@@ -61,10 +62,14 @@ def test_each_method_holds_its_routed_projections_in_its_form(pico, method, leve
     assert plan_forms(recipe)[0] == forms
 
 
-def test_the_plan_names_every_tensor_the_model_has_and_nothing_else(pico):
-    for method, level in (("smear", "block"), ("wemoe", "ffn"), ("twin", "block"), ("sparse", "block"),
-                          ("sparse", "model")):
-        recipe = open_recipe(MergeConfig.model_validate(pico_recipe(pico, method=method, level=level)))
+def test_the_plan_names_every_tensor_the_model_has_and_nothing_else(pico, tmp_path):
+    one_layer = pico_checkpoint(tmp_path / "one", layers=1)  # one router, yet per layer: model.layers.0.router
+    experts = [pico_checkpoint(tmp_path / f"e{i}", seed=i + 1, base=one_layer, layers=1) for i in range(3)]
+    small = {"base": one_layer, "experts": experts}
+    for sources, method, level in ((pico, "smear", "block"), (pico, "wemoe", "ffn"), (pico, "twin", "block"),
+                                   (pico, "sparse", "block"), (pico, "sparse", "model"), (small, "smear", "ffn"),
+                                   (small, "sparse", "block")):
+        recipe = open_recipe(MergeConfig.model_validate(pico_recipe(sources, method=method, level=level)))
         model = build_model(recipe, seed=0)
         planned = {p.name: p.shape for p in plan(recipe, model.config)}
         state = {k: tuple(v.shape) for k, v in model.state_dict().items() if k != "lm_head.weight"

@@ -160,7 +160,8 @@ def _plan_routers(config: MoEMergeConfig) -> list[TensorPlan]:
     with torch.device("meta"):
         router = Router(text.hidden_size, config.num_experts, config.router_kind, config.router_hidden_size)
     shapes = [(n, tuple(p.shape)) for n, p in router.named_parameters()]
-    prefixes = ["model.router"] if config.num_routers == 1 else [f"model.layers.{i}.router" for i in range(config.num_routers)]
+    own = config.merging.shared_router or config.level == "model"  # the model's own router, else one per layer
+    prefixes = ["model.router"] if own else [f"model.layers.{i}.router" for i in range(config.num_routers)]
     return [TensorPlan(f"{prefix}.{n}", "router", shape) for prefix in prefixes for n, shape in shapes]
 
 

@@ -4,7 +4,7 @@ One schema for both outputs, written as `routing_report.json` with one plot, `ro
 
     experts, method, level, router_init     what was built
     measured (and `note` when it is not)    whether any expert had prompts to measure
-    routers[k]: layer                        the layer whose input router k reads (None: the model's own router)
+    routers[k]: layer                        the layer whose input router k reads (None: model level)
                 accuracy[i]                  share of expert i's prompts (stock: tokens) routed top-1 to i
                 sent_to[i][e]                where expert i's prompts went: the share of its tokens routed top-1
                                              to e (stock), or the mean merge weight on e (dynamic)
@@ -12,7 +12,7 @@ One schema for both outputs, written as `routing_report.json` with one plot, `ro
     accuracy_mean[i], accuracy_worst[i]      over the routers
     routed_right_everywhere[i]               share of expert i's prompts routed right at every router (stock: at
                                              every token too)
-    warnings                                 collapsed, dead and parallel routers
+    warnings                                 collapsed, dead and parallel routers (stock routers only)
 
 Entries of an expert without prompts are None. A stock MoE routes every token on its own at every layer, so
 an answer survives only if its tokens are routed right everywhere; the stock report adds

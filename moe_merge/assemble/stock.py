@@ -102,8 +102,9 @@ class TensorReader:
         elif p.source == "static":
             base = self.recipe.base.get(p.tensor)
             deltas = [self._checked(e, p.tensor, base).float() - base.float() for e in self.recipe.experts]
-            t = static_merge(cfg.static_method, base, deltas, scale=cfg.merge.scale, density=cfg.merge.density,
-                             weights=cfg.merge.weights, seed=self.seed, name=p.tensor)
+            spec = cfg.merging.static(cfg)
+            t = static_merge(spec.method, base, deltas, scale=spec.scale, density=spec.density, weights=spec.weights,
+                             seed=self.seed, name=p.tensor)
         else:
             expert = self.recipe.shared if p.source == "shared" else self.recipe.experts[p.expert]
             spec = cfg.shared_experts[0] if p.source == "shared" else cfg.experts[p.expert]

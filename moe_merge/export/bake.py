@@ -20,7 +20,6 @@ from moe_merge.recipe import copy_companions
 from moe_merge.routers.router import Router
 
 
-
 def weights_for_prompt(model: MoEMergeForCausalLM, tokenizer, prompt: str) -> torch.Tensor:
     """The merge weights [R, E] the model's routers give `prompt`."""
     if model.config.router_granularity != "sequence":
@@ -104,8 +103,9 @@ def load_dynamic(model_dir: Path, **kwargs) -> MoEMergeForCausalLM:
 
 
 def fixed_merge_weights(model: MoEMergeForCausalLM, model_dir: Path, weights: list[float] | torch.Tensor | None,
-              prompt: str | None) -> torch.Tensor:
-    """The merge weights the user asked for: `weights` ([E] for every router, or [R, E]) or the routers' for `prompt` [R, E]."""
+                        prompt: str | None) -> torch.Tensor:
+    """The merge weights the user asked for: `weights` ([E] for every router, or [R, E]) or the routers' for
+    `prompt` [R, E]."""
     from moe_merge.tokens import load_tokenizer
 
     if (weights is None) == (prompt is None):

@@ -1,2 +1,2 @@
-"""`moe-merge train-router`: the accelerate loop (`loop.py`), its rows (`data.py`) and what it optimises
+"""`moe-merge train-router`: the accelerate loop (`loop.py`), its rows (`data.py`) and what it optimizes
 (`objectives.py`)."""
