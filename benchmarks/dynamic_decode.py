@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from moe_merge.merged_linear import MergedLinear
 from moe_merge.modeling import CACHE, MoEMergeConfig, MoEMergeForCausalLM
 
 SIZES = {  # name -> base config overrides
@@ -82,7 +83,7 @@ def loop_step(dense, dynamic, batch: int, vocab: int):
 
     params = dict(dense.named_parameters())
     w = torch.softmax(torch.randn(batch, E), -1)
-    merged_layers = {n: m for n, m in dynamic.named_modules() if m.__class__.__name__ == "MergedLinear"}
+    merged_layers = {n: m for n, m in dynamic.named_modules() if isinstance(m, MergedLinear)}
     ids = torch.randint(3, vocab, (batch, PROMPT))
     caches, nxt = [], []
     for b in range(batch):
