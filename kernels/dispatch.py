@@ -116,9 +116,11 @@ def choose_strategy(tokens: int, sequences: int, experts: int, has_base: bool = 
     """`materialize` when each sequence is longer than `crossover_tokens` with `device`'s rates, else `kconcat`.
 
     `weight_bytes` is what the S per-sequence weight copies would take; above `MATERIALIZE_BUDGET_BYTES` it is
-    always `kconcat`.
+    always `kconcat`. So is decode (one token per sequence): a copy used for one token costs more flops and
+    bytes than reading every weight once for the batch, whatever the rates (`crossover_tokens` leaves out the
+    merge's own flops, which decide it there).
     """
-    if weight_bytes > MATERIALIZE_BUDGET_BYTES:
+    if tokens < 2 or weight_bytes > MATERIALIZE_BUDGET_BYTES:
         return "kconcat"
     crossover = crossover_tokens(sequences, experts, has_base, element_size, rates_for(device))
     return "materialize" if tokens > crossover else "kconcat"

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-from functools import cached_property
 from pathlib import Path
 
 import torch

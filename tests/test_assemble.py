@@ -1,6 +1,5 @@
 """FFN-level sparse assembly into stock Mixtral / Qwen-MoE checkpoints."""
 
-import json
 import os
 import subprocess
 import sys

@@ -53,6 +53,11 @@ def test_materialized_and_k_concatenated_paths_agree(monkeypatch):
     torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=1e-12)
 
 
+def test_decode_never_materializes_whatever_the_batch_dtype_or_device():
+    for device in ("cpu", "cuda"):
+        assert kernels.choose_strategy(1, 4096, 16, element_size=2, device=device) == "kconcat"
+
+
 def test_decode_never_materializes_on_cpu():
     assert kernels.choose_strategy(1, 64, 8, element_size=2, device="cpu", weight_bytes=64 * 4096 * 4096 * 2) == "kconcat"
     assert kernels.choose_strategy(512, 4, 8, element_size=4, device="cpu", weight_bytes=4 * 256 * 256 * 4) == "materialize"

@@ -131,7 +131,10 @@ def _plan_tensor(name: str, shape: tuple[int, ...], config: MoEMergeConfig, E: i
     """The dynamic model's tensors made from base tensor `name`."""
     method, layer = config.merging, layer_of(name)
     rel = name.split(".", 3)[3] if layer is not None else None  # e.g. "self_attn.q_proj.weight"
-    each = lambda fmt: [TensorPlan(fmt.format(e=e), "expert", shape, name, e) for e in range(E)]  # noqa: E731
+
+    def each(fmt: str) -> list[TensorPlan]:  # one tensor per expert, named by `fmt`
+        return [TensorPlan(fmt.format(e=e), "expert", shape, name, e) for e in range(E)]
+
     if config.level == "model":
         if name in ("model.norm.weight", "lm_head.weight"):
             return each(f"model.experts.{{e}}.{name.split('.')[-2]}.weight")

@@ -117,7 +117,7 @@ def routing_report(model, tokenizer, config: MergeConfig, labels: list[str],
                    scales: list[float | None] | None = None) -> dict:
     """How each router of a dynamic model sends every expert's held-out prompts (`eval_prompts`, else
     `positive_prompts`); `scales` are the routers' calibration scales, if known."""
-    R, cfg = model.config.num_routers, model.config
+    R = model.config.num_routers
     per_expert: list[torch.Tensor | None] = []
     for e in config.experts:
         prompts = e.eval_prompts if e.eval_prompts is not None else e.positive_prompts
@@ -134,7 +134,7 @@ def routing_report(model, tokenizer, config: MergeConfig, labels: list[str],
         return [None if w is None else f(i, w) for i, w in enumerate(per_expert)]
 
     scales = scales or [None] * R
-    routers = [{"layer": _router_layer(cfg, k),
+    routers = [{"layer": _router_layer(model.config, k),
                 "accuracy": each(lambda i, w: (w[:, k].argmax(-1) == i).float().mean().item()),
                 "sent_to": each(lambda i, w: w[:, k].mean(0).tolist()),
                 "scale": scales[k]} for k in range(R)]
@@ -142,11 +142,11 @@ def routing_report(model, tokenizer, config: MergeConfig, labels: list[str],
     return {**_report(config, labels, routers, everywhere), "warnings": []}
 
 
-def _router_layer(cfg, k: int) -> int | None:
+def _router_layer(model_config, k: int) -> int | None:
     """The layer whose input router k reads: its own layer, the shared router's layer, or None (model level)."""
-    if cfg.level == "model":
+    if model_config.level == "model":
         return None
-    return cfg.router_layer if cfg.num_routers == 1 else k
+    return model_config.router_layer if model_config.merging.shared_router else k
 
 
 # ----------------------------------------------------------------------------------------- both
