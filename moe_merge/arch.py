@@ -19,6 +19,9 @@ from moe_merge.errors import CompatibilityError, ConfigError
 ATTN_PROJS = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_PROJS = ("gate_proj", "up_proj", "down_proj")
 MLP_KEY = "model.layers.{layer}.mlp.{proj}.weight"
+# The norms a level routes with its projections, as paths inside a decoder layer (Qwen3 has q/k norms).
+LAYER_NORMS = {"ffn": ("post_attention_layernorm",),
+               "block": ("input_layernorm", "self_attn.q_norm", "self_attn.k_norm", "post_attention_layernorm")}
 
 
 def transformers_class(model_type: str, prefix: str, name: str) -> type:

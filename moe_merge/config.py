@@ -23,11 +23,12 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from moe_merge.errors import ConfigError
-from moe_merge.methods import LEVELS, METHOD_NAMES, METHODS, Method
+from moe_merge.methods import LEVELS, METHOD_NAMES, METHODS, PARTS, Method
 
 RouterInit = Literal["hidden", "fit", "hidden_last", "cheap_embed", "random", "uniform"]
 PROMPT_INITS = ("hidden", "fit", "hidden_last", "cheap_embed")  # the modes that read prompts
 DYNAMIC_INITS = ("hidden", "random", "uniform")  # what the dynamic model's routers accept
+PREPASS_DEFAULT = 1  # measured on both zoos: see README, "Routing from a pre-pass"
 # mergekit-moe's gate_mode spellings and what each becomes here.
 GATE_MODE_ALIASES = {"hidden_avg": "hidden", "uniform_random": "uniform"}
 
@@ -74,6 +75,10 @@ class RouterSpec(_Strict):
     ridge: float = Field(1e-3, gt=0.0, description="ridge strength, relative to the mean feature variance "
                          "(`fit`; dynamic routers' discriminant uses 0.1 unless set)")
     random_std: float = Field(0.02, gt=0.0, description="`random`: standard deviation of the router weights")
+    prepass: int | None = Field(
+        None, ge=0, description="dynamic models, per-sequence routing: the first router (whose weights also merge the "
+        "embeddings) reads the prompt's states entering this layer of the static merge, run once at prefill "
+        f"(0: its embeddings); default {PREPASS_DEFAULT}, capped at the base's layers − 1")
 
 
 class StaticMergeSpec(_Strict):
@@ -90,18 +95,23 @@ class WemoeSpec(_Strict):
     scale: float = Field(0.3, description="lambda of the static task arithmetic, and the constant routers' start")
 
 
+class EnergyRank(_Strict):
+    """Twin's rank chosen per matrix: the smallest that holds `energy` of the exclusive part's Σ σ²."""
+
+    energy: float = Field(gt=0.0, le=1.0)
+
+
 class TwinSpec(_Strict):
     """Twin-Merging: a shared static merge plus each expert's exclusive part, compressed by SVD."""
 
     shared: Literal["task_arithmetic", "ties"] = "task_arithmetic"
     scale: float | None = Field(None, description="lambda of the shared merge (default 0.3 for task_arithmetic, 1 for ties)")
     density: float = Field(0.5, gt=0.0, le=1.0, description="ties: share of each task vector kept")
-    rank: int | None = Field(None, ge=1, description="SVD rank of the exclusive parts, a number of singular vectors "
-                             "(capped at min(out, in)); give this or `rank_fraction`")
+    rank: int | EnergyRank | None = Field(
+        None, description="SVD rank of the exclusive parts: a number of singular vectors (capped at min(out, in)), or "
+        "`{energy: 0.99}`, per matrix the smallest rank holding that share of its energy; give this or `rank_fraction`")
     rank_fraction: float | None = Field(None, gt=0.0, le=1.0, description="SVD rank as a share of min(out, in) "
                                         "(1.0: full rank, exact); default 0.5 when `rank` is not given")
-    router_layer: int = Field(0, ge=0, description="the router reads the hidden states entering this layer (0: the "
-                              "embeddings); layers below it keep the shared parameters")
 
     @field_validator("rank", mode="before")
     @classmethod
@@ -115,6 +125,9 @@ class TwinSpec(_Strict):
     @classmethod
     def _one_rank(cls, data: Any) -> Any:
         if isinstance(data, dict):
+            if "router_layer" in data:
+                raise ValueError("`twin.router_layer` is now `router.prepass`: the layer of the shared model whose "
+                                 "input states the router reads, in a pass run once at prefill")
             if data.get("rank") is not None and data.get("rank_fraction") is not None:
                 raise ValueError("give `twin.rank` (a number of singular vectors) or `twin.rank_fraction` (a share of "
                                  "min(out, in)), not both")
@@ -122,10 +135,23 @@ class TwinSpec(_Strict):
                 data = {**data, "rank_fraction": 0.5}
         return data
 
-    def rank_for(self, out_features: int, in_features: int) -> int:
-        """The SVD rank of one out x in matrix."""
+    @field_validator("rank")
+    @classmethod
+    def _positive(cls, v: Any) -> Any:
+        if isinstance(v, int) and v < 1:
+            raise ValueError(f"`rank: {v}` must be at least 1")
+        return v
+
+    def rank_for(self, out_features: int, in_features: int) -> int | None:
+        """The SVD rank of one out x in matrix; None when it is chosen by energy, per matrix, as it is built."""
         full = min(out_features, in_features)
+        if isinstance(self.rank, EnergyRank):
+            return None
         return min(full, self.rank) if self.rank is not None else max(1, round(self.rank_fraction * full))
+
+    @property
+    def energy(self) -> float | None:
+        return self.rank.energy if isinstance(self.rank, EnergyRank) else None
 
 
 class MergeConfig(_Strict):
@@ -146,6 +172,10 @@ class MergeConfig(_Strict):
     wemoe: WemoeSpec = WemoeSpec()
     twin: TwinSpec = TwinSpec()
     dense_layers: int = Field(0, ge=0, description="model level: leading layers shared (statically merged) by all experts")
+    static: list[Literal[PARTS]] | None = Field(
+        None, description="dynamic models: parts kept as the static merge even where the experts differ (embeddings, "
+        "norms, head); default none with per-sequence routing (everything that differs is routed); with per-token "
+        "routing the embeddings (and a head tied to them), as no token has weights before it is embedded")
     seed: int = 0
 
     @field_validator("gate_mode", mode="before")
@@ -172,6 +202,9 @@ class MergeConfig(_Strict):
             raise ValueError(f"`merge.weights` has {len(self.merge.weights)} entries for {len(self.experts)} experts")
         if self.router_init in PROMPT_INITS:
             self._check_prompts()
+        if self.static is not None and self.router_spec.granularity == "token" and "embeddings" not in self.static:
+            raise ValueError("per-token routers have no merge weights before a token is embedded, so the embeddings "
+                             "stay static: add `embeddings` to `static` (or route per sequence)")
         return self
 
     def _check_routers(self) -> None:
@@ -257,6 +290,20 @@ class MergeConfig(_Strict):
     @property
     def router_spec(self) -> RouterSpec:
         return self.router or RouterSpec(init=self.gate_mode)
+
+    @property
+    def prepass(self) -> int:
+        """The layer of the static merge whose input states the first router reads (`router.prepass`)."""
+        spec = self.router_spec.prepass
+        return PREPASS_DEFAULT if spec is None else spec
+
+    def static_parts(self, tied: bool) -> tuple[str, ...]:
+        """The parts (embeddings, norms, head) kept static whether or not the experts differ there."""
+        if self.static is not None:
+            return tuple(self.static)
+        if self.router_spec.granularity == "token":
+            return ("embeddings", "head") if tied else ("embeddings",)
+        return ()
 
 
 def load_config(path: Path | str) -> MergeConfig:

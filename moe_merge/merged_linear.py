@@ -85,6 +85,15 @@ class MergedLinear(nn.Module):
     def _merged_bias(self, w: torch.Tensor) -> torch.Tensor | None:
         raise NotImplementedError
 
+    def rows(self, ids: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """Rows `ids` [B, T] of the merged weight, for merge weights w [B, E] or [B, T, E]: an embedding lookup
+        that reads E rows per token and never forms a merged table. [B, T, K] in the stored dtype."""
+        w = (w.unsqueeze(1).expand(*ids.shape, -1) if w.dim() == 2 else w).to(self._widest())
+        return self._rows(ids, w).to(self.stored_dtype)
+
+    def _rows(self, ids: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
     @torch.no_grad()
     def merged(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The dense weight and bias for one fixed weight vector w [E] (for baking), in float32 or wider."""
@@ -116,6 +125,9 @@ class FullMergedLinear(MergedLinear):
 
     def _merged_bias(self, w):
         return None if self.expert_bias is None else w @ self.expert_bias.to(w.dtype)
+
+    def _rows(self, ids, w):
+        return torch.einsum("bte,ebtk->btk", w, self.expert_weight[:, ids].to(w.dtype))
 
     @torch.no_grad()
     def merged(self, w):
@@ -162,6 +174,9 @@ class DenseMergedLinear(_WithW0):
     def _stack(self):
         return self.delta_weight
 
+    def _rows(self, ids, w):
+        return self.weight[ids].to(w.dtype) + torch.einsum("bte,ebtk->btk", w, self.delta_weight[:, ids].to(w.dtype))
+
     @torch.no_grad()
     def merged(self, w):
         dtype = self._widest()
@@ -193,6 +208,10 @@ class LowRankMergedLinear(_WithW0):
 
     def _per_token(self, x, w):
         return kernels.lowrank_merged_linear(x, w, self.lora_A, self.lora_B, self.weight)
+
+    def _rows(self, ids, w):
+        low = torch.einsum("bte,ebtr,erk->btk", w, self.lora_B[:, ids].to(w.dtype), self.lora_A.to(w.dtype))
+        return self.weight[ids].to(w.dtype) + low
 
     def _widest(self):
         return torch.promote_types(self.lora_A.dtype, torch.float32)

@@ -6,8 +6,10 @@ A method says what its merge weights act on and how the rest of the model is bui
 - `form`: how a routed projection holds dense experts (full | dense | lowrank), and `w0`, the
   weight the task vectors are added to (the base, or the static merge);
 - `static`: the merge of everything that is not routed;
-- where its routers sit (one per layer, or one `shared_router` at `router_layer`) and whether a
+- where its routers sit (one per layer, or one `shared_router` reading the pre-pass) and whether a
   router pools its outputs over the prompt (WEMoE) or its inputs;
+- `prepass_weights`: the fixed merge weights of its static model, which the routing pre-pass runs
+  (and which a router reads its layer's routed norm with before its weights are known);
 - whether its merge weights must sum to one (the averaging methods).
 
 Adding a method is one entry here and its tests; the recipe's `method` field, the dynamic model,
@@ -26,6 +28,7 @@ Level = Literal["ffn", "block", "model"]
 Form = Literal["full", "dense", "lowrank"]
 LEVELS: tuple[Level, ...] = ("ffn", "block", "model")
 FORMS: tuple[Form, ...] = ("full", "dense", "lowrank")
+PARTS = ("embeddings", "norms", "head")  # what is routed beside the linear layers, where the experts differ
 
 
 @dataclass(frozen=True)
@@ -41,7 +44,7 @@ class StaticSpec:
 @dataclass(frozen=True)
 class Method:
     """One merging method. The defaults are the common case; a subclass overrides `static`, `rank` or
-    `router_layer` where its recipe section decides them."""
+    `prepass_weights` where its recipe section decides them."""
 
     name: str
     summary: str
@@ -50,7 +53,7 @@ class Method:
     w0: Literal["base", "static"] = "base"  # what the task vectors are added to (dense and lowrank forms)
     svd: bool = False  # the low-rank parts are SVDs of expert − w0, whatever the experts are
     averages: bool = False  # Σ_e w_e θ_e with Σ w ≠ 1 is not a merge: weights must sum to one
-    shared_router: bool = False  # one router, at `router_layer`, serves every layer above it
+    shared_router: bool = False  # one router, reading the pre-pass, serves every layer
     pools_outputs: bool = False  # route each token, then average the router outputs over the prompt
     levels: tuple[Level, ...] = ("ffn", "block")
     default_normalize: str = "softmax"
@@ -64,9 +67,14 @@ class Method:
         """The SVD rank of one routed out x in projection (svd methods only)."""
         return None
 
-    def router_layer(self, cfg: MergeConfig) -> int:
-        """The layer whose input the shared router reads (shared_router methods only)."""
-        return 0
+    def prepass_weights(self, cfg: MergeConfig, num_experts: int) -> list[float]:
+        """The merge weights of the static model the routing pre-pass runs: here the experts' average."""
+        return [1.0 / num_experts] * num_experts
+
+    @property
+    def part_form(self) -> Form:
+        """The form of a routed vector (norm gain, bias) or table: full where the experts are averaged whole."""
+        return "full" if self.form in (None, "full") else "dense"
 
     def problems(self, level: str, granularity: str, normalize: str) -> list[str]:
         """What this method cannot do at `level` with these routers, each as a sentence naming the recipe field."""
@@ -90,6 +98,9 @@ class Wemoe(Method):
             return super().static(cfg)
         return StaticSpec("task_arithmetic", cfg.wemoe.scale, cfg.merge.density, cfg.merge.weights)
 
+    def prepass_weights(self, cfg: MergeConfig, num_experts: int) -> list[float]:
+        return [cfg.wemoe.scale] * num_experts  # task arithmetic, the start of its routers
+
 
 @dataclass(frozen=True)
 class Twin(Method):
@@ -99,8 +110,8 @@ class Twin(Method):
     def rank(self, cfg: MergeConfig, out_features: int, in_features: int) -> int:
         return cfg.twin.rank_for(out_features, in_features)
 
-    def router_layer(self, cfg: MergeConfig) -> int:
-        return cfg.twin.router_layer
+    def prepass_weights(self, cfg: MergeConfig, num_experts: int) -> list[float]:
+        return [0.0] * num_experts  # the shared model: Twin-Merging's extra forward
 
 
 METHODS: dict[str, Method] = {m.name: m for m in (

@@ -1,23 +1,26 @@
-"""The dynamic merging model: routers compute merge weights per input, and every dynamic linear layer
-applies W0 + Σ_e w_e Δ_e to its input, batched and with the KV cache.
+"""The dynamic merging model: routers compute merge weights per input, and every routed part applies
+W0 + Σ_e w_e Δ_e (or Σ_e w_e θ_e) to its input, batched and with the KV cache.
 
-Read top to bottom: config → decoder layers → model → causal LM. Attention, RoPE, norms, masks and
-the cache are the base family's own transformers modules; dynamic projections are swapped in.
+Read top to bottom: config → decoder layers → model → causal LM. Attention, RoPE, masks and the cache are
+the base family's own transformers modules; routed projections, norms, embeddings and head are swapped in.
 
 Methods and levels (the vocabulary of the recipe):
-- `smear` / `wemoe` at `ffn` | `block`: one router per layer, merging that layer's MLP (ffn) or every
-  linear layer of the block (block). The rest of the model is a static merge.
-- `twin` at `ffn` | `block`: one router at the bottom, reading the hidden states entering layer
-  `router_layer` of the same forward pass; its weights serve every layer from there on. The layers
-  below it use the shared (static) parameters.
+- `smear` / `wemoe` at `ffn` | `block`: one router per layer, merging that layer's MLP and its norm (ffn)
+  or every linear layer and norm of the block (block).
+- `twin` at `ffn` | `block`: one router, whose weights serve every layer.
 - `sparse` at `block`: each layer holds every expert's whole decoder layer and mixes the top-k outputs.
 - `sparse` at `model`: `dense_layers` shared layers, then one router picks expert models for the rest
   (layers, final norm and LM head) and mixes their logits.
+Where the experts differ there (`routed_parts`), the embeddings take the first router's weights and the
+final norm and head the last router's; the rest of the model is a static merge.
 
-Merge weights are per sequence (the masked mean over the prompt decides them once, at prefill) or per
-token. Per-sequence weights come back as `outputs.merge_weights` [B, R, E] (R routers) and are passed
-back in as `merge_weights=` at every decode step; `generate` does this by itself. Passing
-`merge_weights` yourself ([E], [B, E] or [B, R, E]) forces them.
+Merge weights are per sequence or per token. Per-sequence weights are decided once, at prefill: the first
+router reads a pre-pass of the prompt through the static merge (the method's fixed weights) up to layer
+`prepass_layers`, so that the embeddings can be merged before the first layer; the other per-layer
+routers read the masked mean of their own layer's input. The weights come back as `outputs.merge_weights`
+[B, R, E] (R routers) and are passed back in as `merge_weights=` at every decode step, which never runs the
+pre-pass; `generate` does this by itself. Passing `merge_weights` yourself ([E], [B, E] or [B, R, E])
+forces them.
 """
 
 from __future__ import annotations
@@ -36,10 +39,11 @@ from transformers.masking_utils import create_causal_mask, create_sliding_window
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
-from moe_merge.arch import ATTN_PROJS, FAMILIES, MLP_PROJS
+from moe_merge.arch import ATTN_PROJS, FAMILIES, LAYER_NORMS, MLP_PROJS
 from moe_merge.errors import ModelConfigError
 from moe_merge.merged_linear import MergedLinear, merged_linear
-from moe_merge.methods import LEVELS, METHOD_NAMES, METHODS, Method
+from moe_merge.merged_norm import MergedEmbedding, MergedNorm
+from moe_merge.methods import LEVELS, METHOD_NAMES, METHODS, PARTS, Method
 from moe_merge.routers.router import Router, masked_mean, normalize
 # transformers 5.24 renamed the KV cache `past_key_values` -> `cache` (outputs, masks, attention);
 # 5.23 knows only the old name. Every call into transformers passes the cache under the installed name.
@@ -50,8 +54,11 @@ CACHE = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "
 class MoEMergeConfig(PreTrainedConfig):
     r"""A base-architecture config (`text_config`) plus how its experts are merged.
 
-    `delta_forms` maps each dynamic projection name (e.g. `gate_proj`) to its merged-linear form
-    (`full` | `dense` | `lowrank`); `delta_ranks` gives the rank of the low-rank ones.
+    `delta_forms` maps each routed projection name (`gate_proj`, ..., `embed_tokens`, `lm_head`) to its
+    merged-linear form (`full` | `dense` | `lowrank`); `delta_ranks` gives the rank of the low-rank ones, by
+    name or, where it differs per layer (rank by energy), by `"{layer}.{name}"`. `routed_parts` are the parts
+    beside the linear layers that are merged per input (embeddings, norms, head); `prepass_layers` and
+    `prepass_weights` define the static pre-pass the first router reads.
     """
 
     model_type = "moe_merge"
@@ -70,7 +77,9 @@ class MoEMergeConfig(PreTrainedConfig):
     router_normalize: str = "softmax"
     router_top_k: int = 1
     router_temperature: float = 1.0
-    router_layer: int = 0
+    routed_parts: list[str] | None = None
+    prepass_layers: int = 0
+    prepass_weights: list[float] | None = None
     dense_layers: int = 0
     tie_word_embeddings: bool = False
 
@@ -89,6 +98,14 @@ class MoEMergeConfig(PreTrainedConfig):
         self.tie_word_embeddings = bool(self.text_config.tie_word_embeddings)
         self.delta_forms = self.delta_forms or {}
         self.delta_ranks = self.delta_ranks or {}
+        self.routed_parts = self.routed_parts or []
+        if unknown := set(self.routed_parts) - set(PARTS):
+            raise ModelConfigError(f"`routed_parts` {sorted(unknown)}: choose from {PARTS}")
+        if self.router_granularity == "token" and "embeddings" in self.routed_parts:
+            raise ModelConfigError("per-token routers cannot merge the embeddings: no token has weights before it is "
+                                   "embedded")
+        if self.prepass_weights is not None and len(self.prepass_weights) != self.num_experts:
+            raise ModelConfigError(f"`prepass_weights` has {len(self.prepass_weights)} values for {self.num_experts} experts")
 
     @property
     def merging(self) -> Method:
@@ -103,6 +120,18 @@ class MoEMergeConfig(PreTrainedConfig):
     def router_of_layer(self, layer: int) -> int:
         """The router (index into R) whose merge weights decoder layer `layer` uses."""
         return 0 if self.num_routers == 1 else layer
+
+    def routes(self, part: str) -> bool:
+        """Whether `part` (embeddings, norms, head) is merged per input."""
+        return part in self.routed_parts
+
+    def rank_of(self, layer: int | None, name: str) -> int | None:
+        """The low-rank form's rank of projection `name` in `layer` (None for the embeddings and head)."""
+        return self.delta_ranks.get(f"{layer}.{name}", self.delta_ranks.get(name))
+
+    def static_weights(self) -> list[float]:
+        """The fixed merge weights of the static model the pre-pass runs."""
+        return self.prepass_weights or [1.0 / self.num_experts] * self.num_experts
 
     def check_merge_weights(self, weights: torch.Tensor) -> None:
         """Refuse given merge weights [..., E] that an averaging method cannot read: Σ_e w_e θ_e with Σ w = 2 is
@@ -147,13 +176,14 @@ def stock_layer(text_config, layer_idx: int, cache_idx: int | None = None) -> nn
 
 
 @contextlib.contextmanager
-def merging(linears: list[MergedLinear], weights: torch.Tensor | None):
-    for m in linears:
+def merging(modules: list[nn.Module], weights: torch.Tensor | None):
+    """Give merged modules (linears, norms, embeddings) their merge weights for one call."""
+    for m in modules:
         m.merge_weights = weights
     try:
         yield
     finally:
-        for m in linears:
+        for m in modules:
             m.merge_weights = None
 
 
@@ -190,10 +220,11 @@ class Routing:
 
 
 class MoEMergeDecoderLayer(GradientCheckpointingLayer):
-    """The base family's decoder layer with its dynamic projections merged per input (smear, wemoe, twin).
+    """The base family's decoder layer with its routed projections and norms merged per input (smear, wemoe, twin).
 
-    With its own router (smear, wemoe) it routes on the input of the part it merges: the MLP input at
-    ffn level, the attention input at block level. Without one (twin), weights come from the model.
+    With its own router (smear, wemoe) it routes on the input of the part it merges: the MLP input at ffn
+    level, the attention input at block level, normalized by the static merge's gain where the norm is
+    routed too. Without one (twin), or when the pre-pass already routed it, weights come from the model.
     """
 
     def __init__(self, config: MoEMergeConfig, layer_idx: int, routed: bool):
@@ -203,42 +234,55 @@ class MoEMergeDecoderLayer(GradientCheckpointingLayer):
         self.input_layernorm, self.self_attn = stock.input_layernorm, stock.self_attn
         self.post_attention_layernorm, self.mlp = stock.post_attention_layernorm, stock.mlp
         self.level = config.level
-        self.attn_linears: list[MergedLinear] = []
-        self.mlp_linears: list[MergedLinear] = []
-        for owner, names, merged in ((self.self_attn, ATTN_PROJS, self.attn_linears), (self.mlp, MLP_PROJS, self.mlp_linears)):
+        self.attn_merged: list[nn.Module] = []  # merged with this layer's weights: the attention's ...
+        self.mlp_merged: list[nn.Module] = []  # ... and the MLP's, with their norms
+        for owner, names, merged in ((self.self_attn, ATTN_PROJS, self.attn_merged), (self.mlp, MLP_PROJS, self.mlp_merged)):
             for name in names:
                 if name in config.delta_forms:
                     old = getattr(owner, name)
                     new = merged_linear(old.in_features, old.out_features, config.num_experts, config.delta_forms[name],
-                                        config.delta_ranks.get(name), bias=old.bias is not None)
+                                        config.rank_of(layer_idx, name), bias=old.bias is not None)
                     setattr(owner, name, new)
                     merged.append(new)
+        for path in LAYER_NORMS[self.level] if config.routes("norms") else ():
+            owner_name, _, name = path.rpartition(".")
+            owner = self.get_submodule(owner_name) if owner_name else self
+            if isinstance(old := getattr(owner, name, None), nn.Module):
+                new = MergedNorm(old.weight.shape[0], config.num_experts, config.merging.part_form, old.variance_epsilon)
+                setattr(owner, name, new)
+                (self.mlp_merged if name == "post_attention_layernorm" else self.attn_merged).append(new)
         self.router = Router(text.hidden_size, config.num_experts, config.router_kind, config.router_hidden_size) if routed else None
         self.routing = Routing(config)
+        self.static_weights = config.static_weights()
 
-    def _route(self, states, routing_mask, given):
-        return (given, None) if self.router is None else self.routing.route(self.router, states, routing_mask, given)
+    def _route(self, hidden_states, norm, routing_mask, given):
+        """Route on norm(hidden_states); a routed norm takes the static merge's gain, as its weights are not known yet."""
+        if self.router is None or (routing_mask is None and self.routing.granularity == "sequence"):
+            return given, None
+        static = torch.tensor(self.static_weights, device=hidden_states.device).expand(hidden_states.shape[0], -1)
+        with merging([norm] if isinstance(norm, MergedNorm) else [], static):
+            x = norm(hidden_states)
+        return self.routing.route(self.router, x, routing_mask, given)
 
     def forward(self, hidden_states, merge_weights=None, routing_mask=None, attention_mask=None, position_ids=None,
                 position_embeddings=None, **kwargs):
-        """merge_weights: this layer's [B, E] (or [B, T, E]) if already known; routing_mask: [B, T] at prefill,
-        None once the weights are fixed; the cache comes in `kwargs` under its `CACHE` name. Returns
+        """merge_weights: this layer's [B, E] (or [B, T, E]) if already known; routing_mask: [B, T] when its router
+        is to read the prompt, else None; the cache comes in `kwargs` under its `CACHE` name. Returns
         (hidden_states, weights used, router logits or None)."""
         residual = hidden_states
-        x = self.input_layernorm(hidden_states)
         logits = None
         if self.level == "block":
-            merge_weights, logits = self._route(x, routing_mask, merge_weights)
-        with merging(self.attn_linears, merge_weights):
+            merge_weights, logits = self._route(hidden_states, self.input_layernorm, routing_mask, merge_weights)
+        with merging(self.attn_merged, merge_weights):
+            x = self.input_layernorm(hidden_states)
             x, _ = self.self_attn(hidden_states=x, attention_mask=attention_mask, position_ids=position_ids,
                                   position_embeddings=position_embeddings, **kwargs)
         hidden_states = residual + x
         residual = hidden_states
-        x = self.post_attention_layernorm(hidden_states)
         if self.level == "ffn":
-            merge_weights, logits = self._route(x, routing_mask, merge_weights)
-        with merging(self.mlp_linears, merge_weights):
-            x = self.mlp(x)
+            merge_weights, logits = self._route(hidden_states, self.post_attention_layernorm, routing_mask, merge_weights)
+        with merging(self.mlp_merged, merge_weights):
+            x = self.mlp(self.post_attention_layernorm(hidden_states))
         return residual + x, merge_weights, logits
 
 
@@ -295,11 +339,21 @@ class MoEMergePreTrainedModel(PreTrainedModel):
         if isinstance(module, MergedLinear):
             for name, p in module.named_parameters(recurse=False):
                 init.normal_(p, 0.0, std) if name in ("weight", "expert_weight", "lora_A") else init.zeros_(p)
+        elif isinstance(module, MergedNorm):
+            for name, p in module.named_parameters(recurse=False):
+                init.zeros_(p) if name == "delta_weight" else init.ones_(p)
         elif isinstance(module, Router):
             for p in module.parameters(recurse=False):
                 init.zeros_(p)
         else:
             super()._init_weights(module)
+
+
+def merged_table(config: MoEMergeConfig, name: str) -> MergedLinear:
+    """The experts' embedding tables or heads (`name`: embed_tokens | lm_head) as a merged linear H -> V."""
+    text = config.text_config
+    return merged_linear(text.hidden_size, text.vocab_size, config.num_experts, config.delta_forms[name],
+                         config.rank_of(None, name))
 
 
 class MoEMergeModel(MoEMergePreTrainedModel):
@@ -309,7 +363,12 @@ class MoEMergeModel(MoEMergePreTrainedModel):
         if text._attn_implementation is None:
             text._attn_implementation = config._attn_implementation or "sdpa"
         L = text.num_hidden_layers
-        self.embed_tokens = nn.Embedding(text.vocab_size, text.hidden_size, text.pad_token_id)
+        if not 0 <= config.prepass_layers < L:
+            raise ValueError(f"`prepass_layers` is {config.prepass_layers}; it must be in [0, {L})")
+        if config.routes("embeddings"):
+            self.embed_tokens = MergedEmbedding(merged_table(config, "embed_tokens"))
+        else:
+            self.embed_tokens = nn.Embedding(text.vocab_size, text.hidden_size, text.pad_token_id)
         self.rotary_emb = _stock(text, "RotaryEmbedding")(config=text)
         self.router = None  # the model's own router: the shared one (twin), or the one above the dense layers
         method = config.merging
@@ -321,21 +380,24 @@ class MoEMergeModel(MoEMergePreTrainedModel):
             self.experts = nn.ModuleList(MoEMergeExpertStack(config, e) for e in range(config.num_experts))
         elif method.merges == "outputs":
             self.layers = nn.ModuleList(MoEMergeSparseBlock(config, i) for i in range(L))
-        elif method.shared_router:  # below the router the layers keep the static merge
-            if not 0 <= config.router_layer < L:
-                raise ValueError(f"`router_layer` is {config.router_layer}; it must be in [0, {L})")
-            self.layers = nn.ModuleList(
-                stock_layer(text, i) if i < config.router_layer else MoEMergeDecoderLayer(config, i, routed=False)
-                for i in range(L)
-            )
+        elif method.shared_router:
+            self.layers = nn.ModuleList(MoEMergeDecoderLayer(config, i, routed=False) for i in range(L))
             self.router = Router(text.hidden_size, config.num_experts, config.router_kind, config.router_hidden_size)
         else:
             self.layers = nn.ModuleList(MoEMergeDecoderLayer(config, i, routed=True) for i in range(L))
         if config.level != "model":
-            self.norm = _stock(text, "RMSNorm")(text.hidden_size, eps=text.rms_norm_eps)
+            if config.routes("norms"):
+                self.norm = MergedNorm(text.hidden_size, config.num_experts, method.part_form, text.rms_norm_eps)
+            else:
+                self.norm = _stock(text, "RMSNorm")(text.hidden_size, eps=text.rms_norm_eps)
         self.routing = Routing(config)
         self.gradient_checkpointing = False
         self.post_init()
+
+    @property
+    def first_router(self) -> Router:
+        """The router the pre-pass feeds: the model's own, else layer 0's."""
+        return self.router if self.router is not None else self.layers[0].router
 
     # ------------------------------------------------------------------------------------ helpers
 
@@ -376,7 +438,7 @@ class MoEMergeModel(MoEMergePreTrainedModel):
         if merge_weights is None:
             return None
         R, E = self.config.num_routers, self.config.num_experts
-        w = torch.as_tensor(merge_weights, device=self.embed_tokens.weight.device)
+        w = torch.as_tensor(merge_weights, device=self.rotary_emb.inv_freq.device)
         w = w.to(torch.promote_types(w.dtype, torch.float32)) if w.is_floating_point() else w.float()
         if w.shape[-1] != E:
             raise ValueError(f"`merge_weights` has {w.shape[-1]} experts in its last dimension; this model has {E}")
@@ -424,51 +486,78 @@ class MoEMergeModel(MoEMergePreTrainedModel):
                 **kwargs) -> MoEMergeModelOutput:
         """`last_hidden_state` is [B, T, H], or at model level each expert model's [E, B, T, H]. `routing_mask`
         [B, T] marks the tokens the routers read at prefill (default: the attention mask); training passes the
-        prompt's tokens so that routing sees what `generate` will see. The KV cache is `cache` (transformers
-        >= 5.24) or `past_key_values` (5.23)."""
+        prompt's tokens so that routing sees what `generate` will see. Given `inputs_embeds` are used as they
+        are, merged embeddings or not. The KV cache is `cache` (transformers >= 5.24) or `past_key_values` (5.23)."""
         cache = past_key_values if cache is None else cache
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
-        if inputs_embeds is None:
-            inputs_embeds = self.embed_tokens(input_ids)
         use_cache = getattr(self.config.text_config, "use_cache", True) if use_cache is None else use_cache
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config.text_config)
         if cache is not None:
             self._ensure_cache_layers(cache)
         past = cache.get_seq_length() if cache is not None else 0
-        position_ids = self._positions(inputs_embeds, attention_mask, position_ids, past)
-        routes = Routes(self.given_weights(merge_weights, inputs_embeds.shape[0]))
-        self._check_given(routes.given, prefill=past == 0)
-        # At prefill the routers read the prompt (also when weights are forced: their logits are reported);
-        # afterwards per-sequence weights are fixed and only per-token routers run.
-        routing_mask = self._routing_mask(routing_mask, attention_mask, inputs_embeds, prefill=past == 0)
-        masks = self._masks(inputs_embeds, attention_mask, cache, position_ids)
+        prefill = past == 0
+        # Per-sequence weights are decided at prefill, from the pre-pass, before anything is embedded; afterwards
+        # they are given. At prefill the routers run also when weights are forced: their logits are reported.
+        prepass = prefill and self.config.router_granularity == "sequence"
+        batch = (input_ids if input_ids is not None else inputs_embeds).shape[0]
+        routes = Routes(self.given_weights(merge_weights, batch), self.config.num_routers)
+        self._check_given(routes.given, prefill)
+        static = torch.tensor(self.config.static_weights(), device=self.rotary_emb.inv_freq.device).expand(batch, -1)
+        h = inputs_embeds if inputs_embeds is not None else self._embed(input_ids, static if prepass else routes.weights(0))
+        position_ids = self._positions(h, attention_mask, position_ids, past)
+        routing_mask = self._routing_mask(routing_mask, attention_mask, h, prefill)
+        masks = self._masks(h, attention_mask, cache, position_ids)
         types = self._layer_types()
-        h = inputs_embeds
         common = dict(position_ids=position_ids, position_embeddings=self.rotary_emb(h, position_ids), **{CACHE: cache})
+        if prepass:
+            routes.set(0, *self._prepass(h, static, routing_mask, masks, common, kwargs, routes.weights(0)))
+            if inputs_embeds is None and self.config.routes("embeddings"):
+                h = self._embed(input_ids, routes.weights(0))
         hidden = [h] if output_hidden_states else None
-        shared_at = self.config.router_layer if self.config.merging.shared_router else None
         for i, layer in enumerate(self.layers):
-            if i == shared_at:  # the shared router reads the states entering its layer
-                routes.add(*self.routing.route(self.router, h, routing_mask, routes.weights(0)))
             if isinstance(layer, (MoEMergeDecoderLayer, MoEMergeSparseBlock)):
-                h, w, logits = layer(h, merge_weights=routes.weights(self.config.router_of_layer(i)),
-                                     routing_mask=routing_mask, attention_mask=masks[types[i]], **common, **kwargs)
-                if layer.router is not None:
-                    routes.add(w, logits)
+                k = self.config.router_of_layer(i)
+                routes_here = layer.router is not None and not routes.has(k)
+                h, w, logits = layer(h, merge_weights=routes.weights(k), routing_mask=routing_mask if routes_here else None,
+                                     attention_mask=masks[types[i]], **common, **kwargs)
+                if routes_here:
+                    routes.set(k, w, logits)
             else:
                 h = layer(h, attention_mask=masks[types[i]], **common, **kwargs)
             if hidden is not None:
                 hidden.append(h)
         if self.config.level == "model":
-            routes.add(*self.routing.route(self.router, h, routing_mask, routes.weights(0)))
             last = self._expert_models(h, masks, types, common, kwargs)
         else:
-            last = self.norm(h)
+            with merging([self.norm] if isinstance(self.norm, MergedNorm) else [], routes.weights(-1)):
+                last = self.norm(h)
         return MoEMergeModelOutput(last_hidden_state=last, hidden_states=tuple(hidden) if hidden else None,
                                    merge_weights=routes.stacked("used"), router_logits=routes.stacked("logits"),
                                    **{CACHE: cache})
+
+    def _embed(self, input_ids: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+        if isinstance(self.embed_tokens, MergedEmbedding):
+            with merging([self.embed_tokens], weights):
+                return self.embed_tokens(input_ids)
+        return self.embed_tokens(input_ids)
+
+    def _prepass(self, h, static, routing_mask, masks, common, kwargs, given):
+        """The first router's (weights, logits) from the prompt's states entering layer `prepass_layers` of the
+        static merge, h being its embeddings. No cache: it runs once, at prefill, and decode never sees it."""
+        types, dense = self._layer_types(), self.config.dense_layers
+        common = {**common, CACHE: None}
+        for i in range(self.config.prepass_layers):
+            mask = masks[types[i]]
+            if self.config.level == "model" and i >= dense:  # the expert models' layers, their outputs mixed
+                h = sum(static[:, e, None, None] * expert.layers[i - dense](h, attention_mask=mask, **common, **kwargs)
+                        for e, expert in enumerate(self.experts)).to(h.dtype)
+            elif isinstance(self.layers[i], (MoEMergeDecoderLayer, MoEMergeSparseBlock)):
+                h = self.layers[i](h, merge_weights=static, attention_mask=mask, **common, **kwargs)[0]
+            else:
+                h = self.layers[i](h, attention_mask=mask, **common, **kwargs)
+        return self.routing.route(self.first_router, h, routing_mask, given)
 
     def _expert_models(self, h, masks, types, common, kwargs) -> torch.Tensor:
         """Model level: each expert model's layers and final norm above the dense layers, [E, B, T, H]."""
@@ -482,27 +571,32 @@ class MoEMergeModel(MoEMergePreTrainedModel):
 
 
 class Routes:
-    """The merge weights given for one forward pass and those its routers used, in router order."""
+    """The merge weights given for one forward pass and those its R routers used, by router."""
 
-    def __init__(self, given: torch.Tensor | None):
+    def __init__(self, given: torch.Tensor | None, num_routers: int):
         self.given = given  # [B, R, E] or None
-        self.used: list[torch.Tensor | None] = []
-        self.logits: list[torch.Tensor | None] = []
+        self.used: list[torch.Tensor | None] = [None] * num_routers
+        self.logits: list[torch.Tensor | None] = [None] * num_routers
+
+    def has(self, router: int) -> bool:
+        """Whether `router` already ran in this pass."""
+        return self.used[router] is not None
 
     def weights(self, router: int) -> torch.Tensor | None:
-        """What a layer reading `router` merges with: the given weights, else the router's if it already ran."""
+        """What a part reading `router` merges with: the given weights, else the router's if it already ran."""
         if self.given is not None:
             return self.given[:, router]
-        return self.used[router] if router < len(self.used) else None
+        return self.used[router]
 
-    def add(self, weights: torch.Tensor | None, logits: torch.Tensor | None) -> None:
-        self.used.append(weights)
-        self.logits.append(logits)
+    def set(self, router: int, weights: torch.Tensor | None, logits: torch.Tensor | None) -> None:
+        self.used[router], self.logits[router] = weights, logits
 
     def stacked(self, which: str) -> torch.Tensor | None:
         """[B, R, E] (or [B, R, T, E]) on one device (with device_map, layers sit on several); None if any is."""
+        if which == "used" and self.given is not None:
+            return self.given
         xs = getattr(self, which)
-        return None if not xs or any(x is None for x in xs) else torch.stack([x.to(xs[0].device) for x in xs], 1)
+        return None if any(x is None for x in xs) else torch.stack([x.to(xs[0].device) for x in xs], 1)
 
 
 class MoEMergeForCausalLM(MoEMergePreTrainedModel, GenerationMixin):
@@ -514,6 +608,9 @@ class MoEMergeForCausalLM(MoEMergePreTrainedModel, GenerationMixin):
         text = config.text_config
         if config.level == "model":  # no shared head: each expert's head is its own (its tied embedding, if tied)
             self._tied_weights_keys = None
+        elif config.routes("head"):  # a tied head is the embeddings' very table: merged with the same weights
+            self.lm_head = merged_table(config, "lm_head" if "lm_head" in config.delta_forms else "embed_tokens")
+            self._tied_weights_keys = {"lm_head": "model.embed_tokens.table"}
         else:
             self.lm_head = nn.Linear(text.hidden_size, text.vocab_size, bias=False)
         self.vocab_size = text.vocab_size
@@ -541,6 +638,10 @@ class MoEMergeForCausalLM(MoEMergePreTrainedModel, GenerationMixin):
             w = weights[:, 0]  # [B, E], float32: the experts' logits are mixed in float32
             logits = sum(w[:, e, None, None] * expert.lm_head(last[e][:, keep]).to(w.device)
                          for e, expert in enumerate(self.model.experts)).to(last.dtype)
+        elif isinstance(self.lm_head, MergedLinear):  # the last router's weights, per sequence or per token
+            w = weights[:, -1] if weights.dim() == 3 else weights[:, -1, keep]
+            with merging([self.lm_head], w):
+                logits = self.lm_head(last[:, keep])
         else:
             logits = self.lm_head(last[:, keep])
         loss = None

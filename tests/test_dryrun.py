@@ -81,11 +81,16 @@ def test_stock_plan_of_8x7b_reads_no_tensor_data(seven_b, tmp_path, capsys):
 
 
 def test_dynamic_plan_of_8x7b(seven_b):
-    run = dry_run(MergeConfig.model_validate({**seven_b["recipe"], "method": "smear", "level": "ffn"}))
+    static = dry_run(MergeConfig.model_validate({**seven_b["recipe"], "method": "smear", "level": "ffn",
+                                                 "static": ["embeddings", "norms", "head"]}))
     mlp_params = 3 * 4096 * 14336
     other = MIXTRAL_8X7B_PARAMS - 32 * (8 * mlp_params + 8 * 4096)
     routers = 32 * (8 * 4096 + 8)  # a linear router with a bias per layer
-    assert run.output_bytes == 2 * (other + 32 * 8 * mlp_params + routers)
+    assert static.output_bytes == 2 * (other + 32 * 8 * mlp_params + routers)
+    # by default full fine-tunes are taken to differ everywhere: 8 embedding tables, 8 heads, 8 gains per routed norm
+    run = dry_run(MergeConfig.model_validate({**seven_b["recipe"], "method": "smear", "level": "ffn"}))
+    assert run.output_bytes - static.output_bytes == 2 * 7 * (2 * 32000 * 4096 + (32 + 1) * 4096)
+    assert "routed where the experts may differ: embeddings, norms, head" in run.title
     rows = {r.output: r for r in run.rows}
     assert rows["model.layers.*.mlp.gate_proj.expert_weight"].shape == (8, 14336, 4096)
     assert rows["model.layers.*.mlp.gate_proj.expert_weight"].source == "experts: model.layers.*.mlp.gate_proj.weight"

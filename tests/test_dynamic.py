@@ -25,7 +25,8 @@ from moe_merge.zoo import pico_checkpoint
 from tests.conftest import pico_recipe, write_recipe
 
 PROMPTS = ["shift abcd=", "mirror xy=", "back hello there="]
-# (method, level, which experts, extra recipe keys); twin at full rank is exact.
+# (method, level, which experts, extra recipe keys); twin at full rank is exact. The `all` experts differ in every
+# weight (embeddings, norms and head too), which block and model levels route.
 CASES = [
     ("smear", "ffn", "mlp", {}),
     ("wemoe", "ffn", "mlp", {}),
@@ -38,8 +39,14 @@ CASES = [
     ("smear", "block", "lora", {}),
     ("wemoe", "block", "lora", {}),
     ("twin", "block", "lora", {"twin": {"rank": 64}}),
+    ("smear", "block", "all", {}),
+    ("wemoe", "block", "all", {}),
+    ("twin", "block", "all", {"twin": {"rank": 64}}),
+    ("sparse", "block", "all", {}),
+    ("sparse", "model", "all", {}),
+    ("smear", "block", "all", {"router": {"prepass": 0}}),
 ]
-IDS = [f"{m}-{lv}-{x}" for m, lv, x, _ in CASES]
+IDS = [f"{m}-{lv}-{x}" + "".join(f"-{k}" for k in extra.get("router", {})) for m, lv, x, extra in CASES]
 
 
 @pytest.fixture(scope="session")
@@ -49,6 +56,7 @@ def sources(pico, tmp_path_factory) -> dict:
 
     root = tmp_path_factory.mktemp("dyn")
     linear = [pico_checkpoint(root / f"linear{i}", seed=20 + i, base=pico["base"], perturb="linear") for i in range(3)]
+    every = [pico_checkpoint(root / f"all{i}", seed=40 + i, base=pico["base"], perturb="all") for i in range(3)]
     loras = []
     for i in range(3):
         torch.manual_seed(30 + i)
@@ -59,7 +67,7 @@ def sources(pico, tmp_path_factory) -> dict:
                 torch.nn.init.normal_(p, std=0.1)
         model.save_pretrained(root / f"lora{i}")
         loras.append(root / f"lora{i}")
-    return {"base": pico["base"], "mlp": pico["experts"], "linear": linear, "lora": loras}
+    return {"base": pico["base"], "mlp": pico["experts"], "linear": linear, "lora": loras, "all": every}
 
 
 def _recipe(sources, kind, **overrides) -> MergeConfig:
@@ -237,7 +245,7 @@ def test_bad_dynamic_recipes_name_the_field(pico, overrides, message):
 
 
 @pytest.mark.parametrize("overrides, field", [
-    ({"method": "twin", "twin": {"router_layer": 2}}, "`twin.router_layer: 2` is past the last layer"),
+    ({"method": "twin", "router": {"prepass": 2}}, "`router.prepass: 2` is past the last layer"),
     ({"method": "sparse", "level": "model", "dense_layers": 5}, "`dense_layers: 5` is past the last layer"),
 ])
 def test_layers_past_the_last_are_recipe_errors_not_tracebacks(pico, tmp_path, capsys, overrides, field):
@@ -305,8 +313,11 @@ def test_a_recipe_without_prompts_assembles_and_says_so(pico, tmp_path, router):
     assert model(input_ids=torch.tensor([[1, 5, 6]])).merge_weights.shape == (1, 2, 3)
 
 
-def test_token_level_routing_is_causal_and_batch_exact(sources):
-    model, tok, _ = _build(sources, "wemoe", "ffn", "mlp", {"router": {"granularity": "token"}})
+@pytest.mark.parametrize("level, kind", [("ffn", "mlp"), ("block", "all")])
+def test_token_level_routing_is_causal_and_batch_exact(sources, level, kind):
+    model, tok, _ = _build(sources, "wemoe", level, kind, {"router": {"granularity": "token"}})
+    # per token, the embeddings have no weights yet and stay static; the norms and the head are routed
+    assert model.config.routed_parts == ([] if kind == "mlp" else ["norms", "head"])
     with torch.no_grad():
         out = model(**_enc(tok))
         assert out.merge_weights.dim() == 4  # [B, R, T, E]
@@ -319,9 +330,10 @@ def test_token_level_routing_is_causal_and_batch_exact(sources):
 
 @pytest.mark.parametrize("arch", ["mistral", "qwen2", "qwen3"])
 def test_every_family_reproduces_its_experts_and_generates_with_the_cache(arch, tmp_path):
-    """Qwen2's attention biases (merged as bias task vectors), Qwen3's q/k norms, Mistral's layout."""
+    """Qwen2's attention biases (merged as bias task vectors), Qwen3's q/k norms, Mistral's layout; every weight of
+    the experts differs, so the embeddings, every norm and the head are routed too."""
     base = pico_checkpoint(tmp_path / "base", arch=arch)
-    experts = [pico_checkpoint(tmp_path / f"e{i}", arch=arch, seed=i + 1, base=base, perturb="linear") for i in range(2)]
+    experts = [pico_checkpoint(tmp_path / f"e{i}", arch=arch, seed=i + 1, base=base, perturb="all") for i in range(2)]
     if arch == "qwen2":  # make the attention biases differ too
         from safetensors.torch import load_file, save_file
 

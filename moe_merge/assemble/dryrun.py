@@ -180,15 +180,20 @@ def _dry_run_dynamic(recipe: Recipe, dtype: torch.dtype, shard_size: int) -> Dry
     from transformers import AutoConfig
 
     cfg, base = recipe.config, recipe.base
-    config = dynamic.model_config(recipe, AutoConfig.from_pretrained(base.path))
+    config = dynamic.model_config(recipe, AutoConfig.from_pretrained(base.path), read=False)
     E = len(recipe.experts)
+    energy = f"; twin ranks by energy {cfg.twin.energy}, decided per matrix when built: low-rank sizes here are " \
+             "at full rank, an upper bound" if cfg.merging.svd and cfg.twin.energy is not None else ""
     run = DryRun(f"plan: moe_merge {cfg.method} / {cfg.level} dynamic model from {E} experts of {base.path} "
-                 f"({base.family}); forms {config.delta_forms or 'none'}", _describe_experts(recipe), dtype, shard_size)
+                 f"({base.family}); forms {config.delta_forms or 'none'}; also routed where the experts may differ: "
+                 f"{', '.join(config.routed_parts) or 'nothing'}; the first router reads the static pre-pass at layer "
+                 f"{config.prepass_layers}{energy}", _describe_experts(recipe), dtype, shard_size)
     reads: dict[str, int] = {}  # base tensor -> sources read for it: the base alone, or the base and every expert
     fp32 = 0
     for p in dynamic.plan(recipe, config):
-        run.add(p.name, _describe_dynamic(p, recipe), p.shape)
-        fp32 += math.prod(p.shape) * FLOAT32
+        shape = p.shape if None not in p.shape else tuple(min(base.shape(p.tensor)) if s is None else s for s in p.shape)
+        run.add(p.name, _describe_dynamic(p, recipe), shape)
+        fp32 += math.prod(shape) * FLOAT32
         if p.tensor is not None:
             alone = p.source == "base" or p.source == "static" and cfg.static_method == "base"
             reads[p.tensor] = max(reads.get(p.tensor, 1), 1 if alone else E + 1)

@@ -6,6 +6,9 @@ prints it); `build_state()` executes it, one tensor at a time:
 - routed projections (the MLP at ffn level, every linear layer of the block at block level) hold the
   experts in their method's form: E full weights (smear), W0 + task vectors (wemoe), W0 + LoRA factors when
   every expert is a LoRA adapter, or W0 = the shared merge + SVD factors of each expert's exclusive part (twin);
+- the embeddings, the norms of the routed parts and the final one, and the head are routed the same way
+  where the experts differ there (`routed_parts`, which reads those tensors), unless the recipe's
+  `static` keeps them;
 - sparse block / model levels hold each expert's whole layers (and, at model level, its head);
 - everything else is one static merge of the experts (the method's `static`).
 """
@@ -17,14 +20,15 @@ from pathlib import Path
 
 import torch
 import yaml
+from torch import nn
 from tqdm.auto import tqdm
 
-from moe_merge.arch import ATTN_PROJS, MLP_PROJS, layer_of
+from moe_merge.arch import ATTN_PROJS, LAYER_NORMS, MLP_PROJS, layer_of
 from moe_merge.assemble import report
 from moe_merge.config import MergeConfig
 from moe_merge.errors import CompatibilityError, ConfigError
 from moe_merge.merge import static_merge
-from moe_merge.methods import Method
+from moe_merge.methods import PARTS, Method
 from moe_merge.modeling import MoEMergeConfig, MoEMergeForCausalLM
 from moe_merge.recipe import Recipe, TensorPlan, copy_companions
 from moe_merge.routers import prompt_init
@@ -61,16 +65,59 @@ def _owner(proj: str) -> str:
     return "self_attn" if proj in ATTN_PROJS else "mlp"
 
 
-def plan_forms(recipe: Recipe) -> tuple[dict[str, str], dict[str, int]]:
-    """The merged-linear form (and rank) of each routed projection: the method's form for dense experts; experts
-    that are all LoRA adapters keep their factors (low rank), unless the method takes SVDs of every expert."""
+def _norm_names(level: str, merges: str, names: list[str]) -> list[str]:
+    """The norm tensors routed with the routed parts: each layer's (parameter merges) and the final one."""
+    if level == "model":
+        return []
+    paths = LAYER_NORMS[level] if merges == "parameters" else ()
+    return [n for n in names if n == "model.norm.weight"
+            or (layer_of(n) is not None and n.split(".", 3)[3].removesuffix(".weight") in paths)]
+
+
+def routed_parts(recipe: Recipe, tied: bool, read: bool = True) -> list[str]:
+    """The parts beside the linear layers (embeddings, norms, head) merged per input: where some expert differs
+    from the base, unless the recipe keeps them static. Reads those tensors (the embeddings, head and norms);
+    without `read` (the dry run) a full fine-tune counts as differing and a LoRA adapter where it adapts."""
+    cfg, base = recipe.config, recipe.base
+    static = cfg.static_parts(tied)
+    if tied and ("embeddings" in static) != ("head" in static):
+        raise ConfigError(f"the base {base.path} ties its head to its embeddings, so they are one table: list both "
+                          "`embeddings` and `head` in `static`, or neither")
+    names = list(base.keys())
+    candidates = {"embeddings": ["model.embed_tokens.weight"],
+                  "norms": _norm_names(cfg.level, cfg.merging.merges, names),
+                  "head": ["lm_head.weight"] if cfg.level != "model" and not tied and "lm_head.weight" in names else []}
+    if tied and cfg.level != "model":
+        candidates["head"] = candidates["embeddings"]
+
+    def differs(name: str) -> bool:
+        if not read:
+            return any(not isinstance(e, LoraExpert) or name in e.factors for e in recipe.experts)
+        theta = base.get(name).float()
+        return any(not torch.equal(expert_tensor(e, name, theta.shape), theta) for e in recipe.experts)
+
+    return [part for part in PARTS if part not in static and any(differs(n) for n in candidates[part])]
+
+
+def plan_forms(recipe: Recipe, parts: list[str], tied: bool) -> tuple[dict[str, str], dict[str, int]]:
+    """The merged-linear form (and rank) of each routed projection, and of the routed embeddings and head: the
+    method's form for dense experts; experts that are all LoRA adapters keep their factors (low rank), unless the
+    method takes SVDs of every expert. A rank chosen by energy is left out: the build decides it per matrix."""
     cfg, method = recipe.config, recipe.config.merging
     forms, ranks = {}, {}
+    vocab, hidden = recipe.base.shape("model.embed_tokens.weight")
+    for name, part in (("embed_tokens", "embeddings"), ("lm_head", "head")):
+        if part in parts and not (name == "lm_head" and tied):  # a tied head is the embeddings' table
+            forms[name] = "lowrank" if method.svd else method.part_form
+            if method.svd and (rank := method.rank(cfg, vocab, hidden)) is not None:
+                ranks[name] = rank
     all_lora = all(isinstance(e, LoraExpert) and not e.fan_in_fan_out for e in recipe.experts)
     for proj in routed_projections(method, cfg.level):
         if method.svd:
             out_f, in_f = recipe.base.shape(f"model.layers.0.{_owner(proj)}.{proj}.weight")
-            forms[proj], ranks[proj] = "lowrank", method.rank(cfg, out_f, in_f)
+            forms[proj] = "lowrank"
+            if (rank := method.rank(cfg, out_f, in_f)) is not None:
+                ranks[proj] = rank
         elif all_lora:
             factor_ranks = [A.shape[0] for e in recipe.experts for n, (A, _, _) in e.factors.items()
                             if n.endswith(f".{proj}.weight")]
@@ -80,15 +127,19 @@ def plan_forms(recipe: Recipe) -> tuple[dict[str, str], dict[str, int]]:
     return forms, ranks
 
 
-def model_config(recipe: Recipe, text_config) -> MoEMergeConfig:
+def model_config(recipe: Recipe, text_config, read: bool = True) -> MoEMergeConfig:
+    """The dynamic model's config; `read=False` (the dry run) decides the routed parts without tensor data."""
     cfg, method = recipe.config, recipe.config.merging
     layers = text_config.num_hidden_layers
-    for field, value, used in (("twin.router_layer", method.router_layer(cfg), method.shared_router),
+    explicit_prepass = cfg.router_spec.prepass is not None
+    for field, value, used in (("router.prepass", cfg.prepass, explicit_prepass),
                                ("dense_layers", cfg.dense_layers, cfg.level == "model")):
         if used and value >= layers:
             raise ConfigError(f"`{field}: {value}` is past the last layer: the base {recipe.base.path} has {layers} "
                               f"layers, so it must be at most {layers - 1}")
-    forms, ranks = plan_forms(recipe)
+    tied = bool(text_config.tie_word_embeddings)
+    parts = routed_parts(recipe, tied, read)
+    forms, ranks = plan_forms(recipe, parts, tied)
     spec = cfg.router_spec
     return MoEMergeConfig(
         text_config=text_config.to_dict(),
@@ -104,7 +155,9 @@ def model_config(recipe: Recipe, text_config) -> MoEMergeConfig:
         router_normalize=cfg.normalize,
         router_top_k=min(cfg.top_k, len(recipe.experts)),
         router_temperature=spec.temperature,
-        router_layer=method.router_layer(cfg),
+        routed_parts=parts,
+        prepass_layers=min(cfg.prepass, layers - 1),
+        prepass_weights=method.prepass_weights(cfg, len(recipe.experts)),
         dense_layers=cfg.dense_layers,
         architectures=["MoEMergeForCausalLM"],
         auto_map=AUTO_MAP,
@@ -131,29 +184,43 @@ def _plan_tensor(name: str, shape: tuple[int, ...], config: MoEMergeConfig, E: i
     """The dynamic model's tensors made from base tensor `name`."""
     method, layer = config.merging, layer_of(name)
     rel = name.split(".", 3)[3] if layer is not None else None  # e.g. "self_attn.q_proj.weight"
+    static = [TensorPlan(name, "static", shape, name)]
 
     def each(fmt: str) -> list[TensorPlan]:  # one tensor per expert, named by `fmt`
         return [TensorPlan(fmt.format(e=e), "expert", shape, name, e) for e in range(E)]
 
+    if name == "model.embed_tokens.weight" and config.routes("embeddings"):
+        return _plan_merged("model.embed_tokens.table.weight", name, shape, config, E, "embed_tokens")
     if config.level == "model":
         if name in ("model.norm.weight", "lm_head.weight"):
             return each(f"model.experts.{{e}}.{name.split('.')[-2]}.weight")
         if layer is None or layer < config.dense_layers:
-            return [TensorPlan(name, "static", shape, name)]
+            return static
         return each(f"model.experts.{{e}}.layers.{layer - config.dense_layers}.{rel}")
+    if name == "lm_head.weight" and config.routes("head"):
+        return [] if config.tie_word_embeddings else _plan_merged(name, name, shape, config, E, "lm_head")
+    if config.routes("norms") and name in _norm_names(config.level, method.merges, [name]):
+        return _plan_merged(name, name, shape, config, E, None, layer)
     if method.merges == "outputs":
-        return each(f"model.layers.{layer}.experts.{{e}}.{rel}") if layer is not None else [TensorPlan(name, "static", shape, name)]
+        return each(f"model.layers.{layer}.experts.{{e}}.{rel}") if layer is not None else static
     proj = rel.split(".")[1] if rel else None
-    if proj not in config.delta_forms or (method.shared_router and layer < config.router_layer):
-        return [TensorPlan(name, "static", shape, name)]
-    prefix, kind = name.rsplit(".", 1)
-    form = config.delta_forms[proj]
+    if proj not in config.delta_forms:
+        return static
+    return _plan_merged(name, name, shape, config, E, proj, layer)
+
+
+def _plan_merged(target: str, name: str, shape: tuple[int, ...], config: MoEMergeConfig, E: int, proj: str | None,
+                 layer: int | None = None) -> list[TensorPlan]:
+    """A routed tensor `target` (`{prefix}.weight` or `.bias`) from base tensor `name`, in the form of projection
+    `proj` (a norm: the method's form for vectors): E expert tensors, or W0 plus dense or low-rank task vectors."""
+    prefix, kind = target.rsplit(".", 1)
+    form = config.delta_forms[proj] if proj else config.merging.part_form
     if form == "full":
         return [TensorPlan(f"{prefix}.expert_{kind}", "experts", (E, *shape), name)]
-    w0 = [TensorPlan(name, "static" if method.w0 == "static" else "base", shape, name)]
-    if kind == "bias" or form == "dense":
+    w0 = [TensorPlan(target, "static" if config.merging.w0 == "static" else "base", shape, name)]
+    if len(shape) == 1 or form == "dense":
         return w0 + [TensorPlan(f"{prefix}.delta_{kind}", "deltas", (E, *shape), name)]
-    rank, factors = config.delta_ranks[proj], "svd" if method.svd else "lora"
+    rank, factors = config.rank_of(layer, proj), "svd" if config.merging.svd else "lora"
     return w0 + [TensorPlan(f"{prefix}.lora_A", f"{factors}_A", (E, rank, shape[1]), name),
                  TensorPlan(f"{prefix}.lora_B", f"{factors}_B", (E, shape[0], rank), name)]
 
@@ -205,20 +272,51 @@ def expert_tensor(expert, name: str, shape, dtype: torch.dtype = torch.float32) 
     return t
 
 
-def svd_factors(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """A [r, K], B [N, r] with B @ A the best rank-r approximation of `delta` [N, K].
+FULL_SVD_UP_TO = 1024  # min(out, in) up to which the energy rank takes a full SVD; above it, a randomized one
 
-    Exact SVD in float64; if LAPACK fails to converge (it does on some checkpoints), a randomized
-    low-rank SVD instead.
+
+def _svd(d: torch.Tensor, q: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """U, S, Vh of `d` (float64): exact, or randomized with `q` columns. LAPACK fails to converge on some
+    checkpoints; a randomized SVD stands in then."""
+    if q is None:
+        try:
+            return torch.linalg.svd(d, full_matrices=False)
+        except RuntimeError:
+            logger.warning("SVD did not converge on a %s matrix; using a randomized low-rank SVD", tuple(d.shape))
+            q = min(d.shape)
+    U, S, V = torch.svd_lowrank(d, q=min(q, min(d.shape)), niter=6)
+    return U, S, V.T
+
+
+def energy_rank(S: torch.Tensor, total: torch.Tensor, energy: float) -> int:
+    """The smallest r whose top-r singular values hold `energy` of `total` (= ||Δ||², Σ of every σ²)."""
+    if total == 0:
+        return 1
+    held = torch.cumsum(S.double() ** 2, 0) / total
+    return min(int(torch.searchsorted(held, torch.tensor(energy, dtype=held.dtype) - 1e-12)) + 1, S.numel())
+
+
+def svd_factors(delta: torch.Tensor, rank: int | None = None, energy: float | None = None,
+                full_svd_up_to: int = FULL_SVD_UP_TO) -> tuple[torch.Tensor, torch.Tensor]:
+    """A [r, K], B [N, r] with B @ A the best rank-r approximation of `delta` [N, K], in float64 arithmetic.
+
+    `rank` fixes r; `energy` picks the smallest r holding that share of Σ σ². Above `full_svd_up_to` the energy
+    rank comes from a randomized SVD whose width doubles until its factors hold the energy: B·A = U_r U_rᵀ Δ is a
+    projection, so what it holds is Σ of its σ², exactly, and the rank is at most a little above the optimum.
     """
     d = delta.double()
-    try:
-        U, S, Vh = torch.linalg.svd(d, full_matrices=False)
-    except RuntimeError:
-        logger.warning("SVD did not converge on a %s matrix; using a randomized low-rank SVD", tuple(d.shape))
-        U, S, V = torch.svd_lowrank(d, q=min(rank + 10, min(d.shape)), niter=8)
-        Vh = V.T
-    r = min(rank, S.numel())
+    if energy is None:
+        U, S, Vh = _svd(d)
+        r = min(rank, S.numel())
+    else:
+        total = d.pow(2).sum()
+        q = None if min(d.shape) <= full_svd_up_to else 64
+        while True:
+            U, S, Vh = _svd(d, q)
+            if q is None or (S.double() ** 2).sum() >= energy * total or q >= min(d.shape):
+                break
+            q *= 2
+        r = rank = energy_rank(S, total, energy)
     A = torch.zeros(rank, d.shape[1], dtype=d.dtype)
     B = torch.zeros(d.shape[0], rank, dtype=d.dtype)
     A[:r], B[:, :r] = Vh[:r], U[:, :r] * S[:r]
@@ -237,8 +335,8 @@ def lora_factors(expert: LoraExpert, name: str, rank: int, shape, dtype) -> tupl
 class TensorBuilder:
     """Executes plan entries: each tensor from the sources, computed in `dtype` (float32; float64 in tests)."""
 
-    def __init__(self, recipe: Recipe, seed: int, dtype: torch.dtype):
-        self.recipe, self.dtype = recipe, dtype
+    def __init__(self, recipe: Recipe, config: MoEMergeConfig, seed: int, dtype: torch.dtype):
+        self.recipe, self.config, self.dtype = recipe, config, dtype
         self.static = StaticMerge(recipe, seed, dtype)
         self._factors: tuple[str, torch.Tensor, torch.Tensor] | None = None  # A and B are planned in turn
 
@@ -268,12 +366,20 @@ class TensorBuilder:
         return self.recipe.base.get(name).to(self.dtype)
 
     def _factor(self, p: TensorPlan) -> torch.Tensor:
-        """svd_A/B or lora_A/B [E, r, K] / [E, N, r]; both come from one computation."""
+        """svd_A/B or lora_A/B [E, r, K] / [E, N, r]; both come from one computation. A rank left open (by energy)
+        is each expert's energy rank, the largest of them for the module (the others zero-padded), and goes into
+        the model config's `delta_ranks`."""
         if self._factors is None or self._factors[0] != p.tensor:
             rank = p.shape[1] if p.source.endswith("_A") else p.shape[2]
             if p.source.startswith("svd"):
                 w0 = self._w0(p.tensor)
-                factors = [svd_factors(t - w0, rank) for t in self._thetas(p.tensor)]
+                energy = self.recipe.config.twin.energy if rank is None else None
+                factors = [svd_factors(t - w0, rank, energy) for t in self._thetas(p.tensor)]
+                if rank is None:
+                    rank = max(a.shape[0] for a, _ in factors)
+                    factors = [(nn.functional.pad(a, (0, 0, 0, rank - a.shape[0])),
+                                nn.functional.pad(b, (0, rank - b.shape[1]))) for a, b in factors]
+                    self.config.delta_ranks[_rank_key(p.name)] = rank
             else:
                 shape = self.recipe.base.shape(p.tensor)
                 factors = [lora_factors(e, p.tensor, rank, shape, self.dtype) for e in self.recipe.experts]
@@ -281,9 +387,18 @@ class TensorBuilder:
         return self._factors[1] if p.source.endswith("_A") else self._factors[2]
 
 
+def _rank_key(planned: str) -> str:
+    """`delta_ranks`' key for a low-rank tensor: "{layer}.{proj}", or "embed_tokens" / "lm_head"."""
+    layer, module = layer_of(planned), planned.rsplit(".", 1)[0]
+    if layer is None:
+        return "embed_tokens" if module.startswith("model.embed_tokens") else "lm_head"
+    return f"{layer}.{module.rsplit('.', 1)[1]}"
+
+
 def build_state(recipe: Recipe, config: MoEMergeConfig, seed: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Every tensor of the dynamic model but the routers, executed from `plan`, one tensor at a time."""
-    build = TensorBuilder(recipe, seed, dtype)
+    """Every tensor of the dynamic model but the routers, executed from `plan`, one tensor at a time. Ranks chosen
+    by energy are written into `config.delta_ranks` as they are decided."""
+    build = TensorBuilder(recipe, config, seed, dtype)
     entries = [p for p in plan(recipe, config) if p.source != "router"]
     return {p.name: build(p) for p in tqdm(entries, desc="building", disable=None)}
 
@@ -300,7 +415,7 @@ def build_model(recipe: Recipe, seed: int, dtype: torch.dtype = torch.float32) -
         model = MoEMergeForCausalLM(config).to(dtype)
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if ".router." not in k and not k.startswith("model.router.")
-               and not (k == "lm_head.weight" and config.tie_word_embeddings)]
+               and not (k.startswith("lm_head.") and config.tie_word_embeddings)]
     if missing or unexpected:
         raise RuntimeError(f"internal error: built tensors do not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
     if config.tie_word_embeddings:

@@ -142,11 +142,12 @@ def routing_report(model, tokenizer, config: MergeConfig, labels: list[str],
     return {**_report(config, labels, routers, everywhere), "warnings": []}
 
 
-def _router_layer(model_config, k: int) -> int | None:
-    """The layer whose input router k reads: its own layer, the shared router's layer, or None (model level)."""
-    if model_config.level == "model":
-        return None
-    return model_config.router_layer if model_config.merging.shared_router else k
+def _router_layer(model_config, k: int) -> int:
+    """The layer whose input router k reads: the first router (per sequence) that of the static pre-pass, the
+    others their own."""
+    if k == 0 and model_config.router_granularity == "sequence":
+        return model_config.prepass_layers
+    return k
 
 
 # ----------------------------------------------------------------------------------------- both

@@ -14,6 +14,7 @@ import torch
 
 from moe_merge.errors import ConfigError
 from moe_merge.merged_linear import MergedLinear
+from moe_merge.merged_norm import MergedEmbedding, MergedNorm
 from moe_merge.modeling import MoEMergeDecoderLayer, MoEMergeForCausalLM, MoEMergeSparseBlock
 from moe_merge.outdir import atomic_output_dir
 from moe_merge.recipe import copy_companions
@@ -36,9 +37,20 @@ def _expert_of(w: torch.Tensor, where: str) -> int:
     return e
 
 
+MERGED = (MergedLinear, MergedNorm)  # the modules whose tensors are merged per input; each has `merged(w)`
+
+
+def fixed(module: torch.nn.Module, w: torch.Tensor) -> torch.Tensor:
+    """A merged module's weight (a norm's gain, an embedding's table) for fixed weights w [E]; a plain one's own."""
+    if isinstance(module, MergedEmbedding):
+        module = module.table
+    return module.merged(w)[0] if isinstance(module, MERGED) else module.weight
+
+
 @torch.no_grad()
 def baked_state(model: MoEMergeForCausalLM, weights: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The base architecture's state dict for merge weights [R, E] (or [E] for every router)."""
+    """The base architecture's state dict for merge weights [R, E] (or [E] for every router): the embeddings take
+    the first router's weights, the final norm and head the last's."""
     cfg = model.config
     w = weights.expand(cfg.num_routers, cfg.num_experts)
     inner, state = model.model, {}
@@ -47,19 +59,19 @@ def baked_state(model: MoEMergeForCausalLM, weights: torch.Tensor) -> dict[str, 
         for k, v in module.state_dict().items():
             state[prefix + k] = v
 
-    state["model.embed_tokens.weight"] = inner.embed_tokens.weight
+    state["model.embed_tokens.weight"] = fixed(inner.embed_tokens, w[0])
     for i, layer in enumerate(inner.layers):
         dst = f"model.layers.{i}."
         if isinstance(layer, MoEMergeDecoderLayer):
             wi = w[cfg.router_of_layer(i)]
-            merged = {n: m for n, m in layer.named_modules() if isinstance(m, MergedLinear)}
+            merged = {n: m for n, m in layer.named_modules() if isinstance(m, MERGED)}
             for n, m in merged.items():
                 weight, bias = m.merged(wi)
                 state[f"{dst}{n}.weight"] = weight
                 if bias is not None:
                     state[f"{dst}{n}.bias"] = bias
             for n, m in layer.named_modules():
-                if not isinstance(m, (MergedLinear, Router)) and n.split(".")[0] != "router":
+                if not isinstance(m, (*MERGED, Router)) and n.split(".")[0] != "router":
                     for k, v in m.named_parameters(recurse=False):
                         state[f"{dst}{n}.{k}"] = v
         elif isinstance(layer, MoEMergeSparseBlock):
@@ -73,8 +85,8 @@ def baked_state(model: MoEMergeForCausalLM, weights: torch.Tensor) -> dict[str, 
         state["model.norm.weight"] = expert.norm.weight
         state["lm_head.weight"] = expert.lm_head.weight
     else:
-        state["model.norm.weight"] = inner.norm.weight
-        state["lm_head.weight"] = model.lm_head.weight
+        state["model.norm.weight"] = fixed(inner.norm, w[-1])
+        state["lm_head.weight"] = fixed(model.lm_head, w[-1])
     return state
 
 

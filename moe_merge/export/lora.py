@@ -24,7 +24,9 @@ import yaml
 from torch import nn
 
 from moe_merge.errors import CompatibilityError, ConfigError, SourceError
+from moe_merge.export.bake import fixed
 from moe_merge.merged_linear import MergedLinear
+from moe_merge.merged_norm import MergedNorm
 from moe_merge.modeling import MoEMergeForCausalLM
 from moe_merge.routers.router import Router
 from moe_merge.sources import Checkpoint, hub_id, resolve_path
@@ -91,10 +93,11 @@ def delta_factors(model: MoEMergeForCausalLM, weights: torch.Tensor, base: Check
     w = weights.double().expand(cfg.num_routers, cfg.num_experts)
     ref = _Base(base)
     inner = model.model
-    ref.require_equal("model.embed_tokens.weight", inner.embed_tokens.weight)
-    ref.require_equal("model.norm.weight", inner.norm.weight)
-    if not cfg.tie_word_embeddings:
-        ref.require_equal("lm_head.weight", model.lm_head.weight)
+    ref.require_equal("model.embed_tokens.weight", fixed(inner.embed_tokens, w[0]))
+    ref.require_equal("model.norm.weight", fixed(inner.norm, w[-1]))
+    if not cfg.tie_word_embeddings or isinstance(model.lm_head, MergedLinear):  # merged: the last router's weights
+        ref.require_equal("model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight",
+                          fixed(model.lm_head, w[-1]))
     out: dict[str, Factors] = {}
     for i, layer in enumerate(inner.layers):
         wi = w[cfg.router_of_layer(i)]
@@ -102,6 +105,9 @@ def delta_factors(model: MoEMergeForCausalLM, weights: torch.Tensor, base: Check
             if n == "router" or n.startswith("router.") or isinstance(m, Router):
                 continue
             name = f"model.layers.{i}.{n}"
+            if isinstance(m, MergedNorm):
+                ref.require_equal(f"{name}.weight", fixed(m, wi))
+                continue
             if isinstance(m, MergedLinear):
                 factors = _merged_factors(m, wi, name, ref)
             elif isinstance(m, nn.Linear):
