@@ -345,6 +345,8 @@ class MoEMergePreTrainedModel(PreTrainedModel):
         elif isinstance(module, Router):
             for p in module.parameters(recurse=False):
                 init.zeros_(p)
+            init.zeros_(module.input_center)
+            init.ones_(module.input_scale)
         else:
             super()._init_weights(module)
 

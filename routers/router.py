@@ -9,6 +9,13 @@ Routers keep float32 (or wider) parameters and compute their logits in float32 w
 model is cast to or loaded in: prompt-fitted routers have weights in the hundreds, and bf16 rounding
 is the size of their logit gaps.
 
+Every router first standardizes its input, (h − center) · scale per feature, with the mean and spread
+of its input over the recipe's prompts (`set_standardization`; identity until set). Pooled hidden
+states share a large common part and differ between tasks by little, so a router reading them raw
+needs weights in the hundreds: a router trained from zero (WEMoE's task-arithmetic start) would need
+thousands of Adam steps to grow them, and a fitted one moves by as little. Standardized, the weights
+that separate the tasks are of order one.
+
 Every kind can start as a prompt-initialised linear router (`set_rows`; the MLP is set up so its
 output is exactly that linear router's) or as a constant (`set_constant`; WEMoE starts its routers at
 task arithmetic, b = lambda with the last weight at zero).
@@ -39,6 +46,22 @@ class Router(nn.Module):
             self.fc2 = nn.Linear(width, num_experts)
         else:
             self.bias = nn.Parameter(torch.zeros(num_experts))
+        self.register_buffer("input_center", torch.zeros(hidden_size))
+        self.register_buffer("input_scale", torch.ones(hidden_size))
+
+    @torch.no_grad()
+    def set_standardization(self, states: torch.Tensor) -> None:
+        """Standardize inputs with the per-feature mean and spread of `states` [N, H] (the router's inputs on
+        prompts). A feature that does not vary gets the typical features' scale, not an infinite one."""
+        states = states.double()
+        std = states.std(0) if len(states) > 1 else torch.ones_like(states[0])
+        std = std.clamp(min=1e-3 * std.mean().clamp(min=1e-12))
+        self.input_center.copy_(states.mean(0))
+        self.input_scale.copy_(1.0 / std)
+
+    def standardize(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., H] in the coordinates the router's weights read, float32 or wider."""
+        return (x.to(self._dtype()) - self.input_center) * self.input_scale
 
     def _apply(self, fn, recurse=True):
         """`model.to(torch.bfloat16)` and kin move a router but never narrow it below float32."""
@@ -49,7 +72,7 @@ class Router(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., H] -> logits [..., E], in float32 (or the router's wider dtype) whatever the model dtype."""
-        x = x.to(self._dtype())
+        x = self.standardize(x)
         if self.kind == "linear":
             logits = self.proj(x)
         elif self.kind == "mlp":
@@ -64,7 +87,7 @@ class Router(nn.Module):
     @torch.no_grad()
     def set_rows(self, rows: torch.Tensor, bias: torch.Tensor | None = None,
                  generator: torch.Generator | None = None) -> None:
-        """Become the linear router h -> rows @ h + bias. The MLP uses ReLU(z) - ReLU(-z) = z."""
+        """Become the linear router h -> rows @ standardize(h) + bias. The MLP uses ReLU(z) - ReLU(-z) = z."""
         num_experts = rows.shape[0]
         bias = torch.zeros(num_experts) if bias is None else bias
         if self.kind == "linear":

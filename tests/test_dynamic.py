@@ -354,3 +354,61 @@ def test_every_family_reproduces_its_experts_and_generates_with_the_cache(arch, 
             torch.testing.assert_close(got[real], want[real], rtol=0, atol=1e-9)
         kw = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
         assert torch.equal(model.generate(**enc, **kw), model.generate(**enc, use_cache=False, **kw))
+
+
+def test_the_prepass_runs_once_at_prefill_and_never_while_decoding(sources, monkeypatch):
+    from moe_merge.modeling import MoEMergeModel
+
+    model, tok, _ = _build(sources, "smear", "block", "all", {"router": {"prepass": 1}})
+    calls = []
+    real = MoEMergeModel._prepass
+    monkeypatch.setattr(MoEMergeModel, "_prepass", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
+    out = model.generate(**_enc(tok), max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert out.shape[1] == _enc(tok)["input_ids"].shape[1] + 6 and len(calls) == 1
+
+
+def test_the_first_router_reads_the_static_prepass_whatever_the_weights(sources):
+    """Its input is the static merge's (the method's fixed weights) up to layer `prepass`: forcing other merge weights,
+    as the prompt initialisation does, leaves what it reads unchanged."""
+    model, tok, recipe = _build(sources, "wemoe", "block", "all", {"router": {"prepass": 1}})
+    seen = []
+    handle = model.model.first_router.register_forward_pre_hook(lambda _m, args: seen.append(args[0].clone()))
+    with torch.no_grad():
+        for e in range(3):
+            model(**_enc(tok), merge_weights=torch.nn.functional.one_hot(torch.tensor(e), 3).double(), use_cache=False)
+    handle.remove()
+    torch.testing.assert_close(seen[0], seen[1], rtol=0, atol=0)
+    torch.testing.assert_close(seen[0], seen[2], rtol=0, atol=0)
+
+
+def test_energy_rank_is_the_smallest_that_holds_the_energy_full_or_randomized():
+    torch.manual_seed(0)
+    U, _ = torch.linalg.qr(torch.randn(300, 300, dtype=torch.float64))
+    V, _ = torch.linalg.qr(torch.randn(200, 200, dtype=torch.float64))
+    sigma = 0.9 ** torch.arange(200, dtype=torch.float64)  # a decaying spectrum, as task vectors have
+    delta = U[:, :200] * sigma @ V.T
+    total = (sigma**2).sum()
+    for energy in (0.5, 0.9, 0.99):
+        A, B = svd_factors(delta, energy=energy)
+        r = A.shape[0]
+        assert (sigma[:r] ** 2).sum() / total >= energy > (sigma[: r - 1] ** 2).sum() / total
+        assert ((B @ A) ** 2).sum() / total >= energy - 1e-12
+        A2, B2 = svd_factors(delta, energy=energy, full_svd_up_to=16)  # the randomized SVD
+        assert ((B2 @ A2) ** 2).sum() / total >= energy - 1e-9 and r <= A2.shape[0] <= r + 2
+
+
+def test_twin_rank_by_energy_is_chosen_per_matrix_and_loads_back(sources, tmp_path):
+    from moe_merge.assemble.dynamic import svd_factors as factors_of
+    from moe_merge.merged_linear import LowRankMergedLinear
+
+    out = assemble(_recipe(sources, "all", method="twin", level="block", twin={"rank": {"energy": 0.9}}), tmp_path / "t")
+    model = AutoModelForCausalLM.from_pretrained(out)
+    ranks = model.config.delta_ranks
+    assert {k for k in ranks if "." in k} == {f"{i}.{p}" for i in range(2) for p in
+                                             ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")}
+    assert len(set(ranks.values())) > 1  # one rank per matrix, not one for all
+    m = model.model.layers[1].mlp.down_proj
+    assert isinstance(m, LowRankMergedLinear) and m.lora_A.shape[1] == ranks["1.down_proj"]
+    # the module's rank is the largest expert's energy rank: that expert's exclusive part is held to 0.9
+    assert ranks["1.down_proj"] == max(factors_of(m.lora_B[e].double() @ m.lora_A[e].double(), energy=1.0)[0].shape[0]
+                                       for e in range(3))

@@ -229,7 +229,7 @@ def _plan_routers(config: MoEMergeConfig) -> list[TensorPlan]:
     text = config.text_config
     with torch.device("meta"):
         router = Router(text.hidden_size, config.num_experts, config.router_kind, config.router_hidden_size)
-    shapes = [(n, tuple(p.shape)) for n, p in router.named_parameters()]
+    shapes = [(n, tuple(p.shape)) for n, p in (*router.named_parameters(), *router.named_buffers())]
     own = config.merging.shared_router or config.level == "model"  # the model's own router, else one per layer
     prefixes = ["model.router"] if own else [f"model.layers.{i}.router" for i in range(config.num_routers)]
     return [TensorPlan(f"{prefix}.{n}", "router", shape) for prefix in prefixes for n, shape in shapes]
@@ -463,9 +463,18 @@ def router_inputs(model, tokenizer, prompts: list[str], expert: int | None) -> l
 
 
 def init_routers(model: MoEMergeForCausalLM, tokenizer, config: MergeConfig, seed: int) -> list[float | None]:
-    """Start every router as the recipe says; returns each router's calibration scale (None if none)."""
+    """Start every router as the recipe says; returns each router's calibration scale (None if none). Every router
+    with prompts to read first standardizes its input by their spread (routers/router.py), whatever its start."""
     spec, rs = config.router_spec, routers(model)
     g = torch.Generator().manual_seed(seed)
+    positive = negative = None
+    if all(e.positive_prompts for e in config.experts):
+        # Worked examples, where given, are more samples of the same task: they steady the discriminant.
+        positive = [router_inputs(model, tokenizer, e.positive_prompts + e.examples, i) for i, e in enumerate(config.experts)]
+        negative = [router_inputs(model, tokenizer, e.negative_prompts, i) if e.negative_prompts else None
+                    for i, e in enumerate(config.experts)]
+        for k, r in enumerate(rs):
+            r.set_standardization(torch.cat([p[k] for p in positive]))
     if spec.init == "uniform":
         for r in rs:
             r.set_constant(0.0)
@@ -477,17 +486,14 @@ def init_routers(model: MoEMergeForCausalLM, tokenizer, config: MergeConfig, see
             else:
                 r.set_random(spec.random_std, generator=g)
         return [None] * len(rs)
-    # Worked examples, where given, are more samples of the same task: they steady the discriminant.
-    positive = [router_inputs(model, tokenizer, e.positive_prompts + e.examples, i) for i, e in enumerate(config.experts)]
-    negative = [router_inputs(model, tokenizer, e.negative_prompts, i) if e.negative_prompts else None
-                for i, e in enumerate(config.experts)]
     scales = []
     for k, r in enumerate(rs):
-        weight, bias = prompt_init.lda([p[k] for p in positive], [n[k] if n else None for n in negative], config.ridge)
+        pos = [r.standardize(p[k]) for p in positive]
+        neg = [r.standardize(n[k]) if n else None for n in negative]
+        weight, bias = prompt_init.lda(pos, neg, config.ridge)
         scale = None
         if config.calibration_target is not None and config.normalize != "none":
-            weight, scale = prompt_init.calibrate(weight, torch.cat([p[k] for p in positive]), config.calibration_target,
-                                                  bias=bias)
+            weight, scale = prompt_init.calibrate(weight, torch.cat(pos), config.calibration_target, bias=bias)
             bias = bias * scale
         r.set_rows(weight, bias, generator=g)
         scales.append(scale)

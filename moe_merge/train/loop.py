@@ -161,7 +161,7 @@ def load_router_state(model, path: Path) -> None:
 
 
 @torch.no_grad()
-def evaluate(model, held: train_data.Encoded, args: TrainRouterArgs, stock: bool, k: int, accelerator,
+def evaluate(model, held: train_data.Encoded, args: TrainRouterArgs, stock: bool, k: int, raw: bool, accelerator,
              pad_id: int) -> dict[str, float]:
     """Held-out objective (every term, weighted as in training), LM loss and routing accuracy, over all processes."""
     model.eval()
@@ -169,7 +169,7 @@ def evaluate(model, held: train_data.Encoded, args: TrainRouterArgs, stock: bool
     sums = torch.zeros(len(weights) + 3, dtype=torch.float64, device=accelerator.device)
     for start in range(accelerator.process_index * args.batch_size, len(held), args.batch_size * accelerator.num_processes):
         batch = _to(train_data.collate(held.rows[start : start + args.batch_size], pad_id), accelerator.device)
-        _, terms, out = objectives.objective(model, batch, weights, stock, k)
+        _, terms, out = objectives.objective(model, batch, weights, stock, k, raw=raw)
         n = batch["input_ids"].shape[0]
         sums[: len(weights)] += torch.stack([terms[t].double() * n for t in weights])
         sums[-3] += n
@@ -291,7 +291,7 @@ class Run:
 
     def __init__(self, accelerator, model, args: TrainRouterArgs, run_dir: Path, held: train_data.Encoded, pad_id: int):
         self.accelerator, self.args, self.run_dir, self.held, self.pad_id = accelerator, args, run_dir, held, pad_id
-        self.stock, self.k = objectives.is_stock(model), objectives.top_k(model)
+        self.stock, self.k, self.raw = objectives.is_stock(model), objectives.top_k(model), objectives.raw_weights(model)
         self.trainable = objectives.freeze_all_but_routers(model)
         self.n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
         self.n_total = sum(p.numel() for p in model.parameters())
@@ -324,7 +324,7 @@ class Run:
 
     def consider(self, step: int) -> int:
         """Evaluate on the held-out rows; keep the routers if they are the best so far. Returns `step`."""
-        metrics = evaluate(self.model, self.held, self.args, self.stock, self.k, self.accelerator, self.pad_id)
+        metrics = evaluate(self.model, self.held, self.args, self.stock, self.k, self.raw, self.accelerator, self.pad_id)
         self.log({"step": step, "eval": metrics})
         if self.best is None or metrics["objective"] < self.best["objective"]:
             self.best = {"step": step, **metrics}
@@ -371,7 +371,7 @@ class Run:
             with acc.accumulate(self.model):
                 loss, terms, _ = objectives.objective(self.model, batch, args.objective, self.stock, self.k,
                                                       objectives.totals([train.rows[i] for i in global_rows]),
-                                                      acc.num_processes)
+                                                      acc.num_processes, self.raw)
                 acc.backward(loss)
                 if acc.sync_gradients and args.max_grad_norm > 0:
                     acc.clip_grad_norm_(self.params, args.max_grad_norm)

@@ -6,7 +6,9 @@ dynamic model's `Router`, and the top-k routers of transformers' Mixtral, Qwen2-
 Objectives, combined with weights (`--objective lm=1,routing=0.5`):
 - `lm`: next-token cross-entropy on the merged model, on the completion only;
 - `routing`: cross-entropy of every router's logits against the row's `expert` label
-  (Twin-Merging's task-ID classification);
+  (Twin-Merging's task-ID classification); for raw merge weights (`normalize: none`, WEMoE's
+  task-vector weights), whose scale is the merge itself, the squared distance of the weights to the
+  expert's one-hot vector, which is the merge weights that reproduce it;
 - `entropy`: entropy of the model's next-token distribution on the target tokens
   (AdaMerging / WEMoE test-time adaptation: no labels needed);
 - `balance`: Switch-style load balancing, E · Σ_e f_e P_e per router, where the units routed are
@@ -73,19 +75,27 @@ def router_param_groups(model: nn.Module) -> list[dict]:
     Routers fitted from prompts have weights of any size (an LDA router's can be in the hundreds, a
     mergekit `hidden` router's near one); Adam moves each weight by about lr per step whatever its size, so
     one absolute lr would freeze some routers and scramble others. Scaling by the RMS of the router's
-    parameters makes `lr` the relative change per step.
+    parameters makes `lr` the relative change per step. A router that starts at zero or at a constant (WEMoE's
+    task-arithmetic start) has no scale of its own: it gets the RMS that gives logits of spread one on
+    standardized inputs, 1/sqrt(H).
     """
     groups = []
     for module in model.modules():
         if isinstance(module, ROUTER_TYPES):
             params = [p for p in module.parameters() if p.requires_grad]
             rms = torch.cat([p.detach().float().flatten() for p in params]).pow(2).mean().sqrt().item()
-            groups.append({"params": params, "scale": max(rms, 1e-2)})
+            width = max(p.shape[-1] for p in params if p.dim() == 2) if any(p.dim() == 2 for p in params) else 1
+            groups.append({"params": params, "scale": max(rms, width**-0.5)})
     return groups
 
 
 def is_stock(model: nn.Module) -> bool:
     return getattr(model.config, "model_type", None) != "moe_merge"
+
+
+def raw_weights(model: nn.Module) -> bool:
+    """Whether the router logits are the merge weights themselves (`normalize: none`)."""
+    return not is_stock(model) and model.config.router_normalize == "none"
 
 
 def top_k(model: nn.Module) -> int:
@@ -135,15 +145,19 @@ def entropy_loss(logits: torch.Tensor, labels: torch.Tensor, over: tuple[int, in
 
 
 def routing_loss(router_logits: torch.Tensor, mask: torch.Tensor, expert: torch.Tensor,
-                 over: tuple[int, int] | None = None) -> torch.Tensor:
-    """Cross-entropy of every router's logits against the row's expert: per labelled row, the mean over its
-    routers and routed units, then the mean over labelled rows."""
+                 over: tuple[int, int] | None = None, raw: bool = False) -> torch.Tensor:
+    """Cross-entropy of every router's logits against the row's expert (`raw`: the squared distance of the raw
+    weights to its one-hot vector): per labelled row, the mean over its routers and routed units, then the mean
+    over labelled rows."""
     labelled = expert >= 0
     if not labelled.any():  # keep the graph (DDP expects every router to get a gradient)
         return router_logits.sum() * 0.0
     lg, m = router_logits[labelled], mask[labelled].float()  # [b, R, S, E], [b, S]
     target = expert[labelled].view(-1, 1, 1).expand(lg.shape[:-1])
-    ce = F.cross_entropy(lg.flatten(0, 2).float(), target.flatten(), reduction="none").view(target.shape)
+    if raw:
+        ce = (lg.float() - F.one_hot(target, lg.shape[-1]).float()).pow(2).sum(-1)
+    else:
+        ce = F.cross_entropy(lg.flatten(0, 2).float(), target.flatten(), reduction="none").view(target.shape)
     w = m.unsqueeze(1).expand_as(ce)
     per_row = (ce * w).sum((1, 2)) / w.sum((1, 2)).clamp(min=1)
     return _mean(per_row.sum(), labelled.sum(), over)
@@ -173,10 +187,10 @@ def routing_hits(router_logits: torch.Tensor, mask: torch.Tensor, expert: torch.
 
 
 def objective(model: nn.Module, batch: dict, weights: dict[str, float], stock: bool, k: int,
-              global_totals: dict[str, int] | None = None, processes: int = 1,
+              global_totals: dict[str, int] | None = None, processes: int = 1, raw: bool = False,
               ) -> tuple[torch.Tensor, dict[str, torch.Tensor], object]:
     """The weighted loss, each term (detached) and the model's output. `model` may be wrapped (DDP), so
-    whether it is a stock MoE and its top-k come from the caller. With `global_totals` (`totals` of the whole
+    whether it is a stock MoE, its top-k and whether its weights are raw come from the caller. With `global_totals` (`totals` of the whole
     global batch) the means are this process's share of the global batch's, for DDP."""
     def over(key):
         return None if global_totals is None else (global_totals[key], processes)
@@ -192,7 +206,7 @@ def objective(model: nn.Module, batch: dict, weights: dict[str, float], stock: b
     if "routing" in weights or "balance" in weights:
         logits, mask = routing_logits(out, batch, stock)
         if "routing" in weights:
-            terms["routing"] = routing_loss(logits, mask, batch["expert"], over("labelled"))
+            terms["routing"] = routing_loss(logits, mask, batch["expert"], over("labelled"), raw)
         if "balance" in weights:
             terms["balance"] = balance_loss(logits, mask, k)
     loss = sum(weights[k] * v for k, v in terms.items())
