@@ -20,41 +20,45 @@ DYNAMIC = [("smear", "ffn"), ("wemoe", "ffn"), ("twin", "ffn"), ("smear", "block
            ("twin", "block"), ("sparse", "block"), ("sparse", "model")]
 
 
-# Router-only fine-tuning runs: (zoo variant, name, recipe overrides, objective). The demo trains the first.
+TRAIN_STEPS = 300  # router-only steps for every trained row (the goal's budget)
+OBJECTIVE = {"lm": 1.0, "routing": 1.0}
+# Router-training runs beyond the dynamic table (whose every model is trained from its prompt start): starts no
+# prompt fixes, WEMoE's own recipe, and the stock export. (zoo variant, name, recipe overrides, objective)
 ROUTER_RUNS = [
-    ("mlp", "wemoe ffn, task-arithmetic start", {
-        "method": "wemoe", "level": "ffn", "router": {"init": "random", "normalize": "none"}}, {"lm": 1.0, "routing": 1.0}),
+    ("mlp", "wemoe ffn, task-arithmetic start (raw weights)", {
+        "method": "wemoe", "level": "ffn", "router": {"init": "random", "normalize": "none"}}, OBJECTIVE),
     ("mlp", "wemoe ffn, task-arithmetic start, entropy (WEMoE's recipe)", {
         "method": "wemoe", "level": "ffn", "router": {"init": "random", "normalize": "none"}}, {"entropy": 1.0}),
-    ("mlp", "sparse ffn (stock Mixtral, fit, top-1)", {"router": {"init": "fit"}, "experts_per_token": 1}, {"lm": 1.0, "routing": 1.0}),
-    ("mlp", "smear ffn", {"method": "smear", "level": "ffn"}, {"lm": 1.0, "routing": 1.0}),
-    ("mlp", "wemoe ffn", {"method": "wemoe", "level": "ffn"}, {"lm": 1.0, "routing": 1.0}),
-    ("mlp", "twin ffn", {"method": "twin", "level": "ffn"}, {"lm": 1.0, "routing": 1.0}),
-    ("full", "smear block", {"method": "smear", "level": "block"}, {"lm": 1.0, "routing": 1.0}),
-    ("full", "wemoe block", {"method": "wemoe", "level": "block"}, {"lm": 1.0, "routing": 1.0}),
-    ("full", "twin block", {"method": "twin", "level": "block"}, {"lm": 1.0, "routing": 1.0}),
-    ("full", "sparse block", {"method": "sparse", "level": "block"}, {"lm": 1.0, "routing": 1.0}),
-    ("full", "sparse model", {"method": "sparse", "level": "model"}, {"lm": 1.0, "routing": 1.0}),
+    ("mlp", "wemoe ffn, uniform start (softmax, 1/E each)", {
+        "method": "wemoe", "level": "ffn", "router": {"init": "uniform"}}, OBJECTIVE),
+    ("mlp", "sparse ffn (stock Mixtral, fit, top-2)", {"router": {"init": "fit"}, "experts_per_token": 2}, OBJECTIVE),
+    ("mlp", "sparse ffn (stock Mixtral, fit, top-1)", {"router": {"init": "fit"}, "experts_per_token": 1}, OBJECTIVE),
 ]
+
+
+def train(model_dir: Path, run_dir: Path, data: Path, steps: int, objective: dict[str, float]) -> tuple[dict, dict]:
+    """Train only the routers of `model_dir` on `data`; (exact match after, the run's summary)."""
+    from moe_merge.train.loop import TrainRouterArgs, train_router
+
+    summary = train_router(model_dir, run_dir, TrainRouterArgs(
+        data=data, steps=steps, lr=0.05, batch_size=16, objective=objective, eval_every=50, save_every=steps, force=True))
+    return evaluate(run_dir / "model"), summary
 
 
 def train_and_score(zoo_dir: Path, out: Path, run: tuple, data: Path, steps: int) -> dict:
     """Assemble one recipe training-free, train only its routers on `data`, score both on the eval words."""
     from moe_merge.assemble import assemble
     from moe_merge.config import MergeConfig
-    from moe_merge.train.loop import TrainRouterArgs, train_router
 
     variant, name, overrides, objective = run
     experts = expert_scores(zoo_dir, variant)
     slug = f"{variant}-{name.split(',')[0].split(' (')[0].replace(' ', '-')}-{ROUTER_RUNS.index(run)}"
     model_dir = assemble(MergeConfig.model_validate(zoo.zoo_recipe(zoo_dir, variant, **overrides)), out / slug, force=True)
     before = evaluate(model_dir)
-    summary = train_router(model_dir, out / f"{slug}-run", TrainRouterArgs(
-        data=data, steps=steps, lr=0.05, batch_size=16, objective=objective, eval_every=50, save_every=steps, force=True))
-    after = evaluate(out / f"{slug}-run" / "model")
-    worst = {k: min(s[t] / experts[t] for t in zoo.EXPERT_TASKS) for k, s in (("before", before), ("after", after))}
+    after, summary = train(model_dir, out / f"{slug}-run", data, steps, objective)
     return {"variant": variant, "name": name, "objective": objective, "steps": steps, "before": before, "after": after,
-            "worst": worst, "seconds_per_step": summary["seconds_per_step"], "train_minutes": summary["train_minutes"]}
+            "worst": {"before": worst(before, experts), "after": worst(after, experts)},
+            "seconds_per_step": summary["seconds_per_step"], "train_minutes": summary["train_minutes"]}
 
 
 def router_rows(results: list[dict]) -> str:
@@ -65,6 +69,23 @@ def router_rows(results: list[dict]) -> str:
         lines.append(f"| {r['variant']} | {r['name']} | {'+'.join(r['objective'])} | {cells} | "
                      f"{r['worst']['before']:.0%} → {r['worst']['after']:.0%} | {r['seconds_per_step']:.3f} |")
     return "\n".join(lines)
+
+
+def worst(scores: dict[str, float], experts: dict[str, float]) -> float:
+    """The worst task's score relative to its expert's."""
+    return min(scores[t] / experts[t] for t in zoo.EXPERT_TASKS if experts[t] > 0)
+
+
+def oracle(model_dir: Path) -> dict[str, float]:
+    """Each task with the merge weights forced one-hot to its expert: what perfect routing would score."""
+    from transformers import AutoModelForCausalLM
+
+    from moe_merge.quality import oracle_scores
+
+    rows = [{"prompt": zoo.prompt(t, w), "completion": zoo.apply_task(t, w), "task": t}
+            for t in zoo.EXPERT_TASKS for w in zoo.task_prompts(t)["eval_words"]]
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    return {t: s for t, (s, _) in oracle_scores(model, load_tokenizer(model_dir), rows).items()}
 
 
 def evaluate(model_dir: Path) -> dict[str, float]:
@@ -81,9 +102,9 @@ def expert_scores(zoo_dir: Path, variant: str) -> dict[str, float]:
     return {e["name"]: zoo.scores(zoo.load_checkpoint(e["source_model"]), tok, [e["name"]])[e["name"]] for e in experts}
 
 
-def _row(name: str, scores: dict[str, float], experts: dict[str, float]) -> str:
-    worst = min(scores[t] / experts[t] for t in zoo.EXPERT_TASKS if experts[t] > 0)
-    return f"| {name} | " + " | ".join(f"{scores[t]:.0%}" for t in zoo.EXPERT_TASKS) + f" | {worst:.0%} |"
+def _row(name: str, scores: dict[str, float], experts: dict[str, float], *more: float) -> str:
+    cells = [scores[t] for t in zoo.EXPERT_TASKS] + [worst(scores, experts), *more]
+    return f"| {name} | " + " | ".join(f"{c:.0%}" for c in cells) + " |"
 
 
 def static_scores(zoo_dir: Path, variant: str, method: str) -> dict[str, float]:
@@ -102,17 +123,19 @@ def static_scores(zoo_dir: Path, variant: str, method: str) -> dict[str, float]:
     return zoo.scores(model, load_tokenizer(recipe.base.path))
 
 
-def run_demo(out: Path) -> dict:
-    from moe_merge.assemble import assemble
-    from moe_merge.config import MergeConfig
+DEMO_RUNS = (0, 3)  # of ROUTER_RUNS: the task-arithmetic start and the stock top-2 export (the rest: examples/)
 
+
+def run_demo(out: Path) -> dict:
     zoo_dir = zoo.ensure_zoo()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     print(f"zoo: {zoo_dir}")
-    header = ("| model | " + " | ".join(zoo.EXPERT_TASKS) + " | worst task vs its expert |\n|---|"
-              + "---|" * (len(zoo.EXPERT_TASKS) + 1))
-    results: dict[str, dict[str, dict[str, float]]] = {}
+    data = out / "router-training-rows.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in zoo.router_training_rows(80)))
+    tasks = " | ".join(zoo.EXPERT_TASKS)
+    header = f"| model | {tasks} | worst task vs its expert |\n|---|" + "---|" * (len(zoo.EXPERT_TASKS) + 1)
+    results: dict[str, dict] = {}
     for variant in zoo.VARIANTS:
         experts = expert_scores(zoo_dir, variant)
         base = zoo.scores(zoo.load_checkpoint(zoo_dir / "base"), load_tokenizer(zoo_dir / "base"))
@@ -124,18 +147,21 @@ def run_demo(out: Path) -> dict:
         for method in STATIC:
             rows[f"static {method}"] = scores = static_scores(zoo_dir, variant, method)
             print(_row(f"static {method}", scores, experts))
-        runs = [(name, overrides) for name, overrides in SPARSE_FFN.items()]
-        runs += [(f"{method} {level}", {"method": method, "level": level}) for method, level in DYNAMIC]
-        for name, overrides in runs:
-            recipe = zoo.zoo_recipe(zoo_dir, variant, **overrides)
-            target = out / f"{variant}-{name.split(',')[0].replace(' ', '-')}{'-' + str(len(rows)) if ',' in name else ''}"
-            (out / f"{target.name}.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
-            assemble(MergeConfig.model_validate(recipe), target, force=True)
-            rows[name] = scores = evaluate(target)
+        for name, overrides in SPARSE_FFN.items():
+            target = out / f"{variant}-{name.split(',')[0].replace(' ', '-')}-{len(rows)}"
+            rows[name] = scores = evaluate(_assemble(zoo_dir, variant, overrides, target))
             print(_row(name, scores, experts))
-        if variant == "full":
-            print("\nFFN level cannot recover what full fine-tunes learned in attention: only block level, model level "
-                  "and twin block touch it.")
+        print(f"\nDynamic models, training-free; the oracle forces each task's merge weights one-hot to its expert; "
+              f"then {TRAIN_STEPS} steps of router-only training on 400 mixed rows (the worst task vs its expert):\n")
+        print(f"| model | {tasks} | worst | oracle: worst | trained: worst |\n|---|" + "---|" * (len(zoo.EXPERT_TASKS) + 3))
+        for method, level in DYNAMIC:
+            name = f"{method} {level}"
+            target = _assemble(zoo_dir, variant, {"method": method, "level": level}, out / f"{variant}-{method}-{level}")
+            scores, best = evaluate(target), oracle(target)
+            after, summary = train(target, out / f"{variant}-{method}-{level}-run", data, TRAIN_STEPS, OBJECTIVE)
+            rows[name] = {"training-free": scores, "oracle": best, "trained": after,
+                          "seconds_per_step": summary["seconds_per_step"]}
+            print(_row(name, scores, experts, worst(best, experts), worst(after, experts)))
     last = out / "mlp-smear-ffn"
     report = json.loads((last / "routing_report.json").read_text())
     print(f"\nrouting report of {last.name}: share of each expert's held-out prompts routed to it, per router")
@@ -143,17 +169,25 @@ def run_demo(out: Path) -> dict:
         print(f"  router {k}: " + "  ".join(f"{e} {a:.0%}" for e, a in zip(report["experts"], acc)))
     print(f"\nsamples from {last.name} (greedy), with the merge weights each prompt chose:")
     _samples(last)
-    print("\n## router-only fine-tuning (moe-merge train-router): exact match after, on 400 mixed-task rows\n")
-    data = out / "router-training-rows.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in zoo.router_training_rows(80)))
-    trained = [train_and_score(zoo_dir, out, ROUTER_RUNS[0], data, steps=150)]
+    print(f"\n## router-only fine-tuning from starts no prompt fixes ({TRAIN_STEPS} steps, 400 mixed rows)\n")
+    trained = [train_and_score(zoo_dir, out, ROUTER_RUNS[i], data, TRAIN_STEPS) for i in DEMO_RUNS]
     print(router_rows(trained))
-    print(f"\n{trained[0]['seconds_per_step']:.3f} s per step, {trained[0]['train_minutes']:.2f} min of training on "
-          f"this CPU; `python examples/router_training.py` runs every method.")
+    print(f"\n{trained[0]['seconds_per_step']:.3f} s per step on this CPU; `python examples/router_training.py` runs "
+          "every start.")
     results["router training"] = trained
     (out / "quality.json").write_text(json.dumps(results, indent=2))
     print(f"\nmodels, recipes, routing reports (JSON + PNG) and quality.json are in {out.absolute()}")
     return results
+
+
+def _assemble(zoo_dir: Path, variant: str, overrides: dict, target: Path) -> Path:
+    """Assemble the zoo variant with `overrides` into `target`, its recipe written beside it."""
+    from moe_merge.assemble import assemble
+    from moe_merge.config import MergeConfig
+
+    recipe = zoo.zoo_recipe(zoo_dir, variant, **overrides)
+    (target.parent / f"{target.name}.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return assemble(MergeConfig.model_validate(recipe), target, force=True)
 
 
 def _samples(model_dir: Path) -> None:

@@ -2,6 +2,9 @@
 
 The eval file is JSON lines with `prompt`, `completion` and an optional `expert` (the task's column;
 rows without one count under `all`): the same rows router training reads, so one file serves both.
+Beside the routed scores, a dynamic model's table holds the oracle: each expert's task with the merge
+weights forced one-hot to that expert. Where the routed score falls short of the oracle the routers are
+to blame; where the oracle falls short of the expert, the merge's capacity is.
 """
 
 from __future__ import annotations
@@ -38,8 +41,10 @@ def load_eval_rows(path: Path | str) -> list[dict]:
 
 
 @torch.no_grad()
-def exact_match(model, tokenizer, rows: list[dict], batch_size: int = 32) -> dict[str, tuple[float, int]]:
-    """Task -> (share of rows whose greedy completion, up to the end-of-sequence token, is `completion`; rows)."""
+def exact_match(model, tokenizer, rows: list[dict], batch_size: int = 32,
+                merge_weights: torch.Tensor | None = None) -> dict[str, tuple[float, int]]:
+    """Task -> (share of rows whose greedy completion, up to the end-of-sequence token, is `completion`; rows).
+    `merge_weights` ([E], dynamic models) forces the routing."""
     from moe_merge.tokens import pad_token_for
 
     pad_token_for(tokenizer)
@@ -53,14 +58,31 @@ def exact_match(model, tokenizer, rows: list[dict], batch_size: int = 32) -> dic
             chunk = task_rows[i : i + batch_size]
             enc = tokenizer([r["prompt"] for r in chunk], return_tensors="pt", padding=True, padding_side="left")
             longest = max(len(tokenizer(r["completion"], add_special_tokens=False)["input_ids"]) for r in chunk)
+            forced = {} if merge_weights is None else {"merge_weights": merge_weights}
             out = model.generate(**enc.to(model.device), max_new_tokens=longest + 1, do_sample=False,
-                                 pad_token_id=tokenizer.pad_token_id)
+                                 pad_token_id=tokenizer.pad_token_id, **forced)
             for r, ids in zip(chunk, out[:, enc["input_ids"].shape[1] :]):
                 hits += tokenizer.decode(ids, skip_special_tokens=True).strip() == r["completion"].strip()
         scores[task] = (hits / len(task_rows), len(task_rows))
     return scores
 
 
+def oracle_scores(model, tokenizer, rows: list[dict]) -> dict[str, tuple[float, int]]:
+    """Each expert's task (rows whose `task` is an expert's name) with the merge weights one-hot to that expert."""
+    names = list(getattr(model.config, "expert_names", None) or [])
+    scores = {}
+    for e, name in enumerate(names):
+        own = [r for r in rows if r["task"] == name]
+        if own:
+            one_hot = torch.nn.functional.one_hot(torch.tensor(e), len(names)).float()
+            scores.update(exact_match(model, tokenizer, own, merge_weights=one_hot))
+    return scores
+
+
 def quality_table(model, tokenizer, path: Path, rows: list[dict]) -> dict:
-    """What the card's quality section shows."""
-    return {"file": Path(path).name, "scores": exact_match(model.eval(), tokenizer, rows)}
+    """What the card's quality section shows: routed scores and, for a dynamic model, the oracle's."""
+    model.eval()
+    table = {"file": Path(path).name, "scores": exact_match(model, tokenizer, rows)}
+    if getattr(model.config, "model_type", None) == "moe_merge":
+        table["oracle"] = oracle_scores(model, tokenizer, rows)
+    return table

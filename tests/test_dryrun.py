@@ -85,7 +85,7 @@ def test_dynamic_plan_of_8x7b(seven_b):
                                                  "static": ["embeddings", "norms", "head"]}))
     mlp_params = 3 * 4096 * 14336
     other = MIXTRAL_8X7B_PARAMS - 32 * (8 * mlp_params + 8 * 4096)
-    routers = 32 * (8 * 4096 + 8)  # a linear router with a bias per layer
+    routers = 32 * (8 * 4096 + 8 + 2 * 4096)  # per layer a linear router: weight, bias, input center and scale
     assert static.output_bytes == 2 * (other + 32 * 8 * mlp_params + routers)
     # by default full fine-tunes are taken to differ everywhere: 8 embedding tables, 8 heads, 8 gains per routed norm
     run = dry_run(MergeConfig.model_validate({**seven_b["recipe"], "method": "smear", "level": "ffn"}))

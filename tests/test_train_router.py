@@ -280,3 +280,36 @@ def test_qwen_moe_routers_train_alone(family):
     loss.backward()
     assert set(terms) == {"lm", "routing", "balance"}
     assert all((p.grad is not None) == (n in names) for n, p in model.named_parameters())
+
+
+def _held_out_routing_accuracy(run_dir: Path) -> tuple[float, float]:
+    evals = [json.loads(line)["eval"] for line in (run_dir / "log.jsonl").read_text().splitlines() if '"eval"' in line]
+    return evals[0]["routing_accuracy"], evals[-1]["routing_accuracy"]
+
+
+def test_training_corrects_a_misinitialised_router(zoo_dir, models, tmp_path):
+    """Prompt-fitted routers with their experts swapped (each sends `shift` prompts to `mirror` and back) route
+    held-out rows wrongly; router training undoes it, on rows it never fits nor stops on."""
+    model_dir = assemble(MergeConfig.model_validate(zoo.zoo_recipe(zoo_dir, "mlp", method="smear", level="ffn")),
+                         tmp_path / "fitted")
+    state = tensors(model_dir)
+    for name in [k for k in state if ".router.proj." in k]:
+        state[name] = state[name][[1, 0, 2, 3, 4]]
+    from safetensors.torch import save_file
+
+    save_file(state, model_dir / "model.safetensors", metadata={"format": "pt"})
+    train_router(model_dir, tmp_path / "run", TrainRouterArgs(data=models["data"], steps=100, lr=0.05, batch_size=16,
+                                                             objective={"lm": 1.0, "routing": 1.0}, eval_every=20))
+    before, after = _held_out_routing_accuracy(tmp_path / "run")
+    assert before <= 0.8 and after >= 0.95
+
+
+def test_raw_merge_weights_are_trained_toward_one_hot():
+    """With `normalize: none` (WEMoE's raw task-vector weights) the routing target is the expert's one-hot weights,
+    which reproduce it: the loss is zero there and nowhere else, whatever the softmax of those logits."""
+    expert = torch.tensor([1, 0])
+    mask = torch.ones(2, 1)
+    one_hot = torch.tensor([[[[0.0, 1.0, 0.0]]], [[[1.0, 0.0, 0.0]]]])  # [B, R, S, E]
+    assert objectives.routing_loss(one_hot, mask, expert, raw=True) == 0
+    assert objectives.routing_loss(one_hot * 2, mask, expert, raw=True) == pytest.approx(1.0)
+    assert objectives.routing_loss(one_hot * 2, mask, expert) < objectives.routing_loss(one_hot, mask, expert)

@@ -46,11 +46,18 @@ def _quality(quality: dict | None) -> str:
         return ""
     tasks = list(quality["scores"])
     mean = sum(s for s, _ in quality["scores"].values()) / len(tasks)
-    return (
+    text = (
         f"\n## Quality\n\nExact match of greedy completions on `{quality['file']}` (rows per task in brackets):\n\n"
         f"| model | {' | '.join(tasks)} | mean |\n|---|{'---|' * (len(tasks) + 1)}\n"
         f"| this model | {' | '.join(f'{s:.0%} ({n})' for s, n in quality['scores'].values())} | {mean:.0%} |\n"
     )
+    oracle = quality.get("oracle")
+    if oracle:
+        cells = [f"{oracle[t][0]:.0%}" if t in oracle else "n/a" for t in tasks]
+        text += (f"| oracle (merge weights one-hot to the task's expert) | {' | '.join(cells)} | |\n\n"
+                 "Where this model falls short of the oracle, its routers are to blame; where the oracle falls short "
+                 "of the expert itself, the merge is.\n")
+    return text
 
 
 def _recipe_yaml(cfg) -> str:
