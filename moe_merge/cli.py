@@ -236,8 +236,9 @@ def _demo_parser(sub, verbose: argparse.ArgumentParser) -> None:
         parents=[verbose],
         help="build the zoo, assemble it, print routing and per-task accuracy",
         description="End-to-end demo on the tiny zoo (cached in $MOE_MERGE_CACHE or ~/.cache/moe_merge): "
-        "assembles the MLP-only and the full fine-tune variants, prints the routing report and each task's "
-        "exact match for every expert, the base and the assembled MoE, and generates a few samples.",
+        "assembles the MLP-only and the full fine-tune variants, prints each task's exact match for every expert, "
+        "the base, static merges, the stock exports and every dynamic method x level (training-free, with the oracle "
+        "of one-hot routing, and after 300 steps of router-only training), the routing report and a few samples.",
     )
     p.add_argument("--out", type=Path, default=Path("demo-out"), help="where to write the assembled models")
 

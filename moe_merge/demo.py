@@ -37,11 +37,17 @@ ROUTER_RUNS = [
 
 
 def train(model_dir: Path, run_dir: Path, data: Path, steps: int, objective: dict[str, float]) -> tuple[dict, dict]:
-    """Train only the routers of `model_dir` on `data`; (exact match after, the run's summary)."""
+    """Train only the routers of `model_dir` on `data`; (exact match after, the run's summary). The run's own
+    lines go to its log.jsonl, not to the demo's table."""
+    import contextlib
+    import io
+
     from moe_merge.train.loop import TrainRouterArgs, train_router
 
-    summary = train_router(model_dir, run_dir, TrainRouterArgs(
-        data=data, steps=steps, lr=0.05, batch_size=16, objective=objective, eval_every=50, save_every=steps, force=True))
+    with contextlib.redirect_stdout(io.StringIO()):
+        summary = train_router(model_dir, run_dir, TrainRouterArgs(
+            data=data, steps=steps, lr=0.05, batch_size=16, objective=objective, eval_every=50, save_every=steps,
+            force=True))
     return evaluate(run_dir / "model"), summary
 
 

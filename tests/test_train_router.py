@@ -313,3 +313,11 @@ def test_raw_merge_weights_are_trained_toward_one_hot():
     assert objectives.routing_loss(one_hot, mask, expert, raw=True) == 0
     assert objectives.routing_loss(one_hot * 2, mask, expert, raw=True) == pytest.approx(1.0)
     assert objectives.routing_loss(one_hot * 2, mask, expert) < objectives.routing_loss(one_hot, mask, expert)
+
+
+def test_per_token_routing_accuracy_counts_every_token():
+    """One row, two tokens: the first routed right by a wide margin, the second wrong by a little. The mean of the
+    probabilities would call the row right; per token it is one decision of two."""
+    logits = torch.tensor([[9.0, 0.0], [0.0, 1.0]]).view(1, 1, 2, 2)
+    assert objectives.routing_hits(logits, torch.ones(1, 2), torch.tensor([0])) == (1, 2)
+    assert objectives.routing_hits(logits, torch.tensor([[1.0, 0.0]]), torch.tensor([0])) == (1, 1)  # padding

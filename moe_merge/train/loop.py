@@ -43,6 +43,8 @@ ROUTERS_FILE = "routers.safetensors"
 BEST_FILE = "best_routers.safetensors"
 STATE_FILE = "trainer_state.json"
 WEIGHT_SUFFIXES = (".safetensors", ".safetensors.index.json", ".bin", ".bin.index.json")
+BETTER_BY, BETTER_BY_AT_LEAST = 0.01, 1e-3  # a later step must lower the best held-out objective by this share
+# of it, and by at least this much, to replace it
 # Settings that change the result: --resume refuses a run directory written with other values.
 RESUME_KEYS = ("model_dir", "data", "eval_data", "eval_fraction", "steps", "lr", "batch_size", "grad_accum",
                "objective", "warmup", "weight_decay", "max_grad_norm", "seed", "max_length")
@@ -323,10 +325,13 @@ class Run:
                 f.write(json.dumps(entry) + "\n")
 
     def consider(self, step: int) -> int:
-        """Evaluate on the held-out rows; keep the routers if they are the best so far. Returns `step`."""
+        """Evaluate on the held-out rows; keep the routers if they beat the best so far by more than `BETTER_BY` of
+        its objective and `BETTER_BY_AT_LEAST` (less is noise on a few dozen rows: the routers there first stay).
+        Returns `step`."""
         metrics = evaluate(self.model, self.held, self.args, self.stock, self.k, self.raw, self.accelerator, self.pad_id)
         self.log({"step": step, "eval": metrics})
-        if self.best is None or metrics["objective"] < self.best["objective"]:
+        margin = max(BETTER_BY * abs(self.best["objective"]), BETTER_BY_AT_LEAST) if self.best is not None else 0.0
+        if self.best is None or metrics["objective"] < self.best["objective"] - margin:
             self.best = {"step": step, **metrics}
             if self.accelerator.is_main_process:
                 save_file(router_state(self.unwrapped, self.trainable), self.run_dir / "best" / ROUTERS_FILE)

@@ -177,13 +177,12 @@ def balance_loss(router_logits: torch.Tensor, mask: torch.Tensor, k: int) -> tor
 
 @torch.no_grad()
 def routing_hits(router_logits: torch.Tensor, mask: torch.Tensor, expert: torch.Tensor) -> tuple[int, int]:
-    """(correct, total) decisions over labelled rows and every router: argmax of the mean probability."""
+    """(correct, total) decisions over labelled rows and every router: each routed unit's argmax (a per-token
+    router decides every token, and an average over them would hide the tokens it sends elsewhere)."""
     labelled = expert >= 0
-    probs = torch.softmax(router_logits[labelled].float(), dim=-1)
-    m = mask[labelled].float()[:, None, :, None]
-    mean = (probs * m).sum(2) / m.sum(2).clamp(min=1)  # [b, R, E]
-    hits = (mean.argmax(-1) == expert[labelled].unsqueeze(1)).sum()
-    return int(hits), int(mean.shape[0] * mean.shape[1])
+    lg, m = router_logits[labelled], mask[labelled].bool()  # [b, R, S, E], [b, S]
+    right = (lg.argmax(-1) == expert[labelled].view(-1, 1, 1)) & m[:, None, :]
+    return int(right.sum()), int(m.sum() * lg.shape[1])
 
 
 def objective(model: nn.Module, batch: dict, weights: dict[str, float], stock: bool, k: int,
