@@ -1,6 +1,6 @@
 """Router-only fine-tuning on the tiny zoo: exact match per task before and after, for every method.
 
-    python examples/router_training.py [--steps 150] [--out router-training-out] [--only TEXT]
+    python examples/router_training.py [--steps 300] [--out router-training-out] [--only TEXT]
 
 Each model starts as `moe-merge assemble` builds it, then `train-router` trains only its routers on
 400 mixed-task prompt/completion rows (no held-out eval word among them). Prints a markdown table
@@ -18,7 +18,7 @@ from moe_merge import demo, zoo
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=150, help="optimizer steps per model (default 150)")
+    parser.add_argument("--steps", type=int, default=300, help="optimizer steps per model (default 300)")
     parser.add_argument("--out", type=Path, default=Path("router-training-out"), help="models, runs, results.json")
     parser.add_argument("--only", help="run only the models whose name contains this text")
     args = parser.parse_args()

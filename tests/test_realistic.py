@@ -26,12 +26,14 @@ from moe_merge.config import MergeConfig, load_config
 from moe_merge.assemble.report import routing_report
 from moe_merge.tokens import load_tokenizer
 
-RECIPES = {  # name -> (zoo variant, recipe overrides); MLP-only experts, so one-hot routing is each expert
+RECIPES = {  # name -> (zoo variant, recipe overrides): recipes where one-hot routing is each expert
     "stock": ("mlp", {"router": {"init": "fit"}, "experts_per_token": 1}),
     "smear-ffn": ("mlp", {"method": "smear", "level": "ffn"}),
     "twin-ffn": ("mlp", {"method": "twin", "level": "ffn", "twin": {"rank_fraction": 1.0}}),
     "wemoe-block": ("mlp", {"method": "wemoe", "level": "block"}),
     "sparse-model": ("mlp", {"method": "sparse", "level": "model"}),
+    # full fine-tunes: the tied embedding table (= head), every norm, q/k norms included, routed
+    "smear-block-full": ("full", {"method": "smear", "level": "block"}),
 }
 DYNAMIC = [name for name in RECIPES if name != "stock"]
 
@@ -102,7 +104,7 @@ def test_one_hot_weights_reproduce_each_expert(built, batch, realistic_zoo, name
     _, _, enc = batch
     positions = (enc["attention_mask"].cumsum(-1) - 1).clamp(min=0)
     real = enc["attention_mask"].bool()
-    for e, expert in enumerate(zoo.zoo_recipe(realistic_zoo, "mlp")["experts"]):
+    for e, expert in enumerate(zoo.zoo_recipe(realistic_zoo, RECIPES[name][0])["experts"]):
         with torch.no_grad():
             got = model(**enc, merge_weights=torch.nn.functional.one_hot(torch.tensor(e), 5)).logits
             want = zoo.load_checkpoint(expert["source_model"])(**enc, position_ids=positions).logits
@@ -151,6 +153,18 @@ def test_cache_and_left_padding_change_nothing(built, batch, name):
     assert_close_in_bf16(got, want, torch.ones(got.shape[:2], dtype=torch.bool))
     # the routers read bf16 hidden states, which padding changes by a rounding: the weights move by < 1e-2
     torch.testing.assert_close(out.merge_weights, torch.cat([a.merge_weights for a in alone]), rtol=0, atol=1e-2)
+
+
+def test_a_routed_tied_head_is_the_embedding_table_on_disk_and_in_memory(built, batch, tmp_path):
+    model = AutoModelForCausalLM.from_pretrained(built["smear-block-full"])
+    assert model.config.routed_parts == ["embeddings", "norms", "head"]
+    assert model.lm_head.expert_weight is model.model.embed_tokens.table.expert_weight
+    with safe_open(built["smear-block-full"] / "model.safetensors", "pt") as f:
+        assert not any(k.startswith("lm_head.") for k in f.keys())
+    # one-hot weights give the same table to the embeddings and the head: the baked model stays tied
+    assert cli_main(["bake", str(built["smear-block-full"]), str(tmp_path / "b"), "--weights", "0,1,0,0,0"]) == 0
+    baked, info = AutoModelForCausalLM.from_pretrained(tmp_path / "b", output_loading_info=True)
+    assert not any(info.values()) and baked.config.tie_word_embeddings
 
 
 def test_model_level_heads_are_each_experts_tied_embedding(built, realistic_zoo):
@@ -239,3 +253,15 @@ def test_push_to_the_hub_stand_in(built, tmp_path):
                                  capture_output=True, text=True, env=env)
             assert run.returncode == 0, run.stderr
             assert hub.repos[f"me/{name}"].branches["main"] == _files(built[name])
+
+
+def test_static_parts_stay_the_static_merge_and_a_tied_table_is_kept_whole(realistic_zoo, tmp_path):
+    from moe_merge.errors import ConfigError
+
+    recipe = zoo.zoo_recipe(realistic_zoo, "full", method="smear", level="block", static=["embeddings", "norms", "head"])
+    model = AutoModelForCausalLM.from_pretrained(assemble(MergeConfig.model_validate(recipe), tmp_path / "s"))
+    assert model.config.routed_parts == [] and isinstance(model.model.embed_tokens, torch.nn.Embedding)
+    recipe["static"] = ["embeddings"]
+    with pytest.raises(ConfigError, match="ties its head to its embeddings"):
+        assemble(MergeConfig.model_validate(recipe), tmp_path / "t")
+    assert not (tmp_path / "t").exists()
