@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 
 import pytest
+import torch
 import yaml
 from huggingface_hub import ModelCard
 
@@ -82,6 +84,15 @@ def test_quality_table_equals_the_zoo_exact_match(zoo_dir, tmp_path):
     assert want["shift"] > 0.5  # a meaningful check, not 0 = 0
     row = " | ".join(f"{want[t]:.0%} (8)" for t in tasks)
     assert f"| this model | {row} | {sum(want.values()) / 2:.0%} |" in card.text
+    # the oracle row: each task with the merge weights forced one-hot to its expert, by the zoo's own scorer
+    generate, oracle = model.generate, {}
+    for e, t in enumerate(tasks):
+        model.generate = functools.partial(generate, merge_weights=torch.nn.functional.one_hot(torch.tensor(e), 2).float())
+        oracle[t] = zoo.exact_match(model, tok, t, words[t])
+    cells = " | ".join(f"{oracle[t]:.0%}" for t in tasks)
+    assert f"| oracle (merge weights one-hot to the task's expert) | {cells} | |" in card.text
+    assert "also routed with per-input merge weights: nothing" in card.text  # MLP-only experts differ nowhere else
+    assert "entering layer 1 of the static merge" in card.text
     assert "base_model" not in card.data.to_dict() and "base_model_relation" not in card.data.to_dict()  # local sources
 
 

@@ -537,5 +537,5 @@ def assemble_dynamic(recipe: Recipe, out_dir: Path, *, shown: Recipe, tokenizer,
         copy_companions(recipe.base.path, tmp)
         (tmp / "moe-merge.yaml").write_text(yaml.safe_dump(shown.config.resolved(), sort_keys=False))
         report.write(rep, tmp)
-        card.write_dynamic_card(tmp, shown, rep, quality)
+        card.write_dynamic_card(tmp, shown, rep, quality, shipped.config)
     return Path(out_dir)

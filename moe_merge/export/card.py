@@ -127,9 +127,11 @@ The resolved recipe (`moe-merge.yaml`), every default spelled out:
     ModelCard(text).save(Path(out_dir) / "README.md")
 
 
-def write_dynamic_card(out_dir: Path, recipe: Recipe, rep: dict, quality: dict | None = None) -> None:
-    """The card of a moe_merge dynamic model (remote code; `trust_remote_code=True` or `import moe_merge`). The
-    card is one template read top to bottom, hence its length."""
+def write_dynamic_card(out_dir: Path, recipe: Recipe, rep: dict, quality: dict | None = None,
+                       model_config=None) -> None:
+    """The card of a moe_merge dynamic model (remote code; `trust_remote_code=True` or `import moe_merge`), whose
+    `model_config` says what is routed beside the linear layers. The card is one template read top to bottom,
+    hence its length."""
     from huggingface_hub import ModelCard
 
     cfg = recipe.config
@@ -144,6 +146,10 @@ def write_dynamic_card(out_dir: Path, recipe: Recipe, rep: dict, quality: dict |
     report = ("Mean merge weights of each expert's held-out prompts, per router (`routing_report.json`):\n\n"
               "![routing report](routing_report.png)" if measured else rep["note"].capitalize() + ".")
     spec = cfg.router_spec
+    parts = ", ".join(getattr(model_config, "routed_parts", None) or []) or "nothing (the experts do not differ there)"
+    prepass = ("" if spec.granularity != "sequence" or model_config is None else
+               f"; the first router reads the prompt's states entering layer {model_config.prepass_layers} of the "
+               "static merge, in a pass run once at prefill")
     text = f"""---
 {data.to_yaml()}
 ---
@@ -163,7 +169,8 @@ model applies the merged parameters in one forward pass.
 ## Method
 
 - method: `{cfg.method}`, level: `{cfg.level}`
-- routers: `{spec.kind}`, `{spec.granularity}`-level, `{cfg.normalize}` normalization, initialised `{cfg.router_init}`
+- routers: `{spec.kind}`, `{spec.granularity}`-level, `{cfg.normalize}` normalization, initialised `{cfg.router_init}`{prepass}
+- also routed with per-input merge weights: {parts}
 - everything not routed: `{cfg.static_method}`
 
 ## Routing report
