@@ -177,7 +177,9 @@ def stock_layer(text_config, layer_idx: int, cache_idx: int | None = None) -> nn
 
 @contextlib.contextmanager
 def merging(modules: list[nn.Module], weights: torch.Tensor | None):
-    """Give merged modules (linears, norms, embeddings) their merge weights for one call."""
+    """Give merged modules (linears, norms, embeddings) their merge weights for one call; modules that are not
+    merged (a stock norm, a plain embedding) are left alone."""
+    modules = [m for m in modules if hasattr(m, "merge_weights")]
     for m in modules:
         m.merge_weights = weights
     try:
@@ -260,7 +262,7 @@ class MoEMergeDecoderLayer(GradientCheckpointingLayer):
         if self.router is None or (routing_mask is None and self.routing.granularity == "sequence"):
             return given, None
         static = torch.tensor(self.static_weights, device=hidden_states.device).expand(hidden_states.shape[0], -1)
-        with merging([norm] if isinstance(norm, MergedNorm) else [], static):
+        with merging([norm], static):
             x = norm(hidden_states)
         return self.routing.route(self.router, x, routing_mask, given)
 
@@ -533,17 +535,15 @@ class MoEMergeModel(MoEMergePreTrainedModel):
         if self.config.level == "model":
             last = self._expert_models(h, masks, types, common, kwargs)
         else:
-            with merging([self.norm] if isinstance(self.norm, MergedNorm) else [], routes.weights(-1)):
+            with merging([self.norm], routes.weights(-1)):
                 last = self.norm(h)
         return MoEMergeModelOutput(last_hidden_state=last, hidden_states=tuple(hidden) if hidden else None,
                                    merge_weights=routes.stacked("used"), router_logits=routes.stacked("logits"),
                                    **{CACHE: cache})
 
     def _embed(self, input_ids: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
-        if isinstance(self.embed_tokens, MergedEmbedding):
-            with merging([self.embed_tokens], weights):
-                return self.embed_tokens(input_ids)
-        return self.embed_tokens(input_ids)
+        with merging([self.embed_tokens], weights):
+            return self.embed_tokens(input_ids)
 
     def _prepass(self, h, static, routing_mask, masks, common, kwargs, given):
         """The first router's (weights, logits) from the prompt's states entering layer `prepass_layers` of the

@@ -65,13 +65,14 @@ def _owner(proj: str) -> str:
     return "self_attn" if proj in ATTN_PROJS else "mlp"
 
 
-def _norm_names(level: str, merges: str, names: list[str]) -> list[str]:
-    """The norm tensors routed with the routed parts: each layer's (parameter merges) and the final one."""
+def _routed_norm(name: str, level: str, merges: str) -> bool:
+    """Whether base tensor `name` is a norm routed with the routed parts: a layer's (parameter merges, the paths
+    of LAYER_NORMS) or the final one; at model level each expert model keeps its own."""
     if level == "model":
-        return []
+        return False
     paths = LAYER_NORMS[level] if merges == "parameters" else ()
-    return [n for n in names if n == "model.norm.weight"
-            or (layer_of(n) is not None and n.split(".", 3)[3].removesuffix(".weight") in paths)]
+    return name == "model.norm.weight" or (layer_of(name) is not None
+                                           and name.split(".", 3)[3].removesuffix(".weight") in paths)
 
 
 def routed_parts(recipe: Recipe, tied: bool, read: bool = True) -> list[str]:
@@ -85,7 +86,7 @@ def routed_parts(recipe: Recipe, tied: bool, read: bool = True) -> list[str]:
                           "`embeddings` and `head` in `static`, or neither")
     names = list(base.keys())
     candidates = {"embeddings": ["model.embed_tokens.weight"],
-                  "norms": _norm_names(cfg.level, cfg.merging.merges, names),
+                  "norms": [n for n in names if _routed_norm(n, cfg.level, cfg.merging.merges)],
                   "head": ["lm_head.weight"] if cfg.level != "model" and not tied and "lm_head.weight" in names else []}
     if tied and cfg.level != "model":
         candidates["head"] = candidates["embeddings"]
@@ -199,7 +200,7 @@ def _plan_tensor(name: str, shape: tuple[int, ...], config: MoEMergeConfig, E: i
         return each(f"model.experts.{{e}}.layers.{layer - config.dense_layers}.{rel}")
     if name == "lm_head.weight" and config.routes("head"):
         return [] if config.tie_word_embeddings else _plan_merged(name, name, shape, config, E, "lm_head")
-    if config.routes("norms") and name in _norm_names(config.level, method.merges, [name]):
+    if config.routes("norms") and _routed_norm(name, config.level, method.merges):
         return _plan_merged(name, name, shape, config, E, None, layer)
     if method.merges == "outputs":
         return each(f"model.layers.{layer}.experts.{{e}}.{rel}") if layer is not None else static
@@ -379,7 +380,7 @@ class TensorBuilder:
                     rank = max(a.shape[0] for a, _ in factors)
                     factors = [(nn.functional.pad(a, (0, 0, 0, rank - a.shape[0])),
                                 nn.functional.pad(b, (0, rank - b.shape[1]))) for a, b in factors]
-                    self.config.delta_ranks[_rank_key(p.name)] = rank
+                    self.config.delta_ranks[_rank_key(p.tensor)] = rank
             else:
                 shape = self.recipe.base.shape(p.tensor)
                 factors = [lora_factors(e, p.tensor, rank, shape, self.dtype) for e in self.recipe.experts]
@@ -387,12 +388,12 @@ class TensorBuilder:
         return self._factors[1] if p.source.endswith("_A") else self._factors[2]
 
 
-def _rank_key(planned: str) -> str:
-    """`delta_ranks`' key for a low-rank tensor: "{layer}.{proj}", or "embed_tokens" / "lm_head"."""
-    layer, module = layer_of(planned), planned.rsplit(".", 1)[0]
-    if layer is None:
-        return "embed_tokens" if module.startswith("model.embed_tokens") else "lm_head"
-    return f"{layer}.{module.rsplit('.', 1)[1]}"
+def _rank_key(base_tensor: str) -> str:
+    """`delta_ranks`' key for the low-rank factors of `base_tensor`: "{layer}.{proj}", or "embed_tokens" / "lm_head"
+    (`MoEMergeConfig.rank_of` reads it)."""
+    module = base_tensor.rsplit(".", 2)[-2]  # e.g. model.layers.3.mlp.gate_proj.weight -> gate_proj
+    layer = layer_of(base_tensor)
+    return module if layer is None else f"{layer}.{module}"
 
 
 def build_state(recipe: Recipe, config: MoEMergeConfig, seed: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:

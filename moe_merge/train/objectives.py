@@ -84,7 +84,7 @@ def router_param_groups(model: nn.Module) -> list[dict]:
         if isinstance(module, ROUTER_TYPES):
             params = [p for p in module.parameters() if p.requires_grad]
             rms = torch.cat([p.detach().float().flatten() for p in params]).pow(2).mean().sqrt().item()
-            width = max(p.shape[-1] for p in params if p.dim() == 2) if any(p.dim() == 2 for p in params) else 1
+            width = max((p.shape[-1] for p in params if p.dim() == 2), default=1)  # the router's input size
             groups.append({"params": params, "scale": max(rms, width**-0.5)})
     return groups
 
