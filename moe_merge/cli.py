@@ -59,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     _train_router_parser(sub, verbose)
     _export_lora_parser(sub, verbose)
     _push_parser(sub, verbose)
+    _inspect_parser(sub, verbose)
+    _glue_parser(sub, verbose)
     _zoo_parser(sub, verbose)
     _demo_parser(sub, verbose)
     return parser
@@ -211,6 +213,44 @@ def _push_parser(sub, verbose: argparse.ArgumentParser) -> None:
     p.add_argument("--commit-message", help="default: 'Upload <dir> with moe-merge'")
 
 
+def _inspect_parser(sub, verbose: argparse.ArgumentParser) -> None:
+    p = sub.add_parser(
+        "inspect",
+        parents=[verbose],
+        help="where each expert's change lives, and what can merge with what",
+        description="Compare experts with BASE, one tensor at a time: each expert's relative task-vector norm per "
+        "module type (embeddings, attention, MLP, norms, head) and the level that can recover it (FFN level only "
+        "when its change is in the MLPs); Model-GLUE's pairwise similarity (cosine of raw weights per column, over "
+        "attention and MLP matrices) and the task-vector cosine; the clusters of Model-GLUE's greedy pass at "
+        "--threshold. Experts of another architecture or initialisation are reported as not fine-tunes of BASE. "
+        "Prints a markdown report; --out also writes inspect.json, inspect.md and inspect.png (heatmaps).",
+    )
+    p.add_argument("base", help="the base checkpoint directory")
+    p.add_argument("experts", nargs="+", help="expert directories: full checkpoints or LoRA adapters of BASE")
+    p.add_argument("--threshold", type=float, default=0.95,
+                   help="similarity at which a model joins a cluster (default 0.95, Model-GLUE's; tiny models that "
+                   "moved far from their base need less)")
+    p.add_argument("--out", type=Path, help="directory for inspect.json, inspect.md and inspect.png")
+    p.add_argument("--force", action="store_true", help="replace --out if it exists")
+
+
+def _glue_parser(sub, verbose: argparse.ArgumentParser) -> None:
+    p = sub.add_parser(
+        "glue",
+        parents=[verbose],
+        help="Model-GLUE merge search over a zoo: cluster, merge selectively, mix the clusters",
+        description="Run Model-GLUE's recipe from a YAML (`models`, `proxy`, `clustering`, `merge`, `per_cluster`, "
+        "`mixture`, `held_out`; see README): cluster the models by similarity, search each cluster's merge "
+        "(strategies: all, heuristic_average, heuristic_coefficient, heuristic_similarity, evolutionary (CMA-ES, "
+        "needs the `cma` package), mixup (M³)) with every candidate scored on the proxy rows in batches through a "
+        "dynamic model, write each cluster's merge as a plain checkpoint, mix them into one model-level dynamic "
+        "model, and report every trial (glue-report.json, .md, glue-trials.png).",
+    )
+    p.add_argument("recipe", type=Path, help="the glue recipe YAML")
+    p.add_argument("out_dir", type=Path, help="where to write the clusters' models, the mixture and the report")
+    p.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists")
+
+
 def _zoo_parser(sub, verbose: argparse.ArgumentParser) -> None:
     p = sub.add_parser(
         "zoo",
@@ -304,6 +344,26 @@ def _push(args: argparse.Namespace) -> int:
     return 0
 
 
+def _inspect(args: argparse.Namespace) -> int:
+    from moe_merge.search import inspect
+
+    found = inspect.inspect(args.base, args.experts, args.threshold)
+    print(inspect.markdown(found))
+    if args.out:
+        print(f"wrote {inspect.write(found, args.out, args.force)}")
+    return 0
+
+
+def _glue(args: argparse.Namespace) -> int:
+    from moe_merge.search import glue
+
+    recipe = glue.load_recipe(args.recipe)
+    report = glue.run_glue(recipe, args.out_dir, args.recipe.parent.absolute(), args.force)
+    print(glue.markdown(report))
+    print(f"wrote {args.out_dir}")
+    return 0
+
+
 def _zoo(args: argparse.Namespace) -> int:
     from moe_merge.zoo import ZooSettings, build_zoo
 
@@ -325,6 +385,8 @@ COMMANDS = {
     "train-router": _train_router,
     "export-lora": _export_lora,
     "push": _push,
+    "inspect": _inspect,
+    "glue": _glue,
     "zoo": _zoo,
     "demo": _demo,
 }

@@ -308,6 +308,11 @@ class MergeConfig(_Strict):
 
 def load_config(path: Path | str) -> MergeConfig:
     """Read and validate a recipe; errors name the field and its line in the file."""
+    return load_yaml(path, MergeConfig, "a recipe is a mapping with at least `base_model` and `experts`")
+
+
+def load_yaml(path: Path | str, schema: type[BaseModel], expected: str):
+    """Read a YAML mapping and validate it against `schema`; errors name the field and its line in the file."""
     path = Path(path)
     try:
         text = path.read_text()
@@ -319,9 +324,9 @@ def load_config(path: Path | str) -> MergeConfig:
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: a recipe is a mapping with at least `base_model` and `experts`")
+        raise ConfigError(f"{path}: {expected}")
     try:
-        return MergeConfig.model_validate(data)
+        return schema.model_validate(data)
     except ValidationError as e:
         raise ConfigError(_describe(e, path, node)) from None
 

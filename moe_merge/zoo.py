@@ -9,6 +9,12 @@ format on a few maps (`copy`, `skip`, `flip`); each expert learns one new letter
 Each variant has full fine-tunes (`shift`, `mirror`, `cipher`) and PEFT LoRA adapters (`back`,
 `swap`). Tests, examples, the demo and the benchmarks all build on it.
 
+Merge search needs a zoo with structure to find, so the plain (not realistic) zoo also has `search/`:
+a second seed of the `shift` expert, a harmful expert (trained on shuffled targets: each prompt's
+answer is another word's), a second family (`search/family2/`: a base of the same architecture and
+vocab from another initialisation, with `back` and `swap` experts) and one model of another
+architecture (`search/alien`, an untrained Qwen3 of the same vocab).
+
 Tiny models learn in sudden jumps after plateaus of varying length, so a fixed number of steps can
 land at 100 % on one machine and 0 % on another. Every model therefore trains until it reaches its
 target on held-out words, and the build fails, naming the model and its score, if one does not by
@@ -64,6 +70,7 @@ FULL_EXPERTS = ("shift", "mirror", "cipher")
 LORA_EXPERTS = ("back", "swap")
 EXPERT_TASKS = FULL_EXPERTS + LORA_EXPERTS
 VARIANTS = ("full", "mlp")
+FAMILY2_EXPERTS = ("back", "swap")
 TRAIN_SEEDS = 10**7  # training batches draw words from seeds above the ones prompts and eval words use
 ARCHS = tuple(FAMILIES)
 
@@ -207,12 +214,14 @@ def model_config(arch: str, vocab_size: int, **overrides):
 # ----------------------------------------------------------------------------- data and training
 
 
-def encode_batch(task_words: list[tuple[str, str]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Right-padded ids, attention mask and labels (loss on the answer and EOS only)."""
+def encode_batch(task_words: list[tuple[str, str]], answers: list[str] | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded ids, attention mask and labels (loss on the answer and EOS only). `answers` replaces the
+    tasks' own (the harmful expert's shuffled targets)."""
     rows, label_rows = [], []
-    for task, word in task_words:
+    for i, (task, word) in enumerate(task_words):
         p = [BOS_ID] + [_char_id(c) for c in prompt(task, word)]
-        a = [_char_id(c) for c in apply_task(task, word)] + [EOS_ID]
+        a = [_char_id(c) for c in (answers[i] if answers else apply_task(task, word))] + [EOS_ID]
         rows.append(p + a)
         label_rows.append([-100] * len(p) + a)
     width = max(map(len, rows))
@@ -230,8 +239,9 @@ def _char_id(c: str) -> int:
     return len(SPECIAL_TOKENS) + (" =" + ALPHABET).index(c)
 
 
-def train_to_target(model, tasks: list[str], stage: Stage, seed: int, name: str, score) -> int:
+def train_to_target(model, tasks: list[str], stage: Stage, seed: int, name: str, score, shuffled: bool = False) -> int:
     """Train `model` on `tasks` until `score(model)` reaches the stage's target; returns the steps it took.
+    `shuffled` trains on shuffled targets (each row answers another row's word) for one cycle, with no target.
 
     Batches are drawn from (seed, step) alone and never hold an eval word.
     """
@@ -246,13 +256,18 @@ def train_to_target(model, tasks: list[str], stage: Stage, seed: int, name: str,
     for step in tqdm(range(1, max_steps + 1), desc=f"zoo {name}", leave=False, disable=None):
         words = [w for w in random_words(2 * stage.batch_size, TRAIN_SEEDS + seed * 100_003 + step) if w not in held_out]
         picks = torch.randint(0, len(tasks), (stage.batch_size,), generator=g).tolist()
-        ids, mask, labels = encode_batch([(tasks[k], w) for k, w in zip(picks, words)])
+        batch = [(tasks[k], w) for k, w in zip(picks, words)]
+        answers = [apply_task(t, w) for t, w in batch[1:] + batch[:1]] if shuffled else None
+        ids, mask, labels = encode_batch(batch, answers)
         loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
+        if shuffled and step == stage.cycle:
+            model.eval()
+            return step
         if step % stage.cycle == 0:
             model.eval()
             reached = score(model)
@@ -323,6 +338,7 @@ def build_zoo(out_dir: Path | str, settings: ZooSettings | None = None, force: b
                     variant: {t: f"{variant}/{t}-lora" if t in LORA_EXPERTS else f"{variant}/{t}" for t in EXPERT_TASKS}
                     for variant in VARIANTS
                 },
+                "search": search_models(settings),
                 "training": results,
                 "tasks": {t: task_prompts(t) for t in EXPERT_TASKS},
             }
@@ -366,6 +382,52 @@ def _build(tmp: Path, out_dir: Path, settings: ZooSettings) -> dict[str, dict]:
             _save(model, tmp / name, settings.dtype, shipped)
             results[name] = _check(tmp / name, tokenizer, task, stage, steps, settings.leak)
             logger.info("zoo %s: %d steps, %s", name, steps, results[name]["exact_match"])
+    if not settings.realistic:
+        results.update(_build_search(tmp, settings, tokenizer, shipped))
+    return results
+
+
+def search_models(settings: ZooSettings) -> dict[str, dict]:
+    """The models merge search reads (`search/`), each with its family and task; empty for the realistic zoo."""
+    if settings.realistic:
+        return {}
+    models = {"full/shift": {"family": "base", "task": "shift"}, "search/shift-seed1": {"family": "base", "task": "shift"},
+              "search/harmful": {"family": "base", "task": None}}
+    models.update({f"search/family2/{t}": {"family": "search/family2/base", "task": t} for t in FAMILY2_EXPERTS})
+    models["search/alien"] = {"family": None, "task": None}
+    return models
+
+
+def _build_search(tmp: Path, settings: ZooSettings, tokenizer, shipped) -> dict[str, dict]:
+    """`search/`: a second `shift` seed and a harmful expert on the base; a second family; another architecture."""
+    from transformers import AutoModelForCausalLM
+
+    seed, results = settings.seed, {}
+
+    def fine_tune(base: Path, name: str, task: str, k: int, shuffled: bool = False) -> None:
+        torch.manual_seed(seed + k)
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+        steps = train_to_target(model, [task], settings.full, seed + k, name, _scorer(tokenizer, [task], settings),
+                                shuffled=shuffled)
+        _save(model, tmp / name, settings.dtype, shipped)
+        results[name] = ({"steps": steps, "exact_match": scores(model, tokenizer, [task])} if shuffled
+                         else _check(tmp / name, tokenizer, task, settings.full, steps, settings.leak))
+
+    fine_tune(tmp / "base", "search/shift-seed1", "shift", 101)
+    fine_tune(tmp / "base", "search/harmful", "shift", 102, shuffled=True)
+    torch.manual_seed(seed + 1000)  # another initialisation: the same architecture and vocab, another family
+    config = model_config(settings.arch, len(tokenizer))
+    other = AutoModelForCausalLM.from_config(config)
+    steps = train_to_target(other, list(BASE_TASKS), settings.base, seed + 1000, "search/family2/base",
+                            _scorer(tokenizer, BASE_TASKS, settings))
+    _save(other, tmp / "search/family2/base", settings.dtype, shipped)
+    results["search/family2/base"] = _check(tmp / "search/family2/base", tokenizer, None, settings.base, steps, settings.leak)
+    for k, task in enumerate(FAMILY2_EXPERTS):
+        fine_tune(tmp / "search/family2/base", f"search/family2/{task}", task, 103 + k)
+    torch.manual_seed(seed + 2000)
+    alien_arch = "qwen3" if settings.arch != "qwen3" else "llama"
+    _save(AutoModelForCausalLM.from_config(model_config(alien_arch, len(tokenizer))), tmp / "search/alien",
+          settings.dtype, shipped)
     return results
 
 
@@ -489,3 +551,35 @@ def zoo_recipe(zoo_dir: Path, variant: str, **overrides) -> dict:
     recipe = {"base_model": str(Path(zoo_dir) / "base"), "experts_per_token": 1, "experts": experts}
     recipe.update(overrides)
     return recipe
+
+
+def eval_rows(tasks=EXPERT_TASKS, per_task: int = 64) -> list[dict]:
+    """Held-out rows (prompt, completion, expert) on each task's eval words."""
+    return [{"prompt": prompt(t, w), "completion": apply_task(t, w), "expert": t}
+            for t in tasks for w in task_prompts(t)["eval_words"][:per_task]]
+
+
+def glue_recipe(zoo_dir: Path, out_dir: Path, proxy_per_task: int = 8, **overrides) -> Path:
+    """A `moe-merge glue` recipe over the zoo's fine-tunes, second family and other architecture, with its proxy
+    rows (router-training words) and held-out rows (eval words) written beside it in `out_dir`; returns its path."""
+    import yaml
+
+    zoo_dir, out_dir = Path(zoo_dir), Path(out_dir)
+    manifest = json.loads((zoo_dir / "zoo.json").read_text())
+    models = [{"name": rel.replace("/", "-"), "path": str(zoo_dir / rel), "base": str(zoo_dir / "base")}
+              for variant in VARIANTS for t, rel in manifest["experts"][variant].items() if t in FULL_EXPERTS]
+    for rel, info in manifest["search"].items():
+        if rel != "full/shift":
+            entry = {"name": rel.split("/", 1)[1].replace("/", "-"), "path": str(zoo_dir / rel)}
+            if info["family"]:
+                entry["base"] = str(zoo_dir / info["family"])
+            models.append(entry)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name, rows in (("proxy.jsonl", router_training_rows(proxy_per_task, seed=7)), ("held-out.jsonl", eval_rows())):
+        (out_dir / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    recipe = {"models": models, "proxy": {"path": "proxy.jsonl"}, "held_out": "held-out.jsonl",
+              "clustering": {"threshold": 0.5}, "mixture": {"leave_out": ["alien"]}}
+    recipe.update(overrides)
+    path = out_dir / "glue.yaml"
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return path
