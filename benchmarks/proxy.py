@@ -33,7 +33,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     parser.add_argument("--candidates", type=int, default=32)
-    parser.add_argument("--batch-size", type=int, default=320, help="rows per batched forward pass")
+    parser.add_argument("--batch-size", type=int, default=64, help="rows per batched forward pass")
     args = parser.parse_args()
     from transformers import AutoModelForCausalLM
 

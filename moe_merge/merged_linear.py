@@ -52,25 +52,13 @@ class MergedLinear(nn.Module):
             T, B, self.num_experts, has_base=self._w0() is not None, element_size=x.element_size(), device=x.device,
             weight_bytes=B * self.out_features * K * x.element_size(),
         ) == "materialize":
-            y = self._materialized(x, w)
+            W = kernels.merge_weights_into(self._w0(), self._stack(), w)  # [B, N, K]
+            y = torch.bmm(x, W.transpose(1, 2))
         else:
             w_tok = w.unsqueeze(1).expand(B, T, -1) if w.dim() == 2 else w  # [B, T, E]
             y = self._per_token(x.reshape(B * T, K), w_tok.reshape(B * T, -1)).view(B, T, -1)
         bias = self._merged_bias(w if w.dim() == 3 else w.unsqueeze(1))  # [B, T or 1, N]
         return y if bias is None else y + bias.to(self._w0_or_stack().dtype)
-
-    def _materialized(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        """x·W_bᵀ with W_b merged once per distinct weight vector: sequences that share their weights (a merge
-        search scoring each candidate on many rows) share one copy and one GEMM."""
-        unique, inverse = torch.unique(w, dim=0, return_inverse=True)
-        W = kernels.merge_weights_into(self._w0(), self._stack(), unique)  # [U, N, K]
-        if len(unique) == len(w):
-            return torch.bmm(x, W[inverse].transpose(1, 2))
-        y = x.new_empty(*x.shape[:2], self.out_features)
-        for u in range(len(unique)):
-            rows = (inverse == u).nonzero().squeeze(1)
-            y[rows] = x[rows] @ W[u].T
-        return y
 
     def _per_token(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         return kernels.merged_linear(x, w, self._stack(), self._w0())
