@@ -52,13 +52,24 @@ class MergedLinear(nn.Module):
             T, B, self.num_experts, has_base=self._w0() is not None, element_size=x.element_size(), device=x.device,
             weight_bytes=B * self.out_features * K * x.element_size(),
         ) == "materialize":
-            W = kernels.merge_weights_into(self._w0(), self._stack(), w)  # [B, N, K]
-            y = torch.bmm(x, W.transpose(1, 2))
+            y = self._materialized(x, w)
         else:
             w_tok = w.unsqueeze(1).expand(B, T, -1) if w.dim() == 2 else w  # [B, T, E]
             y = self._per_token(x.reshape(B * T, K), w_tok.reshape(B * T, -1)).view(B, T, -1)
         bias = self._merged_bias(w if w.dim() == 3 else w.unsqueeze(1))  # [B, T or 1, N]
         return y if bias is None else y + bias.to(self._w0_or_stack().dtype)
+
+    def _materialized(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """x·W_bᵀ with W_b = W0 + Σ_e w_be Δ_e formed per sequence. A run of consecutive sequences with the same
+        weights (beams, or a merge search scoring each candidate on many rows) shares one W and one GEMM, unless
+        the weights need gradients (each row must get its own)."""
+        if not w.requires_grad and len(w) > 1:
+            starts = torch.cat([w.new_ones(1, dtype=torch.bool), (w[1:] != w[:-1]).any(-1)]).nonzero().squeeze(1)
+            if len(starts) < len(w):
+                W = kernels.merge_weights_into(self._w0(), self._stack(), w[starts])  # [runs, N, K]
+                bounds = starts.tolist() + [len(w)]
+                return torch.cat([x[a:b] @ W[u].T for u, (a, b) in enumerate(zip(bounds, bounds[1:]))])
+        return torch.bmm(x, kernels.merge_weights_into(self._w0(), self._stack(), w).transpose(1, 2))
 
     def _per_token(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         return kernels.merged_linear(x, w, self._stack(), self._w0())

@@ -53,6 +53,22 @@ def test_materialized_and_k_concatenated_paths_agree(monkeypatch):
     torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("form", ["full", "dense", "lowrank"])
+def test_runs_of_sequences_sharing_their_weights_share_one_materialized_weight(monkeypatch, form):
+    layer = _layer(form, True)
+    monkeypatch.setattr(ml.kernels, "choose_strategy", lambda *a, **k: "materialize")
+    rows = torch.randn(2, E, dtype=torch.float64)
+    w = rows[torch.tensor([0, 0, 1, 1, 0])]  # three runs of two distinct vectors over five sequences
+    x = torch.randn(5, 3, K, dtype=torch.float64)
+    layer.merge_weights = w
+    torch.testing.assert_close(layer(x), _reference(layer, x, w), rtol=0, atol=1e-12)
+    calls = []
+    real = ml.kernels.merge_weights_into
+    monkeypatch.setattr(ml.kernels, "merge_weights_into", lambda w0, s, v: calls.append(len(v)) or real(w0, s, v))
+    layer(x)
+    assert calls == ([3] if form != "lowrank" else [])
+
+
 def test_decode_never_materializes_whatever_the_batch_dtype_or_device():
     for device in ("cpu", "cuda"):
         assert kernels.choose_strategy(1, 4096, 16, element_size=2, device=device) == "kconcat"

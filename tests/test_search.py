@@ -11,6 +11,7 @@ import torch
 
 from moe_merge import zoo
 from moe_merge.errors import ConfigError, DataError
+from moe_merge.merge import mixup_draws
 from moe_merge.search import glue, proxy, strategies
 from moe_merge.search.similarity import greedy_clusters, similarities
 from moe_merge.sources import Checkpoint
@@ -119,10 +120,10 @@ def test_cma_es_uses_the_model_glue_population_and_spends_exactly_the_budget():
 
 
 def test_mixup_draws_are_reproducible_from_the_seed():
-    a = strategies.mixup_draws(2, 0.5, 6, seed=3)
-    assert a == strategies.mixup_draws(2, 0.5, 6, seed=3) != strategies.mixup_draws(2, 0.5, 6, seed=4)
+    a = mixup_draws(2, 0.5, 6, seed=3)
+    assert a == mixup_draws(2, 0.5, 6, seed=3) != mixup_draws(2, 0.5, 6, seed=4)
     assert all(abs(sum(d) - 1) < 1e-12 and len(d) == 2 for d in a)
-    assert len(strategies.mixup_draws(5, 1.0, 3, seed=0)[0]) == 5  # Dirichlet for more than two
+    assert len(mixup_draws(5, 1.0, 3, seed=0)[0]) == 5  # Dirichlet for more than two
 
 
 def test_m3_ties_interpolates_only_where_both_survive_with_the_elected_sign():

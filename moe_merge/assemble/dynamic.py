@@ -27,7 +27,7 @@ from moe_merge.arch import ATTN_PROJS, LAYER_NORMS, MLP_PROJS, layer_of
 from moe_merge.assemble import report
 from moe_merge.config import MergeConfig
 from moe_merge.errors import CompatibilityError, ConfigError
-from moe_merge.merge import static_merge
+from moe_merge.merge import merge_by_spec
 from moe_merge.methods import PARTS, Method
 from moe_merge.modeling import MoEMergeConfig, MoEMergeForCausalLM
 from moe_merge.recipe import Recipe, TensorPlan, copy_companions
@@ -255,8 +255,7 @@ class StaticMerge:
             t = base
         else:
             deltas = [expert_tensor(e, name, base.shape, self.dtype) - base for e in self.recipe.experts]
-            t = static_merge(self.spec.method, base, deltas, scale=self.spec.scale, density=self.spec.density,
-                             weights=self.spec.weights, seed=self.seed, name=name)
+            t = merge_by_spec(self.spec, base, deltas, self.seed, name)
         self._last = (name, t)
         return t
 

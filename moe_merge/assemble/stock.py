@@ -23,7 +23,7 @@ from moe_merge.assemble.probe import LayerRunner, Stream, make_streams
 from moe_merge.config import PROMPT_INITS
 from moe_merge.errors import CompatibilityError
 from moe_merge.export import card
-from moe_merge.merge import static_merge
+from moe_merge.merge import merge_by_spec
 from moe_merge.outdir import atomic_output_dir
 from moe_merge.recipe import Recipe, TensorPlan, copy_companions
 from moe_merge.routers import prompt_init
@@ -94,6 +94,7 @@ class TensorReader:
 
     def __init__(self, recipe: Recipe, dtype: torch.dtype | None, seed: int):
         self.recipe, self.dtype, self.seed = recipe, dtype, seed
+        self.spec = recipe.config.merging.static(recipe.config)
 
     def __call__(self, p: TensorPlan) -> torch.Tensor:
         cfg = self.recipe.config
@@ -102,9 +103,7 @@ class TensorReader:
         elif p.source == "static":
             base = self.recipe.base.get(p.tensor)
             deltas = [self._checked(e, p.tensor, base).float() - base.float() for e in self.recipe.experts]
-            spec = cfg.merging.static(cfg)
-            t = static_merge(spec.method, base, deltas, scale=spec.scale, density=spec.density, weights=spec.weights,
-                             seed=self.seed, name=p.tensor)
+            t = merge_by_spec(self.spec, base, deltas, self.seed, p.tensor)
         else:
             expert = self.recipe.shared if p.source == "shared" else self.recipe.experts[p.expert]
             spec = cfg.shared_experts[0] if p.source == "shared" else cfg.experts[p.expert]

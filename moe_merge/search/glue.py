@@ -26,6 +26,7 @@ from pydantic import Field, model_validator
 
 from moe_merge.config import _Strict, load_yaml
 from moe_merge.errors import ConfigError
+from moe_merge.merge import MIXUP_BASES
 from moe_merge.search import proxy as proxies
 from moe_merge.search import strategies
 from moe_merge.search.inspect import DEFAULT_THRESHOLD, Model, open_model, pairwise
@@ -35,7 +36,6 @@ from moe_merge.sources import Checkpoint, resolve_path
 logger = logging.getLogger(__name__)
 
 STRATEGIES = ("all", "heuristic_average", "heuristic_coefficient", "heuristic_similarity", "evolutionary", "mixup")
-BASE_METHODS = ("average", "task_arithmetic", "ties", "dare_linear", "dare_ties")
 
 
 class GlueModel(_Strict):
@@ -55,7 +55,7 @@ class ClusteringSpec(_Strict):
 
 
 class MixupSpec(_Strict):
-    base_method: Literal["average", "task_arithmetic", "ties", "dare_linear", "dare_ties"] = "average"
+    base_method: Literal[MIXUP_BASES] = "average"
     alpha: list[float] = Field([0.5, 1.0, 2.0], min_length=1)
     samples: int = Field(8, ge=1, description="draws per alpha")
     scale: float = Field(1.0, gt=0.0, description="s in θ0 + s·Σ λ_e τ_e (task-vector base methods)")
@@ -69,8 +69,7 @@ class MixupSpec(_Strict):
 
 
 class MergeSpec(_Strict):
-    strategy: Literal["all", "heuristic_average", "heuristic_coefficient", "heuristic_similarity", "evolutionary",
-                      "mixup"] = "heuristic_coefficient"
+    strategy: Literal[STRATEGIES] = "heuristic_coefficient"
     budget: int = Field(200, ge=1, description="evolutionary: trials")
     groups: int = Field(1, ge=1, description="contiguous layer groups with their own weights (evolutionary, all)")
     mixup: MixupSpec = MixupSpec()

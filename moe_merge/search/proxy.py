@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from moe_merge.arch import layer_of
+from moe_merge import merge
 from moe_merge.errors import DataError
 
 METRICS = ("exact_match", "nll")
@@ -115,13 +116,9 @@ def score(model, proxy: Proxy, weights: list[torch.Tensor] | None = None, batch_
 
 
 class FixedVectors:
-    """The members' task vectors as a static method leaves them before its weights apply, one tensor at a time:
-    unchanged (`linear`), DARE's seeded drop and rescale, and/or TIES's trim and sign election at equal weights,
-    each kept entry scaled by E / (members agreeing there), so that weights 1/E give TIES's disjoint mean.
-
-    `split_alone` (M³'s TIES): interpolation weights apply only where two or more members survive with one sign;
-    where one survives alone it is kept whole. Those lone entries become an extra vector E, whose weight is
-    always 1, so that the merge stays linear in the weights."""
+    """The members' task vectors, one tensor at a time, unchanged (`linear`) or as DARE / TIES leave them before
+    their weights apply (`merge.trimmed`). With `split_alone` (M³'s TIES) the entries one member holds alone are
+    an extra vector whose weight is always 1, so that the merge stays linear in the weights."""
 
     def __init__(self, base, members: list, method: str = "linear", density: float = 0.5, seed: int = 0,
                  split_alone: bool = False):
@@ -129,45 +126,16 @@ class FixedVectors:
         self.split_alone = split_alone and method.endswith("ties")
         self._last: tuple[str, torch.Tensor] | None = None
 
-    @property
-    def count(self) -> int:
-        """Vectors per tensor: the members, and the lone entries' vector when split."""
-        return len(self.members) + self.split_alone
-
     def __call__(self, name: str) -> torch.Tensor:
-        """[count, ...] fixed task vectors of `name`, float32 or wider."""
+        """[E (+1 when split), ...] fixed task vectors of `name`, float32 or wider."""
         if self._last is not None and self._last[0] == name:
             return self._last[1]
         base = self.base.get(name).float()
         tau = torch.stack([m.get(name).float() - base for m in self.members])
         if self.method != "linear":
-            tau = trimmed(tau, self.method, self.density, self.seed, name, self.split_alone)
+            tau = merge.trimmed(tau, self.method, self.density, self.seed, name, self.split_alone)
         self._last = (name, tau)
         return tau
-
-
-def trimmed(tau: torch.Tensor, method: str, density: float, seed: int, name: str, split_alone: bool = False) -> torch.Tensor:
-    """DARE (drop 1 − density, rescale, seeded by (`seed`, `name`)) and/or TIES (keep the top `density` by
-    magnitude, elect signs by the sum, keep agreeing entries, scale by E / their count)."""
-    import zlib
-
-    from peft.utils import merge_utils
-
-    E = tau.shape[0]
-    if method.startswith("dare"):
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed ^ zlib.crc32(name.encode()))
-            tau = torch.stack([merge_utils.random_pruning(t, density, rescale=True) for t in tau])
-    if not method.endswith("ties"):
-        return tau
-    if method == "ties":
-        tau = torch.stack([merge_utils.magnitude_based_pruning(t, density) for t in tau])
-    tau = tau * merge_utils.calculate_majority_sign_mask(tau, method="total")
-    count = (tau != 0).sum(0)
-    if not split_alone:
-        return tau * (E / count.clamp_min(1))
-    shared = tau * (count >= 2) * (E / count.clamp_min(1))
-    return torch.cat([shared, (tau * (count == 1)).sum(0, keepdim=True)])
 
 
 class _Member:
@@ -185,7 +153,7 @@ def candidate_model(reference: Path, members: list[Path], vectors: str = "linear
                     seed: int = 0, split_alone: bool = False):
     """The dynamic model whose merge weights are candidates: θ0 = `reference` (the cluster's base, or a member:
     weights summing to one make the choice immaterial) plus each member's fixed task vector, in every part
-    (`FixedVectors`: its `count` is the model's number of experts)."""
+    (and, with `split_alone`, the lone entries' vector as one more expert)."""
     from moe_merge.assemble.dynamic import build_model
     from moe_merge.config import MergeConfig
     from moe_merge.recipe import open_recipe

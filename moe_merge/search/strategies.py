@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import torch
 
 from moe_merge.errors import ConfigError
+from moe_merge.merge import mixup_draws
 from moe_merge.search.proxy import Score
 
 COEFFICIENTS = tuple(round(0.1 * k, 1) for k in range(1, 10))
@@ -144,16 +145,6 @@ def evolutionary(trials: Trials, E: int, V: int, budget: int, seed: int) -> Tria
                 best = t
     best.accepted = True
     return best
-
-
-def mixup_draws(E: int, alpha: float, samples: int, seed: int) -> list[list[float]]:
-    """M³'s interpolation weights: λ ~ Beta(α, α) as (λ, 1 − λ) for two members; Dirichlet(α, …, α) for more
-    (our extension). Reproducible from `seed`."""
-    concentration = torch.full((E,), float(alpha), dtype=torch.float64)
-    with torch.random.fork_rng(devices=[]):  # torch's Dirichlet sampler takes no generator
-        torch.manual_seed(seed)
-        draws = torch.distributions.Dirichlet(concentration).sample((samples,))
-    return draws.tolist()
 
 
 def mixup(trials: Trials, E: int, V: int, alphas: list[float], samples: int, seed: int, scale: float = 1.0) -> Trial:
