@@ -259,8 +259,9 @@ def _zoo_parser(sub, verbose: argparse.ArgumentParser) -> None:
         description="Build the deterministic tiny zoo: a small base LM trained on letter-mapping tasks, then "
         "full fine-tuned experts and PEFT LoRA adapters on new tasks, in two variants (`full/`: every weight "
         "fine-tuned; `mlp/`: MLPs only). Every model trains until it reaches 98 %% exact match on held-out words "
-        "(and stays under 5 %% on the other tasks), or the build fails naming it. About two and a half minutes on "
-        "2 CPU cores.",
+        "(and stays under 5 %% on the other tasks), or the build fails naming it. The plain zoo also holds the models "
+        "merge search reads (`search/`: a second seed, a harmful expert, a second family, another architecture). "
+        "About four and a half minutes on 2 CPU cores.",
     )
     p.add_argument("out_dir", type=Path, help="where to write the zoo")
     p.add_argument("--arch", choices=list(FAMILIES), default="llama", help="base family")

@@ -23,7 +23,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from moe_merge.errors import ConfigError
-from moe_merge.methods import LEVELS, METHOD_NAMES, METHODS, PARTS, Method
+from moe_merge.merge import MIXUP_BASES
+from moe_merge.methods import LEVELS, METHOD_NAMES, METHODS, PARTS, Method, StaticSpec
 
 RouterInit = Literal["hidden", "fit", "hidden_last", "cheap_embed", "random", "uniform"]
 PROMPT_INITS = ("hidden", "fit", "hidden_last", "cheap_embed")  # the modes that read prompts
@@ -81,12 +82,22 @@ class RouterSpec(_Strict):
         f"(0: its embeddings); default {PREPASS_DEFAULT}, capped at the base's layers − 1")
 
 
+class MixupDraw(_Strict):
+    """`non_expert: mixup` (M³): one seeded draw of interpolation weights, applied through a base method. (Merge
+    search keeps the best of many draws on a proxy: `moe-merge glue`.)"""
+
+    base_method: Literal[MIXUP_BASES] = "average"
+    alpha: float = Field(0.5, gt=0.0, description="Beta(alpha, alpha) for two experts, Dirichlet(alpha) for more")
+    seed: int = 0
+
+
 class StaticMergeSpec(_Strict):
     """How non-expert tensors are merged when `non_expert` is not `base`."""
 
     scale: float | None = Field(None, description="lambda on the merged task vector; default 0.3 for task_arithmetic, else 1.0")
     density: float = Field(0.5, gt=0.0, le=1.0, description="share of each task vector kept by ties / dare")
     weights: list[float] | None = Field(None, description="per-expert weights; default equal")
+    mixup: MixupDraw = MixupDraw()
 
 
 class WemoeSpec(_Strict):
@@ -164,9 +175,9 @@ class MergeConfig(_Strict):
     experts_per_token: int = Field(2, ge=1)
     level: Literal[LEVELS] = "ffn"
     method: Literal[METHOD_NAMES] = "sparse"
-    non_expert: Literal["base", "average", "task_arithmetic", "ties", "dare_linear", "dare_ties"] | None = Field(
+    non_expert: Literal["base", "average", "task_arithmetic", "ties", "dare_linear", "dare_ties", "mixup"] | None = Field(
         None, description="static merge of what is not routed; default base (sparse ffn), average (sparse, smear), "
-        "task_arithmetic (wemoe); twin uses its shared merge")
+        "task_arithmetic (wemoe); twin uses its shared merge; mixup: M³ (`merge.mixup`)")
     merge: StaticMergeSpec = StaticMergeSpec()
     router: RouterSpec | None = None
     wemoe: WemoeSpec = WemoeSpec()
@@ -258,10 +269,29 @@ class MergeConfig(_Strict):
         """Whether the output is a moe_merge dynamic model rather than a stock sparse MoE."""
         return not (self.merging.merges == "outputs" and self.level == "ffn")
 
+    def static_spec(self, method: str, scale: float | None, density: float, weights: list[float] | None) -> StaticSpec:
+        """A static merge over the experts; `mixup` draws its λ here, from `merge.mixup`'s seed."""
+        if method != "mixup":
+            return StaticSpec(method, scale, density, weights)
+        from moe_merge.merge import mixup_draws
+
+        m = self.merge.mixup
+        return StaticSpec("mixup", scale, density, mixup_draws(len(self.experts), m.alpha, 1, m.seed)[0], m.base_method)
+
     @property
     def static_method(self) -> str:
         """The static merge of what is not routed (`non_expert`, else the method's default)."""
         return self.merging.static(self).method
+
+    @property
+    def static_summary(self) -> str:
+        """`static_method`, with mixup's draw: what cards, the dry run and the log show."""
+        spec = self.merging.static(self)
+        if spec.method != "mixup":
+            return spec.method
+        m = self.merge.mixup
+        lam = ", ".join(f"{x:.4f}" for x in spec.weights)
+        return f"mixup ({m.base_method}, alpha {m.alpha}, seed {m.seed}: lambda = {lam})"
 
     @property
     def calibration_target(self) -> float | None:

@@ -35,10 +35,11 @@ PARTS = ("embeddings", "norms", "head")  # what is routed beside the linear laye
 class StaticSpec:
     """A static merge of one tensor over the experts: peft merge_utils' method and its arguments."""
 
-    method: str  # base | average | task_arithmetic | ties | dare_linear | dare_ties
+    method: str  # base | average | task_arithmetic | ties | dare_linear | dare_ties | mixup
     scale: float | None
     density: float
-    weights: list[float] | None
+    weights: list[float] | None  # mixup: its drawn λ
+    base_method: str = "average"  # mixup: how λ applies
 
 
 @dataclass(frozen=True)
@@ -61,7 +62,7 @@ class Method:
     def static(self, cfg: MergeConfig) -> StaticSpec:
         """The static merge of what this method does not route."""
         default = "average" if cfg.dynamic else "base"
-        return StaticSpec(cfg.non_expert or default, cfg.merge.scale, cfg.merge.density, cfg.merge.weights)
+        return cfg.static_spec(cfg.non_expert or default, cfg.merge.scale, cfg.merge.density, cfg.merge.weights)
 
     def rank(self, cfg: MergeConfig, out_features: int, in_features: int) -> int | None:
         """The SVD rank of one routed out x in projection (svd methods only)."""
@@ -96,7 +97,7 @@ class Wemoe(Method):
     def static(self, cfg: MergeConfig) -> StaticSpec:
         if cfg.non_expert is not None:
             return super().static(cfg)
-        return StaticSpec("task_arithmetic", cfg.wemoe.scale, cfg.merge.density, cfg.merge.weights)
+        return cfg.static_spec("task_arithmetic", cfg.wemoe.scale, cfg.merge.density, cfg.merge.weights)
 
     def prepass_weights(self, cfg: MergeConfig, num_experts: int) -> list[float]:
         return [cfg.wemoe.scale] * num_experts  # task arithmetic, the start of its routers
@@ -105,7 +106,7 @@ class Wemoe(Method):
 @dataclass(frozen=True)
 class Twin(Method):
     def static(self, cfg: MergeConfig) -> StaticSpec:
-        return StaticSpec(cfg.non_expert or cfg.twin.shared, cfg.twin.scale, cfg.twin.density, None)
+        return cfg.static_spec(cfg.non_expert or cfg.twin.shared, cfg.twin.scale, cfg.twin.density, None)
 
     def rank(self, cfg: MergeConfig, out_features: int, in_features: int) -> int:
         return cfg.twin.rank_for(out_features, in_features)

@@ -51,7 +51,7 @@ def pico_recipe(pico: dict, **overrides) -> dict:
 
 @pytest.fixture(scope="session")
 def zoo_dir() -> Path:
-    """The trained zoo (built once, about two and a half minutes on 2 cores, then cached)."""
+    """The trained zoo (built once, about four and a half minutes on 2 cores, then cached)."""
     return zoo.ensure_zoo("llama")
 
 

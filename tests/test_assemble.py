@@ -115,6 +115,25 @@ def test_non_expert_average_merges_attention(tmp_path, pico):
     torch.testing.assert_close(merged, (experts[0] + experts[1]) / 2)
 
 
+def test_non_expert_mixup_interpolates_attention_with_its_seeded_draw(tmp_path, pico):
+    from moe_merge.merge import mixup_draws
+
+    full = [make_pico(tmp_path / f"full{i}", seed=10 + i, base=pico["base"], perturb="all") for i in range(2)]
+    recipe = pico_recipe({"base": pico["base"], "experts": full}, non_expert="mixup",
+                         merge={"mixup": {"alpha": 2.0, "seed": 3}})
+    out = _assemble(recipe, tmp_path / "moe")
+    name = "model.layers.0.self_attn.q_proj.weight"
+    with safe_open(out / "model.safetensors", framework="pt") as f:
+        merged = f.get_tensor(name)
+    experts = []
+    for p in full:
+        with safe_open(p / "model.safetensors", framework="pt") as g:
+            experts.append(g.get_tensor(name))
+    lam, other = mixup_draws(2, 2.0, 1, seed=3)[0]
+    torch.testing.assert_close(merged, lam * experts[0] + other * experts[1])
+    assert f"lambda = {lam:.4f}" in (out / "README.md").read_text()
+
+
 def test_lora_experts_and_qwen2_moe_with_shared_expert(zoo_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 

@@ -321,3 +321,34 @@ def test_per_token_routing_accuracy_counts_every_token():
     logits = torch.tensor([[9.0, 0.0], [0.0, 1.0]]).view(1, 1, 2, 2)
     assert objectives.routing_hits(logits, torch.ones(1, 2), torch.tensor([0])) == (1, 2)
     assert objectives.routing_hits(logits, torch.tensor([[1.0, 0.0]]), torch.tensor([0])) == (1, 1)  # padding
+
+
+@pytest.mark.slow
+def test_adamerging_is_wemoe_with_constant_routers_trained_on_entropy_then_baked(zoo_dir, tmp_path):
+    """configs/zoo-adamerging.yaml's three commands: one coefficient per expert and layer, learned without labels."""
+    recipe = zoo.zoo_recipe(zoo_dir, "full", method="wemoe", level="block",
+                            router={"kind": "constant", "init": "random", "normalize": "none"})
+    recipe["experts"] = [{"source_model": e["source_model"]} for e in recipe["experts"][:3]]
+    model_dir = assemble(MergeConfig.model_validate(recipe), tmp_path / "ada")
+    data = write_rows(tmp_path / "unlabeled.jsonl", [{"text": r["prompt"]} for r in zoo.router_training_rows(40)])
+    run = tmp_path / "run"
+    assert cli_main(["train-router", str(model_dir), "--data", str(data), "--objective", "entropy", "--out", str(run),
+                     "--steps", "60", "--lr", "0.01", "--eval-every", "60", "--save-every", "60"]) == 0
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["trainable_parameters"] == 4 * 3  # layers x experts
+    start = json.loads((run / "log.jsonl").read_text().splitlines()[0])["eval"]["objective"]
+    assert summary["best"]["objective"] < 0.9 * start
+    assert cli_main(["bake", str(run / "model"), str(tmp_path / "merged"), "--prompt", "shift abc="]) == 0
+
+    from moe_merge.export.bake import load_dynamic, weights_for_prompt
+
+    trained = load_dynamic(run / "model")
+    tok = AutoTokenizer.from_pretrained(run / "model")
+    lam = weights_for_prompt(trained, tok, "shift abc=")  # [layers, experts]
+    torch.testing.assert_close(lam, weights_for_prompt(trained, tok, "mirror xyz="))  # constant: the input is not read
+    assert not torch.allclose(lam, torch.full_like(lam, 0.3)) and not torch.allclose(lam[0], lam[-1])
+    name = "model.layers.2.mlp.down_proj.weight"
+    base = tensors(zoo_dir / "base")[name]
+    taus = [tensors(zoo_dir / "full" / t)[name] - base for t in ("shift", "mirror", "cipher")]
+    want = base + sum(lam[2, e] * taus[e] for e in range(3))
+    torch.testing.assert_close(tensors(tmp_path / "merged")[name], want, rtol=0, atol=1e-5)

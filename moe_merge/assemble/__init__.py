@@ -9,6 +9,7 @@ Both paths plan first (`TensorPlan`s: what tensor comes from where, no data read
 
 from __future__ import annotations
 
+import logging
 from dataclasses import replace
 from pathlib import Path
 
@@ -18,6 +19,8 @@ from moe_merge.config import MergeConfig
 from moe_merge.errors import ConfigError
 from moe_merge.recipe import open_recipe, portable
 from moe_merge.tokens import load_tokenizer
+
+logger = logging.getLogger(__name__)
 
 
 def assemble(
@@ -44,6 +47,7 @@ def assemble(
     if dtype:
         config = config.model_copy(update={"dtype": dtype})
     recipe = open_recipe(config, recipe_dir)
+    logger.info("everything not routed: %s", config.static_summary)
     seed = config.seed if seed is None else seed
     shown = replace(recipe, config=portable(config, recipe_dir, out_dir))  # as the output names its sources
     tokenizer = load_tokenizer(recipe.base.path)

@@ -137,7 +137,7 @@ def _dry_run_stock(recipe: Recipe, dtype: torch.dtype, shard_size: int) -> DryRu
     E = len(recipe.experts)
     run = DryRun(f"plan: {recipe.fmt.architecture} from {E} experts of {base.path} ({base.family})",
                  _describe_experts(recipe), dtype, shard_size)
-    static = f"{cfg.static_method} of the base and {E} experts"
+    static = f"{cfg.static_summary} of the base and {E} experts"
     # Working set of each step beyond the shard buffer: per global tensor, and per layer (its outputs,
     # their float32 copy for the router's fit, and the largest static merge's float32 base + E deltas + result).
     global_work, layer_out, layer_fp32, layer_merge = 0, {}, {}, {}
@@ -167,7 +167,7 @@ def _describe_dynamic(p: TensorPlan, recipe: Recipe) -> str:
     """Where one planned tensor of the dynamic model comes from, in words."""
     cfg, E = recipe.config, len(recipe.experts)
     w0 = "shared merge" if cfg.merging.w0 == "static" else "base"
-    static = "base" if cfg.static_method == "base" else f"{cfg.static_method} of the base and {E} experts"
+    static = "base" if cfg.static_method == "base" else f"{cfg.static_summary} of the base and {E} experts"
     if p.source == "router":
         return f"router, `{cfg.router_init}` on the prompts"
     what = {"static": static, "base": "base", "expert": f"expert {p.expert}", "experts": "experts",

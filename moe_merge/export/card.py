@@ -98,7 +98,7 @@ from {len(cfg.experts)} experts fine-tuned from `{cfg.base_model}`.
 
 - level: `{cfg.level}`, method: `{cfg.method}` (top-{cfg.experts_per_token} of {len(cfg.experts)} experts per token)
 - routers: `{cfg.router_init}`, {start}
-- non-expert weights (attention, norms, embeddings): `{cfg.static_method}`
+- non-expert weights (attention, norms, embeddings): `{cfg.static_summary}`
 
 ## Routing report
 
@@ -171,7 +171,7 @@ model applies the merged parameters in one forward pass.
 - method: `{cfg.method}`, level: `{cfg.level}`
 - routers: `{spec.kind}`, `{spec.granularity}`-level, `{cfg.normalize}` normalization, initialised `{cfg.router_init}`{prepass}
 - also routed with per-input merge weights: {parts}
-- everything not routed: `{cfg.static_method}`
+- everything not routed: `{cfg.static_summary}`
 
 ## Routing report
 
