@@ -1,6 +1,6 @@
 """Which implementation runs a merged matmul, and which strategy a per-sequence prefill takes.
 
-Two decisions live here, both cheap and made per call:
+Three decisions live here, all cheap:
 
 - **backend**: the Triton kernels or the torch reference. `MOE_MERGE_KERNELS` chooses: `auto` (the
   default) runs Triton on CUDA tensors of a dtype the kernels cover and the reference on anything
@@ -10,6 +10,8 @@ Two decisions live here, both cheap and made per call:
   or materialize-then-GEMM (form W_s = W0 + Σ_e w_se Δ_e once per sequence, then a batched GEMM).
   `choose_strategy` decides for a device: the per-sequence copies must fit `MATERIALIZE_BUDGET_BYTES`,
   then `crossover_tokens` is the cost model, with the device's `RATES` (measured by `benchmarks/kernels.py`).
+- **kept decode weights**: whether decode steps run on each sequence's merged weight, formed once at the first
+  step and kept with the KV cache (`keep_decode_weights`), rather than on the experts' weights every step.
 """
 
 from __future__ import annotations
@@ -124,3 +126,20 @@ def choose_strategy(tokens: int, sequences: int, experts: int, has_base: bool = 
         return "kconcat"
     crossover = crossover_tokens(sequences, experts, has_base, element_size, rates_for(device))
     return "materialize" if tokens > crossover else "kconcat"
+
+
+def keep_decode_weights(sequences: int, weight_elements: int, form_elements: int, element_size: int = 2,
+                        device: torch.device | str = "cuda") -> bool:
+    """Whether one decode step (a token per sequence) is cheaper on S kept per-sequence weights than on the form's
+    own tensors, with `device`'s rates: S·P elements read for 2·S·P flops, against the form's F elements (G·P dense,
+    about P low-rank) for 2·S·F flops, each costing the larger of its bytes / BW and flops / rate. So one sequence
+    always keeps its weight, and a few do while reading them is the cost. The kept copies must fit
+    `MATERIALIZE_BUDGET_BYTES`; forming them costs about one step, once per sequence."""
+    if sequences * weight_elements * element_size > MATERIALIZE_BUDGET_BYTES:
+        return False
+    rates = rates_for(device)
+
+    def seconds(read_elements: int, flop_elements: int) -> float:
+        return max(read_elements * element_size / rates.bandwidth, 2 * sequences * flop_elements / rates.matmul_flops)
+
+    return seconds(sequences * weight_elements, weight_elements) <= seconds(form_elements, form_elements)

@@ -165,6 +165,9 @@ def _train_router_parser(sub, verbose: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=16, help="rows per micro-step over all processes (default 16)")
     p.add_argument("--grad-accum", type=int, default=1, help="micro-steps per optimizer step (default 1)")
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default 0)")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+                   help="dtype of the frozen weights (default auto: the checkpoint's, so a bf16 model trains at half "
+                   "the memory of float32); routers and their optimizer state are float32 whatever this says")
     p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="no", help="autocast (default no)")
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
     p.add_argument("--eval-every", type=int, default=50, help="evaluate on held-out rows every N steps (default 50)")

@@ -7,10 +7,11 @@ One class per form, chosen when the model is built (`merged_linear`):
 W0 is the base's weight, or the static merge for methods that add their task vectors to it (twin).
 
 The owning layer sets `merge_weights` before calling it: [B, E] per sequence or [B, T, E] per token.
-Decode (one token per sequence) never loops over samples nor copies a weight per sample: it uses
-x·W0ᵀ + Σ_e w_e (x·Δ_eᵀ), which reads each weight once for the whole batch. A prefill with
-per-sequence weights may instead materialize W_b once per sequence and run one GEMM, when
-`kernels.choose_strategy` says so for this device.
+Decode (one token per sequence) never loops over samples: it uses x·W0ᵀ + Σ_e w_e (x·Δ_eᵀ), which reads
+each weight once for the whole batch, or, where `kernels.keep_decode_weights` says it is cheaper (a few
+sequences, or a small model where every op's overhead counts), each sequence's W_b formed at the first
+decode step and kept with the KV cache (`decode_store`) for the others. A prefill with per-sequence weights
+may materialize W_b once per sequence and run one GEMM, when `kernels.choose_strategy` says so.
 
 Each form also gives, for one fixed weight vector, its merged weight (`merged`, for bake) and that
 weight as a dense part plus low-rank factors (`parts`, for export-lora), so neither export looks
@@ -38,6 +39,7 @@ class MergedLinear(nn.Module):
         super().__init__()
         self.in_features, self.out_features, self.num_experts = in_features, out_features, num_experts
         self.merge_weights: torch.Tensor | None = None  # set by the owning layer for one call
+        self.decode_store: dict | None = None  # set with them at decode steps: kept per-sequence weights live there
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, experts={self.num_experts}, form={self.form}"
@@ -48,7 +50,10 @@ class MergedLinear(nn.Module):
             raise RuntimeError("MergedLinear was called without merge weights; call it through its decoder layer")
         B, T, K = x.shape  # [B, T, K]; w stays float32 (or wider) down to the kernels
         w = w.to(x.device)  # with device_map the router may sit on another device
-        if w.dim() == 2 and self._stack() is not None and kernels.choose_strategy(
+        kept = self._kept(w, x) if self.decode_store is not None and T == 1 and w.dim() == 2 else None
+        if kept is not None:
+            y = torch.bmm(x, kept.transpose(1, 2))
+        elif w.dim() == 2 and T > 1 and self._stack() is not None and kernels.choose_strategy(
             T, B, self.num_experts, has_base=self._w0() is not None, element_size=x.element_size(), device=x.device,
             weight_bytes=B * self.out_features * K * x.element_size(),
         ) == "materialize":
@@ -61,18 +66,37 @@ class MergedLinear(nn.Module):
 
     def _materialized(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """x·W_bᵀ with W_b = W0 + Σ_e w_be Δ_e formed per sequence. A run of consecutive sequences with the same
-        weights (beams, or a merge search scoring each candidate on many rows) shares one W and one GEMM, unless
-        the weights need gradients (each row must get its own)."""
+        weights (beams, a merge search scoring each candidate on many rows, assembly's prompts forced to their
+        expert) shares one W and one GEMM, one run at a time, unless the weights need gradients (each row must
+        get its own)."""
         if not w.requires_grad and len(w) > 1:
             starts = torch.cat([w.new_ones(1, dtype=torch.bool), (w[1:] != w[:-1]).any(-1)]).nonzero().squeeze(1)
             if len(starts) < len(w):
-                W = kernels.merge_weights_into(self._w0(), self._stack(), w[starts])  # [runs, N, K]
                 bounds = starts.tolist() + [len(w)]
-                return torch.cat([x[a:b] @ W[u].T for u, (a, b) in enumerate(zip(bounds, bounds[1:]))])
+                return torch.cat([x[a:b] @ kernels.merge_weights_into(self._w0(), self._stack(), w[a : a + 1])[0].T
+                                  for a, b in zip(bounds, bounds[1:])])
         return torch.bmm(x, kernels.merge_weights_into(self._w0(), self._stack(), w).transpose(1, 2))
 
     def _per_token(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         return kernels.merged_linear(x, w, self._stack(), self._w0())
+
+    def _kept(self, w: torch.Tensor, x: torch.Tensor) -> torch.Tensor | None:
+        """Each sequence's merged weight [B, N, K] for its per-sequence weights w [B, E], formed at the first
+        decode step and kept in `decode_store` for the later ones; None where reading the form's own tensors
+        every step is cheaper."""
+        if self not in self.decode_store:
+            keep = kernels.keep_decode_weights(len(w), self.in_features * self.out_features, self._form_elements(),
+                                               x.element_size(), x.device)
+            self.decode_store[self] = self._materialize(w) if keep else None
+        return self.decode_store[self]
+
+    def _materialize(self, w: torch.Tensor) -> torch.Tensor:
+        """W_b = W0 + Σ_e w_be Δ_e for weights w [B, E]: [B, N, K] in the stored dtype, summed in float32 or wider."""
+        return kernels.merge_weights_into(self._w0(), self._stack(), w)
+
+    def _form_elements(self) -> int:
+        """The elements a call reads: its W0 and its stack."""
+        return sum(t.numel() for t in (self._w0(), self._stack()) if t is not None)
 
     def _w0_or_stack(self) -> torch.Tensor:
         return self._w0() if self._w0() is not None else self._stack()
@@ -219,6 +243,14 @@ class LowRankMergedLinear(_WithW0):
 
     def _per_token(self, x, w):
         return kernels.lowrank_merged_linear(x, w, self.lora_A, self.lora_B, self.weight)
+
+    def _materialize(self, w):
+        dtype = self._widest()
+        low = torch.einsum("be,enr,erk->bnk", w.to(dtype), self.lora_B.to(dtype), self.lora_A.to(dtype))
+        return (self.weight.to(dtype) + low).to(self.stored_dtype)
+
+    def _form_elements(self):
+        return self.weight.numel() + self.lora_A.numel() + self.lora_B.numel()
 
     def _rows(self, ids, w):
         low = torch.einsum("bte,ebtr,erk->btk", w, self.lora_B[:, ids].to(w.dtype), self.lora_A.to(w.dtype))

@@ -48,6 +48,7 @@ from moe_merge.routers.router import Router, masked_mean, normalize
 # transformers 5.24 renamed the KV cache `past_key_values` -> `cache` (outputs, masks, attention);
 # 5.23 knows only the old name. Every call into transformers passes the cache under the installed name.
 CACHE = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+DECODE_STORE = "moe_merge_decode_store"  # the KV cache's attribute holding kept per-sequence weights (MergedLinear)
 
 
 @strict
@@ -176,17 +177,23 @@ def stock_layer(text_config, layer_idx: int, cache_idx: int | None = None) -> nn
 
 
 @contextlib.contextmanager
-def merging(modules: list[nn.Module], weights: torch.Tensor | None):
-    """Give merged modules (linears, norms, embeddings) their merge weights for one call; modules that are not
-    merged (a stock norm, a plain embedding) are left alone."""
+def merging(modules: list[nn.Module], weights: torch.Tensor | None, decode_store: dict | None = None):
+    """Give merged modules (linears, norms, embeddings) their merge weights for one call, and merged linears the
+    decode step's store of kept weights (MergedLinear); modules that are not merged (a stock norm, a plain
+    embedding) are left alone."""
     modules = [m for m in modules if hasattr(m, "merge_weights")]
+    set_slot = object.__setattr__  # plain attributes: nn.Module.__setattr__ costs a few µs per call, every layer
     for m in modules:
-        m.merge_weights = weights
+        set_slot(m, "merge_weights", weights)
+        if isinstance(m, MergedLinear):
+            set_slot(m, "decode_store", decode_store)
     try:
         yield
     finally:
         for m in modules:
-            m.merge_weights = None
+            set_slot(m, "merge_weights", None)
+            if isinstance(m, MergedLinear):
+                set_slot(m, "decode_store", None)
 
 
 class Routing:
@@ -267,15 +274,16 @@ class MoEMergeDecoderLayer(GradientCheckpointingLayer):
         return self.routing.route(self.router, x, routing_mask, given)
 
     def forward(self, hidden_states, merge_weights=None, routing_mask=None, attention_mask=None, position_ids=None,
-                position_embeddings=None, **kwargs):
+                position_embeddings=None, decode_store=None, **kwargs):
         """merge_weights: this layer's [B, E] (or [B, T, E]) if already known; routing_mask: [B, T] when its router
-        is to read the prompt, else None; the cache comes in `kwargs` under its `CACHE` name. Returns
-        (hidden_states, weights used, router logits or None)."""
+        is to read the prompt, else None; decode_store: the decode step's kept weights (MoEMergeModel.forward);
+        the cache comes in `kwargs` under its `CACHE` name. Returns (hidden_states, weights used, router logits or
+        None)."""
         residual = hidden_states
         logits = None
         if self.level == "block":
             merge_weights, logits = self._route(hidden_states, self.input_layernorm, routing_mask, merge_weights)
-        with merging(self.attn_merged, merge_weights):
+        with merging(self.attn_merged, merge_weights, decode_store):
             x = self.input_layernorm(hidden_states)
             x, _ = self.self_attn(hidden_states=x, attention_mask=attention_mask, position_ids=position_ids,
                                   position_embeddings=position_embeddings, **kwargs)
@@ -283,7 +291,7 @@ class MoEMergeDecoderLayer(GradientCheckpointingLayer):
         residual = hidden_states
         if self.level == "ffn":
             merge_weights, logits = self._route(hidden_states, self.post_attention_layernorm, routing_mask, merge_weights)
-        with merging(self.mlp_merged, merge_weights):
+        with merging(self.mlp_merged, merge_weights, decode_store):
             x = self.mlp(self.post_attention_layernorm(hidden_states))
         return residual + x, merge_weights, logits
 
@@ -520,12 +528,14 @@ class MoEMergeModel(MoEMergePreTrainedModel):
             if inputs_embeds is None and self.config.routes("embeddings"):
                 h = self._embed(input_ids, routes.weights(0))
         hidden = [h] if output_hidden_states else None
+        store = self._decode_store(cache, prefill, routes.given)
         for i, layer in enumerate(self.layers):
             if isinstance(layer, (MoEMergeDecoderLayer, MoEMergeSparseBlock)):
                 k = self.config.router_of_layer(i)
                 routes_here = layer.router is not None and not routes.has(k)
+                kept = {"decode_store": store} if isinstance(layer, MoEMergeDecoderLayer) else {}
                 h, w, logits = layer(h, merge_weights=routes.weights(k), routing_mask=routing_mask if routes_here else None,
-                                     attention_mask=masks[types[i]], **common, **kwargs)
+                                     attention_mask=masks[types[i]], **kept, **common, **kwargs)
                 if routes_here:
                     routes.set(k, w, logits)
             else:
@@ -537,9 +547,20 @@ class MoEMergeModel(MoEMergePreTrainedModel):
         else:
             with merging([self.norm], routes.weights(-1)):
                 last = self.norm(h)
+        weights = routes.stacked("used")
+        if cache is not None and prefill and self.config.router_granularity == "sequence":
+            setattr(cache, DECODE_STORE, {"weights": weights})  # decode steps that get these weights back use it
         return MoEMergeModelOutput(last_hidden_state=last, hidden_states=tuple(hidden) if hidden else None,
-                                   merge_weights=routes.stacked("used"), router_logits=routes.stacked("logits"),
-                                   **{CACHE: cache})
+                                   merge_weights=weights, router_logits=routes.stacked("logits"), **{CACHE: cache})
+
+    def _decode_store(self, cache, prefill: bool, given: torch.Tensor | None) -> dict | None:
+        """Where merged linears keep each sequence's merged weight across decode steps: a dict on the KV cache,
+        opened at prefill, and used by the decode steps that are given the prefill's very merge weights back (as
+        `generate` gives them), without gradients. Anything else, weights forced anew included, gets None."""
+        if prefill or cache is None or torch.is_grad_enabled():
+            return None
+        store = getattr(cache, DECODE_STORE, None)
+        return store if store is not None and store["weights"] is given else None
 
     def _embed(self, input_ids: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
         with merging([self.embed_tokens], weights):
@@ -620,6 +641,11 @@ class MoEMergeForCausalLM(MoEMergePreTrainedModel, GenerationMixin):
 
     def get_input_embeddings(self):
         return self.model.embed_tokens
+
+    def routers(self) -> list[Router]:
+        """The routers in the order of `merge_weights`' R dimension."""
+        inner = self.model
+        return [inner.router] if inner.router is not None else [layer.router for layer in inner.layers]
 
     def get_output_embeddings(self):
         return None if self.config.level == "model" else self.lm_head

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 
@@ -19,7 +20,7 @@ class ShardWriter:
         self.out_dir, self.max_shard_bytes = Path(out_dir), max_shard_bytes
         self.buffer: dict[str, torch.Tensor] = {}
         self.buffer_bytes = 0
-        self.shards: list[list[str]] = []
+        self.shards: list[set[str]] = []
         self.names: set[str] = set()
         self.total_bytes = 0
 
@@ -34,11 +35,21 @@ class ShardWriter:
         self.buffer_bytes += nbytes
         self.total_bytes += nbytes
 
+    def get(self, name: str) -> torch.Tensor:
+        """A tensor added before: from the buffer, or read back from the shard it was flushed to."""
+        if name in self.buffer:
+            return self.buffer[name]
+        for i, shard in enumerate(self.shards):
+            if name in shard:
+                with safe_open(self.out_dir / f"shard-{i:05d}.tmp", framework="pt") as f:
+                    return f.get_tensor(name)
+        raise KeyError(f"tensor {name!r} was not written")
+
     def flush(self) -> None:
         if not self.buffer:
             return
         save_file(self.buffer, self.out_dir / f"shard-{len(self.shards):05d}.tmp", metadata={"format": "pt"})
-        self.shards.append(list(self.buffer))
+        self.shards.append(set(self.buffer))
         self.buffer, self.buffer_bytes = {}, 0
 
     def finalize(self) -> list[str]:

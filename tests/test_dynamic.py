@@ -158,6 +158,48 @@ def test_generate_with_cache_equals_generate_without(built):
 
 
 @torch.no_grad()
+def test_decode_steps_on_kept_per_sequence_weights_equal_the_experts_own(built, monkeypatch):
+    """Kept weights (each sequence's W0 + Σ w Δ, formed at the first decode step) against the forms' own arithmetic
+    at every step: the same logits, in float64."""
+    import moe_merge.merged_linear as ml
+
+    model, tok, _ = built
+    kw = dict(max_new_tokens=5, do_sample=False, pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+    calls = []
+    real = ml.kernels.keep_decode_weights
+    monkeypatch.setattr(ml.kernels, "keep_decode_weights", lambda *a, **k: calls.append(real(*a, **k)) or calls[-1])
+    kept = model.generate(**_enc(tok), **kw)
+    forms = {m.form for m in model.model.layers.modules() if isinstance(m, ml.MergedLinear)}  # the head never keeps
+    sequence = model.config.router_granularity == "sequence"
+    assert bool(calls) == bool(forms and sequence)  # decided once per linear, at the first decode step
+    if sequence and forms - {"lowrank"}:  # 3 sequences read less than W0 and 3 dense deltas: they keep theirs
+        assert any(calls)
+    monkeypatch.setattr(ml.kernels, "keep_decode_weights", lambda *a, **k: False)
+    own = model.generate(**_enc(tok), **kw)
+    assert torch.equal(kept.sequences, own.sequences)
+    torch.testing.assert_close(torch.stack(kept.logits), torch.stack(own.logits), rtol=0, atol=1e-10)
+
+
+@torch.no_grad()
+def test_decode_with_other_weights_than_the_prefill_ignores_the_kept_ones(sources):
+    model, tok, _ = _build(sources, "wemoe", "block", "linear", {})
+    enc = _enc(tok)
+    first, other = torch.rand(len(PROMPTS), 3, dtype=torch.float64), torch.rand(len(PROMPTS), 3, dtype=torch.float64)
+    out = model(**enc, merge_weights=first)
+    step = dict(input_ids=out.logits[:, -1:].argmax(-1), attention_mask=torch.cat([enc["attention_mask"],
+                                                                                   torch.ones(len(PROMPTS), 1)], 1))
+    cache = out[CACHE]
+    model(**step, merge_weights=out.merge_weights, **{CACHE: cache})  # forms and keeps `first`'s weights
+    cache.crop(-1)
+    again = model(**step, merge_weights=other, **{CACHE: cache}).logits
+    fresh = model(**enc, merge_weights=first)[CACHE]  # the same prefill, nothing kept yet
+    reference = model(**step, merge_weights=other, **{CACHE: fresh}).logits
+    torch.testing.assert_close(again, reference, rtol=0, atol=1e-10)
+    kept = model(**step, merge_weights=out.merge_weights, **{CACHE: model(**enc, merge_weights=first)[CACHE]}).logits
+    assert (kept - again).abs().max() > 1e-3  # the two weights do give different steps
+
+
+@torch.no_grad()
 def test_beam_search_keeps_each_sequence_with_its_weights(built):
     model, tok, _ = built
     kw = dict(max_new_tokens=5, do_sample=False, pad_token_id=0, num_beams=3, num_return_sequences=2)
@@ -190,6 +232,43 @@ def test_full_rank_svd_reproduces_the_exclusive_deltas():
     s = torch.linalg.svdvals(delta)
     residual = torch.linalg.matrix_norm(delta - B.double() @ A.double())
     assert residual == pytest.approx(s[3:].norm().item(), rel=1e-5)  # Eckart–Young: the best rank-3 error
+
+
+def test_randomized_svd_of_fixed_rank_is_as_good_as_the_exact_one():
+    torch.manual_seed(0)
+    U, _ = torch.linalg.qr(torch.randn(300, 300, dtype=torch.float64))
+    V, _ = torch.linalg.qr(torch.randn(200, 200, dtype=torch.float64))
+    delta = U[:, :200] * 0.95 ** torch.arange(200, dtype=torch.float64) @ V.T
+    for rank in (4, 16, 48):
+        A, B = svd_factors(delta, rank)  # exact: 300 x 200 is below FULL_SVD_UP_TO
+        exact = torch.linalg.matrix_norm(delta - B @ A)
+        A, B = svd_factors(delta, rank, full_svd_up_to=16)  # randomized: 300 x 200 is above 16
+        assert A.shape == (rank, 200) and B.shape == (300, rank)
+        assert torch.linalg.matrix_norm(delta - B @ A) <= 1.01 * exact
+
+
+STREAMED = [("wemoe", "block", "all", {}), ("twin", "block", "all", {"twin": {"rank": {"energy": 0.9}}}),
+            ("smear", "block", "lora", {}), ("sparse", "model", "all", {}), ("twin", "ffn", "mlp", {"twin": {"rank": 8}})]
+
+
+@pytest.mark.parametrize("method,level,kind,extra", STREAMED, ids=[f"{m}-{lv}-{k}" for m, lv, k, _ in STREAMED])
+def test_streamed_assembly_writes_the_model_built_in_memory(sources, tmp_path, method, level, kind, extra):
+    """`assemble` builds and writes tensor by tensor and starts the routers from a model that loads one block at a
+    time: the same tensors as the whole model in memory, the same routers up to the batch's float rounding."""
+    config = _recipe(sources, kind, method=method, level=level, **extra)
+    out = assemble(config, tmp_path / "out", shard_size=2**14)
+    assert (out / "model.safetensors.index.json").is_file()  # several shards: routers were fitted across them
+    streamed = AutoModelForCausalLM.from_pretrained(out).state_dict()
+    recipe = open_recipe(config)
+    model = build_model(recipe, seed=config.seed)
+    init_routers(model, AutoTokenizer.from_pretrained(recipe.base.path), config, seed=config.seed)
+    reference = model.state_dict()
+    assert streamed.keys() == reference.keys()
+    for name, t in reference.items():
+        if "router." in name:
+            torch.testing.assert_close(streamed[name], t, rtol=1e-4, atol=1e-5, msg=name)
+        else:
+            assert torch.equal(streamed[name], t), name
 
 
 def test_save_load_round_trips_bit_exactly_and_loads_as_remote_code(sources, tmp_path):

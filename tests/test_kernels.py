@@ -271,6 +271,18 @@ def test_strategy_follows_the_crossover(tokens, sequences, experts, expected):
     assert kernels.choose_strategy(tokens, sequences, experts) == expected
 
 
+@pytest.mark.parametrize(("sequences", "experts", "expected"), [
+    (1, 4, True),  # one sequence reads its one weight instead of W0 and 4 deltas
+    (4, 4, True),  # still fewer bytes than the 5 tensors
+    (8, 4, False),  # 8 copies outweigh them
+    (64, 8, False),  # decode of a big batch: the experts' own tensors, read once for all
+])
+def test_decode_keeps_per_sequence_weights_while_they_read_less(sequences, experts, expected):
+    P = 4096 * 4096
+    assert kernels.keep_decode_weights(sequences, P, (experts + 1) * P, element_size=2, device="cuda") is expected
+    assert not kernels.keep_decode_weights(1, 2**28, 5 * 2**28)  # a copy above the memory budget is never kept
+
+
 @pytest.mark.skipif(DEVICE == "cuda", reason="CPU tensors take Triton only under the interpreter")
 @pytest.mark.parametrize(("env", "expected"), [(None, False), ("auto", False), ("torch", False), ("TRITON", True)])
 def test_cpu_tensors_take_triton_only_when_forced(env, expected, monkeypatch):

@@ -228,8 +228,13 @@ def test_train_router_batches_rows_of_different_lengths_without_a_pad_token(buil
 
     rows = tmp_path / "rows.jsonl"
     rows.write_text("".join(json.dumps(r) + "\n" for r in zoo.router_training_rows(8)))
-    train_router(built[name], tmp_path / "run", TrainRouterArgs(data=rows, steps=3, batch_size=8, eval_every=3,
-                                                                save_every=3, objective={"lm": 1.0, "routing": 1.0}))
+    summary = train_router(built[name], tmp_path / "run", TrainRouterArgs(
+        data=rows, steps=3, batch_size=8, eval_every=3, save_every=3, objective={"lm": 1.0, "routing": 1.0}))
+    # trained as stored: frozen weights in bf16, routers and their Adam moments in float32
+    assert summary["frozen_dtype"] == "bfloat16"
+    optimizer = torch.load(tmp_path / "run" / "checkpoints" / "step-000003" / "optimizer.bin", weights_only=True)
+    moments = [t for state in optimizer["state"].values() for k, t in state.items() if k.startswith("exp_avg")]
+    assert moments and all(t.dtype == torch.float32 for t in moments)
     exported = tmp_path / "run" / "model"
     before, after = load_file(built[name] / "model.safetensors"), load_file(exported / "model.safetensors")
     assert {k: v.dtype for k, v in before.items()} == {k: v.dtype for k, v in after.items()}

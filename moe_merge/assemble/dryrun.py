@@ -189,15 +189,35 @@ def _dry_run_dynamic(recipe: Recipe, dtype: torch.dtype, shard_size: int) -> Dry
                  f"{', '.join(config.routed_parts) or 'nothing'}; the first router reads the static pre-pass at layer "
                  f"{config.prepass_layers}{energy}", _describe_experts(recipe), dtype, shard_size)
     reads: dict[str, int] = {}  # base tensor -> sources read for it: the base alone, or the base and every expert
-    fp32 = 0
+    build_step, blocks = 0, {}
     for p in dynamic.plan(recipe, config):
         shape = p.shape if None not in p.shape else tuple(min(base.shape(p.tensor)) if s is None else s for s in p.shape)
         run.add(p.name, _describe_dynamic(p, recipe), shape)
-        fp32 += math.prod(shape) * FLOAT32
+        blocks[_block(p.name)] = blocks.get(_block(p.name), 0) + math.prod(shape) * dtype.itemsize
         if p.tensor is not None:
             alone = p.source == "base" or p.source == "static" and cfg.static_method == "base"
             reads[p.tensor] = max(reads.get(p.tensor, 1), 1 if alone else E + 1)
+            build_step = max(build_step, _build_bytes(p, math.prod(base.shape(p.tensor)), E))
     run.read_bytes = sum(reads.get(name, 1) * base.nbytes(name) for name in base.keys())
-    # build_state holds every tensor in float32, then the model gets its own copy
-    run.peak_parts = {"runtime": RUNTIME_BYTES, "built tensors (float32)": fp32, "model (float32)": fp32}
+    # Streamed (dynamic.assemble_dynamic): built one tensor at a time into the shard buffer; then the prompts run
+    # through one block at a time, read back, with one merged float32 matrix beside it.
+    largest = max(math.prod(base.shape(n)) for n in base.keys()) * FLOAT32
+    run.peak_parts = {"runtime": RUNTIME_BYTES, "shard buffer": min(shard_size, run.output_bytes),
+                      "busiest step": max(build_step, max(blocks.values()) + largest)}
     return run
+
+
+def _block(name: str) -> str:
+    """The block a dynamic model's tensor comes into memory with (assemble/lazy.py): its layer, else its module."""
+    layer = re.match(r"model\.(experts\.\d+\.)?layers\.\d+\.", name)
+    return layer.group(0) if layer else ".".join(name.split(".")[:2])
+
+
+def _build_bytes(p: TensorPlan, numel: int, experts: int) -> int:
+    """What building one planned tensor holds, in float32 (dynamic.TensorBuilder): every expert's tensor stacked
+    beside W0 and the one being read; an SVD adds its float64 copies; a static merge holds every task vector."""
+    if p.source in ("experts", "deltas", "static"):
+        return (experts + 2) * numel * FLOAT32
+    if p.source.startswith("svd"):
+        return (experts + 2) * numel * FLOAT32 + 3 * numel * 8
+    return 2 * numel * FLOAT32

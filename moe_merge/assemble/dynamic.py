@@ -2,7 +2,8 @@
 routers from prompts, write the checkpoint.
 
 `plan()` says where each tensor of the dynamic model comes from, without reading tensor data (the dry run
-prints it); `build_state()` executes it, one tensor at a time:
+prints it); `built_tensors()` executes it, one tensor at a time, and `assemble_dynamic` streams them to disk
+and starts the routers on a model that reads them back one block at a time (lazy.py):
 - routed projections (the MLP at ffn level, every linear layer of the block at block level) hold the
   experts in their method's form: E full weights (smear), W0 + task vectors (wemoe), W0 + LoRA factors when
   every expert is a LoRA adapter, or W0 = the shared merge + SVD factors of each expert's exclusive part (twin);
@@ -16,6 +17,7 @@ prints it); `build_state()` executes it, one tensor at a time:
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -25,6 +27,7 @@ from tqdm.auto import tqdm
 
 from moe_merge.arch import ATTN_PROJS, LAYER_NORMS, MLP_PROJS, layer_of
 from moe_merge.assemble import report
+from moe_merge.assemble.lazy import compute_device, empty_model, lazy
 from moe_merge.config import MergeConfig
 from moe_merge.errors import CompatibilityError, ConfigError
 from moe_merge.merge import merge_by_spec
@@ -272,7 +275,8 @@ def expert_tensor(expert, name: str, shape, dtype: torch.dtype = torch.float32) 
     return t
 
 
-FULL_SVD_UP_TO = 1024  # min(out, in) up to which the energy rank takes a full SVD; above it, a randomized one
+FULL_SVD_UP_TO = 1024  # min(out, in) up to which SVDs are exact; above it, randomized when the rank allows
+OVERSAMPLE = 16  # extra columns of a randomized SVD of fixed rank
 
 
 def _svd(d: torch.Tensor, q: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -298,27 +302,31 @@ def energy_rank(S: torch.Tensor, total: torch.Tensor, energy: float) -> int:
 
 def svd_factors(delta: torch.Tensor, rank: int | None = None, energy: float | None = None,
                 full_svd_up_to: int = FULL_SVD_UP_TO) -> tuple[torch.Tensor, torch.Tensor]:
-    """A [r, K], B [N, r] with B @ A the best rank-r approximation of `delta` [N, K], in float64 arithmetic.
+    """A [r, K], B [N, r] with B @ A the best rank-r approximation of `delta` [N, K], in float64 arithmetic, on
+    `delta`'s device.
 
-    `rank` fixes r; `energy` picks the smallest r holding that share of Σ σ². Above `full_svd_up_to` the energy
-    rank comes from a randomized SVD whose width doubles until its factors hold the energy: B·A = U_r U_rᵀ Δ is a
-    projection, so what it holds is Σ of its σ², exactly, and the rank is at most a little above the optimum.
+    `rank` fixes r; `energy` picks the smallest r holding that share of Σ σ². Above `full_svd_up_to` the SVD is
+    randomized: of width r + OVERSAMPLE for a fixed rank below full; for an energy rank, of a width that doubles
+    until its factors hold the energy: B·A = U_r U_rᵀ Δ is a projection, so what it holds is Σ of its σ², exactly,
+    and the rank is at most a little above the optimum.
     """
     d = delta.double()
+    small = min(d.shape) <= full_svd_up_to
     if energy is None:
-        U, S, Vh = _svd(d)
+        q = None if small or rank + OVERSAMPLE >= min(d.shape) else rank + OVERSAMPLE
+        U, S, Vh = _svd(d, q)
         r = min(rank, S.numel())
     else:
         total = d.pow(2).sum()
-        q = None if min(d.shape) <= full_svd_up_to else 64
+        q = None if small else 64
         while True:
             U, S, Vh = _svd(d, q)
             if q is None or (S.double() ** 2).sum() >= energy * total or q >= min(d.shape):
                 break
             q *= 2
         r = rank = energy_rank(S, total, energy)
-    A = torch.zeros(rank, d.shape[1], dtype=d.dtype)
-    B = torch.zeros(d.shape[0], rank, dtype=d.dtype)
+    A = d.new_zeros(rank, d.shape[1])
+    B = d.new_zeros(d.shape[0], rank)
     A[:r], B[:, :r] = Vh[:r], U[:, :r] * S[:r]
     return A.to(delta.dtype), B.to(delta.dtype)
 
@@ -333,10 +341,12 @@ def lora_factors(expert: LoraExpert, name: str, rank: int, shape, dtype) -> tupl
 
 
 class TensorBuilder:
-    """Executes plan entries: each tensor from the sources, computed in `dtype` (float32; float64 in tests)."""
+    """Executes plan entries: each tensor from the sources, computed in `dtype` (float32; float64 in tests); SVDs
+    run on `device`."""
 
-    def __init__(self, recipe: Recipe, config: MoEMergeConfig, seed: int, dtype: torch.dtype):
-        self.recipe, self.config, self.dtype = recipe, config, dtype
+    def __init__(self, recipe: Recipe, config: MoEMergeConfig, seed: int, dtype: torch.dtype,
+                 device: str | torch.device = "cpu"):
+        self.recipe, self.config, self.dtype, self.device = recipe, config, dtype, device
         self.static = StaticMerge(recipe, seed, dtype)
         self._factors: tuple[str, torch.Tensor, torch.Tensor] | None = None  # A and B are planned in turn
 
@@ -348,17 +358,26 @@ class TensorBuilder:
         if p.source == "expert":
             return expert_tensor(self.recipe.experts[p.expert], p.tensor, self.recipe.base.shape(p.tensor), self.dtype)
         if p.source == "experts":
-            return torch.stack(self._thetas(p.tensor))
+            return self._stacked(p.tensor)
         if p.source == "deltas":
-            w0 = self._w0(p.tensor)
-            return torch.stack([t - w0 for t in self._thetas(p.tensor)])
+            return self._stacked(p.tensor, self._w0(p.tensor))
         if p.source in ("svd_A", "svd_B", "lora_A", "lora_B"):
             return self._factor(p)
         raise ValueError(f"internal error: no tensor source {p.source!r} for {p.name}")
 
-    def _thetas(self, name: str) -> list[torch.Tensor]:
+    def _stacked(self, name: str, minus: torch.Tensor | None = None) -> torch.Tensor:
+        """[E, ...] of every expert's tensor (less `minus`), filled one expert at a time: E + 1 tensors in memory."""
         shape = self.recipe.base.shape(name)
-        return [expert_tensor(e, name, shape, self.dtype) for e in self.recipe.experts]
+        out = torch.empty(len(self.recipe.experts), *shape, dtype=self.dtype)
+        for e, expert in enumerate(self.recipe.experts):
+            out[e] = expert_tensor(expert, name, shape, self.dtype)
+            if minus is not None:
+                out[e] -= minus
+        return out
+
+    def _thetas(self, name: str) -> Iterator[torch.Tensor]:
+        shape = self.recipe.base.shape(name)
+        return (expert_tensor(e, name, shape, self.dtype) for e in self.recipe.experts)
 
     def _w0(self, name: str) -> torch.Tensor:
         if self.recipe.config.merging.w0 == "static":
@@ -374,7 +393,8 @@ class TensorBuilder:
             if p.source.startswith("svd"):
                 w0 = self._w0(p.tensor)
                 energy = self.recipe.config.twin.energy if rank is None else None
-                factors = [svd_factors(t - w0, rank, energy) for t in self._thetas(p.tensor)]
+                factors = [tuple(f.cpu() for f in svd_factors((t - w0).to(self.device), rank, energy))
+                           for t in self._thetas(p.tensor)]
                 if rank is None:
                     rank = max(a.shape[0] for a, _ in factors)
                     factors = [(nn.functional.pad(a, (0, 0, 0, rank - a.shape[0])),
@@ -395,54 +415,53 @@ def _rank_key(base_tensor: str) -> str:
     return module if layer is None else f"{layer}.{module}"
 
 
-def build_state(recipe: Recipe, config: MoEMergeConfig, seed: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Every tensor of the dynamic model but the routers, executed from `plan`, one tensor at a time. Ranks chosen
-    by energy are written into `config.delta_ranks` as they are decided."""
-    build = TensorBuilder(recipe, config, seed, dtype)
+def built_tensors(recipe: Recipe, config: MoEMergeConfig, seed: int, dtype: torch.dtype,
+                  device: str | torch.device = "cpu") -> Iterator[tuple[str, torch.Tensor]]:
+    """Every tensor of the dynamic model but the routers, executed from `plan` one tensor at a time, in `dtype`.
+    Ranks chosen by energy are written into `config.delta_ranks` as they are decided."""
+    build = TensorBuilder(recipe, config, seed, dtype, device)
     entries = [p for p in plan(recipe, config) if p.source != "router"]
-    return {p.name: build(p) for p in tqdm(entries, desc="building", disable=None)}
+    for p in tqdm(entries, desc="building", disable=None):
+        yield p.name, build(p)
 
 
-def build_model(recipe: Recipe, seed: int, dtype: torch.dtype = torch.float32) -> MoEMergeForCausalLM:
-    """The dynamic model with its tensors in place and its routers at zero (see `init_routers`)."""
-    from transformers import AutoConfig
-    from transformers.initialization import no_init_weights
-
-    text_config = AutoConfig.from_pretrained(recipe.base.path)
-    config = model_config(recipe, text_config)
-    state = build_state(recipe, config, seed, dtype)
-    with no_init_weights():
-        model = MoEMergeForCausalLM(config).to(dtype)
-    missing, unexpected = model.load_state_dict(state, strict=False)
+def model_from_state(config: MoEMergeConfig, state: dict[str, torch.Tensor]) -> MoEMergeForCausalLM:
+    """The model holding `state`'s tensors themselves (no copy), its routers at zero (uniform routing)."""
+    model = empty_model(config)
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     missing = [k for k in missing if ".router." not in k and not k.startswith("model.router.")
                and not (k.startswith("lm_head.") and config.tie_word_embeddings)]
     if missing or unexpected:
         raise RuntimeError(f"internal error: built tensors do not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
     if config.tie_word_embeddings:
         model.tie_weights()
-    for router in routers(model):
-        router.set_constant(0.0)
-    return model.eval()
+    return model
+
+
+def build_model(recipe: Recipe, seed: int, dtype: torch.dtype = torch.float32) -> MoEMergeForCausalLM:
+    """The whole dynamic model in memory (tests, search), its routers at zero (see `init_routers`)."""
+    from transformers import AutoConfig
+
+    config = model_config(recipe, AutoConfig.from_pretrained(recipe.base.path))
+    state = dict(built_tensors(recipe, config, seed, dtype))
+    return model_from_state(config, state).to(dtype).eval()
 
 
 # ----------------------------------------------------------------------------------------- routers
 
 
-def routers(model: MoEMergeForCausalLM) -> list[Router]:
-    """The model's routers in the order of `merge_weights`' R dimension."""
-    inner = model.model
-    if inner.router is not None:
-        return [inner.router]
-    return [layer.router for layer in inner.layers]
-
-
 @torch.no_grad()
-def router_inputs(model, tokenizer, prompts: list[str], expert: int | None) -> list[torch.Tensor]:
-    """Each router's pooled input [n, H] for `prompts`, with routing forced one-hot to `expert` (perfect
-    routing: what the router must recognise) or left to the routers (expert None)."""
-    enc = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left").to(model.device)
+def router_inputs(model, tokenizer, groups: list[tuple[list[str], int]]) -> list[list[torch.Tensor]]:
+    """Each router's pooled input [n, H] for each group of (prompts, expert), from one forward pass in which each
+    row's routing is forced one-hot to its group's expert (perfect routing: what the router must recognise).
+    Returns [group][router]."""
+    device = compute_device(model)
+    prompts = [p for ps, _ in groups for p in ps]
+    enc = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left").to(device)
     mask = enc["attention_mask"]
-    captured: list[torch.Tensor | None] = [None] * len(routers(model))
+    experts = torch.tensor([e for ps, e in groups for _ in ps])
+    forced = torch.nn.functional.one_hot(experts, model.config.num_experts).float().to(device)
+    captured: list[torch.Tensor | None] = [None] * len(model.routers())
 
     def hook(i):
         def grab(_module, args):
@@ -450,29 +469,29 @@ def router_inputs(model, tokenizer, prompts: list[str], expert: int | None) -> l
             captured[i] = (masked_mean(x, mask) if x.dim() == 3 else x).cpu()
         return grab
 
-    handles = [r.register_forward_pre_hook(hook(i)) for i, r in enumerate(routers(model))]
+    handles = [r.register_forward_pre_hook(hook(i)) for i, r in enumerate(model.routers())]
     try:
-        forced = None
-        if expert is not None:
-            forced = torch.nn.functional.one_hot(torch.tensor(expert), model.config.num_experts).float().to(model.device)
         model(**enc, merge_weights=forced, use_cache=False)
     finally:
         for h in handles:
             h.remove()
-    return captured
+    sizes = [len(ps) for ps, _ in groups]
+    return [list(per_router) for per_router in zip(*(c.split(sizes) for c in captured))]
 
 
 def init_routers(model: MoEMergeForCausalLM, tokenizer, config: MergeConfig, seed: int) -> list[float | None]:
     """Start every router as the recipe says; returns each router's calibration scale (None if none). Every router
     with prompts to read first standardizes its input by their spread (routers/router.py), whatever its start."""
-    spec, rs = config.router_spec, routers(model)
+    spec, rs = config.router_spec, model.routers()
     g = torch.Generator().manual_seed(seed)
     positive = negative = None
     if all(e.positive_prompts for e in config.experts):
         # Worked examples, where given, are more samples of the same task: they steady the discriminant.
-        positive = [router_inputs(model, tokenizer, e.positive_prompts + e.examples, i) for i, e in enumerate(config.experts)]
-        negative = [router_inputs(model, tokenizer, e.negative_prompts, i) if e.negative_prompts else None
-                    for i, e in enumerate(config.experts)]
+        groups = [(e.positive_prompts + e.examples, i) for i, e in enumerate(config.experts)]
+        groups += [(e.negative_prompts, i) for i, e in enumerate(config.experts) if e.negative_prompts]
+        inputs = iter(router_inputs(model, tokenizer, groups))
+        positive = [next(inputs) for _ in config.experts]
+        negative = [next(inputs) if e.negative_prompts else None for e in config.experts]
         for k, r in enumerate(rs):
             r.set_standardization(torch.cat([p[k] for p in positive]))
     if spec.init == "uniform":
@@ -504,38 +523,71 @@ def init_routers(model: MoEMergeForCausalLM, tokenizer, config: MergeConfig, see
 
 
 def save_model(model: MoEMergeForCausalLM, out: Path, max_shard_size: str | int = "5GB") -> None:
-    """Weights (sharded safetensors), config with `auto_map`, and the remote-code entry point."""
+    """A model in memory as a checkpoint: weights (sharded safetensors), config with `auto_map`, remote code."""
     model.config.auto_map = AUTO_MAP
     model.save_pretrained(out, max_shard_size=max_shard_size)
     (Path(out) / "modeling_moe_merge.py").write_text(REMOTE_CODE)
 
 
+def _save_config(model: MoEMergeForCausalLM, out: Path, dtype: torch.dtype) -> None:
+    """What `save_pretrained` writes beside the weights, for a model whose weights were streamed to disk."""
+    model.config.auto_map = AUTO_MAP
+    model.config.dtype = dtype
+    model.config.save_pretrained(out)
+    if model.generation_config is not None:
+        model.generation_config.save_pretrained(out)
+    (Path(out) / "modeling_moe_merge.py").write_text(REMOTE_CODE)
+
+
 def assemble_dynamic(recipe: Recipe, out_dir: Path, *, shown: Recipe, tokenizer, force: bool, shard_size: int,
                      seed: int, device: str, eval_data: tuple[Path, list[dict]] | None) -> Path:
-    """Build, start the routers from prompts on `device`, write atomically; then measure the routing report (and
-    exact match on `eval_data`, (path, rows)) on the model loaded back from the output, as users get it: its
-    dtype, its RoPE tables. `shown` is the recipe as the output names its sources (`recipe.portable`)."""
+    """Stream the dynamic model into `out_dir` in bounded memory, atomically:
+    1. build every tensor from the sources, one at a time (SVDs on `device`), into the shard writer;
+    2. run the recipe's prompts through the model, one block in memory at a time, read back from the writer
+       (`lazy`), and start the routers from them;
+    3. measure the routing report the same way on the written checkpoint, as users get it (its dtype, its RoPE
+       tables), and exact match on `eval_data` ((path, rows)) on the model loaded whole.
+    Peak memory: one tensor of every expert and its built form, one block, and one shard buffer.
+    `shown` is the recipe as the output names its sources (`recipe.portable`)."""
+    from transformers import AutoConfig
+
     from moe_merge.export import card
     from moe_merge.outdir import atomic_output_dir
+    from moe_merge.sources import Checkpoint
+    from moe_merge.writer import ShardWriter
 
-    cfg, dtype = recipe.config, recipe.output_dtype
+    cfg, dtype = recipe.config, recipe.output_dtype or torch.float32
     logger.info("building a %s / %s dynamic model from %d experts", cfg.method, cfg.level, len(recipe.experts))
-    model = build_model(recipe, seed).to(device)
-    scales = init_routers(model, tokenizer, cfg, seed)
-    if dtype is not None:
-        model.to(dtype)  # the routers stay float32
+    config = model_config(recipe, AutoConfig.from_pretrained(recipe.base.path))
     with atomic_output_dir(out_dir, force=force) as tmp:
-        save_model(model, tmp, shard_size)
+        writer = ShardWriter(tmp, shard_size)
+        for name, t in built_tensors(recipe, config, seed, torch.float32, device):
+            writer.add(name, t.to(dtype))
+        model = empty_model(config)  # after the build: ranks chosen by energy are in `config` now
+        for r in model.routers():
+            r.to(device)
+        model.model.rotary_emb.to(device)
+        with lazy(model, writer.get, device):
+            scales = init_routers(model, tokenizer, cfg, seed)
+        state = model.state_dict()
+        for p in plan(recipe, config):
+            if p.source == "router":
+                writer.add(p.name, state[p.name].cpu())
+        writer.finalize()
+        _save_config(model, tmp, dtype)
+        written = Checkpoint(tmp)
+        with lazy(model, written.get, device):
+            rep = report.routing_report(model, tokenizer, cfg, recipe.labels, scales)
         del model
-        shipped = MoEMergeForCausalLM.from_pretrained(tmp).to(device).eval()
-        rep = report.routing_report(shipped, tokenizer, cfg, recipe.labels, scales)
         quality = None
         if eval_data is not None:
             from moe_merge.quality import quality_table
 
+            shipped = MoEMergeForCausalLM.from_pretrained(tmp).to(device).eval()
             quality = quality_table(shipped, tokenizer, *eval_data)
+            del shipped
         copy_companions(recipe.base.path, tmp)
         (tmp / "moe-merge.yaml").write_text(yaml.safe_dump(shown.config.resolved(), sort_keys=False))
         report.write(rep, tmp)
-        card.write_dynamic_card(tmp, shown, rep, quality, shipped.config)
+        card.write_dynamic_card(tmp, shown, rep, quality, config)
     return Path(out_dir)

@@ -117,18 +117,19 @@ def routing_report(model, tokenizer, config: MergeConfig, labels: list[str],
                    scales: list[float | None] | None = None) -> dict:
     """How each router of a dynamic model sends every expert's held-out prompts (`eval_prompts`, else
     `positive_prompts`); `scales` are the routers' calibration scales, if known."""
+    from moe_merge.assemble.lazy import compute_device
+
     R = model.config.num_routers
-    per_expert: list[torch.Tensor | None] = []
-    for e in config.experts:
-        prompts = e.eval_prompts if e.eval_prompts is not None else e.positive_prompts
-        if not prompts:
-            per_expert.append(None)
-            continue
-        enc = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left").to(model.device)
+    prompts = [(e.eval_prompts if e.eval_prompts is not None else e.positive_prompts) or [] for e in config.experts]
+    per_expert: list[torch.Tensor | None] = [None] * len(prompts)
+    if any(prompts):  # one forward pass for every expert's prompts: a model streamed from disk reads itself once
+        enc = tokenizer([p for ps in prompts for p in ps], return_tensors="pt", padding=True,
+                        padding_side="left").to(compute_device(model))
         w = model(**enc, use_cache=False).merge_weights  # [B, R, E] or [B, R, T, E]
         if w.dim() == 4:
             w = masked_mean(w.permute(0, 2, 1, 3).flatten(2), enc["attention_mask"]).view(w.shape[0], w.shape[1], -1)
-        per_expert.append(w.float().cpu())
+        rows = w.float().cpu().split([len(ps) for ps in prompts])
+        per_expert = [w if ps else None for w, ps in zip(rows, prompts)]
 
     def each(f):
         return [None if w is None else f(i, w) for i, w in enumerate(per_expert)]

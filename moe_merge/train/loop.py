@@ -63,6 +63,7 @@ class TrainRouterArgs:
     warmup: float = 0.1  # share of steps with a linear warm-up; cosine decay to lr/10 after
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
+    dtype: str = "auto"  # the frozen weights': auto (the checkpoint's) | float32 | bfloat16 | float16
     mixed_precision: str = "no"  # no | fp16 | bf16
     gradient_checkpointing: bool = False
     eval_every: int = 50
@@ -96,18 +97,21 @@ def _epoch_order(n: int, seed: int, epoch: int) -> list[int]:
 # ----------------------------------------------------------------------------- model and data
 
 
-def load_model(model_dir: Path, trust_remote_code: bool):
-    """The model in float32 (routers train in full precision whatever the checkpoint's dtype), its tokenizer,
-    and the dtype it was saved in (the export keeps it)."""
+def load_model(model_dir: Path, trust_remote_code: bool, dtype: str = "auto"):
+    """The model with its frozen weights in `dtype` (auto: the checkpoint's, bf16 stays bf16) and its routers in
+    float32, its tokenizer, and the dtype it was saved in (the export keeps it)."""
     import moe_merge.modeling  # noqa: F401  registers model_type `moe_merge`
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from moe_merge.recipe import DTYPES
     from moe_merge.tokens import load_tokenizer
 
     if not (model_dir / "config.json").is_file():
         raise MoEMergeError(f"{model_dir} has no config.json; give a directory written by `moe-merge assemble`")
     saved = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code).dtype or torch.float32
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, trust_remote_code=trust_remote_code)
+    frozen = saved if dtype == "auto" else DTYPES[dtype]
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=frozen, trust_remote_code=trust_remote_code)
+    objectives.routers_in_float32(model)
     tokenizer = load_tokenizer(model_dir, trust_remote_code=trust_remote_code)
     return model, tokenizer, saved
 
@@ -264,7 +268,7 @@ def _train(accelerator, model_dir: Path, run_dir: Path, args: TrainRouterArgs) -
     if args.batch_size % accelerator.num_processes:
         raise MoEMergeError(f"--batch-size {args.batch_size} must be a multiple of the {accelerator.num_processes} processes")
     set_seed(args.seed)
-    model, tokenizer, saved_dtype = load_model(model_dir, args.trust_remote_code)
+    model, tokenizer, saved_dtype = load_model(model_dir, args.trust_remote_code, args.dtype)
     train, held = split_data(args, tokenizer, expert_names(model, model_dir))
     if "routing" in args.objective and not train.labelled:
         raise DataError(f"objective `routing` needs an `expert` label on every row of {args.data}")
@@ -295,6 +299,7 @@ class Run:
         self.accelerator, self.args, self.run_dir, self.held, self.pad_id = accelerator, args, run_dir, held, pad_id
         self.stock, self.k, self.raw = objectives.is_stock(model), objectives.top_k(model), objectives.raw_weights(model)
         self.trainable = objectives.freeze_all_but_routers(model)
+        self.frozen_dtype = next(p.dtype for p in model.parameters() if not p.requires_grad)
         self.n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
         self.n_total = sum(p.numel() for p in model.parameters())
         if args.gradient_checkpointing:
@@ -403,6 +408,8 @@ class Run:
             "processes": acc.num_processes,
             "device": str(acc.device),
             "trainable_parameters": self.n_train,
+            "frozen_dtype": str(self.frozen_dtype).removeprefix("torch."),
+            **peak_memory(acc.device),
         }
         if acc.is_main_process:
             export(self.unwrapped, tokenizer, model_dir, self.run_dir / "model", saved_dtype, summary)
@@ -411,6 +418,19 @@ class Run:
         acc.print(f"{summary['seconds_per_step']:.3f} s per step, {summary['train_minutes']:.2f} min of training; "
                   f"best held-out objective {best['objective']:.4f} at step {best['step']}; wrote {self.run_dir / 'model'}")
         return summary
+
+
+def peak_memory(device: torch.device) -> dict:
+    """This process's peak memory so far: allocated CUDA memory on a GPU, else the resident set."""
+    if device.type == "cuda":
+        return {"peak_memory_bytes": torch.cuda.max_memory_allocated(device), "peak_memory_of": "cuda allocated"}
+    try:  # VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the parent through fork and exec
+        kib = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        import resource
+
+        kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {"peak_memory_bytes": kib * 1024, "peak_memory_of": "process RSS"}
 
 
 def export(model, tokenizer, model_dir: Path, out: Path, dtype: torch.dtype, summary: dict) -> None:

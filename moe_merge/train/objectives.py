@@ -53,6 +53,16 @@ def parse_objective(text: str) -> dict[str, float]:
     return weights
 
 
+def routers_in_float32(model: nn.Module) -> None:
+    """Keep every router's weights (so its gradients and optimizer state) in float32 over frozen bf16 or fp16
+    weights. moe-merge's routers compute in float32 by themselves; a stock MoE's top-k router computes in its
+    weights' dtype, so it gets its input widened (its logits and scores come out in float32)."""
+    for module in model.modules():
+        if isinstance(module, ROUTER_TYPES) and not isinstance(module, Router):
+            module.float()
+            module.register_forward_pre_hook(lambda _m, args: (args[0].float(), *args[1:]))
+
+
 def freeze_all_but_routers(model: nn.Module) -> list[str]:
     """Turn off gradients everywhere except the routers' own parameters; return their names."""
     model.requires_grad_(False)
