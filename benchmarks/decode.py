@@ -13,7 +13,10 @@ E = 4 experts, B in {1, 16, 64} prompts of 16 random tokens, 32 new tokens, rand
 - `fusion_bench wemoe`: fusion_bench 0.2.33's `WeightEnsemblingMoE` around every MLP (per-sample
   `functional_call`), run in its own environment (a venv over this one's packages, fusion_bench installed there).
 
-Usage: python benchmarks/decode.py [--shapes zoo,qwen3-76m] [--batches 1,16,64] [--skip NAME,...] [--out DIR]
+Usage: python benchmarks/decode.py [--shapes zoo,qwen3-76m] [--batches 1,16,64] [--only NAME,...] [--skip NAME,...]
+                                  [--new-tokens 32] [--device cpu|cuda] [--dtype float32|bfloat16] [--out DIR]
+`benchmarks/gpu.sh` runs it on CUDA in bf16 at the `llama-1b` shape for ours against the base alone.
+Writes decode-<device>-<date>.{json,md,png} under benchmarks/results/ or --out.
 """
 
 from __future__ import annotations
@@ -213,15 +216,20 @@ VARIANTS = {  # name -> (text config, setup) -> (ids -> the call to time); built
 }
 
 
-def median_seconds(fn, reps: int, setup: Setup) -> float:
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        if setup.device != "cpu":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+def seconds(call, setup: Setup) -> float:
+    t = time.perf_counter()
+    call()
+    if setup.device != "cpu":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t
+
+
+def repeats(name: str, batch: int, first: float) -> int:
+    """Runs to take the median of: 11 for a call under half a second (noise is relative), 3 above, 1 for the
+    slow peers at B > 1 (tens of seconds each)."""
+    if name in SLOW and batch > 1:
+        return 1
+    return 11 if first < 0.5 else 3
 
 
 def time_variants(shape: str, batches: list[int], names: list[str], setup: Setup) -> dict:
@@ -236,11 +244,16 @@ def time_variants(shape: str, batches: list[int], names: list[str], setup: Setup
         make(prompts(text, 1, setup))()  # warm-up: first calls, allocator, thread pools
     for batch in batches:
         ids = prompts(text, batch, setup)
-        for name, make in variants.items():
-            reps = 1 if name in SLOW and batch > 1 else 3
-            out[name][batch] = median_seconds(make(ids), reps, setup)
+        calls = {name: make(ids) for name, make in variants.items()}
+        times: dict[str, list[float]] = {name: [] for name in calls}
+        while any(not ts or len(ts) < repeats(n, batch, ts[0]) for n, ts in times.items()):
+            for name, call in calls.items():  # one run of each in turn: the variants share the machine's noise
+                if not times[name] or len(times[name]) < repeats(name, batch, times[name][0]):
+                    times[name].append(seconds(call, setup))
+        for name, ts in times.items():
+            out[name][batch] = statistics.median(ts)
             print(f"{shape:10s} B={batch:<3d} {name:18s} {out[name][batch]:8.3f} s "
-                  f"({batch * setup.new_tokens / out[name][batch]:.0f} tokens/s)", flush=True)
+                  f"({batch * setup.new_tokens / out[name][batch]:.0f} tokens/s, median of {len(ts)})", flush=True)
     return {"params": params, "seconds": out}
 
 
@@ -280,8 +293,13 @@ def peer_main(shape: str, batches: list[int], setup: Setup) -> None:
     text = text_config(shape, setup)
     model = fusion_bench_model(text)
     generate(model, prompts(text, 1, setup), setup)
-    print(json.dumps({b: median_seconds(lambda: generate(model, prompts(text, b, setup), setup), 1 if b > 1 else 3, setup)
-                      for b in batches}))
+    out = {}
+    for b in batches:
+        ids = prompts(text, b, setup)
+        ts = [seconds(lambda: generate(model, ids, setup), setup)]
+        ts += [seconds(lambda: generate(model, ids, setup), setup) for _ in range(repeats("fusion_bench wemoe", b, ts[0]) - 1)]
+        out[b] = statistics.median(ts)
+    print(json.dumps(out))
 
 
 # ----------------------------------------------------------------------------------------- report
@@ -303,7 +321,8 @@ def write(results: dict, out: Path) -> Path:
     new = results["new_tokens"]
     lines = [f"# Greedy generate: {E} experts, {PROMPT}-token prompts, {new} new tokens, {results['dtype']}", "",
              f"{results['device']}, {results['date']}; torch {results['torch']}, transformers {results['transformers']}.",
-             "Times are medians of 3 runs (one run for the per-request loop and fusion_bench at B > 1).", ""]
+             "Times are medians of 11 runs (3 above half a second; one for the per-request loop and fusion_bench at "
+             "B > 1), the variants run in turn.", ""]
     for shape, r in results["shapes"].items():
         secs = r["seconds"]
         batches = sorted(secs["base"])

@@ -37,6 +37,7 @@ def write_model(path: Path) -> int:
 
     text = AutoConfig.for_model("qwen3", **BODY, bos_token_id=1, eos_token_id=2, pad_token_id=0)
     model = decode.dynamic_model(text, "wemoe", "ffn", "dense")
+    model.config.expert_names = list(zoo.EXPERT_TASKS[: decode.E])  # what the rows' `expert` labels name
     model.to(torch.bfloat16).save_pretrained(path)
     zoo.build_tokenizer().save_pretrained(path)
     return sum(p.numel() for p in model.parameters())
@@ -63,7 +64,8 @@ def main() -> None:
         tmp = Path(tmp)
         params = write_model(tmp / "model")
         data = tmp / "rows.jsonl"
-        data.write_text("".join(json.dumps(r) + "\n" for r in zoo.router_training_rows(16)))
+        rows = [r for r in zoo.router_training_rows(16) if r["expert"] in zoo.EXPERT_TASKS[: decode.E]]
+        data.write_text("".join(json.dumps(r) + "\n" for r in rows))
         runs = {d: train(tmp / "model", data, tmp / f"run-{d}", d, args.steps) for d in DTYPES}
     date = datetime.date.today().isoformat()
     device = f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"

@@ -19,12 +19,12 @@ from typing import Literal
 import torch
 
 from moe_merge.kernels import reference
-from moe_merge.kernels.dispatch import (DeviceRates, Strategy, choose_strategy, crossover_tokens, keep_decode_weights,
-                                        use_triton)
+from moe_merge.kernels.dispatch import (Cost, DeviceRates, Strategy, choose_strategy, crossover_tokens,
+                                        keep_decode_weights, use_triton)
 
 __all__ = [
     "merged_linear", "lowrank_merged_linear", "merge_weights_into", "merged_linear_per_sequence",
-    "crossover_tokens", "choose_strategy", "keep_decode_weights", "DeviceRates",
+    "crossover_tokens", "choose_strategy", "keep_decode_weights", "Cost", "DeviceRates",
 ]
 
 

@@ -128,18 +128,31 @@ def choose_strategy(tokens: int, sequences: int, experts: int, has_base: bool = 
     return "materialize" if tokens > crossover else "kconcat"
 
 
-def keep_decode_weights(sequences: int, weight_elements: int, form_elements: int, element_size: int = 2,
-                        device: torch.device | str = "cuda") -> bool:
-    """Whether one decode step (a token per sequence) is cheaper on S kept per-sequence weights than on the form's
-    own tensors, with `device`'s rates: S·P elements read for 2·S·P flops, against the form's F elements (G·P dense,
-    about P low-rank) for 2·S·F flops, each costing the larger of its bytes / BW and flops / rate. So one sequence
-    always keeps its weight, and a few do while reading them is the cost. The kept copies must fit
-    `MATERIALIZE_BUDGET_BYTES`; forming them costs about one step, once per sequence."""
-    if sequences * weight_elements * element_size > MATERIALIZE_BUDGET_BYTES:
+# Kept decode weights (`keep_decode_weights`):
+KEEP_HORIZON = 32  # decode steps a kept weight is taken to serve: a layer does not know generate's length
+OP_SECONDS = 1e-5  # one op's fixed cost beyond its bytes and flops: ~10 µs to dispatch a small op on 2 CPU cores
+FORM_OPS = 5  # ops of a merged linear's decode step on its own tensors (kernels/reference.py), against one kept
+
+
+@dataclass(frozen=True)
+class Cost:
+    """What one step of work reads and computes, and in how many ops."""
+
+    bytes: float
+    flops: float
+    ops: int = 1
+
+    def seconds(self, rates: DeviceRates) -> float:
+        return max(self.bytes / rates.bandwidth, self.flops / rates.matmul_flops) + self.ops * OP_SECONDS
+
+
+def keep_decode_weights(kept: Cost, form: Cost, forming: Cost, device: torch.device | str = "cuda") -> bool:
+    """Whether decode steps should run on kept per-sequence weights (`kept`: one step on them) rather than on the
+    form's own tensors (`form`: one step), forming them once first (`forming`), with `device`'s rates: keep when
+    forming them plus KEEP_HORIZON steps on them cost less than those steps on the form. In practice one or a few
+    sequences keep theirs (their copies read less than W0 and E dense deltas, in one op, not five); a batch does
+    not. The copies must fit `MATERIALIZE_BUDGET_BYTES`."""
+    if kept.bytes > MATERIALIZE_BUDGET_BYTES:
         return False
     rates = rates_for(device)
-
-    def seconds(read_elements: int, flop_elements: int) -> float:
-        return max(read_elements * element_size / rates.bandwidth, 2 * sequences * flop_elements / rates.matmul_flops)
-
-    return seconds(sequences * weight_elements, weight_elements) <= seconds(form_elements, form_elements)
+    return forming.seconds(rates) + KEEP_HORIZON * kept.seconds(rates) < KEEP_HORIZON * form.seconds(rates)

@@ -37,10 +37,13 @@ def lowrank_merged_linear(x: torch.Tensor, merge_weights: torch.Tensor, A: torch
     Returns: `[M, N]`.
     """
     acc = _accumulator(x.dtype)
-    shrunk = torch.einsum("mk,erk->mer", x.to(acc), A.to(acc))  # [M, E, r], the rank intermediate kept wide
-    shrunk = shrunk * merge_weights.to(acc).unsqueeze(-1)
-    y = torch.einsum("mer,enr->mn", shrunk, B.to(acc))
-    return (y if base is None else y + (x @ base.T).to(acc)).to(x.dtype)
+    E, r, K = A.shape
+    shrunk = x.to(acc) @ A.reshape(E * r, K).to(acc).T  # [M, E·r]: every expert's A at once, kept wide
+    shrunk = (shrunk.view(-1, E, r) * merge_weights.to(acc).unsqueeze(-1)).view(-1, E * r)
+    B_cat = B.transpose(0, 1).reshape(B.shape[1], E * r).to(acc)  # [N, E·r]: [B_1, ..., B_E] side by side
+    if base is None:
+        return (shrunk @ B_cat.T).to(x.dtype)
+    return torch.addmm((x @ base.T).to(acc), shrunk, B_cat.T).to(x.dtype)
 
 
 def merge_weights_into(base: torch.Tensor | None, deltas: torch.Tensor, merge_weights: torch.Tensor) -> torch.Tensor:

@@ -88,7 +88,8 @@ def _assemble_parser(sub, verbose: argparse.ArgumentParser) -> None:
     p.add_argument("config", type=Path, help="recipe YAML (see the YAML reference in README.md)")
     p.add_argument("out_dir", type=Path, help="output directory; written to a temporary sibling and renamed")
     p.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists")
-    p.add_argument("--device", default="cpu", help="device for the router prompts' forward passes (default cpu)")
+    p.add_argument("--device", default="cpu", help="device for the router prompts' forward passes, the routing "
+                   "report and a twin recipe's SVDs (default cpu)")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
                    help="output dtype (default: the recipe's `dtype`, else the base's)")
     p.add_argument("--shard-size", type=parse_size, default="5G", help="maximum shard size, e.g. 5G, 500M (default 5G)")

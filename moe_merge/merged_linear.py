@@ -52,8 +52,8 @@ class MergedLinear(nn.Module):
         w = w.to(x.device)  # with device_map the router may sit on another device
         kept = self._kept(w, x) if self.decode_store is not None and T == 1 and w.dim() == 2 else None
         if kept is not None:
-            y = torch.bmm(x, kept.transpose(1, 2))
-        elif w.dim() == 2 and T > 1 and self._stack() is not None and kernels.choose_strategy(
+            y = nn.functional.linear(x, kept[0]) if B == 1 else torch.bmm(x, kept.transpose(1, 2))
+        elif w.dim() == 2 and T > 1 and self._stack() is not None and not w.requires_grad and kernels.choose_strategy(
             T, B, self.num_experts, has_base=self._w0() is not None, element_size=x.element_size(), device=x.device,
             weight_bytes=B * self.out_features * K * x.element_size(),
         ) == "materialize":
@@ -65,11 +65,12 @@ class MergedLinear(nn.Module):
         return y if bias is None else y + bias.to(self._w0_or_stack().dtype)
 
     def _materialized(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        """x·W_bᵀ with W_b = W0 + Σ_e w_be Δ_e formed per sequence. A run of consecutive sequences with the same
-        weights (beams, a merge search scoring each candidate on many rows, assembly's prompts forced to their
-        expert) shares one W and one GEMM, one run at a time, unless the weights need gradients (each row must
-        get its own)."""
-        if not w.requires_grad and len(w) > 1:
+        """x·W_bᵀ with W_b = W0 + Σ_e w_be Δ_e formed per sequence, for weights that need no gradient (training
+        the routers keeps to K-concatenation: autograd would hold every W_b until the backward pass, B copies of
+        every routed weight). A run of consecutive sequences with the same weights (beams, a merge search scoring
+        each candidate on many rows, assembly's prompts forced to their expert) shares one W and one GEMM, one
+        run at a time."""
+        if len(w) > 1:
             starts = torch.cat([w.new_ones(1, dtype=torch.bool), (w[1:] != w[:-1]).any(-1)]).nonzero().squeeze(1)
             if len(starts) < len(w):
                 bounds = starts.tolist() + [len(w)]
@@ -85,8 +86,9 @@ class MergedLinear(nn.Module):
         decode step and kept in `decode_store` for the later ones; None where reading the form's own tensors
         every step is cheaper."""
         if self not in self.decode_store:
-            keep = kernels.keep_decode_weights(len(w), self.in_features * self.out_features, self._form_elements(),
-                                               x.element_size(), x.device)
+            S, P, b = len(w), self.in_features * self.out_features, x.element_size()
+            kept = kernels.Cost(S * P * b, 2 * S * P)
+            keep = kernels.keep_decode_weights(kept, *self._decode_costs(S, b), device=x.device)
             self.decode_store[self] = self._materialize(w) if keep else None
         return self.decode_store[self]
 
@@ -94,9 +96,13 @@ class MergedLinear(nn.Module):
         """W_b = W0 + Σ_e w_be Δ_e for weights w [B, E]: [B, N, K] in the stored dtype, summed in float32 or wider."""
         return kernels.merge_weights_into(self._w0(), self._stack(), w)
 
-    def _form_elements(self) -> int:
-        """The elements a call reads: its W0 and its stack."""
-        return sum(t.numel() for t in (self._w0(), self._stack()) if t is not None)
+    def _decode_costs(self, S: int, b: int) -> tuple[kernels.Cost, kernels.Cost]:
+        """(one decode step of S sequences on this form's own tensors, forming their S merged weights), at b bytes
+        per element: both read W0 and the E weights or deltas; forming writes S weights of P elements."""
+        read = sum(t.numel() for t in (self._w0(), self._stack()) if t is not None)
+        P = self.in_features * self.out_features
+        return (kernels.Cost(read * b, 2 * S * read, kernels.dispatch.FORM_OPS),
+                kernels.Cost((read + S * P) * b, 2 * S * read, 2))
 
     def _w0_or_stack(self) -> torch.Tensor:
         return self._w0() if self._w0() is not None else self._stack()
@@ -249,8 +255,11 @@ class LowRankMergedLinear(_WithW0):
         low = torch.einsum("be,enr,erk->bnk", w.to(dtype), self.lora_B.to(dtype), self.lora_A.to(dtype))
         return (self.weight.to(dtype) + low).to(self.stored_dtype)
 
-    def _form_elements(self):
-        return self.weight.numel() + self.lora_A.numel() + self.lora_B.numel()
+    def _decode_costs(self, S, b):
+        E, r, _ = self.lora_A.shape
+        read = self.weight.numel() + self.lora_A.numel() + self.lora_B.numel()
+        step = kernels.Cost(read * b, 2 * S * read, kernels.dispatch.FORM_OPS)
+        return step, kernels.Cost((read + S * self.weight.numel()) * b, 2 * S * E * r * self.weight.numel(), 2)
 
     def _rows(self, ids, w):
         low = torch.einsum("bte,ebtr,erk->btk", w, self.lora_B[:, ids].to(w.dtype), self.lora_A.to(w.dtype))

@@ -271,16 +271,30 @@ def test_strategy_follows_the_crossover(tokens, sequences, experts, expected):
     assert kernels.choose_strategy(tokens, sequences, experts) == expected
 
 
-@pytest.mark.parametrize(("sequences", "experts", "expected"), [
-    (1, 4, True),  # one sequence reads its one weight instead of W0 and 4 deltas
-    (4, 4, True),  # still fewer bytes than the 5 tensors
-    (8, 4, False),  # 8 copies outweigh them
-    (64, 8, False),  # decode of a big batch: the experts' own tensors, read once for all
+@pytest.mark.parametrize(("device", "P", "b", "G", "sequences", "expected"), [
+    ("cuda", 4096 * 4096, 2, 9, 1, True),  # one sequence reads a ninth of W0 and 8 deltas' bytes
+    ("cuda", 4096 * 4096, 2, 9, 4, True),  # four ninths: forming the copies is repaid within the horizon
+    ("cuda", 4096 * 14336, 2, 9, 4, False),  # above the copies' memory budget
+    ("cpu", 768 * 2048, 4, 5, 1, True),
+    ("cpu", 768 * 2048, 4, 5, 16, False),  # 16 copies take longer to read than K-concatenation over 5 weights
 ])
-def test_decode_keeps_per_sequence_weights_while_they_read_less(sequences, experts, expected):
-    P = 4096 * 4096
-    assert kernels.keep_decode_weights(sequences, P, (experts + 1) * P, element_size=2, device="cuda") is expected
-    assert not kernels.keep_decode_weights(1, 2**28, 5 * 2**28)  # a copy above the memory budget is never kept
+def test_decode_keeps_per_sequence_weights_where_they_pay_within_the_horizon(device, P, b, G, sequences, expected):
+    """Dense task vectors: G = W0 and G - 1 deltas of P elements, b bytes each."""
+    kept = kernels.Cost(sequences * P * b, 2 * sequences * P)
+    form = kernels.Cost(G * P * b, 2 * sequences * G * P, dispatch.FORM_OPS)
+    forming = kernels.Cost((G + sequences) * P * b, 2 * sequences * G * P, 2)
+    assert kernels.keep_decode_weights(kept, form, forming, device=device) is expected
+
+
+@pytest.mark.parametrize(("sequences", "expected"), [(1, True), (8, False)])
+def test_a_low_rank_form_keeps_one_sequences_weight_only(sequences, expected):
+    """Low-rank: a step reads about P either way, so one sequence keeps its weight for the ops it saves, and
+    eight copies would read eight times the bytes."""
+    P, b, factors = 4096 * 4096, 2, 8 * 16 * 2 * 4096
+    kept = kernels.Cost(sequences * P * b, 2 * sequences * P)
+    form = kernels.Cost((P + factors) * b, 2 * sequences * (P + factors), dispatch.FORM_OPS)
+    forming = kernels.Cost((P + sequences * P) * b, 2 * sequences * 8 * 16 * P, 2)
+    assert kernels.keep_decode_weights(kept, form, forming, device="cuda") is expected
 
 
 @pytest.mark.skipif(DEVICE == "cuda", reason="CPU tensors take Triton only under the interpreter")
