@@ -69,7 +69,11 @@ class MergedLinear(nn.Module):
         the routers keeps to K-concatenation: autograd would hold every W_b until the backward pass, B copies of
         every routed weight). A run of consecutive sequences with the same weights (beams, a merge search scoring
         each candidate on many rows, assembly's prompts forced to their expert) shares one W and one GEMM, one
-        run at a time."""
+        run at a time. In a generation's prefill whose decode steps will keep the weights (`decode_store`), the
+        per-sequence weights formed here are the ones kept."""
+        if self.decode_store is not None and self._keeps(w, x):
+            W = self.decode_store[self] = self._materialize(w)
+            return torch.bmm(x, W.transpose(1, 2))
         if len(w) > 1:
             starts = torch.cat([w.new_ones(1, dtype=torch.bool), (w[1:] != w[:-1]).any(-1)]).nonzero().squeeze(1)
             if len(starts) < len(w):
@@ -86,11 +90,14 @@ class MergedLinear(nn.Module):
         decode step and kept in `decode_store` for the later ones; None where reading the form's own tensors
         every step is cheaper."""
         if self not in self.decode_store:
-            S, P, b = len(w), self.in_features * self.out_features, x.element_size()
-            kept = kernels.Cost(S * P * b, 2 * S * P)
-            keep = kernels.keep_decode_weights(kept, *self._decode_costs(S, b), device=x.device)
-            self.decode_store[self] = self._materialize(w) if keep else None
+            self.decode_store[self] = self._materialize(w) if self._keeps(w, x) else None
         return self.decode_store[self]
+
+    def _keeps(self, w: torch.Tensor, x: torch.Tensor) -> bool:
+        """Whether decode steps should run on the B sequences' merged weights (`kernels.keep_decode_weights`)."""
+        S, P, b = len(w), self.in_features * self.out_features, x.element_size()
+        kept = kernels.Cost(S * P * b, 2 * S * P)
+        return kernels.keep_decode_weights(kept, *self._decode_costs(S, b), device=x.device)
 
     def _materialize(self, w: torch.Tensor) -> torch.Tensor:
         """W_b = W0 + Σ_e w_be Δ_e for weights w [B, E]: [B, N, K] in the stored dtype, summed in float32 or wider."""

@@ -548,17 +548,22 @@ class MoEMergeModel(MoEMergePreTrainedModel):
             with merging([self.norm], routes.weights(-1)):
                 last = self.norm(h)
         weights = routes.stacked("used")
-        if cache is not None and prefill and self.config.router_granularity == "sequence":
-            setattr(cache, DECODE_STORE, {"weights": weights})  # decode steps that get these weights back use it
+        if store is not None and prefill:
+            store["weights"] = weights  # the decode steps that get these very weights back use the store
         return MoEMergeModelOutput(last_hidden_state=last, hidden_states=tuple(hidden) if hidden else None,
                                    merge_weights=weights, router_logits=routes.stacked("logits"), **{CACHE: cache})
 
     def _decode_store(self, cache, prefill: bool, given: torch.Tensor | None) -> dict | None:
         """Where merged linears keep each sequence's merged weight across decode steps: a dict on the KV cache,
-        opened at prefill, and used by the decode steps that are given the prefill's very merge weights back (as
-        `generate` gives them), without gradients. Anything else, weights forced anew included, gets None."""
-        if prefill or cache is None or torch.is_grad_enabled():
+        opened at prefill (whose per-sequence weights, where it forms them, go in), and used by the decode steps
+        that are given the prefill's very merge weights back (as `generate` gives them), without gradients.
+        Anything else, weights forced anew included, gets None."""
+        if cache is None or torch.is_grad_enabled() or self.config.router_granularity != "sequence":
             return None
+        if prefill:
+            store = {"weights": None}
+            setattr(cache, DECODE_STORE, store)
+            return store
         store = getattr(cache, DECODE_STORE, None)
         return store if store is not None and store["weights"] is given else None
 

@@ -178,6 +178,21 @@ def test_decode_steps_on_kept_per_sequence_weights_equal_the_experts_own(built, 
 
 
 @torch.no_grad()
+def test_a_prefill_that_forms_per_sequence_weights_hands_them_to_the_decode_steps(sources, monkeypatch):
+    import moe_merge.merged_linear as ml
+
+    model, tok, _ = _build(sources, "wemoe", "block", "linear", {})
+    monkeypatch.setattr(ml.kernels, "choose_strategy", lambda *a, **k: "materialize")
+    monkeypatch.setattr(ml.kernels, "keep_decode_weights", lambda *a, **k: True)
+    formed = []
+    real = ml.MergedLinear._materialize
+    monkeypatch.setattr(ml.MergedLinear, "_materialize", lambda self, w: formed.append(self) or real(self, w))
+    model.generate(**_enc(tok), max_new_tokens=4, do_sample=False, pad_token_id=0)
+    linears = [m for m in model.model.layers.modules() if isinstance(m, ml.MergedLinear)]
+    assert sorted(map(id, formed)) == sorted(map(id, linears))  # once each, at prefill; never again
+
+
+@torch.no_grad()
 def test_decode_with_other_weights_than_the_prefill_ignores_the_kept_ones(sources, monkeypatch):
     import moe_merge.merged_linear as ml
 
