@@ -72,7 +72,7 @@ class MergedLinear(nn.Module):
         run at a time. In a generation's prefill whose decode steps will keep the weights (`decode_store`), the
         per-sequence weights formed here are the ones kept."""
         if self.decode_store is not None and self._keeps(w, x):
-            W = self.decode_store[self] = self._materialize(w)
+            W = self.decode_store[id(self)] = self._materialize(w)
             return torch.bmm(x, W.transpose(1, 2))
         if len(w) > 1:
             starts = torch.cat([w.new_ones(1, dtype=torch.bool), (w[1:] != w[:-1]).any(-1)]).nonzero().squeeze(1)
@@ -89,9 +89,10 @@ class MergedLinear(nn.Module):
         """Each sequence's merged weight [B, N, K] for its per-sequence weights w [B, E], formed at the first
         decode step and kept in `decode_store` for the later ones; None where reading the form's own tensors
         every step is cheaper."""
-        if self not in self.decode_store:
-            self.decode_store[self] = self._materialize(w) if self._keeps(w, x) else None
-        return self.decode_store[self]
+        key = id(self)  # not the module itself: a copied cache must not copy the model
+        if key not in self.decode_store:
+            self.decode_store[key] = self._materialize(w) if self._keeps(w, x) else None
+        return self.decode_store[key]
 
     def _keeps(self, w: torch.Tensor, x: torch.Tensor) -> bool:
         """Whether decode steps should run on the B sequences' merged weights (`kernels.keep_decode_weights`)."""
