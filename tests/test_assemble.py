@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -101,17 +102,16 @@ def test_expert_tensors_come_from_their_expert(pico, tmp_path):
                            e.get_tensor("model.layers.0.mlp.up_proj.weight"))
 
 
+def _attention_q(checkpoint: Path) -> torch.Tensor:
+    with safe_open(checkpoint / "model.safetensors", framework="pt") as f:
+        return f.get_tensor("model.layers.0.self_attn.q_proj.weight")
+
+
 def test_non_expert_average_merges_attention(tmp_path, pico):
     full = [make_pico(tmp_path / f"full{i}", seed=10 + i, base=pico["base"], perturb="all") for i in range(2)]
     recipe = pico_recipe({"base": pico["base"], "experts": full}, non_expert="average")
     out = _assemble(recipe, tmp_path / "moe")
-    name = "model.layers.0.self_attn.q_proj.weight"
-    with safe_open(out / "model.safetensors", framework="pt") as f:
-        merged = f.get_tensor(name)
-    experts = []
-    for p in full:
-        with safe_open(p / "model.safetensors", framework="pt") as g:
-            experts.append(g.get_tensor(name))
+    merged, *experts = (_attention_q(path) for path in (out, *full))
     torch.testing.assert_close(merged, (experts[0] + experts[1]) / 2)
 
 
@@ -122,13 +122,7 @@ def test_non_expert_mixup_interpolates_attention_with_its_seeded_draw(tmp_path, 
     recipe = pico_recipe({"base": pico["base"], "experts": full}, non_expert="mixup",
                          merge={"mixup": {"alpha": 2.0, "seed": 3}})
     out = _assemble(recipe, tmp_path / "moe")
-    name = "model.layers.0.self_attn.q_proj.weight"
-    with safe_open(out / "model.safetensors", framework="pt") as f:
-        merged = f.get_tensor(name)
-    experts = []
-    for p in full:
-        with safe_open(p / "model.safetensors", framework="pt") as g:
-            experts.append(g.get_tensor(name))
+    merged, *experts = (_attention_q(path) for path in (out, *full))
     lam, other = mixup_draws(2, 2.0, 1, seed=3)[0]
     torch.testing.assert_close(merged, lam * experts[0] + other * experts[1])
     assert f"lambda = {lam:.4f}" in (out / "README.md").read_text()

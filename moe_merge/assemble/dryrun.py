@@ -193,7 +193,8 @@ def _dry_run_dynamic(recipe: Recipe, dtype: torch.dtype, shard_size: int) -> Dry
     for p in dynamic.plan(recipe, config):
         shape = p.shape if None not in p.shape else tuple(min(base.shape(p.tensor)) if s is None else s for s in p.shape)
         run.add(p.name, _describe_dynamic(p, recipe), shape)
-        blocks[_block(p.name)] = blocks.get(_block(p.name), 0) + math.prod(shape) * dtype.itemsize
+        block = _block(p.name)
+        blocks[block] = blocks.get(block, 0) + math.prod(shape) * dtype.itemsize
         if p.tensor is not None:
             alone = p.source == "base" or p.source == "static" and cfg.static_method == "base"
             reads[p.tensor] = max(reads.get(p.tensor, 1), 1 if alone else E + 1)

@@ -570,9 +570,8 @@ def assemble_dynamic(recipe: Recipe, out_dir: Path, *, shown: Recipe, tokenizer,
         with lazy(model, writer.get, device):
             scales = init_routers(model, tokenizer, cfg, seed)
         state = model.state_dict()
-        for p in plan(recipe, config):
-            if p.source == "router":
-                writer.add(p.name, state[p.name].cpu())
+        for p in _plan_routers(config):
+            writer.add(p.name, state[p.name].cpu())
         writer.finalize()
         _save_config(model, tmp, dtype)
         written = Checkpoint(tmp)
