@@ -10,6 +10,7 @@ from pathlib import Path
 from moe_merge.arch import FAMILIES
 from moe_merge.errors import MoEMergeError
 from moe_merge.methods import METHODS
+from moe_merge.outdir import DISK_FULL
 
 SIZE_UNITS = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
 
@@ -101,6 +102,8 @@ def _assemble_parser(sub, verbose: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-data", type=Path,
                    help="JSON lines of prompt, completion and expert: the model card gets the result's exact match per "
                    "expert (greedy generation)")
+    p.add_argument("--allow-nonfinite", action="store_true",
+                   help="use sources holding NaN or Inf (by default refused before any work, naming the file and tensor)")
 
 
 def _generate_parser(sub, verbose: argparse.ArgumentParser) -> None:
@@ -134,6 +137,8 @@ def _bake_parser(sub, verbose: argparse.ArgumentParser) -> None:
     p.add_argument("out_dir", type=Path, help="output directory; written to a temporary sibling and renamed")
     _merge_weights_arguments(p)
     p.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists")
+    p.add_argument("--allow-nonfinite", action="store_true",
+                   help="use a model holding NaN or Inf (by default refused before any work, naming the file and tensor)")
 
 
 def _train_router_parser(sub, verbose: argparse.ArgumentParser) -> None:
@@ -179,6 +184,8 @@ def _train_router_parser(sub, verbose: argparse.ArgumentParser) -> None:
     run.add_argument("--resume", action="store_true", help="continue OUT from its latest checkpoint")
     run.add_argument("--force", action="store_true", help="discard an existing OUT and start over")
     p.add_argument("--trust-remote-code", action="store_true", help="allow MODEL_DIR's own code (off by default)")
+    p.add_argument("--allow-nonfinite", action="store_true",
+                   help="use a model holding NaN or Inf (by default refused before any work, naming the file and tensor)")
 
 
 def _export_lora_parser(sub, verbose: argparse.ArgumentParser) -> None:
@@ -198,6 +205,8 @@ def _export_lora_parser(sub, verbose: argparse.ArgumentParser) -> None:
     p.add_argument("--base", help="the base model (path or cached Hub id; default: `base_model` of MODEL_DIR/moe-merge.yaml)")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="adapter dtype (default: the model's)")
     p.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists")
+    p.add_argument("--allow-nonfinite", action="store_true",
+                   help="use a model holding NaN or Inf (by default refused before any work, naming the file and tensor)")
 
 
 def _push_parser(sub, verbose: argparse.ArgumentParser) -> None:
@@ -301,7 +310,7 @@ def _assemble(args: argparse.Namespace) -> int:
         return 0
     out = assemble(config, args.out_dir, recipe_dir=args.config.parent.absolute(), force=args.force,
                    device=args.device, dtype=args.dtype, shard_size=args.shard_size, seed=args.seed,
-                   eval_data=args.eval_data)
+                   eval_data=args.eval_data, allow_nonfinite=args.allow_nonfinite)
     print(f"wrote {out}")
     return 0
 
@@ -317,7 +326,9 @@ def _generate(args: argparse.Namespace) -> int:
 def _bake(args: argparse.Namespace) -> int:
     from moe_merge.export.bake import bake
 
-    print(f"wrote {bake(args.model_dir, args.out_dir, weights=args.weights, prompt=args.prompt, force=args.force)}")
+    out = bake(args.model_dir, args.out_dir, weights=args.weights, prompt=args.prompt, force=args.force,
+               allow_nonfinite=args.allow_nonfinite)
+    print(f"wrote {out}")
     return 0
 
 
@@ -335,7 +346,8 @@ def _export_lora(args: argparse.Namespace) -> int:
     from moe_merge.export.lora import export_lora
 
     out = export_lora(args.model_dir, args.out_dir, weights=args.weights, prompt=args.prompt, base=args.base,
-                      dtype=getattr(torch, args.dtype) if args.dtype else None, force=args.force)
+                      dtype=getattr(torch, args.dtype) if args.dtype else None, force=args.force,
+                      allow_nonfinite=args.allow_nonfinite)
     print(f"wrote {out}")
     return 0
 
@@ -405,6 +417,12 @@ def main(argv: list[str] | None = None) -> int:
         return COMMANDS[args.command](args)
     except MoEMergeError as e:
         print(f"moe-merge: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a full disk outside an output directory (a run directory's log, say): no traceback
+        if e.errno not in DISK_FULL:
+            raise
+        print(f"moe-merge: error: cannot write {e.filename or 'a file'}: {e.strerror}; free space and run again",
+              file=sys.stderr)
         return 2
 
 

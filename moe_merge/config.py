@@ -192,7 +192,7 @@ class MergeConfig(_Strict):
     @field_validator("gate_mode", mode="before")
     @classmethod
     def _mergekit_gate_modes(cls, v: Any) -> Any:
-        return GATE_MODE_ALIASES.get(v, v)
+        return GATE_MODE_ALIASES.get(v, v) if isinstance(v, str) else v
 
     @field_validator("shared_experts", mode="before")
     @classmethod

@@ -21,6 +21,10 @@ class OutputExistsError(MoEMergeError):
     """The output directory exists and --force was not given."""
 
 
+class OutputError(MoEMergeError):
+    """The output cannot be written: the disk is full, or another process is writing the same directory."""
+
+
 class ModelConfigError(ConfigError, ValueError):
     """A dynamic model's config, or merge weights given to it, that it cannot take; also a ValueError, as transformers'
     callers expect from a model."""

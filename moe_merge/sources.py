@@ -66,18 +66,34 @@ def hub_id(ref: str, path: Path) -> str | None:
 
 def read_safetensors_header(path: Path) -> dict[str, dict]:
     """Tensor name -> {"dtype", "shape", "data_offsets"} from a safetensors file, reading only its header
-    (an 8-byte little-endian length, then that many bytes of JSON): planning never touches tensor data."""
+    (an 8-byte little-endian length, then that many bytes of JSON): planning never touches tensor data.
+    The header must describe the file: every entry well formed, the data exactly as long as they say."""
+    redo = "re-download or re-save it"
     try:
         with open(path, "rb") as f:
             size = int.from_bytes(f.read(8), "little")
             raw = f.read(size) if 0 < size <= MAX_HEADER_BYTES else b""
         header = json.loads(raw)
+        file_size = path.stat().st_size
     except (OSError, ValueError) as e:
-        raise SourceError(f"{path} does not start with a safetensors header ({e}); re-download or re-save it") from None
+        raise SourceError(f"{path} does not start with a safetensors header ({e}); {redo}") from None
     if len(raw) != size or not isinstance(header, dict):
-        raise SourceError(f"{path} does not start with a safetensors header; re-download or re-save it")
+        raise SourceError(f"{path} does not start with a safetensors header; {redo}")
     header.pop("__metadata__", None)
+    end = 0
+    for name, entry in header.items():
+        if not (isinstance(entry, dict) and isinstance(entry.get("dtype"), str)
+                and _ints(entry.get("shape")) and _ints(entry.get("data_offsets")) and len(entry["data_offsets"]) == 2):
+            raise SourceError(f"{path}: the header's entry for tensor {name!r} is malformed ({entry!r:.80}); {redo}")
+        end = max(end, entry["data_offsets"][1])
+    if 8 + size + end != file_size:
+        raise SourceError(f"{path} is {file_size} bytes but its header describes {8 + size + end}: the file is "
+                          f"truncated or was overwritten; {redo}")
     return header
+
+
+def _ints(value) -> bool:
+    return isinstance(value, list) and all(isinstance(v, int) and v >= 0 for v in value)
 
 
 class Checkpoint:
@@ -100,11 +116,7 @@ class Checkpoint:
         for index_name in (SAFE_INDEX, BIN_INDEX):
             index_file = self.path / index_name
             if index_file.is_file():
-                weight_map = json.loads(index_file.read_text())["weight_map"]
-                for shard in sorted(set(weight_map.values())):
-                    if not (self.path / shard).is_file():
-                        raise SourceError(f"{index_file} names shard {shard}, which is missing from {self.path}")
-                return weight_map
+                return self._read_index(index_file)
         if (self.path / SAFE_SINGLE).is_file():
             return {k: SAFE_SINGLE for k in self.header(SAFE_SINGLE)}
         if (self.path / BIN_SINGLE).is_file():
@@ -112,6 +124,33 @@ class Checkpoint:
         raise SourceError(
             f"no weights in {self.path}: expected {SAFE_SINGLE}, {SAFE_INDEX}, {BIN_SINGLE} or {BIN_INDEX}"
         )
+
+    def _read_index(self, index_file: Path) -> dict[str, str]:
+        """The index's weight map, checked against its shards: each a plain file name in this directory, present,
+        and (safetensors) holding exactly the tensors the index gives it."""
+        try:
+            weight_map = json.loads(index_file.read_text())["weight_map"]
+            if not (isinstance(weight_map, dict) and all(isinstance(v, str) for v in weight_map.values())):
+                raise TypeError("`weight_map` is not a mapping of tensor names to file names")
+        except (ValueError, KeyError, TypeError) as e:
+            raise SourceError(f"{index_file} is not a valid index ({type(e).__name__}: {e}); re-download or "
+                              "re-save the checkpoint") from None
+        for shard in sorted(set(weight_map.values())):
+            if Path(shard).name != shard or shard in ("", ".", ".."):
+                raise SourceError(f"{index_file} names shard {shard!r}, which is not a file name in {self.path}; "
+                                  "an index may name only files beside it")
+            if not (self.path / shard).is_file():
+                raise SourceError(f"{index_file} names shard {shard}, which is missing from {self.path}")
+            if shard.endswith(".safetensors"):
+                listed = {t for t, f in weight_map.items() if f == shard}
+                held = set(self.header(shard))
+                if held != listed:
+                    extra, lost = sorted(held - listed), sorted(listed - held)
+                    what = (f"holds tensor {extra[0]!r}, which the index does not list" if extra
+                            else f"lacks tensor {lost[0]!r}, which the index puts there")
+                    raise SourceError(f"{self.path / shard} {what} ({index_file} does not describe its shards); "
+                                      "re-download or re-save the checkpoint")
+        return weight_map
 
     def _load_bin(self, file: str) -> dict[str, torch.Tensor]:
         if file not in self._bin_files:
@@ -190,7 +229,12 @@ class LoraExpert:
                     f"{self.path}: {why} adapters are not supported yet (`{field}` is set in adapter_config.json); "
                     "merge it into a full checkpoint with peft's merge_and_unload and use that directory"
                 )
-        weights = load_peft_weights(str(self.path), device="cpu")
+        _check_targets(cfg, self.path / "adapter_config.json", base)
+        try:
+            weights = load_peft_weights(str(self.path), device="cpu")
+        except Exception as e:
+            raise SourceError(f"cannot read the weights of adapter {self.path} ({type(e).__name__}: {e}); re-download "
+                              "or re-save it") from None
         pairs: dict[str, dict[str, torch.Tensor]] = {}
         for key, tensor in weights.items():
             for part in ("lora_A", "lora_B"):
@@ -238,6 +282,54 @@ class LoraExpert:
 
 
 Expert = Checkpoint | LoraExpert
+
+
+def _check_targets(cfg, config_file: Path, base: Checkpoint) -> None:
+    """Every `target_modules` entry names modules of the base (PEFT's rule: the full name, or its last parts); an
+    adapter made for another architecture names modules this one lacks."""
+    import re
+
+    modules = [n.removesuffix(".weight") for n in base.keys() if n.endswith(".weight")]
+    targets = cfg.target_modules
+    if targets is None or targets == "all-linear":
+        return
+    if isinstance(targets, str):  # a regular expression over full module names
+        if not any(re.fullmatch(targets, m) for m in modules):
+            raise SourceError(f"{config_file}: `target_modules` {targets!r} matches no module of base {base.path}; the "
+                              "adapter was made for another architecture")
+        return
+    for target in sorted(targets):
+        if not any(m == target or m.endswith(f".{target}") for m in modules):
+            known = sorted({m.rsplit(".", 1)[-1] for m in modules if ".layers." in m})
+            raise SourceError(f"{config_file}: `target_modules` names {target!r}, which base {base.path} does not have "
+                              f"(its layers have: {', '.join(known)}); the adapter was made for another architecture")
+
+
+def check_finite(sources: list[Expert]) -> None:
+    """Refuse NaN or Inf in any source, naming the file and the tensor: they would spread to every tensor merged
+    from it, and to every output of a model that routes to it. Reads every tensor once."""
+    from tqdm.auto import tqdm
+
+    for src in tqdm(sources, desc="checking for NaN/Inf", unit="model", disable=None):
+        for name, file, read in _tensors(src):
+            t = read()
+            if t.is_floating_point() and (bad := int((~torch.isfinite(t)).sum())):
+                raise SourceError(f"{file}: tensor {name!r} holds {bad} NaN or Inf value{'s' * (bad > 1)} of {t.numel()}; "
+                                  "fix or re-download that checkpoint, or pass --allow-nonfinite to use it as it is")
+
+
+def _tensors(src: Expert):
+    """(name, file, read) for every tensor `src` stores."""
+    if isinstance(src, LoraExpert):
+        file = next((src.path / f for f in ("adapter_model.safetensors", "adapter_model.bin") if (src.path / f).is_file()),
+                    src.path)
+        for name, (A, B, _) in src.factors.items():
+            module = name.removesuffix(".weight")
+            yield f"{module}.lora_A", file, lambda A=A: A
+            yield f"{module}.lora_B", file, lambda B=B: B
+        return
+    for name, file in src.weight_map.items():
+        yield name, src.path / file, lambda name=name: src.get(name)
 
 
 def is_adapter(path: Path) -> bool:

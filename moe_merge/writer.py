@@ -2,12 +2,31 @@
 
 from __future__ import annotations
 
+import errno
 import json
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+
+from moe_merge.outdir import DISK_FULL_WORDS
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    """safetensors' `save_file`, all or nothing: written beside `path` and renamed, so a crash or a full disk never
+    leaves a half-written file. Its I/O errors come as text (SafetensorError); they are raised as the OSError they
+    are, naming `path`, so that a full disk is reported as one."""
+    path = Path(path)
+    part = path.with_name(path.name + ".part")
+    try:
+        save_file(tensors, part, metadata=metadata)
+        part.rename(path)
+    except SafetensorError as e:
+        code = errno.ENOSPC if any(w in str(e) for w in DISK_FULL_WORDS) else errno.EIO
+        raise OSError(code, str(e), str(path)) from e
+    finally:
+        part.unlink(missing_ok=True)
 
 
 class ShardWriter:
@@ -48,7 +67,7 @@ class ShardWriter:
     def flush(self) -> None:
         if not self.buffer:
             return
-        save_file(self.buffer, self.out_dir / f"shard-{len(self.shards):05d}.tmp", metadata={"format": "pt"})
+        save_tensors(self.buffer, self.out_dir / f"shard-{len(self.shards):05d}.tmp", metadata={"format": "pt"})
         self.shards.append(set(self.buffer))
         self.buffer, self.buffer_bytes = {}, 0
 

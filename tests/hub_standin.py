@@ -2,7 +2,8 @@
 
 Point HF_ENDPOINT at `HubStandIn.url`. Every file is answered as a "regular" upload (its bytes travel
 base64-encoded inside the commit), so no LFS or Xet transfer ever starts; an `lfsFile` line in a
-commit is refused. Requests without the expected token get 401; anything else gets 404 and is listed
+commit is refused. `before_commit`, when set, is called as a commit arrives, which then gets no answer
+(a client that dies mid-push). Requests without the expected token get 401; anything else gets 404 and is listed
 in `unserved` (huggingface_hub 2.x asks for /api/agent-harnesses and carries on without it). What
 arrived is kept for the test: repos (private flag, branches, each branch's files) and commits
 (revision, message, files).
@@ -40,6 +41,7 @@ class HubStandIn:
         self.commits: list[Commit] = []
         self.requests: list[str] = []  # "METHOD /path", in order
         self.unserved: list[str] = []  # requests answered 404
+        self.before_commit = None  # called as a commit arrives, which then gets no answer (a client that dies)
         standin = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -78,6 +80,8 @@ class HubStandIn:
             return self._reply(h, 200, {"errors": [], "warnings": []})
         if h.command == "POST" and m and m.group(1) in self.repos:
             repo, action, revision = m.group(1), m.group(2), m.group(3)
+            if action == "commit" and self.before_commit is not None:
+                return self.before_commit()
             return getattr(self, f"_{action}")(h, self.repos[repo], repo, revision, body)
         self.unserved.append(f"{h.command} {path}")
         return self._reply(h, 404, {"error": f"the stand-in does not serve {h.command} {path}"})

@@ -179,10 +179,21 @@ def test_report_and_model_card(pico, tmp_path):
     assert (out / "moe-merge.yaml").is_file() and (out / "generation_config.json").is_file()
 
 
-def test_same_inputs_and_seed_give_identical_bytes(pico, tmp_path):
-    recipe = pico_recipe(pico, gate_mode="random")
-    a, b = _assemble(recipe, tmp_path / "a"), _assemble(recipe, tmp_path / "b")
-    assert (a / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()
+@pytest.mark.parametrize("recipe", [
+    {"gate_mode": "random"},  # stock
+    {"method": "twin", "level": "block", "twin": {"rank": 4}, "router": {"init": "random"}, "non_expert": "mixup"},
+], ids=["stock", "dynamic"])
+def test_same_inputs_and_seed_give_identical_bytes(pico, tmp_path, recipe):
+    """Every file (weights, config, recipe, report and its PNG, card), by sha256."""
+    import hashlib
+
+    def tree(folder):
+        return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
+
+    recipe = pico_recipe(pico, seed=3, **recipe)
+    a, b = _assemble(recipe, tmp_path / "a", shard_size=60_000), _assemble(recipe, tmp_path / "b", shard_size=60_000)
+    assert len(tree(a)) > 8 and tree(a) == tree(b)
+    assert tree(_assemble({**recipe, "seed": 4}, tmp_path / "c", shard_size=60_000)) != tree(a)
 
 
 def test_cli_runs_a_mergekit_yaml_unchanged(pico, tmp_path):

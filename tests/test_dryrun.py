@@ -21,7 +21,8 @@ MIXTRAL_8X7B_PARAMS = 46_702_792_704
 
 
 def fake_checkpoint(path: Path, shapes: dict[str, list[int]], config: dict, shards: int = 2) -> Path:
-    """A sharded bf16 checkpoint whose files hold headers only: any read of tensor data fails."""
+    """A sharded bf16 checkpoint whose files hold headers, then a hole as long as their data (sparse files: no disk
+    is used, and every byte of tensor data reads as zero)."""
     path.mkdir(parents=True)
     (path / "config.json").write_text(json.dumps({"model_type": "mistral", "architectures": ["MistralForCausalLM"],
                                                   **config}))
@@ -36,7 +37,9 @@ def fake_checkpoint(path: Path, shapes: dict[str, list[int]], config: dict, shar
             offset += nbytes
             weight_map[name] = file
         raw = json.dumps(header).encode()
-        (path / file).write_bytes(len(raw).to_bytes(8, "little") + raw)  # the data itself is missing
+        with open(path / file, "wb") as f:
+            f.write(len(raw).to_bytes(8, "little") + raw)
+            f.truncate(8 + len(raw) + offset)
         total += offset
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (path / "model.safetensors.index.json").write_text(json.dumps(index))
@@ -58,7 +61,11 @@ def seven_b(tmp_path_factory) -> dict:
     return {"root": root, "recipe": recipe, "shapes": shapes}
 
 
-def test_stock_plan_of_8x7b_reads_no_tensor_data(seven_b, tmp_path, capsys):
+def test_stock_plan_of_8x7b_reads_no_tensor_data(seven_b, tmp_path, capsys, monkeypatch):
+    def no_data(*args, **kwargs):
+        raise AssertionError("the dry run opened a safetensors file to read tensor data")
+
+    monkeypatch.setattr("moe_merge.sources.safe_open", no_data)
     path = write_recipe(tmp_path / "recipe.yaml", seven_b["recipe"])
     assert cli_main(["assemble", str(path), str(tmp_path / "out"), "--dry-run"]) == 0
     text = capsys.readouterr().out

@@ -130,3 +130,15 @@ def test_dense_factors_are_exact():
         d = torch.randn(shape, dtype=torch.float64)
         A, B = dense_factors(d)
         assert A.shape[0] == min(shape) and torch.equal(B @ A, d)
+
+
+def test_the_card_gives_a_max_lora_rank_vllm_accepts_or_says_to_bake(tmp_path):
+    from moe_merge.export.card import write_adapter_card
+    from moe_merge.export.lora import VLLM_MAX_LORA_RANKS, vllm_max_lora_rank
+
+    assert [vllm_max_lora_rank(r) for r in (1, 2, 16, 17, 320, 321, 512, 513)] == [1, 8, 16, 32, 320, 512, 512, None]
+    for rank, says in ((24, "--max-lora-rank 32 "), (4096, "vLLM cannot serve this adapter: its rank, 4096")):
+        write_adapter_card(tmp_path, base="base", hub_id=None, model_dir=tmp_path, expert_names=["a", "b"],
+                           weights=torch.tensor([0.5, 0.5]), rank=rank, modules=7)
+        card = (tmp_path / "README.md").read_text()
+        assert says in card and ("moe-merge bake" in card) == (rank > max(VLLM_MAX_LORA_RANKS))

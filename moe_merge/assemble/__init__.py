@@ -17,7 +17,9 @@ import torch
 
 from moe_merge.config import MergeConfig
 from moe_merge.errors import ConfigError
+from moe_merge.outdir import refuse_existing
 from moe_merge.recipe import open_recipe, portable
+from moe_merge.sources import check_finite
 from moe_merge.tokens import load_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -34,11 +36,14 @@ def assemble(
     shard_size: int = 5 * 2**30,
     seed: int | None = None,
     eval_data: Path | None = None,
+    allow_nonfinite: bool = False,
 ) -> Path:
     """Build the model described by `config` into `out_dir` (atomically). With `eval_data` (JSON lines of prompt,
-    completion, expert), the model card gets the exact match of the result per task."""
+    completion, expert), the model card gets the exact match of the result per task. A source holding NaN or Inf is
+    refused before anything is built, unless `allow_nonfinite`."""
     from moe_merge.quality import load_eval_rows
 
+    refuse_existing(out_dir, force)
     eval_rows = load_eval_rows(eval_data) if eval_data else None  # a bad file fails before any work
     try:
         torch.empty(0, device=device)
@@ -47,6 +52,8 @@ def assemble(
     if dtype:
         config = config.model_copy(update={"dtype": dtype})
     recipe = open_recipe(config, recipe_dir)
+    if not allow_nonfinite:
+        check_finite([recipe.base, *recipe.experts, *([recipe.shared] if recipe.shared else [])])
     logger.info("everything not routed: %s", config.static_summary)
     seed = config.seed if seed is None else seed
     shown = replace(recipe, config=portable(config, recipe_dir, out_dir))  # as the output names its sources

@@ -16,9 +16,10 @@ from moe_merge.errors import ConfigError
 from moe_merge.merged_linear import MergedLinear
 from moe_merge.merged_norm import MergedEmbedding, MergedNorm
 from moe_merge.modeling import MoEMergeDecoderLayer, MoEMergeForCausalLM, MoEMergeSparseBlock
-from moe_merge.outdir import atomic_output_dir
+from moe_merge.outdir import atomic_output_dir, refuse_existing
 from moe_merge.recipe import copy_companions
 from moe_merge.routers.router import Router
+from moe_merge.sources import Checkpoint, check_finite
 
 
 def weights_for_prompt(model: MoEMergeForCausalLM, tokenizer, prompt: str) -> torch.Tensor:
@@ -105,9 +106,14 @@ def baked_model(model: MoEMergeForCausalLM, weights: torch.Tensor):
     return dense.eval()
 
 
-def load_dynamic(model_dir: Path, **kwargs) -> MoEMergeForCausalLM:
+def load_dynamic(model_dir: Path, allow_nonfinite: bool = False, **kwargs) -> MoEMergeForCausalLM:
+    """The dynamic model in `model_dir`, its files checked first (`sources.Checkpoint`: config, index, headers) and,
+    unless `allow_nonfinite`, every tensor for NaN and Inf."""
     from transformers import AutoModelForCausalLM
 
+    checked = Checkpoint(model_dir)
+    if not allow_nonfinite:
+        check_finite([checked])
     model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
     if not isinstance(model, MoEMergeForCausalLM):
         raise ConfigError(f"{model_dir} is a {type(model).__name__}, not a moe-merge dynamic model")
@@ -139,12 +145,13 @@ def fixed_merge_weights(model: MoEMergeForCausalLM, model_dir: Path, weights: li
 
 
 def bake(model_dir: Path | str, out_dir: Path | str, *, weights: list[float] | None = None, prompt: str | None = None,
-         force: bool = False) -> Path:
+         force: bool = False, allow_nonfinite: bool = False) -> Path:
     """Write the dense checkpoint for fixed merge weights (`weights`, one per expert) or those the routers give `prompt`."""
-    model_dir = Path(model_dir)
     from moe_merge.export.card import write_baked_card
 
-    model = load_dynamic(model_dir)
+    model_dir = Path(model_dir)
+    refuse_existing(out_dir, force)
+    model = load_dynamic(model_dir, allow_nonfinite)
     w = fixed_merge_weights(model, model_dir, weights, prompt)
     dense = baked_model(model, w)
     with atomic_output_dir(out_dir, force=force) as tmp:

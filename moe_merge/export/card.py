@@ -245,6 +245,16 @@ model = AutoModelForCausalLM.from_pretrained("<this directory or repo id>")
     ModelCard(text).save(Path(out_dir) / "README.md")
 
 
+def _vllm_serving(base: str, rank: int) -> str:
+    from moe_merge.export.lora import VLLM_MAX_LORA_RANKS, vllm_max_lora_rank
+
+    if (serve := vllm_max_lora_rank(rank)) is None:
+        return (f"vLLM cannot serve this adapter: its rank, {rank}, is above the largest `--max-lora-rank` vLLM accepts "
+                f"({max(VLLM_MAX_LORA_RANKS)}). Serve the dense model instead: `moe-merge bake` with the same merge "
+                "weights writes it.")
+    return f"vLLM: `vllm serve {base} --enable-lora --max-lora-rank {serve} --lora-modules merged=<this directory>`."
+
+
 def write_adapter_card(out_dir: Path, *, base: str, hub_id: str | None, model_dir: Path, expert_names: list[str],
                        weights, rank: int, modules: int) -> None:
     """The card of an `export-lora` adapter: the merge weights it holds and how to serve it."""
@@ -277,6 +287,6 @@ from transformers import AutoModelForCausalLM
 model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("{base}"), "<this directory or repo id>")
 ```
 
-vLLM: `vllm serve {base} --enable-lora --max-lora-rank {rank} --lora-modules merged=<this directory>`.
+{_vllm_serving(base, rank)}
 """
     ModelCard(text).save(Path(out_dir) / "README.md")

@@ -17,6 +17,7 @@ that differs from the base; sparse output mixing) is refused with the tensor's n
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import torch
@@ -32,6 +33,8 @@ from moe_merge.routers.router import Router
 from moe_merge.sources import Checkpoint, hub_id, resolve_path
 
 Factors = tuple[torch.Tensor, torch.Tensor]  # A [r, K], B [N, r]
+
+logger = logging.getLogger(__name__)
 
 
 def dense_factors(delta: torch.Tensor) -> Factors:
@@ -151,23 +154,32 @@ def recipe_base(model_dir: Path) -> str:
     return yaml.safe_load(recipe.read_text())["base_model"]
 
 
+VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the `--max-lora-rank` values vLLM accepts (0.26)
+
+
+def vllm_max_lora_rank(rank: int) -> int | None:
+    """The smallest `--max-lora-rank` vLLM accepts that holds `rank`; None above its largest."""
+    return next((r for r in VLLM_MAX_LORA_RANKS if r >= rank), None)
+
+
 def export_lora(model_dir: Path | str, out_dir: Path | str, *, weights: list[float] | torch.Tensor | None = None,
                 prompt: str | None = None, base: str | None = None, dtype: torch.dtype | None = None,
-                force: bool = False) -> Path:
+                force: bool = False, allow_nonfinite: bool = False) -> Path:
     """Write the PEFT LoRA adapter (on the base) that reproduces `model_dir` under fixed merge weights.
 
     The merge weights are `weights` ([E] for every router, or [R, E]) or the routers' weights for `prompt`. `base` (a
     path or cached Hub id) defaults to the recipe's `base_model`; `dtype` to the model's.
     """
     from peft import LoraConfig
-    from safetensors.torch import save_file
 
     from moe_merge.export import card
     from moe_merge.export.bake import fixed_merge_weights, load_dynamic
-    from moe_merge.outdir import atomic_output_dir
+    from moe_merge.outdir import atomic_output_dir, refuse_existing
+    from moe_merge.writer import save_tensors
 
     model_dir = Path(model_dir)
-    model = load_dynamic(model_dir)
+    refuse_existing(out_dir, force)
+    model = load_dynamic(model_dir, allow_nonfinite)
     w = fixed_merge_weights(model, model_dir, weights, prompt)
     base_ref = base or recipe_base(model_dir)
     try:
@@ -178,13 +190,16 @@ def export_lora(model_dir: Path | str, out_dir: Path | str, *, weights: list[flo
     if not factors:
         raise ConfigError(f"for these merge weights {model_dir} equals its base {base_path}: there is no delta to export")
     tensors, rank = adapter_tensors(factors, dtype or model.dtype)
+    if vllm_max_lora_rank(rank) is None:
+        logger.warning("the adapter's rank, %d, is above vLLM's largest --max-lora-rank (%d): PEFT loads it, multi-LoRA "
+                       "servers will not; `moe-merge bake` writes the dense model instead", rank, max(VLLM_MAX_LORA_RANKS))
     base_hub_id = hub_id(base_ref, base_path)  # the Hub's name for the base, when it came from there
     config = LoraConfig(r=rank, lora_alpha=rank, target_modules=sorted(factors), lora_dropout=0.0, bias="none",
                         task_type="CAUSAL_LM", base_model_name_or_path=base_hub_id or str(base_path))
     with atomic_output_dir(out_dir, force=force) as tmp:
         config.save_pretrained(tmp)
         _sort_target_modules(tmp / "adapter_config.json")
-        save_file(tensors, tmp / "adapter_model.safetensors", metadata={"format": "pt"})
+        save_tensors(tensors, tmp / "adapter_model.safetensors", metadata={"format": "pt"})
         card.write_adapter_card(tmp, base=base_hub_id or str(base_path), hub_id=base_hub_id, model_dir=model_dir,
                                 expert_names=list(model.config.expert_names or []), weights=w.float(), rank=rank,
                                 modules=len(factors))

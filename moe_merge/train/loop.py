@@ -17,6 +17,7 @@ Every other parameter is frozen and stays bit-identical.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -30,12 +31,14 @@ from pathlib import Path
 
 import torch
 import yaml
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from moe_merge.errors import DataError, MoEMergeError, OutputExistsError
+from moe_merge.errors import DataError, MoEMergeError, OutputError, OutputExistsError
+from moe_merge.outdir import disk_full, locked
 from moe_merge.train import data as train_data
 from moe_merge.train import objectives
+from moe_merge.writer import save_tensors
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +76,7 @@ class TrainRouterArgs:
     resume: bool = False
     force: bool = False
     trust_remote_code: bool = False
+    allow_nonfinite: bool = False  # load a model holding NaN or Inf (refused by default, naming the tensor)
 
 
 def lr_at(step: int, args: TrainRouterArgs) -> float:
@@ -97,17 +101,22 @@ def _epoch_order(n: int, seed: int, epoch: int) -> list[int]:
 # ----------------------------------------------------------------------------- model and data
 
 
-def load_model(model_dir: Path, trust_remote_code: bool, dtype: str = "auto"):
+def load_model(model_dir: Path, trust_remote_code: bool, dtype: str = "auto", allow_nonfinite: bool = False):
     """The model with its frozen weights in `dtype` (auto: the checkpoint's, bf16 stays bf16) and its routers in
-    float32, its tokenizer, and the dtype it was saved in (the export keeps it)."""
+    float32, its tokenizer, and the dtype it was saved in (the export keeps it). Its files are checked first
+    (`sources.Checkpoint`), and every tensor for NaN and Inf unless `allow_nonfinite`."""
     import moe_merge.modeling  # noqa: F401  registers model_type `moe_merge`
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from moe_merge.recipe import DTYPES
+    from moe_merge.sources import Checkpoint, check_finite
     from moe_merge.tokens import load_tokenizer
 
     if not (model_dir / "config.json").is_file():
         raise MoEMergeError(f"{model_dir} has no config.json; give a directory written by `moe-merge assemble`")
+    checked = Checkpoint(model_dir)
+    if not allow_nonfinite:
+        check_finite([checked])
     saved = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code).dtype or torch.float32
     frozen = saved if dtype == "auto" else DTYPES[dtype]
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=frozen, trust_remote_code=trust_remote_code)
@@ -201,7 +210,10 @@ def _to(batch: dict, device) -> dict:
 
 
 def _prepare_run_dir(run_dir: Path, args: TrainRouterArgs, model_dir: Path, accelerator) -> dict | None:
-    """Create or reopen RUN_DIR; return the latest checkpoint's trainer state when resuming."""
+    """Create or reopen RUN_DIR; return the latest complete checkpoint's trainer state when resuming.
+
+    A run killed with -9 may have left a checkpoint half-written (`step-N.tmp`, removed here) and log lines past
+    its last checkpoint (dropped: the resumed run writes them again)."""
     record = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(args).items() if k in RESUME_KEYS}
     record["model_dir"] = str(model_dir.absolute())
     latest = None
@@ -213,8 +225,8 @@ def _prepare_run_dir(run_dir: Path, args: TrainRouterArgs, model_dir: Path, acce
                                 "resume with the same ones, or start a new run directory")
         steps = sorted((run_dir / "checkpoints").glob("step-[0-9]*[0-9]"))
         latest = json.loads((steps[-1] / STATE_FILE).read_text()) | {"dir": str(steps[-1])} if steps else None
-    elif run_dir.exists() and any(run_dir.iterdir()):
-        if not args.force:
+    elif run_dir.exists() and any(run_dir.iterdir()) and not args.resume:  # --resume of a run killed before its
+        if not args.force:                                                 # settings were written: start it afresh
             raise OutputExistsError(f"run directory {run_dir} already exists; pass --resume to continue it or --force to start over")
         if accelerator.is_main_process:
             shutil.rmtree(run_dir)
@@ -222,9 +234,29 @@ def _prepare_run_dir(run_dir: Path, args: TrainRouterArgs, model_dir: Path, acce
     if accelerator.is_main_process:
         (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
         (run_dir / "best").mkdir(exist_ok=True)
-        (run_dir / "args.json").write_text(json.dumps(record, indent=2))
+        part = run_dir / "args.json.part"  # renamed into place: a kill never leaves settings half-written
+        part.write_text(json.dumps(record, indent=2))
+        part.rename(run_dir / "args.json")
+        for tmp in (run_dir / "checkpoints").glob("*.tmp"):
+            shutil.rmtree(tmp)
+            logger.warning("removed %s, a checkpoint that a killed run left half-written", tmp)
+        _truncate_log(run_dir / "log.jsonl", latest["step"] if latest else -1)
     accelerator.wait_for_everyone()
     return latest
+
+
+def _truncate_log(log: Path, step: int) -> None:
+    """Keep the log lines of steps up to `step` (those a resumed run does not write again)."""
+    if not log.is_file():
+        return
+    kept = []
+    for line in log.read_text().splitlines(keepends=True):
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):  # the line a kill cut short
+            pass
+    log.write_text("".join(kept))
 
 
 def _check_launcher() -> None:
@@ -255,7 +287,8 @@ def train_router(model_dir: Path | str, run_dir: Path | str, args: TrainRouterAr
         gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=args.grad_accum, sync_with_dataloader=False),
     )
     try:
-        return _train(accelerator, model_dir, run_dir, args)
+        with locked(run_dir) if accelerator.is_main_process else contextlib.nullcontext():
+            return _train(accelerator, model_dir, run_dir, args)
     finally:
         accelerator.end_training()
         if accelerator.num_processes == 1:  # accelerate's state is a process-wide singleton; let the next run set it
@@ -268,7 +301,7 @@ def _train(accelerator, model_dir: Path, run_dir: Path, args: TrainRouterArgs) -
     if args.batch_size % accelerator.num_processes:
         raise MoEMergeError(f"--batch-size {args.batch_size} must be a multiple of the {accelerator.num_processes} processes")
     set_seed(args.seed)
-    model, tokenizer, saved_dtype = load_model(model_dir, args.trust_remote_code, args.dtype)
+    model, tokenizer, saved_dtype = load_model(model_dir, args.trust_remote_code, args.dtype, args.allow_nonfinite)
     train, held = split_data(args, tokenizer, expert_names(model, model_dir))
     if "routing" in args.objective and not train.labelled:
         raise DataError(f"objective `routing` needs an `expert` label on every row of {args.data}")
@@ -318,7 +351,7 @@ class Run:
     def _save_hook(self, models, weights, out) -> None:
         weights.clear()
         if self.accelerator.is_main_process:
-            save_file(router_state(self.unwrapped, self.trainable), Path(out) / ROUTERS_FILE)
+            save_tensors(router_state(self.unwrapped, self.trainable), Path(out) / ROUTERS_FILE)
 
     def _load_hook(self, models, src) -> None:
         load_router_state(self.unwrapped, Path(src) / ROUTERS_FILE)
@@ -339,7 +372,7 @@ class Run:
         if self.best is None or metrics["objective"] < self.best["objective"] - margin:
             self.best = {"step": step, **metrics}
             if self.accelerator.is_main_process:
-                save_file(router_state(self.unwrapped, self.trainable), self.run_dir / "best" / ROUTERS_FILE)
+                save_tensors(router_state(self.unwrapped, self.trainable), self.run_dir / "best" / ROUTERS_FILE)
         self.accelerator.print(f"step {step}: held-out " + ", ".join(f"{m} {v:.4f}" for m, v in metrics.items()))
         return step
 
@@ -347,13 +380,20 @@ class Run:
         """accelerate's state plus the trainer state and the best routers, written beside and renamed into place."""
         final = self.run_dir / "checkpoints" / f"step-{step:06d}"
         tmp = final.with_name(final.name + ".tmp")
-        self.accelerator.save_state(str(tmp))
-        if self.accelerator.is_main_process:
-            state = {"step": step, "best": self.best, "train_seconds": self.train_seconds}
-            (tmp / STATE_FILE).write_text(json.dumps(state))
-            shutil.copy2(self.run_dir / "best" / ROUTERS_FILE, tmp / BEST_FILE)  # the best as of this step, for resume
-            shutil.rmtree(final, ignore_errors=True)
-            tmp.rename(final)
+        try:
+            self.accelerator.save_state(str(tmp))
+            if self.accelerator.is_main_process:
+                state = {"step": step, "best": self.best, "train_seconds": self.train_seconds}
+                (tmp / STATE_FILE).write_text(json.dumps(state))
+                shutil.copy2(self.run_dir / "best" / ROUTERS_FILE, tmp / BEST_FILE)  # the best as of this step
+                shutil.rmtree(final, ignore_errors=True)
+                tmp.rename(final)
+        except Exception as e:
+            full = disk_full(e, tmp)
+            shutil.rmtree(tmp, ignore_errors=True)
+            if full:
+                raise OutputError(f"{full}; `--resume` continues from the last complete checkpoint") from e
+            raise
         self.accelerator.wait_for_everyone()
 
     def resume(self, latest: dict) -> int:
