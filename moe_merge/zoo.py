@@ -24,7 +24,8 @@ fixed while it runs), and its cache key covers this file, the settings and the t
 and peft versions.
 
 The `realistic` variant has what real checkpoints bring and ours otherwise hide: no pad token (Llama,
-Mistral), input and output embeddings tied (Qwen3-0.6B, Llama-3.2), weights saved in bf16.
+Mistral), input and output embeddings tied (Qwen3-0.6B, Llama-3.2), weights saved in bf16, and a SentencePiece
+tokenizer as Llama and Mistral ship it (`tokenizer.model`, which llama.cpp's converters read, beside `tokenizer.json`).
 """
 
 from __future__ import annotations
@@ -97,7 +98,7 @@ class Stage:
 @dataclass(frozen=True)
 class ZooSettings:
     arch: str = "llama"
-    realistic: bool = False  # no pad token, tied embeddings, bf16 weights
+    realistic: bool = False  # no pad token, tied embeddings, bf16 weights, a SentencePiece tokenizer
     seed: int = 0
     threads: int = 2  # torch's intra-op threads while building: results depend on it
     leak: float = 0.05  # the most an expert may score on another task (where its answer differs from that task's)
@@ -186,6 +187,40 @@ def build_tokenizer(pad: bool = True):
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", BOS_ID)])
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
                                    pad_token="<pad>" if pad else None)
+
+
+def build_sentencepiece_tokenizer():
+    """The realistic zoo's tokenizer, of the kind Llama and Mistral ship: a SentencePiece BPE model (saved as
+    `tokenizer.model`) and the transformers tokenizer of its vocabulary, with no pad token. Its ids are
+    `build_tokenizer`'s, one per character, with no dummy prefix: the zoo trains on those ids (`_char_id`)."""
+    import io
+
+    import sentencepiece as spm
+    from transformers import LlamaTokenizer
+
+    chars = " =" + ALPHABET
+    text = "".join(c * (len(chars) - k) for k, c in enumerate(chars))  # the trainer numbers pieces by frequency
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter([text]), model_writer=model, model_type="bpe",
+        vocab_size=len(SPECIAL_TOKENS) + len(chars),  # no room for a merge: every piece is one character
+        bos_id=BOS_ID, eos_id=EOS_ID, unk_id=SPECIAL_TOKENS.index("<unk>"), pad_id=-1, control_symbols=["<pad>"],
+        character_coverage=1.0, byte_fallback=False, add_dummy_prefix=False, remove_extra_whitespaces=False,
+        normalization_rule_name="identity", split_by_whitespace=False, num_threads=1, minloglevel=2)
+    sp = spm.SentencePieceProcessor(model_proto=model.getvalue())
+    pieces = [sp.id_to_piece(i) for i in range(sp.get_piece_size())]
+    want = SPECIAL_TOKENS + [c.replace(" ", "\u2581") for c in chars]
+    if pieces != want:
+        raise ZooError(f"the SentencePiece trainer numbered the pieces {pieces}, not {want}")
+    tok = LlamaTokenizer(vocab={p: i for i, p in enumerate(pieces)}, merges=[], add_prefix_space=False, add_bos_token=True)
+    tok.sentencepiece_model = model.getvalue()  # transformers writes tokenizer.json only; _save_tokenizer adds it
+    return tok
+
+
+def _save_tokenizer(tokenizer, path: Path) -> None:
+    tokenizer.save_pretrained(path)
+    if hasattr(tokenizer, "sentencepiece_model"):
+        (Path(path) / "tokenizer.model").write_bytes(tokenizer.sentencepiece_model)
 
 
 def model_config(arch: str, vocab_size: int, **overrides):
@@ -354,8 +389,8 @@ def _build(tmp: Path, out_dir: Path, settings: ZooSettings) -> dict[str, dict]:
 
     seed = settings.seed
     torch.manual_seed(seed)
-    shipped = build_tokenizer(pad=not settings.realistic)
-    shipped.save_pretrained(tmp / "base")
+    shipped = build_sentencepiece_tokenizer() if settings.realistic else build_tokenizer()
+    _save_tokenizer(shipped, tmp / "base")
     tokenizer = load_tokenizer(tmp / "base")  # with a pad token for batching, in memory only
     config = model_config(settings.arch, len(tokenizer), tie_word_embeddings=settings.realistic,
                           pad_token_id=None if settings.realistic else PAD_ID)
@@ -446,7 +481,7 @@ def _save(model, path: Path, dtype: torch.dtype, tokenizer) -> None:
         model.save_pretrained(path, save_embedding_layers=False)  # LoRA on linear layers only; the vocab is the base's
     else:
         model.save_pretrained(path)
-        tokenizer.save_pretrained(path)
+        _save_tokenizer(tokenizer, path)
 
 
 def _check(path: Path, tokenizer, task: str | None, stage: Stage, steps: int, leak: float) -> dict:

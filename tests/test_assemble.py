@@ -46,6 +46,9 @@ def test_one_hot_routing_reproduces_each_expert(tmp_path, arch):
     base = make_pico(tmp_path / "base", arch=arch)
     experts = [make_pico(tmp_path / f"e{i}", arch=arch, seed=i + 1, base=base) for i in range(3)]
     out = _assemble(pico_recipe({"base": base, "experts": experts}), tmp_path / "moe")
+    if arch == "qwen3":  # transformers 4.x reads `num_experts` only (and would build 128 experts); 5.x saves the other
+        config = read_json(out / "config.json")
+        assert config["num_experts"] == config["num_local_experts"] == 3
     for i, expert in enumerate(experts):
         torch.testing.assert_close(_logits(out, IDS, route_to=i), _logits(expert, IDS), rtol=0, atol=1e-10)
 

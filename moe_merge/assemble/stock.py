@@ -172,16 +172,22 @@ def assemble_stock(recipe: Recipe, out_dir: Path, *, shown: Recipe, tokenizer, f
 
 
 def _write_config(config, out: Path) -> None:
-    """config.json, plus the legacy top-level RoPE keys: transformers 4.x ignores `rope_parameters` and
-    would otherwise fall back to its own default `rope_theta` (1e6 for Mixtral), a different model."""
+    """config.json, plus the legacy keys transformers 4.x reads: the top-level RoPE keys (4.x ignores
+    `rope_parameters` and would fall back to its own default `rope_theta`, 1e6 for Mixtral), and Qwen-MoE's
+    `num_experts` (5.x saves `num_local_experts`, which 4.x ignores, building 128 experts). Either way a
+    different model, or none."""
     config.save_pretrained(out)
     data = json.loads((out / "config.json").read_text())
+    legacy = {}
     rope = data.get("rope_parameters")
     if isinstance(rope, dict) and "rope_theta" in rope:
-        data["rope_theta"] = rope["rope_theta"]
+        legacy["rope_theta"] = rope["rope_theta"]
         if rope.get("rope_type", "default") != "default":
-            data["rope_scaling"] = {k: v for k, v in rope.items() if k != "rope_theta"}
-        (out / "config.json").write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+            legacy["rope_scaling"] = {k: v for k, v in rope.items() if k != "rope_theta"}
+    if data.get("model_type", "").endswith("_moe") and "num_local_experts" in data and "num_experts" not in data:
+        legacy["num_experts"] = data["num_local_experts"]
+    if legacy:
+        (out / "config.json").write_text(json.dumps(data | legacy, indent=2, sort_keys=True) + "\n")
 
 
 class RouterFitter:
