@@ -71,6 +71,7 @@ def _sibling(out_dir: Path, kind: str) -> Path:
 def locked(out_dir: Path) -> Iterator[None]:
     """Hold `.OUT_DIR.lock` for the block; fail at once if another process holds it."""
     path = out_dir.parent / f".{out_dir.name}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:

@@ -159,7 +159,7 @@ def disk_full(monkeypatch):
 
 @pytest.mark.parametrize("command", [*COMMANDS, "train-router"])
 def test_a_full_disk_names_the_file_and_leaves_nothing(inputs, tmp_path, capsys, disk_full, command):
-    out = tmp_path / "out"
+    out = tmp_path / "new" / "out"  # its parent too is made
     if command == "train-router":
         args = ["train-router", inputs["smear"], "--data", inputs["data"], "--out", out, "--steps", 2, "--batch-size", 4]
     else:
@@ -170,7 +170,7 @@ def test_a_full_disk_names_the_file_and_leaves_nothing(inputs, tmp_path, capsys,
         assert re.search(rf"cannot write {re.escape(str(out))}/\S+\.safetensors: .*No space left on device", err), err
         assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == ["args.json", "best", "checkpoints", "log.jsonl"]
     else:
-        file = rf"{re.escape(str(tmp_path))}/\.out\.tmp-\d+/\S+\.(safetensors|tmp)"
+        file = rf"{re.escape(str(out.parent))}/\.out\.tmp-\d+/\S+\.(safetensors|tmp)"
         assert re.search(rf"cannot write {file}: no space left on the disk", err), err
         assert not out.exists()
     assert leftovers(out) == []
