@@ -74,6 +74,11 @@ def _merge_weights_arguments(p: argparse.ArgumentParser) -> None:
     given.add_argument("--prompt", help="use the merge weights the routers give this prompt")
 
 
+def _allow_nonfinite_argument(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--allow-nonfinite", action="store_true",
+                   help=f"use {what} holding NaN or Inf (by default refused before any work, naming the file and tensor)")
+
+
 def _assemble_parser(sub, verbose: argparse.ArgumentParser) -> None:
     p = sub.add_parser(
         "assemble",
@@ -102,8 +107,7 @@ def _assemble_parser(sub, verbose: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-data", type=Path,
                    help="JSON lines of prompt, completion and expert: the model card gets the result's exact match per "
                    "expert (greedy generation)")
-    p.add_argument("--allow-nonfinite", action="store_true",
-                   help="use sources holding NaN or Inf (by default refused before any work, naming the file and tensor)")
+    _allow_nonfinite_argument(p, "sources")
 
 
 def _generate_parser(sub, verbose: argparse.ArgumentParser) -> None:
@@ -137,8 +141,7 @@ def _bake_parser(sub, verbose: argparse.ArgumentParser) -> None:
     p.add_argument("out_dir", type=Path, help="output directory; written to a temporary sibling and renamed")
     _merge_weights_arguments(p)
     p.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists")
-    p.add_argument("--allow-nonfinite", action="store_true",
-                   help="use a model holding NaN or Inf (by default refused before any work, naming the file and tensor)")
+    _allow_nonfinite_argument(p, "a model")
 
 
 def _train_router_parser(sub, verbose: argparse.ArgumentParser) -> None:
@@ -184,8 +187,7 @@ def _train_router_parser(sub, verbose: argparse.ArgumentParser) -> None:
     run.add_argument("--resume", action="store_true", help="continue OUT from its latest checkpoint")
     run.add_argument("--force", action="store_true", help="discard an existing OUT and start over")
     p.add_argument("--trust-remote-code", action="store_true", help="allow MODEL_DIR's own code (off by default)")
-    p.add_argument("--allow-nonfinite", action="store_true",
-                   help="use a model holding NaN or Inf (by default refused before any work, naming the file and tensor)")
+    _allow_nonfinite_argument(p, "a model")
 
 
 def _export_lora_parser(sub, verbose: argparse.ArgumentParser) -> None:
@@ -205,8 +207,7 @@ def _export_lora_parser(sub, verbose: argparse.ArgumentParser) -> None:
     p.add_argument("--base", help="the base model (path or cached Hub id; default: `base_model` of MODEL_DIR/moe-merge.yaml)")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="adapter dtype (default: the model's)")
     p.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists")
-    p.add_argument("--allow-nonfinite", action="store_true",
-                   help="use a model holding NaN or Inf (by default refused before any work, naming the file and tensor)")
+    _allow_nonfinite_argument(p, "a model")
 
 
 def _push_parser(sub, verbose: argparse.ArgumentParser) -> None:

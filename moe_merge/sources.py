@@ -318,6 +318,14 @@ def check_finite(sources: list[Expert]) -> None:
                                   "fix or re-download that checkpoint, or pass --allow-nonfinite to use it as it is")
 
 
+def check_model_dir(path: Path, allow_nonfinite: bool = False) -> None:
+    """What `bake`, `export-lora` and `train-router` check before transformers loads a moe-merge output: its files
+    (`Checkpoint`: config, index, headers) and, unless `allow_nonfinite`, every tensor for NaN and Inf."""
+    checked = Checkpoint(path)
+    if not allow_nonfinite:
+        check_finite([checked])
+
+
 def _tensors(src: Expert):
     """(name, file, read) for every tensor `src` stores."""
     if isinstance(src, LoraExpert):

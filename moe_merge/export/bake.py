@@ -19,7 +19,7 @@ from moe_merge.modeling import MoEMergeDecoderLayer, MoEMergeForCausalLM, MoEMer
 from moe_merge.outdir import atomic_output_dir, refuse_existing
 from moe_merge.recipe import copy_companions
 from moe_merge.routers.router import Router
-from moe_merge.sources import Checkpoint, check_finite
+from moe_merge.sources import check_model_dir
 
 
 def weights_for_prompt(model: MoEMergeForCausalLM, tokenizer, prompt: str) -> torch.Tensor:
@@ -107,13 +107,10 @@ def baked_model(model: MoEMergeForCausalLM, weights: torch.Tensor):
 
 
 def load_dynamic(model_dir: Path, allow_nonfinite: bool = False, **kwargs) -> MoEMergeForCausalLM:
-    """The dynamic model in `model_dir`, its files checked first (`sources.Checkpoint`: config, index, headers) and,
-    unless `allow_nonfinite`, every tensor for NaN and Inf."""
+    """The dynamic model in `model_dir`, checked first (`sources.check_model_dir`)."""
     from transformers import AutoModelForCausalLM
 
-    checked = Checkpoint(model_dir)
-    if not allow_nonfinite:
-        check_finite([checked])
+    check_model_dir(model_dir, allow_nonfinite)
     model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
     if not isinstance(model, MoEMergeForCausalLM):
         raise ConfigError(f"{model_dir} is a {type(model).__name__}, not a moe-merge dynamic model")

@@ -103,20 +103,18 @@ def _epoch_order(n: int, seed: int, epoch: int) -> list[int]:
 
 def load_model(model_dir: Path, trust_remote_code: bool, dtype: str = "auto", allow_nonfinite: bool = False):
     """The model with its frozen weights in `dtype` (auto: the checkpoint's, bf16 stays bf16) and its routers in
-    float32, its tokenizer, and the dtype it was saved in (the export keeps it). Its files are checked first
-    (`sources.Checkpoint`), and every tensor for NaN and Inf unless `allow_nonfinite`."""
+    float32, its tokenizer, and the dtype it was saved in (the export keeps it). Checked first
+    (`sources.check_model_dir`)."""
     import moe_merge.modeling  # noqa: F401  registers model_type `moe_merge`
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from moe_merge.recipe import DTYPES
-    from moe_merge.sources import Checkpoint, check_finite
+    from moe_merge.sources import check_model_dir
     from moe_merge.tokens import load_tokenizer
 
     if not (model_dir / "config.json").is_file():
         raise MoEMergeError(f"{model_dir} has no config.json; give a directory written by `moe-merge assemble`")
-    checked = Checkpoint(model_dir)
-    if not allow_nonfinite:
-        check_finite([checked])
+    check_model_dir(model_dir, allow_nonfinite)
     saved = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code).dtype or torch.float32
     frozen = saved if dtype == "auto" else DTYPES[dtype]
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=frozen, trust_remote_code=trust_remote_code)
