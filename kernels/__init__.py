@@ -10,7 +10,8 @@ implementation in `*_op.py`:
   takes K-concatenation or materialize-then-GEMM by the cost model in `dispatch.py`.
 
 Each call runs Triton or the reference as `MOE_MERGE_KERNELS` says (`dispatch.use_triton`): by default
-Triton on CUDA tensors, the reference elsewhere. Importing this needs neither a GPU nor triton: the
+Triton on CUDA tensors, the reference elsewhere, but for the low-rank op on half-precision CPU tensors, which runs
+`native.py` (plain torch in the operands' dtype, tested against the reference). Importing this needs neither a GPU nor triton: the
 op modules import triton, so they are loaded on the first call that runs a kernel.
 """
 
@@ -18,9 +19,9 @@ from typing import Literal
 
 import torch
 
-from moe_merge.kernels import reference
+from moe_merge.kernels import native, reference
 from moe_merge.kernels.dispatch import (Cost, DeviceRates, Strategy, choose_strategy, crossover_tokens,
-                                        keep_decode_weights, use_triton)
+                                        keep_decode_weights, use_native, use_triton)
 
 __all__ = [
     "merged_linear", "lowrank_merged_linear", "merge_weights_into", "merged_linear_per_sequence",
@@ -38,11 +39,15 @@ def merged_linear(x: torch.Tensor, merge_weights: torch.Tensor, deltas: torch.Te
 
 
 def lowrank_merged_linear(x: torch.Tensor, merge_weights: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
-                          base: torch.Tensor | None = None) -> torch.Tensor:
-    """y[m] = x[m]·(base + Σ_e merge_weights[m, e]·B_e·A_e)ᵀ, `[M, N]` (see `reference.lowrank_merged_linear`)."""
+                          base: torch.Tensor | None = None, B_cat: torch.Tensor | None = None) -> torch.Tensor:
+    """y[m] = x[m]·(base + Σ_e merge_weights[m, e]·B_e·A_e)ᵀ, `[M, N]` (see `reference.lowrank_merged_linear`).
+    `B_cat` [N, E·r], B's experts side by side, spares the native path a copy of B per call."""
     if use_triton(x, A, B, base):
         from moe_merge.kernels import lowrank_op
         return lowrank_op.lowrank_merged_linear(x, merge_weights, A, B, base)
+    if use_native(x):
+        B_cat = B.transpose(0, 1).reshape(B.shape[1], -1) if B_cat is None else B_cat
+        return native.lowrank_merged_linear(x, merge_weights, A, B_cat, base)
     return reference.lowrank_merged_linear(x, merge_weights, A, B, base)
 
 

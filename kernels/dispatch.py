@@ -3,9 +3,10 @@
 Three decisions live here, all cheap:
 
 - **backend**: the Triton kernels or the torch reference. `MOE_MERGE_KERNELS` chooses: `auto` (the
-  default) runs Triton on CUDA tensors of a dtype the kernels cover and the reference on anything
-  else; `triton` forces the kernels (on CPU tensors only under `TRITON_INTERPRET=1`); `torch` forces
-  the reference. Nothing here imports triton unless the kernels are about to run.
+  default) runs Triton on CUDA tensors of a dtype the kernels cover, the native half-precision path
+  (`native.py`) on other half-precision tensors where an op has one, and the reference on anything else;
+  `triton` forces the kernels (on CPU tensors only under `TRITON_INTERPRET=1`); `torch` forces the
+  reference. Nothing here imports triton unless the kernels are about to run.
 - **strategy** for one weight vector per sequence: K-concatenation (expand the weights to every token)
   or materialize-then-GEMM (form W_s = W0 + Σ_e w_se Δ_e once per sequence, then a batched GEMM).
   `choose_strategy` decides for a device: the per-sequence copies must fit `MATERIALIZE_BUDGET_BYTES`,
@@ -62,6 +63,11 @@ def use_triton(*tensors: torch.Tensor | None) -> bool:
                            "CPU under the Triton interpreter: set TRITON_INTERPRET=1 before moe_merge's kernels are "
                            f"first used, or set {ENV_VAR}=auto")
     return True
+
+
+def use_native(x: torch.Tensor) -> bool:
+    """Whether a call the Triton kernels do not take runs `native.py`: half-precision tensors off CUDA, in `auto`."""
+    return backend() == "auto" and not x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)
 
 
 @dataclass(frozen=True)

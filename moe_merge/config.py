@@ -176,8 +176,8 @@ class MergeConfig(_Strict):
     level: Literal[LEVELS] = "ffn"
     method: Literal[METHOD_NAMES] = "sparse"
     non_expert: Literal["base", "average", "task_arithmetic", "ties", "dare_linear", "dare_ties", "mixup"] | None = Field(
-        None, description="static merge of what is not routed; default base (sparse ffn), average (sparse, smear), "
-        "task_arithmetic (wemoe); twin uses its shared merge; mixup: M³ (`merge.mixup`)")
+        None, description="static merge of what is not routed; default average (sparse, smear; mergekit-moe keeps the "
+        "base's: `base`), task_arithmetic (wemoe); twin uses its shared merge; mixup: M³ (`merge.mixup`)")
     merge: StaticMergeSpec = StaticMergeSpec()
     router: RouterSpec | None = None
     wemoe: WemoeSpec = WemoeSpec()

@@ -207,7 +207,89 @@ def _samples(model_dir: Path) -> None:
         out = model.generate(**enc, max_new_tokens=9, do_sample=False, pad_token_id=tok.pad_token_id,
                              return_dict_in_generate=True, output_scores=False)
         text = tok.decode(out.sequences[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-        weights = model(**enc, use_cache=False).merge_weights[0].mean(0)
+        weights = model.model(**enc, use_cache=False).merge_weights[0].mean(0)
         top = int(weights.argmax())
         print(f"  {zoo.prompt(task, word)}{text:<10} (expected {zoo.apply_task(task, word):<8}) "
               f"routed to {model.config.expert_names[top]} ({weights[top]:.2f})")
+
+
+# ----------------------------------------------------------------------------------------- the real-model zoo
+
+REAL_STOCK = {  # the stock Mixtral export of the real zoo's adapters: name -> recipe overrides
+    "sparse ffn, mergekit's YAML (gate_mode hidden, top-2, the base's attention)":
+        {"gate_mode": "hidden", "experts_per_token": 2, "non_expert": "base"},
+    "sparse ffn, router.init fit, top-1 (averaged attention)": {"router": {"init": "fit"}, "experts_per_token": 1},
+}
+
+
+def run_real_demo(out: Path, base: str) -> dict:
+    """The real-model zoo's four LoRA experts, assembled every way, training-free: exact match on each task's
+    held-out prompts (with each dynamic model's oracle), a static merge and the stock exports beside them, then a
+    few answers with the merge weights that chose them. Router training and the full fine-tunes:
+    `python benchmarks/real_zoo.py`."""
+    import torch
+
+    from moe_merge import realzoo
+    from moe_merge.assemble import assemble
+    from moe_merge.config import MergeConfig
+    from moe_merge.quality import exact_match, oracle_scores
+    from moe_merge.generate import load
+
+    zoo_dir = realzoo.ensure_real_zoo(base)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"real zoo ({base}): {zoo_dir}")
+    tasks = list(realzoo.LORA_TASKS)
+    rows = [{**r, "task": r["expert"]} for r in realzoo.eval_rows(tasks)]
+    tok = load_tokenizer(zoo_dir / "base")
+
+    def score(model, **kw) -> dict[str, float]:
+        return {t: s for t, (s, _) in exact_match(model, tok, rows, **kw).items()}
+
+    experts = {t: score(realzoo.load_checkpoint(zoo_dir / realzoo.TASK[t].expert))[t] for t in tasks}
+
+    def row(name, got, *more):
+        cells = [got[t] for t in tasks] + [min(got[t] / experts[t] for t in tasks), *more]
+        print(f"| {name} | " + " | ".join(f"{c:.0%}" for c in cells) + " |", flush=True)
+
+    print(f"\n## LoRA experts on every linear layer ({', '.join(tasks)}): exact match on 24 held-out prompts each\n")
+    print(f"| model | {' | '.join(tasks)} | worst vs its expert |\n|---|" + "---|" * (len(tasks) + 1))
+    results = {"experts": experts, "base": score(load(zoo_dir / "base")[0])}
+    row("base", results["base"])
+    row("experts (each on its own task)", experts)
+    smear = assemble(MergeConfig.model_validate(realzoo.zoo_recipe(zoo_dir, "lora", method="smear", level="block")),
+                     out / "smear-block", force=True)
+    results["static average"] = score(load(smear)[0], merge_weights=torch.full((len(tasks),), 1 / len(tasks)))
+    row("static average", results["static average"])
+    for name, overrides in REAL_STOCK.items():
+        target = assemble(MergeConfig.model_validate(realzoo.zoo_recipe(zoo_dir, "lora", **overrides)),
+                          out / f"stock-{len(results)}", force=True)
+        results[name] = score(load(target)[0])
+        row(name, results[name])
+    print(f"\nDynamic models, training-free; the oracle forces each task's merge weights one-hot to its expert:\n")
+    print(f"| model | {' | '.join(tasks)} | worst | oracle: worst |\n|---|" + "---|" * (len(tasks) + 2))
+    for method, level in DYNAMIC:
+        target = smear if (method, level) == ("smear", "block") else assemble(
+            MergeConfig.model_validate(realzoo.zoo_recipe(zoo_dir, "lora", method=method, level=level)),
+            out / f"{method}-{level}", force=True)
+        model = load(target)[0]
+        got, best = score(model), {t: s for t, (s, _) in oracle_scores(model, tok, rows).items()}
+        results[f"{method} {level}"] = {"training-free": got, "oracle": best}
+        row(f"{method} {level}", got, min(best[t] / experts[t] for t in tasks))
+    print(f"\nsamples from {smear.name} (greedy), with the merge weights each prompt chose:")
+    model = load(smear)[0]
+    for task in tasks:
+        r = realzoo.eval_rows([task])[0]
+        enc = tok(r["prompt"], return_tensors="pt")
+        with torch.no_grad():
+            new = model.generate(**enc, max_new_tokens=4, do_sample=False, pad_token_id=tok.pad_token_id)
+            weights = model.model(**enc, use_cache=False).merge_weights[0].mean(0)
+        text = tok.decode(new[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        top = int(weights.argmax())
+        print(f"  {r['prompt'].splitlines()[0]} ->{text:<14} (expected{r['completion']}) routed to "
+              f"{model.config.expert_names[top]} ({weights[top]:.2f})")
+    (out / "quality.json").write_text(json.dumps(results, indent=2))
+    print(f"\nmodels and quality.json are in {out.absolute()}; router training, the full fine-tunes, decode speed and "
+          "mergekit-moe: python benchmarks/real_zoo.py")
+    return results
+

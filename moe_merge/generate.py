@@ -42,7 +42,7 @@ def generate(model_dir: Path, prompt: str, *, max_new_tokens: int = 32, temperat
     text = tokenizer.decode(out.sequences[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
     print(text)
     if getattr(model.config, "model_type", None) == "moe_merge":
-        w = model(**enc, use_cache=False).merge_weights[0].float()  # [R, E] or [R, T, E]
+        w = model.model(**enc, use_cache=False).merge_weights[0].float()  # [R, E] or [R, T, E]
         if w.dim() == 3:
             w = w.mean(1)
             print("(per-token routing: weights averaged over the prompt)")

@@ -60,8 +60,8 @@ def merge_deltas(
     if method == "mixup":
         return mixup(torch.stack(stacked), torch.tensor(weights, dtype=stacked[0].dtype), base_method, scale, density,
                      seed, name)
-    w = torch.tensor(weights if weights is not None else [1.0 / n if method == "average" else 1.0] * n)
-    w = (w * scale).to(stacked[0].dtype)
+    w = torch.tensor(weights if weights is not None else [1.0 / n if method == "average" else 1.0] * n,
+                     dtype=stacked[0].dtype) * scale  # in the deltas' dtype: a float64 merge takes λ = 0.3 exactly
     if method in ("average", "task_arithmetic"):
         return merge_utils.task_arithmetic(stacked, w)
     if method == "ties":

@@ -4,7 +4,10 @@ One class per form, chosen when the model is built (`merged_linear`):
 - `FullMergedLinear`: E expert weights and no W0 (SMEAR with dense experts: Σ p_e θ_e, one matrix fewer);
 - `DenseMergedLinear`: W0 and E dense task vectors;
 - `LowRankMergedLinear`: W0 and E low-rank task vectors B_e·A_e (LoRA or SVD factors), never reconstructed.
-W0 is the base's weight, or the static merge for methods that add their task vectors to it (twin).
+W0 is the base's weight, or the static merge for methods that add their task vectors to it (twin). Twin over LoRA
+adapters needs neither: its shared task arithmetic is θ0 + λ Σ_j B_j A_j and each exclusive part θ_e − shared is
+B_e A_e − λ Σ_j B_j A_j, so shared + Σ_e w_e (θ_e − shared) = θ0 + Σ_j (w_j + λ (1 − Σ_e w_e)) B_j A_j: W0 = the
+base and the adapters' own factors, exact at their rank and in any dtype (`offset` = λ).
 
 The owning layer sets `merge_weights` before calling it: [B, E] per sequence or [B, T, E] per token.
 Decode (one token per sequence) never loops over samples: it uses x·W0ᵀ + Σ_e w_e (x·Δ_eᵀ), which reads
@@ -58,11 +61,19 @@ class MergedLinear(nn.Module):
             weight_bytes=B * self.out_features * K * x.element_size(),
         ) == "materialize":
             y = self._materialized(x, w)
+        elif T == 1 and w.dim() == 2:  # a decode step: one token per sequence, its weights as they are
+            y = self._per_token(x.view(B, K), w).view(B, 1, -1)
         else:
             w_tok = w.unsqueeze(1).expand(B, T, -1) if w.dim() == 2 else w  # [B, T, E]
             y = self._per_token(x.reshape(B * T, K), w_tok.reshape(B * T, -1)).view(B, T, -1)
+        if not self.has_bias:
+            return y
         bias = self._merged_bias(w if w.dim() == 3 else w.unsqueeze(1))  # [B, T or 1, N]
-        return y if bias is None else y + bias.to(self._w0_or_stack().dtype)
+        return y + bias.to(self._w0_or_stack().dtype)
+
+    @property
+    def has_bias(self) -> bool:
+        return getattr(self, "expert_bias", None) is not None or getattr(self, "bias", None) is not None
 
     def _materialized(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """x·W_bᵀ with W_b = W0 + Σ_e w_be Δ_e formed per sequence, for weights that need no gradient (training
@@ -240,27 +251,47 @@ class DenseMergedLinear(_WithW0):
 
 
 class LowRankMergedLinear(_WithW0):
-    """W0 and E low-rank task vectors B_e·A_e of rank r: W = W0 + Σ_e w_e B_e A_e, never formed in the forward."""
+    """W0 and E low-rank task vectors B_e·A_e of rank r: W = W0 + Σ_e c_e B_e A_e, never formed in the forward, with
+    c = w, or c_e = w_e + offset · (1 − Σ w) (twin over LoRA adapters: see the module's docstring)."""
 
     form = "lowrank"
 
-    def __init__(self, in_features: int, out_features: int, num_experts: int, rank: int, bias: bool = False):
+    def __init__(self, in_features: int, out_features: int, num_experts: int, rank: int, bias: bool = False,
+                 offset: float = 0.0):
         super().__init__(in_features, out_features, num_experts, bias)
         self.lora_A = nn.Parameter(torch.empty(num_experts, rank, in_features))
         self.lora_B = nn.Parameter(torch.empty(num_experts, out_features, rank))
+        self.offset = offset
+        self._b_cat: tuple[tuple, torch.Tensor] | None = None  # B's experts side by side, for the native path
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, rank={self.lora_A.shape[1]}"
+        return f"{super().extra_repr()}, rank={self.lora_A.shape[1]}" + (f", offset={self.offset}" if self.offset else "")
+
+    def coefficients(self, w: torch.Tensor) -> torch.Tensor:
+        """What each expert's factors are multiplied by, for merge weights w [..., E]."""
+        return torch.add(w, 1 - w.sum(-1, keepdim=True), alpha=self.offset) if self.offset else w
 
     def _stack(self):
         return None  # the factors are multiplied, never stacked into dense deltas
 
     def _per_token(self, x, w):
-        return kernels.lowrank_merged_linear(x, w, self.lora_A, self.lora_B, self.weight)
+        return kernels.lowrank_merged_linear(x, self.coefficients(w), self.lora_A, self.lora_B, self.weight,
+                                             B_cat=self.b_cat())
+
+    def b_cat(self) -> torch.Tensor:
+        """[N, E·r]: the B_e side by side, a copy kept while B stays as it is (its storage and version: an in-place
+        update or a move makes a new one); B itself where it takes gradients."""
+        B = self.lora_B
+        if B.requires_grad and torch.is_grad_enabled():
+            return B.transpose(0, 1).reshape(B.shape[1], -1)
+        key = (B.data_ptr(), B._version, B.dtype, B.device)
+        if self._b_cat is None or self._b_cat[0] != key:
+            self._b_cat = (key, B.detach().transpose(0, 1).reshape(B.shape[1], -1).contiguous())
+        return self._b_cat[1]
 
     def _materialize(self, w):
         dtype = self._widest()
-        low = torch.einsum("be,enr,erk->bnk", w.to(dtype), self.lora_B.to(dtype), self.lora_A.to(dtype))
+        low = torch.einsum("be,enr,erk->bnk", self.coefficients(w.to(dtype)), self.lora_B.to(dtype), self.lora_A.to(dtype))
         return (self.weight.to(dtype) + low).to(self.stored_dtype)
 
     def _decode_costs(self, S, b):
@@ -270,7 +301,8 @@ class LowRankMergedLinear(_WithW0):
         return step, kernels.Cost((read + S * self.weight.numel()) * b, 2 * S * E * r * self.weight.numel(), 2)
 
     def _rows(self, ids, w):
-        low = torch.einsum("bte,ebtr,erk->btk", w, self.lora_B[:, ids].to(w.dtype), self.lora_A.to(w.dtype))
+        low = torch.einsum("bte,ebtr,erk->btk", self.coefficients(w), self.lora_B[:, ids].to(w.dtype),
+                           self.lora_A.to(w.dtype))
         return self.weight[ids].to(w.dtype) + low
 
     def _widest(self):
@@ -280,20 +312,22 @@ class LowRankMergedLinear(_WithW0):
     def merged(self, w):
         dtype = self._widest()
         w = w.to(dtype)
-        weight = self.weight.to(dtype) + torch.einsum("e,enr,erk->nk", w, self.lora_B.to(dtype), self.lora_A.to(dtype))
+        c = self.coefficients(w)
+        weight = self.weight.to(dtype) + torch.einsum("e,enr,erk->nk", c, self.lora_B.to(dtype), self.lora_A.to(dtype))
         return weight, self._bias(w, dtype)
 
     @torch.no_grad()
     def parts(self, w):
         w = w.double()
+        c = self.coefficients(w)
         A, B = self.lora_A.double(), self.lora_B.double()
-        factors = [(w[e] * A[e], B[e]) for e in range(self.num_experts) if w[e] != 0]
+        factors = [(c[e] * A[e], B[e]) for e in range(self.num_experts) if c[e] != 0]
         return [self.weight.double()], factors, self._bias(w, torch.float64)
 
 
 def merged_linear(in_features: int, out_features: int, num_experts: int, form: str, rank: int | None = None,
-                  bias: bool = False) -> MergedLinear:
-    """The merged linear of `form` (full | dense | lowrank; lowrank needs its rank)."""
+                  bias: bool = False, offset: float = 0.0) -> MergedLinear:
+    """The merged linear of `form` (full | dense | lowrank; lowrank needs its rank, and takes an `offset`)."""
     if form == "full":
         return FullMergedLinear(in_features, out_features, num_experts, bias)
     if form == "dense":
@@ -301,5 +335,5 @@ def merged_linear(in_features: int, out_features: int, num_experts: int, form: s
     if form == "lowrank":
         if not rank:
             raise ValueError("a `lowrank` merged linear needs a rank")
-        return LowRankMergedLinear(in_features, out_features, num_experts, rank, bias)
+        return LowRankMergedLinear(in_features, out_features, num_experts, rank, bias, offset)
     raise ValueError(f"unknown merged-linear form {form!r}; choose one of {', '.join(FORMS)}")

@@ -60,9 +60,12 @@ class Method:
     default_normalize: str = "softmax"
 
     def static(self, cfg: MergeConfig) -> StaticSpec:
-        """The static merge of what this method does not route."""
-        default = "average" if cfg.dynamic else "base"
-        return cfg.static_spec(cfg.non_expert or default, cfg.merge.scale, cfg.merge.density, cfg.merge.weights)
+        """The static merge of what this method does not route: the experts' average. (mergekit-moe keeps the base's;
+        where experts changed their attention, LoRA adapters on every linear layer say, the average keeps their
+        changes and the base's drops them: on the real zoo's adapters a stock Mixtral's every-token-right oracle
+        reads 88-100 % with the base's attention and 100 % with the average. Where experts only changed MLPs, the
+        two are the same tensors.)"""
+        return cfg.static_spec(cfg.non_expert or "average", cfg.merge.scale, cfg.merge.density, cfg.merge.weights)
 
     def rank(self, cfg: MergeConfig, out_features: int, in_features: int) -> int | None:
         """The SVD rank of one routed out x in projection (svd methods only)."""

@@ -39,7 +39,7 @@ from transformers.masking_utils import create_causal_mask, create_sliding_window
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
-from moe_merge.arch import ATTN_PROJS, FAMILIES, LAYER_NORMS, MLP_PROJS
+from moe_merge.arch import ATTN_PROJS, FAMILIES, MLP_PROJS, Family, family_error
 from moe_merge.errors import ModelConfigError
 from moe_merge.merged_linear import MergedLinear, merged_linear
 from moe_merge.merged_norm import MergedEmbedding, MergedNorm
@@ -57,7 +57,8 @@ class MoEMergeConfig(PreTrainedConfig):
 
     `delta_forms` maps each routed projection name (`gate_proj`, ..., `embed_tokens`, `lm_head`) to its
     merged-linear form (`full` | `dense` | `lowrank`); `delta_ranks` gives the rank of the low-rank ones, by
-    name or, where it differs per layer (rank by energy), by `"{layer}.{name}"`. `routed_parts` are the parts
+    name or, where it differs per layer (rank by energy), by `"{layer}.{name}"`; `lowrank_offset` is twin's λ where
+    its low-rank factors are the LoRA adapters' own (merged_linear.py). `routed_parts` are the parts
     beside the linear layers that are merged per input (embeddings, norms, head); `prepass_layers` and
     `prepass_weights` define the static pre-pass the first router reads.
     """
@@ -72,6 +73,7 @@ class MoEMergeConfig(PreTrainedConfig):
     level: str = "ffn"
     delta_forms: dict[str, str] | None = None
     delta_ranks: dict[str, int] | None = None
+    lowrank_offset: float | None = None
     router_kind: str = "linear"
     router_hidden_size: int | None = None
     router_granularity: str = "sequence"
@@ -89,8 +91,10 @@ class MoEMergeConfig(PreTrainedConfig):
         if self.method not in METHODS or self.level not in LEVELS:
             raise ModelConfigError(f"`method` {self.method!r} / `level` {self.level!r}: choose from {METHOD_NAMES} / {LEVELS}")
         if self.text_config.model_type not in FAMILIES:
-            raise ModelConfigError(f"base model_type {self.text_config.model_type!r} is not supported; use one of "
-                                   f"{tuple(FAMILIES)}")
+            raise ModelConfigError(family_error(self.text_config.model_type, "`text_config`"))
+        if getattr(self.text_config, "use_bidirectional_attention", False):
+            raise ModelConfigError("`text_config.use_bidirectional_attention` is set: that is an encoder (embedding "
+                                   "model), not a causal LM; moe-merge merges causal LMs")
         if self.merging.merges == "outputs" and self.level == "ffn":
             raise ModelConfigError("sparse FFN-level models are stock Mixtral/Qwen-MoE checkpoints, not moe_merge models")
         problems = self.merging.problems(self.level, self.router_granularity, self.router_normalize)
@@ -112,6 +116,11 @@ class MoEMergeConfig(PreTrainedConfig):
     def merging(self) -> Method:
         """The record of `method` (methods.py)."""
         return METHODS[self.method]
+
+    @property
+    def family(self) -> Family:
+        """The base family's record (arch.py): its classes and where its norms sit."""
+        return FAMILIES[self.text_config.model_type]
 
     @property
     def num_routers(self) -> int:
@@ -167,6 +176,21 @@ class MoEMergeOutput(CausalLMOutputWithPast):
 def _stock(text_config, name: str):
     """The base family's own transformers class `{prefix}{name}`, e.g. LlamaDecoderLayer."""
     return FAMILIES[text_config.model_type].cls(name)
+
+
+def stock_norm(text_config) -> nn.Module:
+    """The family's own RMSNorm over the hidden size."""
+    return _stock(text_config, "RMSNorm")(text_config.hidden_size, eps=text_config.rms_norm_eps)
+
+
+def embed_scale(text_config) -> float | None:
+    """What the family multiplies its embeddings by (Gemma: sqrt(hidden_size)), or None."""
+    return text_config.hidden_size**0.5 if FAMILIES[text_config.model_type].scaled_embeddings else None
+
+
+def softcap(logits: torch.Tensor, cap: float | None) -> torch.Tensor:
+    """Gemma 2's final-logit soft-capping, cap · tanh(logits / cap); the logits unchanged without a cap."""
+    return logits if not cap else torch.tanh(logits / cap) * cap
 
 
 def stock_layer(text_config, layer_idx: int, cache_idx: int | None = None) -> nn.Module:
@@ -231,17 +255,20 @@ class Routing:
 class MoEMergeDecoderLayer(GradientCheckpointingLayer):
     """The base family's decoder layer with its routed projections and norms merged per input (smear, wemoe, twin).
 
-    With its own router (smear, wemoe) it routes on the input of the part it merges: the MLP input at ffn
-    level, the attention input at block level, normalized by the static merge's gain where the norm is
-    routed too. Without one (twin), or when the pre-pass already routed it, weights come from the model.
+    The layer's attention, MLP and norms are the family's own modules (arch.Family says where its norms sit:
+    before attention and MLP, and after them too in Gemma 2 and 3), with the routed ones swapped for merged
+    ones. With its own router (smear, wemoe) it routes on the input of the part it merges: the MLP input at ffn
+    level, the attention input at block level, normalized by the static merge's gain where the norm is routed
+    too. Without one (twin), or when the pre-pass already routed it, weights come from the model.
     """
 
     def __init__(self, config: MoEMergeConfig, layer_idx: int, routed: bool):
         super().__init__()
-        text = config.text_config
-        stock = stock_layer(text, layer_idx)
-        self.input_layernorm, self.self_attn = stock.input_layernorm, stock.self_attn
-        self.post_attention_layernorm, self.mlp = stock.post_attention_layernorm, stock.mlp
+        text, family = config.text_config, config.family
+        for name, module in stock_layer(text, layer_idx).named_children():  # attention, MLP, norms, in its order
+            setattr(self, name, module)
+        self.attention_norm, self.mlp_norm = family.attention_norms[0], family.mlp_norms[0]  # each part's input norm
+        self.post_attention_norm, self.post_mlp_norm = family.post_attention_norm, family.post_mlp_norm
         self.level = config.level
         self.attn_merged: list[nn.Module] = []  # merged with this layer's weights: the attention's ...
         self.mlp_merged: list[nn.Module] = []  # ... and the MLP's, with their norms
@@ -250,27 +277,34 @@ class MoEMergeDecoderLayer(GradientCheckpointingLayer):
                 if name in config.delta_forms:
                     old = getattr(owner, name)
                     new = merged_linear(old.in_features, old.out_features, config.num_experts, config.delta_forms[name],
-                                        config.rank_of(layer_idx, name), bias=old.bias is not None)
+                                        config.rank_of(layer_idx, name), bias=old.bias is not None,
+                                        offset=config.lowrank_offset or 0.0)
                     setattr(owner, name, new)
                     merged.append(new)
-        for path in LAYER_NORMS[self.level] if config.routes("norms") else ():
+        for path in family.layer_norms(self.level) if config.routes("norms") else ():
             owner_name, _, name = path.rpartition(".")
             owner = self.get_submodule(owner_name) if owner_name else self
             if isinstance(old := getattr(owner, name, None), nn.Module):
-                new = MergedNorm(old.weight.shape[0], config.num_experts, config.merging.part_form, old.variance_epsilon)
+                new = MergedNorm(old.weight.shape[0], config.num_experts, config.merging.part_form,
+                                 old.variance_epsilon if hasattr(old, "variance_epsilon") else old.eps,
+                                 unit_offset=family.unit_offset_norms)
                 setattr(owner, name, new)
-                (self.mlp_merged if name == "post_attention_layernorm" else self.attn_merged).append(new)
+                (self.mlp_merged if path in family.mlp_norms else self.attn_merged).append(new)
         self.router = Router(text.hidden_size, config.num_experts, config.router_kind, config.router_hidden_size) if routed else None
         self.routing = Routing(config)
         self.static_weights = config.static_weights()
 
-    def _route(self, hidden_states, norm, routing_mask, given):
+    def _norm(self, path: str | None, x: torch.Tensor) -> torch.Tensor:
+        """Norm `path` (a name in the layer) applied to x; x itself for a family without it."""
+        return x if path is None else getattr(self, path)(x)
+
+    def _route(self, hidden_states, norm: str, routing_mask, given):
         """Route on norm(hidden_states); a routed norm takes the static merge's gain, as its weights are not known yet."""
         if self.router is None or (routing_mask is None and self.routing.granularity == "sequence"):
             return given, None
         static = torch.tensor(self.static_weights, device=hidden_states.device).expand(hidden_states.shape[0], -1)
-        with merging([norm], static):
-            x = norm(hidden_states)
+        with merging([getattr(self, norm)], static):
+            x = self._norm(norm, hidden_states)
         return self.routing.route(self.router, x, routing_mask, given)
 
     def forward(self, hidden_states, merge_weights=None, routing_mask=None, attention_mask=None, position_ids=None,
@@ -282,17 +316,18 @@ class MoEMergeDecoderLayer(GradientCheckpointingLayer):
         residual = hidden_states
         logits = None
         if self.level == "block":
-            merge_weights, logits = self._route(hidden_states, self.input_layernorm, routing_mask, merge_weights)
+            merge_weights, logits = self._route(hidden_states, self.attention_norm, routing_mask, merge_weights)
         with merging(self.attn_merged, merge_weights, decode_store):
-            x = self.input_layernorm(hidden_states)
+            x = self._norm(self.attention_norm, hidden_states)
             x, _ = self.self_attn(hidden_states=x, attention_mask=attention_mask, position_ids=position_ids,
                                   position_embeddings=position_embeddings, **kwargs)
+            x = self._norm(self.post_attention_norm, x)
         hidden_states = residual + x
         residual = hidden_states
         if self.level == "ffn":
-            merge_weights, logits = self._route(hidden_states, self.post_attention_layernorm, routing_mask, merge_weights)
+            merge_weights, logits = self._route(hidden_states, self.mlp_norm, routing_mask, merge_weights)
         with merging(self.mlp_merged, merge_weights, decode_store):
-            x = self.mlp(self.post_attention_layernorm(hidden_states))
+            x = self._norm(self.post_mlp_norm, self.mlp(self._norm(self.mlp_norm, hidden_states)))
         return residual + x, merge_weights, logits
 
 
@@ -326,7 +361,7 @@ class MoEMergeExpertStack(nn.Module):
         text = config.text_config
         L = text.num_hidden_layers
         self.layers = nn.ModuleList(stock_layer(text, i, i + expert * L) for i in range(config.dense_layers, L))
-        self.norm = _stock(text, "RMSNorm")(text.hidden_size, eps=text.rms_norm_eps)
+        self.norm = stock_norm(text)
         self.lm_head = nn.Linear(text.hidden_size, text.vocab_size, bias=False)
 
 
@@ -344,21 +379,31 @@ class MoEMergePreTrainedModel(PreTrainedModel):
 
     @torch.no_grad()
     def _init_weights(self, module):
-        """Random weights for `from_config`; loading and building overwrite every one of them."""
+        """Random weights for `from_config`, and the buffers no checkpoint holds (RoPE tables, Gemma's embedding
+        scale); loading and building overwrite every weight."""
         std = self.config.text_config.initializer_range
+        unit_offset = self.config.family.unit_offset_norms  # Gemma's gains are 1 + w: w = 0 is the identity
         if isinstance(module, MergedLinear):
             for name, p in module.named_parameters(recurse=False):
                 init.normal_(p, 0.0, std) if name in ("weight", "expert_weight", "lora_A") else init.zeros_(p)
         elif isinstance(module, MergedNorm):
             for name, p in module.named_parameters(recurse=False):
-                init.zeros_(p) if name == "delta_weight" else init.ones_(p)
+                init.zeros_(p) if name == "delta_weight" or unit_offset else init.ones_(p)
         elif isinstance(module, Router):
             for p in module.parameters(recurse=False):
                 init.zeros_(p)
             init.zeros_(module.input_center)
             init.ones_(module.input_scale)
+        elif "RotaryEmbedding" in type(module).__name__ and not hasattr(module, "original_inv_freq"):
+            fresh = type(module)(module.config)  # a RoPE per layer type (Gemma 3): its tables from its config
+            for name, buffer in fresh.named_buffers():
+                init.copy_(module.get_buffer(name), buffer)
+        elif "RMSNorm" in type(module).__name__ and unit_offset:
+            init.zeros_(module.weight)
         else:
             super()._init_weights(module)
+            if hasattr(module, "scalar_embed_scale"):  # Gemma's scaled embedding: a buffer no checkpoint holds
+                init.constant_(module.embed_scale, module.scalar_embed_scale)
 
 
 def merged_table(config: MoEMergeConfig, name: str) -> MergedLinear:
@@ -372,13 +417,18 @@ class MoEMergeModel(MoEMergePreTrainedModel):
     def __init__(self, config: MoEMergeConfig):
         super().__init__(config)
         text = config.text_config
-        if text._attn_implementation is None:
-            text._attn_implementation = config._attn_implementation or "sdpa"
+        if text._attn_implementation is None:  # as the family's own model would choose (Gemma 2: eager, for softcap)
+            attn = config._attn_implementation or "sdpa"
+            text._attn_implementation = attn if attn != "sdpa" or config.family.cls("PreTrainedModel")._supports_sdpa else "eager"
         L = text.num_hidden_layers
         if not 0 <= config.prepass_layers < L:
             raise ValueError(f"`prepass_layers` is {config.prepass_layers}; it must be in [0, {L})")
+        scale = embed_scale(text)
         if config.routes("embeddings"):
-            self.embed_tokens = MergedEmbedding(merged_table(config, "embed_tokens"))
+            self.embed_tokens = MergedEmbedding(merged_table(config, "embed_tokens"), scale)
+        elif scale is not None:
+            self.embed_tokens = _stock(text, "TextScaledWordEmbedding")(text.vocab_size, text.hidden_size,
+                                                                        text.pad_token_id, embed_scale=scale)
         else:
             self.embed_tokens = nn.Embedding(text.vocab_size, text.hidden_size, text.pad_token_id)
         self.rotary_emb = _stock(text, "RotaryEmbedding")(config=text)
@@ -399,9 +449,10 @@ class MoEMergeModel(MoEMergePreTrainedModel):
             self.layers = nn.ModuleList(MoEMergeDecoderLayer(config, i, routed=True) for i in range(L))
         if config.level != "model":
             if config.routes("norms"):
-                self.norm = MergedNorm(text.hidden_size, config.num_experts, method.part_form, text.rms_norm_eps)
+                self.norm = MergedNorm(text.hidden_size, config.num_experts, method.part_form, text.rms_norm_eps,
+                                       unit_offset=config.family.unit_offset_norms)
             else:
-                self.norm = _stock(text, "RMSNorm")(text.hidden_size, eps=text.rms_norm_eps)
+                self.norm = stock_norm(text)
         self.routing = Routing(config)
         self.gradient_checkpointing = False
         self.post_init()
@@ -410,6 +461,19 @@ class MoEMergeModel(MoEMergePreTrainedModel):
     def first_router(self) -> Router:
         """The router the pre-pass feeds: the model's own, else layer 0's."""
         return self.router if self.router is not None else self.layers[0].router
+
+    @property
+    def compute_device(self) -> torch.device:
+        """Where the model computes: its RoPE tables' device (with device_map, its blocks may sit elsewhere)."""
+        return next(self.rotary_emb.buffers()).device
+
+    def _rope(self, h: torch.Tensor, position_ids: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """(cos, sin) for each layer type: the same for every type, or a RoPE per type (Gemma 3)."""
+        types = set(self._layer_types())
+        if self.config.family.rope_per_layer_type:
+            return {t: self.rotary_emb(h, position_ids, t) for t in types}
+        cos_sin = self.rotary_emb(h, position_ids)
+        return dict.fromkeys(types, cos_sin)
 
     # ------------------------------------------------------------------------------------ helpers
 
@@ -450,7 +514,7 @@ class MoEMergeModel(MoEMergePreTrainedModel):
         if merge_weights is None:
             return None
         R, E = self.config.num_routers, self.config.num_experts
-        w = torch.as_tensor(merge_weights, device=self.rotary_emb.inv_freq.device)
+        w = torch.as_tensor(merge_weights, device=self.compute_device)
         w = w.to(torch.promote_types(w.dtype, torch.float32)) if w.is_floating_point() else w.float()
         if w.shape[-1] != E:
             raise ValueError(f"`merge_weights` has {w.shape[-1]} experts in its last dimension; this model has {E}")
@@ -516,15 +580,17 @@ class MoEMergeModel(MoEMergePreTrainedModel):
         batch = (input_ids if input_ids is not None else inputs_embeds).shape[0]
         routes = Routes(self.given_weights(merge_weights, batch), self.config.num_routers)
         self._check_given(routes.given, prefill)
-        static = torch.tensor(self.config.static_weights(), device=self.rotary_emb.inv_freq.device).expand(batch, -1)
+        static = torch.tensor(self.config.static_weights(), device=self.compute_device).expand(batch, -1)
         h = inputs_embeds if inputs_embeds is not None else self._embed(input_ids, static if prepass else routes.weights(0))
         position_ids = self._positions(h, attention_mask, position_ids, past)
         routing_mask = self._routing_mask(routing_mask, attention_mask, h, prefill)
-        masks = self._masks(h, attention_mask, cache, position_ids)
         types = self._layer_types()
-        common = dict(position_ids=position_ids, position_embeddings=self.rotary_emb(h, position_ids), **{CACHE: cache})
+        rope, masks = self._rope(h, position_ids), self._masks(h, attention_mask, cache, position_ids)
+        # each layer's mask and RoPE, by its type (sliding-window or full attention)
+        by_type = {t: dict(attention_mask=masks[t], position_embeddings=rope[t]) for t in set(types)}
+        common = dict(position_ids=position_ids, **{CACHE: cache})
         if prepass:
-            routes.set(0, *self._prepass(h, static, routing_mask, masks, common, kwargs, routes.weights(0)))
+            routes.set(0, *self._prepass(h, static, routing_mask, by_type, common, kwargs, routes.weights(0)))
             if inputs_embeds is None and self.config.routes("embeddings"):
                 h = self._embed(input_ids, routes.weights(0))
         hidden = [h] if output_hidden_states else None
@@ -535,15 +601,15 @@ class MoEMergeModel(MoEMergePreTrainedModel):
                 routes_here = layer.router is not None and not routes.has(k)
                 kept = {"decode_store": store} if isinstance(layer, MoEMergeDecoderLayer) else {}
                 h, w, logits = layer(h, merge_weights=routes.weights(k), routing_mask=routing_mask if routes_here else None,
-                                     attention_mask=masks[types[i]], **kept, **common, **kwargs)
+                                     **by_type[types[i]], **kept, **common, **kwargs)
                 if routes_here:
                     routes.set(k, w, logits)
             else:
-                h = layer(h, attention_mask=masks[types[i]], **common, **kwargs)
+                h = layer(h, **by_type[types[i]], **common, **kwargs)
             if hidden is not None:
                 hidden.append(h)
         if self.config.level == "model":
-            last = self._expert_models(h, masks, types, common, kwargs)
+            last = self._expert_models(h, by_type, common, kwargs)
         else:
             with merging([self.norm], routes.weights(-1)):
                 last = self.norm(h)
@@ -571,29 +637,29 @@ class MoEMergeModel(MoEMergePreTrainedModel):
         with merging([self.embed_tokens], weights):
             return self.embed_tokens(input_ids)
 
-    def _prepass(self, h, static, routing_mask, masks, common, kwargs, given):
+    def _prepass(self, h, static, routing_mask, by_type, common, kwargs, given):
         """The first router's (weights, logits) from the prompt's states entering layer `prepass_layers` of the
         static merge, h being its embeddings. No cache: it runs once, at prefill, and decode never sees it."""
         types, dense = self._layer_types(), self.config.dense_layers
         common = {**common, CACHE: None}
         for i in range(self.config.prepass_layers):
-            mask = masks[types[i]]
+            here = {**by_type[types[i]], **common, **kwargs}
             if self.config.level == "model" and i >= dense:  # the expert models' layers, their outputs mixed
-                h = sum(static[:, e, None, None] * expert.layers[i - dense](h, attention_mask=mask, **common, **kwargs)
+                h = sum(static[:, e, None, None] * expert.layers[i - dense](h, **here)
                         for e, expert in enumerate(self.experts)).to(h.dtype)
             elif isinstance(self.layers[i], (MoEMergeDecoderLayer, MoEMergeSparseBlock)):
-                h = self.layers[i](h, merge_weights=static, attention_mask=mask, **common, **kwargs)[0]
+                h = self.layers[i](h, merge_weights=static, **here)[0]
             else:
-                h = self.layers[i](h, attention_mask=mask, **common, **kwargs)
+                h = self.layers[i](h, **here)
         return self.routing.route(self.first_router, h, routing_mask, given)
 
-    def _expert_models(self, h, masks, types, common, kwargs) -> torch.Tensor:
+    def _expert_models(self, h, by_type, common, kwargs) -> torch.Tensor:
         """Model level: each expert model's layers and final norm above the dense layers, [E, B, T, H]."""
-        outs = []
+        types, outs = self._layer_types(), []
         for expert in self.experts:
             x = h
             for j, layer in enumerate(expert.layers):
-                x = layer(x, attention_mask=masks[types[self.config.dense_layers + j]], **common, **kwargs)
+                x = layer(x, **by_type[types[self.config.dense_layers + j]], **common, **kwargs)
             outs.append(expert.norm(x))
         return torch.stack([o.to(h.device) for o in outs])  # experts may sit on other devices
 
@@ -665,18 +731,22 @@ class MoEMergeForCausalLM(MoEMergePreTrainedModel, GenerationMixin):
             merge_weights=merge_weights, routing_mask=routing_mask, output_hidden_states=output_hidden_states,
             **kwargs,
         )
-        last, weights = out.last_hidden_state, out.merge_weights
+        weights = out.merge_weights
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        if self.config.level == "model":
-            w = weights[:, 0]  # [B, E], float32: the experts' logits are mixed in float32
-            logits = sum(w[:, e, None, None] * expert.lm_head(last[e][:, keep]).to(w.device)
+        # contiguous: torch multiplies a strided [B, 1, H] slice by a frozen weight as B copies of the weight (a
+        # 262,144-row head: gigabytes per step); a contiguous one folds into one GEMM
+        last = out.last_hidden_state[..., keep, :].contiguous()
+        cap = getattr(self.config.text_config, "final_logit_softcapping", None)  # Gemma 2
+        if self.config.level == "model":  # each expert's output (soft-capped as it would be alone), mixed in float32
+            w = weights[:, 0]  # [B, E]
+            logits = sum(w[:, e, None, None] * softcap(expert.lm_head(last[e]), cap).to(w.device)
                          for e, expert in enumerate(self.model.experts)).to(last.dtype)
         elif isinstance(self.lm_head, MergedLinear):  # the last router's weights, per sequence or per token
             w = weights[:, -1] if weights.dim() == 3 else weights[:, -1, keep]
             with merging([self.lm_head], w):
-                logits = self.lm_head(last[:, keep])
+                logits = softcap(self.lm_head(last), cap)
         else:
-            logits = self.lm_head(last[:, keep])
+            logits = softcap(self.lm_head(last), cap)
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.vocab_size, **kwargs)

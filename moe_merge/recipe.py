@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from moe_merge.arch import FAMILIES, MoEFormat, choose_format
+from moe_merge.arch import FAMILIES, MoEFormat, choose_format, family_error
 from moe_merge.config import MergeConfig
 from moe_merge.errors import CompatibilityError
 from moe_merge.sources import Checkpoint, Expert, hub_id, open_expert, resolve_path, source_parts
@@ -46,9 +46,8 @@ def open_recipe(config: MergeConfig, recipe_dir: Path | None = None) -> Recipe:
     """Open the base and every expert and check they fit together, before any tensor is read."""
     base = Checkpoint(resolve_path(config.base_model, recipe_dir))
     if base.family not in FAMILIES:
-        raise CompatibilityError(
-            f"base {base.path}/config.json has model_type {base.family!r}; supported: {', '.join(FAMILIES)}"
-        )  # checked here too, as a recipe whose experts are all adapters never calls check_compatible
+        # checked here too, as a recipe whose experts are all adapters never calls check_compatible
+        raise CompatibilityError(family_error(base.family, f"base {base.path}/config.json"))
     experts = [open_expert(e.source_model, base, recipe_dir) for e in config.experts]
     shared = open_expert(config.shared_experts[0].source_model, base, recipe_dir) if config.shared_experts else None
     fmt = None if config.dynamic else choose_format(config, base.family, base.config, base.path)

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from moe_merge.arch import FAMILIES
+from moe_merge.arch import FAMILIES, MULTIMODAL, family_error
 from moe_merge.errors import CompatibilityError, SourceError
 
 logger = logging.getLogger(__name__)
@@ -26,6 +26,11 @@ MAX_HEADER_BYTES = 100 * 2**20  # safetensors' own limit
 # Fields that must agree between the base and every expert, with why.
 MATCHING_FIELDS = ("model_type", "hidden_size", "num_hidden_layers", "vocab_size", "intermediate_size",
                    "num_attention_heads", "num_key_value_heads")
+# Where a multimodal checkpoint keeps its text model: stored prefix -> the text model's own. transformers 5 saves
+# Gemma 3's under `language_model.model.` (its in-memory `model.language_model.` is also found in the wild).
+TEXT_PREFIXES = (("language_model.model.", "model."), ("model.language_model.", "model."),
+                 ("language_model.lm_head.", "lm_head."))
+GGUF_MAGIC = b"GGUF"
 
 
 def _local(ref: str, relative_to: Path | None) -> list[Path]:
@@ -40,6 +45,10 @@ def resolve_path(ref: str, relative_to: Path | None = None) -> Path:
     for candidate in _local(ref, relative_to):
         if candidate.is_dir():
             return candidate.absolute()
+        if candidate.is_file():
+            refuse_gguf(candidate)
+            raise SourceError(f"model {ref!r} is the file {candidate.absolute()}; a model is a Hugging Face checkpoint "
+                              "directory (config.json + safetensors): give its directory")
     if ref.count("/") == 1 and not Path(ref).exists():
         from huggingface_hub import snapshot_download
 
@@ -96,21 +105,71 @@ def _ints(value) -> bool:
     return isinstance(value, list) and all(isinstance(v, int) and v >= 0 for v in value)
 
 
+def text_model_name(name: str) -> str | None:
+    """A multimodal checkpoint's tensor `name` as its text model names it, or None for another tower's tensor."""
+    for stored, own in TEXT_PREFIXES:
+        if name.startswith(stored):
+            return own + name[len(stored):]
+    return None
+
+
+def text_config_dict(config: dict, where: Path) -> dict:
+    """The text model's config of a multimodal `config` (Gemma 3's `text_config`), with what the outer config
+    says for the whole model (dtype, tied embeddings)."""
+    text = config.get("text_config")
+    if not isinstance(text, dict):
+        raise SourceError(f"{where} has model_type {config.get('model_type')!r} but no `text_config` mapping")
+    out = {**text, "model_type": MULTIMODAL[config["model_type"]]}
+    for key in ("dtype", "torch_dtype", "tie_word_embeddings"):
+        if key in config and key not in text:
+            out[key] = config[key]
+    return out
+
+
+def refuse_gguf(path: Path) -> None:
+    """A GGUF file (or a directory holding only GGUF files) where a checkpoint directory is expected."""
+    files = [path] if path.is_file() else sorted(path.glob("*.gguf")) if path.is_dir() else []
+    for f in files:
+        with open(f, "rb") as fh:
+            if fh.read(4) == GGUF_MAGIC:
+                raise SourceError(
+                    f"{f} is a GGUF file (llama.cpp's format); moe-merge reads Hugging Face checkpoint directories "
+                    "(config.json + safetensors). Convert it first: `moe_merge.gguf.convert(GGUF_FILE, OUT_DIR)` "
+                    "dequantizes it with transformers and saves a checkpoint (see README, Real models)")
+
+
 class Checkpoint:
-    """A local Hugging Face checkpoint: config.json plus safetensors (single or sharded) or .bin."""
+    """A local Hugging Face checkpoint: config.json plus safetensors (single or sharded) or .bin.
+
+    A multimodal checkpoint whose text model a family supports (Gemma 3) is seen as that text model: `config` is
+    its text config, and tensors are named, listed and read as the text model's (`model.layers...`), the other
+    towers left out. `stored_config` keeps the file's own config."""
 
     def __init__(self, path: Path | str):
         self.path = Path(path)
         config_file = self.path / "config.json"
         if not config_file.is_file():
+            refuse_gguf(self.path)
             raise SourceError(f"{self.path} has no config.json; is it a Hugging Face model directory?")
         try:
-            self.config: dict = json.loads(config_file.read_text())
+            self.stored_config: dict = json.loads(config_file.read_text())
         except json.JSONDecodeError as e:
             raise SourceError(f"{config_file} is not valid JSON: {e}") from None
+        if not isinstance(self.stored_config, dict):
+            raise SourceError(f"{config_file} is not a JSON object")
+        self.multimodal = self.stored_config.get("model_type") in MULTIMODAL
+        self.config: dict = text_config_dict(self.stored_config, config_file) if self.multimodal else self.stored_config
         self._bin_files: dict[str, dict[str, torch.Tensor]] = {}  # memory-mapped, unpickled once per file
         self._headers: dict[str, dict[str, dict]] = {}  # safetensors headers, read once per file
-        self.weight_map = self._read_weight_map()
+        stored_map = self._read_weight_map()
+        self._stored: dict[str, str] = {}  # our name -> the name in the file, where they differ
+        if self.multimodal:
+            for stored in list(stored_map):
+                if (own := text_model_name(stored)) is not None:
+                    self._stored[own] = stored
+            self.weight_map = {own: stored_map[stored] for own, stored in self._stored.items()}
+        else:
+            self.weight_map = stored_map
 
     def _read_weight_map(self) -> dict[str, str]:
         for index_name in (SAFE_INDEX, BIN_INDEX):
@@ -170,13 +229,14 @@ class Checkpoint:
         file = self.weight_map.get(name)
         if file is None:
             raise SourceError(f"tensor {name!r} is not in {self.path}")
+        stored = self._stored.get(name, name)
         if file.endswith(".bin"):
-            return self._load_bin(file)[name].clone()
+            return self._load_bin(file)[stored].clone()
         try:
             with safe_open(self.path / file, framework="pt") as f:
-                return f.get_tensor(name)
+                return f.get_tensor(stored)
         except SafetensorError as e:
-            raise SourceError(f"cannot read tensor {name!r} from {self.path / file} ({e}); the file may be truncated") from None
+            raise SourceError(f"cannot read tensor {stored!r} from {self.path / file} ({e}); the file may be truncated") from None
 
     def header(self, file: str) -> dict[str, dict]:
         if file not in self._headers:
@@ -184,29 +244,37 @@ class Checkpoint:
         return self._headers[file]
 
     def _entry(self, name: str) -> dict:
-        file = self.weight_map[name]
-        entry = self.header(file).get(name)
+        file, stored = self.weight_map[name], self._stored.get(name, name)
+        entry = self.header(file).get(stored)
         if entry is None:
-            raise SourceError(f"the index of {self.path} puts tensor {name!r} in {file}, whose header lacks it")
+            raise SourceError(f"the index of {self.path} puts tensor {stored!r} in {file}, whose header lacks it")
         return entry
 
     def shape(self, name: str) -> tuple[int, ...]:
         """From the safetensors header (no data read); .bin files are memory-mapped instead."""
         if self.weight_map[name].endswith(".bin"):
-            return tuple(self._load_bin(self.weight_map[name])[name].shape)
+            return tuple(self._load_bin(self.weight_map[name])[self._stored.get(name, name)].shape)
         return tuple(self._entry(name)["shape"])
 
     def nbytes(self, name: str) -> int:
         """Bytes of tensor `name` as stored."""
         if self.weight_map[name].endswith(".bin"):
-            t = self._load_bin(self.weight_map[name])[name]
+            t = self._load_bin(self.weight_map[name])[self._stored.get(name, name)]
             return t.numel() * t.element_size()
         start, end = self._entry(name)["data_offsets"]
         return end - start
 
     @property
     def family(self) -> str:
+        """The family of the model (of its text model, for a multimodal checkpoint)."""
         return self.config.get("model_type", "?")
+
+    def text_config(self):
+        """The transformers config of the (text) model, as the dynamic model holds it."""
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(self.path)
+        return config.get_text_config() if self.multimodal else config
 
 
 class LoraExpert:
@@ -240,6 +308,14 @@ class LoraExpert:
             for part in ("lora_A", "lora_B"):
                 if f".{part}." in key:
                     module = key.split(f".{part}.")[0].removeprefix("base_model.model.")
+                    if base.multimodal:  # the text model's name; another tower's adapters change no text output
+                        own = text_model_name(module + ".")
+                        if own is None:
+                            if part == "lora_A":
+                                logger.warning("%s: %s adapts a tower other than the text model; left out", self.path,
+                                               module)
+                            break
+                        module = own[:-1]
                     pairs.setdefault(module, {})[part] = tensor
                     break
             else:
@@ -374,9 +450,7 @@ def open_expert(ref: str, base: Checkpoint, relative_to: Path | None = None) -> 
 def check_compatible(base: Checkpoint, expert: Checkpoint) -> None:
     """Raise if `expert` cannot be an expert of `base`: family, sizes, tensors and tokenizer must agree."""
     if base.family not in FAMILIES:
-        raise CompatibilityError(
-            f"base {base.path}/config.json has model_type {base.family!r}; supported: {', '.join(FAMILIES)}"
-        )
+        raise CompatibilityError(family_error(base.family, f"base {base.path}/config.json"))
     for field in MATCHING_FIELDS:
         a, b = base.config.get(field), expert.config.get(field)
         if a != b:

@@ -241,9 +241,25 @@ def model_config(arch: str, vocab_size: int, **overrides):
         eos_token_id=EOS_ID,
         pad_token_id=PAD_ID,
     )
-    common.update({"qwen3": {"head_dim": 16}, "mistral": {"sliding_window": None}}.get(arch, {}))
+    common.update(FAMILY_FIELDS.get(arch, {}))
     common.update(overrides)
+    if "head_dim" in common and "hidden_size" in overrides and "head_dim" not in overrides:
+        common["head_dim"] = common["hidden_size"] // common["num_attention_heads"]
+    if arch == "gemma3_text" and "layer_types" not in overrides:  # both kinds of layer, however few
+        common["layer_types"] = [("sliding_attention", "full_attention")[i % 2] for i in range(common["num_hidden_layers"])]
     return AutoConfig.for_model(arch, **common)
+
+
+# What a tiny config of each family must set beyond the common fields. Gemma 2 and 3 get a sliding window shorter
+# than the prompts, so that their sliding-window layers differ from their full ones.
+_GEMMA_WINDOW = {"head_dim": 16, "sliding_window": 4, "query_pre_attn_scalar": 16}
+FAMILY_FIELDS = {
+    "qwen3": {"head_dim": 16},
+    "mistral": {"sliding_window": None},
+    "gemma": {"head_dim": 16},
+    "gemma2": {**_GEMMA_WINDOW, "final_logit_softcapping": 30.0, "attn_logit_softcapping": 50.0},
+    "gemma3_text": _GEMMA_WINDOW,
+}
 
 
 # ----------------------------------------------------------------------------- data and training
@@ -545,17 +561,16 @@ def _lora_config(task: str, variant: str):
 PERTURB = {"mlp": (".mlp.",), "linear": ("_proj.",), "all": ("",)}
 
 
-def pico_checkpoint(path: Path, arch: str = "llama", seed: int = 0, base: Path | None = None, perturb: str = "mlp",
-                    hidden: int = 32, intermediate: int = 64, layers: int = 2) -> Path:
+def pico_checkpoint(path: Path, arch: str = "llama", seed: int = 0, base: Path | None = None,
+                    perturb: str | tuple[str, ...] = "mlp", hidden: int = 32, intermediate: int = 64,
+                    layers: int = 2) -> Path:
     """An untrained checkpoint for tests and benchmarks; with `base`, a copy of it with some weights
     perturbed, i.e. an expert that differs from the base only where asked: its MLPs (`mlp`), every linear
-    layer of its blocks (`linear`), or every weight (`all`)."""
+    layer of its blocks (`linear`), every weight (`all`), or the weights whose names hold one of the given parts."""
     from transformers import AutoModelForCausalLM
 
     tok = build_tokenizer()
-    extra = {"head_dim": hidden // 4} if arch == "qwen3" else {}
-    config = model_config(arch, len(tok), hidden_size=hidden, intermediate_size=intermediate,
-                          num_hidden_layers=layers, **extra)
+    config = model_config(arch, len(tok), hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers)
     torch.manual_seed(seed)
     if base is None:
         model = AutoModelForCausalLM.from_config(config)
@@ -563,7 +578,7 @@ def pico_checkpoint(path: Path, arch: str = "llama", seed: int = 0, base: Path |
         model = AutoModelForCausalLM.from_pretrained(base)
         with torch.no_grad():
             for name, p in model.named_parameters():
-                if any(part in name for part in PERTURB[perturb]):
+                if any(part in name for part in (PERTURB[perturb] if isinstance(perturb, str) else perturb)):
                     p.add_(torch.randn_like(p) * 0.05)
     model.save_pretrained(path)
     tok.save_pretrained(path)

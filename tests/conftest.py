@@ -61,5 +61,14 @@ def realistic_zoo() -> Path:
     return zoo.ensure_zoo("qwen3", realistic=True)
 
 
+@pytest.fixture(scope="session")
+def real_zoo() -> Path:
+    """The real-model zoo on SmolLM2-135M-Instruct (moe_merge/realzoo.py: the GGUF from PyPI, four LoRA experts and
+    two full fine-tunes; built once, about eight minutes on 2 cores, then cached)."""
+    from moe_merge import realzoo
+
+    return realzoo.ensure_real_zoo("smollm2")
+
+
 def read_json(path: Path) -> dict:
     return json.loads(Path(path).read_text())

@@ -14,10 +14,18 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import os
 import re
 import threading
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+
+def pushing_env(tmp_path, **overrides: str) -> dict[str, str]:
+    """The environment of a process that pushes to the stand-in: this one's, without HF_HUB_OFFLINE (offline
+    clusters set it, and huggingface_hub then refuses to connect), with its own HF_HOME and loopback unproxied."""
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
+    return {**env, "HF_HOME": str(tmp_path / "hf"), "NO_PROXY": "127.0.0.1", **overrides}
 
 
 @dataclass

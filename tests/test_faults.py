@@ -27,7 +27,7 @@ from moe_merge.config import MergeConfig
 from moe_merge.outdir import locked
 from moe_merge.zoo import router_training_rows
 from tests.conftest import pico_recipe, write_recipe
-from tests.hub_standin import HubStandIn
+from tests.hub_standin import HubStandIn, pushing_env
 
 ROOT = Path(__file__).resolve().parent.parent
 SEED = 20261201
@@ -208,8 +208,7 @@ def test_two_assemblies_into_one_output_give_one_complete_model(inputs, tmp_path
 
 def test_a_push_killed_before_its_commit_completes_when_run_again(inputs, tmp_path):
     token = "hf_standin_token"
-    env = {**os.environ, "HF_TOKEN": token, "HF_HOME": str(tmp_path / "hf"), "NO_PROXY": "127.0.0.1",
-           "HF_HUB_DISABLE_XET": "1"}
+    env = pushing_env(tmp_path, HF_TOKEN=token, HF_HUB_DISABLE_XET="1")
     folder = inputs["smear"]
     with HubStandIn(token) as hub:
         env["HF_ENDPOINT"] = hub.url

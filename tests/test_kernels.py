@@ -140,6 +140,39 @@ def test_lowrank_merged_linear_matches_float64_reference(dtype, shape, has_base)
     torch.testing.assert_close(y.double(), expected, **TOL[dtype])
 
 
+@pytest.mark.parametrize("has_base", [True, False], ids=["base", "no-base"])
+@pytest.mark.parametrize("shape", LOWRANK_SHAPES.values(), ids=LOWRANK_SHAPES.keys())
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_native_half_precision_lowrank_matches_float64_reference(dtype, shape, has_base):
+    """The CPU path for half-precision models (kernels/native.py): its GEMMs in the operands' dtype, held to the
+    float64 definition at the same tolerance as the kernels."""
+    from moe_merge.kernels import native
+
+    x, w, A, B, base = (t.cpu() if t is not None else None for t in lowrank_inputs(*shape, dtype, has_base))
+    B_cat = B.transpose(0, 1).reshape(B.shape[1], -1)
+    y = native.lowrank_merged_linear(x, w, A, B_cat, base)
+    assert y.shape == (shape[0], shape[1]) and y.dtype == dtype
+    expected = reference.lowrank_merged_linear(f64(x), f64(w), f64(A), f64(B), f64(base))
+    torch.testing.assert_close(y.double(), expected, **TOL[dtype])
+
+
+@pytest.mark.parametrize(("env", "dtype", "expected"), [
+    (None, torch.bfloat16, "native"), (None, torch.float16, "native"), (None, torch.float32, "torch"),
+    ("torch", torch.bfloat16, "torch"),
+])
+def test_half_precision_off_cuda_runs_the_native_lowrank_path(env, dtype, expected, monkeypatch):
+    from moe_merge.kernels import native
+
+    calls = []
+    monkeypatch.setattr(native, "lowrank_merged_linear", lambda *args: calls.append("native"))
+    monkeypatch.setattr(reference, "lowrank_merged_linear", lambda *args: calls.append("torch"))
+    if env is not None:
+        monkeypatch.setenv(dispatch.ENV_VAR, env)
+    x, w, A, B, base = (t.cpu() for t in lowrank_inputs(1, 16, 16, 1, 1, dtype, True))
+    kernels.lowrank_merged_linear(x, w, A, B, base)
+    assert calls == [expected]
+
+
 @pytest.mark.parametrize("k_split", [2, 5])
 def test_lowrank_split_over_k_adds_up(k_split):
     x, w, A, B, base = lowrank_inputs(*LOWRANK_SHAPES["odd"], torch.float32, True)

@@ -142,3 +142,43 @@ def test_bf16_layers_take_float32_merge_weights_and_do_not_rescale(form, tokens)
     want = x.double() @ weight.double().T + bias.double()
     scale = (got * want).sum() / (want * want).sum()  # the least-squares factor from the reference to the output
     assert abs(scale.item() - 1) < 5e-4, scale.item()
+
+
+def test_twin_over_lora_factors_merges_shared_plus_exclusive_parts():
+    """With `offset` λ the factors are LoRA adapters and W0 the base (twin over LoRA experts): W = W0 + Σ_j (w_j +
+    λ(1 − Σ w)) B_j A_j, which is the shared task arithmetic W0 + λ Σ_j B_j A_j plus Σ_e w_e (θ_e − shared); one-hot
+    weights give an adapter's own weight, and zero weights the shared merge."""
+    torch.manual_seed(0)
+    layer = merged_linear(K, N, E, "lowrank", rank=R, offset=0.3).double()
+    for p in layer.parameters():
+        torch.nn.init.normal_(p)
+    deltas = torch.einsum("enr,erk->enk", layer.lora_B, layer.lora_A)  # each adapter's B·A
+    shared = layer.weight + 0.3 * deltas.sum(0)
+    x = torch.randn(4, 1, K, dtype=torch.float64)
+    w = torch.randn(4, E, dtype=torch.float64)
+    layer.merge_weights = w
+    with torch.no_grad():
+        got = layer(x)
+    for b in range(4):
+        weight = shared + torch.einsum("e,enk->nk", w[b], deltas + layer.weight - shared)  # Σ_e w_e (θ_e − shared)
+        torch.testing.assert_close(got[b, 0], x[b, 0] @ weight.T, rtol=0, atol=1e-12)
+    one_hot, zeros = torch.eye(E, dtype=torch.float64)[1], torch.zeros(E, dtype=torch.float64)
+    torch.testing.assert_close(layer.merged(one_hot)[0], layer.weight + deltas[1], rtol=0, atol=1e-12)
+    torch.testing.assert_close(layer.merged(zeros)[0], shared, rtol=0, atol=1e-12)
+
+
+def test_the_kept_side_by_side_factors_follow_an_in_place_update():
+    """The native half-precision path reads a copy of B laid out side by side; changing B in place makes a new one."""
+    torch.manual_seed(0)
+    layer = merged_linear(64, 32, E, "lowrank", rank=4).to(torch.bfloat16)
+    for p in layer.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    x, w = torch.randn(8, 1, 64).to(torch.bfloat16), torch.softmax(torch.randn(8, E), -1)
+    layer.merge_weights = w
+    with torch.no_grad():
+        before = layer(x)
+        layer.lora_B.mul_(3)
+        after = layer(x)
+        want = x[:, 0].double() @ layer.merged(w[0].double())[0].double().T
+    assert not torch.equal(before, after)
+    torch.testing.assert_close(after[0, 0].double(), want[0], rtol=2e-2, atol=2e-2)

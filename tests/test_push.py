@@ -16,7 +16,7 @@ from moe_merge.cli import main as cli_main
 from moe_merge.config import MergeConfig
 from moe_merge.export.push import PushError, push, validate_folder
 from tests.conftest import pico_recipe
-from tests.hub_standin import HubStandIn
+from tests.hub_standin import HubStandIn, pushing_env
 
 TOKEN = "hf_standin_token"
 
@@ -37,8 +37,7 @@ def test_push_uploads_every_file_to_the_branch(model_dir, tmp_path, xet):
     """The real CLI in a fresh process, HF_ENDPOINT and HF_TOKEN from the environment: huggingface_hub's own
     upload path (pipelined when hf_xet is installed, one create_commit without it)."""
     assert len(list(model_dir.glob("model-*.safetensors"))) > 1
-    env = {**os.environ, "HF_ENDPOINT": "", "HF_TOKEN": TOKEN, "HF_HOME": str(tmp_path / "hf"),
-           "NO_PROXY": "127.0.0.1", "HF_HUB_DISABLE_XET": "1" if xet == "HF_HUB_DISABLE_XET" else ""}
+    env = pushing_env(tmp_path, HF_TOKEN=TOKEN, HF_HUB_DISABLE_XET="1" if xet == "HF_HUB_DISABLE_XET" else "")
     with HubStandIn(TOKEN) as hub:
         env["HF_ENDPOINT"] = hub.url
         args = ["push", str(model_dir), "me/smear", "--private", "--revision", "dev", "--commit-message", "first mix"]
@@ -112,7 +111,7 @@ def test_refused_before_upload_with_the_file_named(model_dir, tmp_path, capsys):
     assert "index does not list" in capsys.readouterr().err and hub.requests == []
 
 
-def test_no_network_and_no_token_are_clear_errors(model_dir, monkeypatch, tmp_path):
+def test_no_network_no_token_and_offline_mode_are_clear_errors(model_dir, monkeypatch, tmp_path):
     import socket
 
     from huggingface_hub import constants
@@ -120,6 +119,7 @@ def test_no_network_and_no_token_are_clear_errors(model_dir, monkeypatch, tmp_pa
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
         closed = f"http://127.0.0.1:{s.getsockname()[1]}"
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # whatever this machine's environment says
     monkeypatch.setattr(constants, "ENDPOINT", closed)
     monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "token"))
     monkeypatch.setattr(constants, "HF_STORED_TOKENS_PATH", str(tmp_path / "stored_tokens"))
@@ -133,3 +133,8 @@ def test_no_network_and_no_token_are_clear_errors(model_dir, monkeypatch, tmp_pa
         monkeypatch.setattr(constants, "ENDPOINT", hub.url)
         with pytest.raises(PushError, match="HTTP 401.*token is invalid"):
             push(model_dir, "me/x")
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # HF_HUB_OFFLINE=1, as offline clusters set it
+        sent = len(hub.requests)
+        with pytest.raises(PushError, match="HF_HUB_OFFLINE is set, so huggingface_hub will not connect"):
+            push(model_dir, "me/x")
+        assert len(hub.requests) == sent  # refused before any request

@@ -247,10 +247,10 @@ def test_train_router_batches_rows_of_different_lengths_without_a_pad_token(buil
 
 
 def test_push_to_the_hub_stand_in(built, tmp_path):
-    from tests.hub_standin import HubStandIn
+    from tests.hub_standin import HubStandIn, pushing_env
     from tests.test_push import TOKEN, _files
 
-    env = {**os.environ, "HF_TOKEN": TOKEN, "HF_HOME": str(tmp_path / "hf"), "NO_PROXY": "127.0.0.1"}
+    env = pushing_env(tmp_path, HF_TOKEN=TOKEN)
     with HubStandIn(TOKEN) as hub:
         env["HF_ENDPOINT"] = hub.url
         for name in ("smear-ffn", "stock"):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import ast
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +12,7 @@ import pytest
 
 from moe_merge.cli import main as cli_main
 from tests.conftest import pico_recipe, write_recipe
-from tests.hub_standin import HubStandIn
+from tests.hub_standin import HubStandIn, pushing_env
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = [p for d in ("moe_merge", "kernels", "routers") for p in sorted((ROOT / d).rglob("*.py"))]
@@ -92,7 +91,7 @@ def test_the_token_reaches_no_file_and_no_log(pico, tmp_path):
 
     token = "hf_SECRETtoken1234567890"
     folder = assemble(MergeConfig.model_validate(pico_recipe(pico, method="smear")), tmp_path / "smear")
-    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "NO_PROXY": "127.0.0.1", "HF_HUB_DISABLE_XET": "1"}
+    env = pushing_env(tmp_path, HF_HUB_DISABLE_XET="1")
     outputs = []
     with HubStandIn(token) as hub:
         for given in (token, "hf_WRONGtoken0987654321"):  # accepted, then refused with 401

@@ -23,6 +23,7 @@ from moe_merge.cli import main as cli_main
 from moe_merge.config import MergeConfig
 from moe_merge.errors import DataError, MoEMergeError, OutputExistsError
 from moe_merge.train.loop import TrainRouterArgs, train_router
+from moe_merge.tokens import load_tokenizer
 
 
 def write_rows(path: Path, rows: list[dict]) -> Path:
@@ -282,26 +283,37 @@ def test_qwen_moe_routers_train_alone(family):
     assert all((p.grad is not None) == (n in names) for n, p in model.named_parameters())
 
 
-def _held_out_routing_accuracy(run_dir: Path) -> tuple[float, float]:
-    evals = [json.loads(line)["eval"] for line in (run_dir / "log.jsonl").read_text().splitlines() if '"eval"' in line]
-    return evals[0]["routing_accuracy"], evals[-1]["routing_accuracy"]
+@torch.no_grad()
+def _routed_right(model_dir: Path) -> float:
+    """Share of held-out prompts (the zoo's eval words, never trained on) whose merge weights, averaged over the
+    routers, put most weight on their own expert: measured here on the saved model, not read from the run's log."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    tok = load_tokenizer(model_dir)
+    rows = zoo.eval_rows(per_task=16)
+    enc = tok([r["prompt"] for r in rows], return_tensors="pt", padding=True, padding_side="left")
+    chosen = model(**enc, use_cache=False).merge_weights.mean(1).argmax(-1)
+    names = model.config.expert_names
+    return sum(names[int(c)] == r["expert"] for c, r in zip(chosen, rows)) / len(rows)
 
 
 def test_training_corrects_a_misinitialised_router(zoo_dir, models, tmp_path):
-    """Prompt-fitted routers with their experts swapped (each sends `shift` prompts to `mirror` and back) route
-    held-out rows wrongly; router training undoes it, on rows it never fits nor stops on."""
+    """Prompt-fitted routers with their experts rotated (each sends `shift` prompts to `mirror`, `mirror` ones to
+    `cipher`, ..., `swap` ones to `shift`) route held-out rows wrongly; router training undoes it, on rows it never
+    fits nor stops on. Measured on held-out prompts here, not read from the run's log."""
     model_dir = assemble(MergeConfig.model_validate(zoo.zoo_recipe(zoo_dir, "mlp", method="smear", level="ffn")),
                          tmp_path / "fitted")
     state = tensors(model_dir)
     for name in [k for k in state if ".router.proj." in k]:
-        state[name] = state[name][[1, 0, 2, 3, 4]]
+        state[name] = state[name][[1, 2, 3, 4, 0]]
     from safetensors.torch import save_file
 
     save_file(state, model_dir / "model.safetensors", metadata={"format": "pt"})
-    train_router(model_dir, tmp_path / "run", TrainRouterArgs(data=models["data"], steps=100, lr=0.05, batch_size=16,
+    before = _routed_right(model_dir)
+    train_router(model_dir, tmp_path / "run", TrainRouterArgs(data=models["data"], steps=300, lr=0.05, batch_size=16,
                                                              objective={"lm": 1.0, "routing": 1.0}, eval_every=20))
-    before, after = _held_out_routing_accuracy(tmp_path / "run")
-    assert before <= 0.8 and after >= 0.95
+    after = _routed_right(tmp_path / "run" / "model")
+    # measured here: 20 % before, 97.5 % after 300 steps (95 % after 200, 89 % after 100: too close to a bar)
+    assert before <= 0.5 and after >= 0.9, (before, after)
 
 
 def test_raw_merge_weights_are_trained_toward_one_hot():

@@ -177,10 +177,8 @@ def _describe_dynamic(p: TensorPlan, recipe: Recipe) -> str:
 
 
 def _dry_run_dynamic(recipe: Recipe, dtype: torch.dtype, shard_size: int) -> DryRun:
-    from transformers import AutoConfig
-
     cfg, base = recipe.config, recipe.base
-    config = dynamic.model_config(recipe, AutoConfig.from_pretrained(base.path), read=False)
+    config = dynamic.model_config(recipe, base.text_config(), read=False)
     E = len(recipe.experts)
     energy = f"; twin ranks by energy {cfg.twin.energy}, decided per matrix when built: low-rank sizes here are " \
              "at full rank, an upper bound" if cfg.merging.svd and cfg.twin.energy is not None else ""

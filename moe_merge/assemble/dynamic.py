@@ -25,12 +25,12 @@ import yaml
 from torch import nn
 from tqdm.auto import tqdm
 
-from moe_merge.arch import ATTN_PROJS, LAYER_NORMS, MLP_PROJS, layer_of
+from moe_merge.arch import ATTN_PROJS, FAMILIES, MLP_PROJS, layer_of
 from moe_merge.assemble import report
 from moe_merge.assemble.lazy import compute_device, empty_model, lazy
 from moe_merge.config import MergeConfig
 from moe_merge.errors import CompatibilityError, ConfigError
-from moe_merge.merge import merge_by_spec
+from moe_merge.merge import DEFAULT_SCALE, merge_by_spec
 from moe_merge.methods import PARTS, Method
 from moe_merge.modeling import MoEMergeConfig, MoEMergeForCausalLM
 from moe_merge.recipe import Recipe, TensorPlan, copy_companions
@@ -68,12 +68,12 @@ def _owner(proj: str) -> str:
     return "self_attn" if proj in ATTN_PROJS else "mlp"
 
 
-def _routed_norm(name: str, level: str, merges: str) -> bool:
-    """Whether base tensor `name` is a norm routed with the routed parts: a layer's (parameter merges, the paths
-    of LAYER_NORMS) or the final one; at model level each expert model keeps its own."""
+def _routed_norm(name: str, family: str, level: str, merges: str) -> bool:
+    """Whether base tensor `name` is a norm routed with the routed parts: a layer's (parameter merges, the
+    family's norms of that level) or the final one; at model level each expert model keeps its own."""
     if level == "model":
         return False
-    paths = LAYER_NORMS[level] if merges == "parameters" else ()
+    paths = FAMILIES[family].layer_norms(level) if merges == "parameters" else ()
     return name == "model.norm.weight" or (layer_of(name) is not None
                                            and name.split(".", 3)[3].removesuffix(".weight") in paths)
 
@@ -89,7 +89,7 @@ def routed_parts(recipe: Recipe, tied: bool, read: bool = True) -> list[str]:
                           "`embeddings` and `head` in `static`, or neither")
     names = list(base.keys())
     candidates = {"embeddings": ["model.embed_tokens.weight"],
-                  "norms": [n for n in names if _routed_norm(n, cfg.level, cfg.merging.merges)],
+                  "norms": [n for n in names if _routed_norm(n, base.family, cfg.level, cfg.merging.merges)],
                   "head": ["lm_head.weight"] if cfg.level != "model" and not tied and "lm_head.weight" in names else []}
     if tied and cfg.level != "model":
         candidates["head"] = candidates["embeddings"]
@@ -103,21 +103,35 @@ def routed_parts(recipe: Recipe, tied: bool, read: bool = True) -> list[str]:
     return [part for part in PARTS if part not in static and any(differs(n) for n in candidates[part])]
 
 
+def lora_exclusive(recipe: Recipe) -> float | None:
+    """Twin's λ where its exclusive parts are the LoRA adapters' own factors, exactly (merged_linear.py): every
+    expert an adapter and the shared merge task arithmetic, so each θ_e − shared is in their span; else None."""
+    cfg = recipe.config
+    spec = cfg.merging.static(cfg)
+    if not (cfg.merging.svd and spec.method == "task_arithmetic" and spec.weights is None):
+        return None
+    if not all(isinstance(e, LoraExpert) and not e.fan_in_fan_out for e in recipe.experts):
+        return None
+    return DEFAULT_SCALE["task_arithmetic"] if spec.scale is None else spec.scale
+
+
 def plan_forms(recipe: Recipe, parts: list[str], tied: bool) -> tuple[dict[str, str], dict[str, int]]:
     """The merged-linear form (and rank) of each routed projection, and of the routed embeddings and head: the
-    method's form for dense experts; experts that are all LoRA adapters keep their factors (low rank), unless the
-    method takes SVDs of every expert. A rank chosen by energy is left out: the build decides it per matrix."""
+    method's form for dense experts; experts that are all LoRA adapters keep their factors (low rank), and so does
+    twin over them (its exclusive parts are in their span); other twins take SVDs of every expert. A rank chosen by
+    energy is left out: the build decides it per matrix."""
     cfg, method = recipe.config, recipe.config.merging
+    svd = method.svd and lora_exclusive(recipe) is None
     forms, ranks = {}, {}
     vocab, hidden = recipe.base.shape("model.embed_tokens.weight")
     for name, part in (("embed_tokens", "embeddings"), ("lm_head", "head")):
         if part in parts and not (name == "lm_head" and tied):  # a tied head is the embeddings' table
-            forms[name] = "lowrank" if method.svd else method.part_form
-            if method.svd and (rank := method.rank(cfg, vocab, hidden)) is not None:
+            forms[name] = "lowrank" if svd else method.part_form
+            if svd and (rank := method.rank(cfg, vocab, hidden)) is not None:
                 ranks[name] = rank
     all_lora = all(isinstance(e, LoraExpert) and not e.fan_in_fan_out for e in recipe.experts)
     for proj in routed_projections(method, cfg.level):
-        if method.svd:
+        if svd:
             out_f, in_f = recipe.base.shape(f"model.layers.0.{_owner(proj)}.{proj}.weight")
             forms[proj] = "lowrank"
             if (rank := method.rank(cfg, out_f, in_f)) is not None:
@@ -153,6 +167,7 @@ def model_config(recipe: Recipe, text_config, read: bool = True) -> MoEMergeConf
         level=cfg.level,
         delta_forms=forms,
         delta_ranks=ranks,
+        lowrank_offset=lora_exclusive(recipe),
         router_kind=spec.kind,
         router_hidden_size=spec.hidden_size,
         router_granularity=spec.granularity,
@@ -203,7 +218,7 @@ def _plan_tensor(name: str, shape: tuple[int, ...], config: MoEMergeConfig, E: i
         return each(f"model.experts.{{e}}.layers.{layer - config.dense_layers}.{rel}")
     if name == "lm_head.weight" and config.routes("head"):
         return [] if config.tie_word_embeddings else _plan_merged(name, name, shape, config, E, "lm_head")
-    if config.routes("norms") and _routed_norm(name, config.level, method.merges):
+    if config.routes("norms") and _routed_norm(name, config.text_config.model_type, config.level, method.merges):
         return _plan_merged(name, name, shape, config, E, None, layer)
     if method.merges == "outputs":
         return each(f"model.layers.{layer}.experts.{{e}}.{rel}") if layer is not None else static
@@ -221,10 +236,11 @@ def _plan_merged(target: str, name: str, shape: tuple[int, ...], config: MoEMerg
     form = config.delta_forms[proj] if proj else config.merging.part_form
     if form == "full":
         return [TensorPlan(f"{prefix}.expert_{kind}", "experts", (E, *shape), name)]
-    w0 = [TensorPlan(target, "static" if config.merging.w0 == "static" else "base", shape, name)]
+    on_static = config.merging.w0 == "static" and config.lowrank_offset is None  # twin over LoRA: the base (merged_linear.py)
+    w0 = [TensorPlan(target, "static" if on_static else "base", shape, name)]
     if len(shape) == 1 or form == "dense":
         return w0 + [TensorPlan(f"{prefix}.delta_{kind}", "deltas", (E, *shape), name)]
-    rank, factors = config.rank_of(layer, proj), "svd" if config.merging.svd else "lora"
+    rank, factors = config.rank_of(layer, proj), "svd" if config.merging.svd and config.lowrank_offset is None else "lora"
     return w0 + [TensorPlan(f"{prefix}.lora_A", f"{factors}_A", (E, rank, shape[1]), name),
                  TensorPlan(f"{prefix}.lora_B", f"{factors}_B", (E, shape[0], rank), name)]
 
@@ -254,8 +270,9 @@ class StaticMerge:
         if self._last is not None and self._last[0] == name:
             return self._last[1]
         base = self.recipe.base.get(name).to(self.dtype)
-        if self.spec.method == "base":
-            t = base
+        if self.spec.method == "base" or all(isinstance(e, LoraExpert) and name not in e.factors
+                                             for e in self.recipe.experts):
+            t = base  # no expert changes it (adapters that leave it out): every merge of zero task vectors is the base
         else:
             deltas = [expert_tensor(e, name, base.shape, self.dtype) - base for e in self.recipe.experts]
             t = merge_by_spec(self.spec, base, deltas, self.seed, name)
@@ -341,12 +358,13 @@ def lora_factors(expert: LoraExpert, name: str, rank: int, shape, dtype) -> tupl
 
 
 class TensorBuilder:
-    """Executes plan entries: each tensor from the sources, computed in `dtype` (float32; float64 in tests); SVDs
-    run on `device`."""
+    """Executes plan entries: each tensor from the sources, computed in `dtype` (float32; float64 in tests) and
+    returned in `out_dtype` (default `dtype`); SVDs run on `device`."""
 
     def __init__(self, recipe: Recipe, config: MoEMergeConfig, seed: int, dtype: torch.dtype,
-                 device: str | torch.device = "cpu"):
+                 device: str | torch.device = "cpu", out_dtype: torch.dtype | None = None):
         self.recipe, self.config, self.dtype, self.device = recipe, config, dtype, device
+        self.out_dtype = out_dtype or dtype
         self.static = StaticMerge(recipe, seed, dtype)
         self._factors: tuple[str, torch.Tensor, torch.Tensor] | None = None  # A and B are planned in turn
 
@@ -366,13 +384,14 @@ class TensorBuilder:
         raise ValueError(f"internal error: no tensor source {p.source!r} for {p.name}")
 
     def _stacked(self, name: str, minus: torch.Tensor | None = None) -> torch.Tensor:
-        """[E, ...] of every expert's tensor (less `minus`), filled one expert at a time: E + 1 tensors in memory."""
+        """[E, ...] of every expert's tensor (less `minus`) in the output dtype, each computed in the build's dtype and
+        filled in one at a time: the stack and two of its tensors in memory (an embedding table of 262,144 rows is
+        670 MB in float32)."""
         shape = self.recipe.base.shape(name)
-        out = torch.empty(len(self.recipe.experts), *shape, dtype=self.dtype)
+        out = torch.empty(len(self.recipe.experts), *shape, dtype=self.out_dtype)
         for e, expert in enumerate(self.recipe.experts):
-            out[e] = expert_tensor(expert, name, shape, self.dtype)
-            if minus is not None:
-                out[e] -= minus
+            t = expert_tensor(expert, name, shape, self.dtype)
+            out[e] = t if minus is None else t - minus
         return out
 
     def _thetas(self, name: str) -> Iterator[torch.Tensor]:
@@ -416,13 +435,15 @@ def _rank_key(base_tensor: str) -> str:
 
 
 def built_tensors(recipe: Recipe, config: MoEMergeConfig, seed: int, dtype: torch.dtype,
-                  device: str | torch.device = "cpu") -> Iterator[tuple[str, torch.Tensor]]:
-    """Every tensor of the dynamic model but the routers, executed from `plan` one tensor at a time, in `dtype`.
-    Ranks chosen by energy are written into `config.delta_ranks` as they are decided."""
-    build = TensorBuilder(recipe, config, seed, dtype, device)
+                  device: str | torch.device = "cpu", out_dtype: torch.dtype | None = None
+                  ) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every tensor of the dynamic model but the routers, executed from `plan` one tensor at a time, computed in
+    `dtype` and given in `out_dtype` (default `dtype`). Ranks chosen by energy are written into `config.delta_ranks`
+    as they are decided."""
+    build = TensorBuilder(recipe, config, seed, dtype, device, out_dtype)
     entries = [p for p in plan(recipe, config) if p.source != "router"]
     for p in tqdm(entries, desc="building", disable=None):
-        yield p.name, build(p)
+        yield p.name, build(p).to(build.out_dtype)
 
 
 def model_from_state(config: MoEMergeConfig, state: dict[str, torch.Tensor]) -> MoEMergeForCausalLM:
@@ -440,9 +461,7 @@ def model_from_state(config: MoEMergeConfig, state: dict[str, torch.Tensor]) -> 
 
 def build_model(recipe: Recipe, seed: int, dtype: torch.dtype = torch.float32) -> MoEMergeForCausalLM:
     """The whole dynamic model in memory (tests, search), its routers at zero (see `init_routers`)."""
-    from transformers import AutoConfig
-
-    config = model_config(recipe, AutoConfig.from_pretrained(recipe.base.path))
+    config = model_config(recipe, recipe.base.text_config())
     state = dict(built_tensors(recipe, config, seed, dtype))
     return model_from_state(config, state).to(dtype).eval()
 
@@ -471,7 +490,7 @@ def router_inputs(model, tokenizer, groups: list[tuple[list[str], int]]) -> list
 
     handles = [r.register_forward_pre_hook(hook(i)) for i, r in enumerate(model.routers())]
     try:
-        model(**enc, merge_weights=forced, use_cache=False)
+        model.model(**enc, merge_weights=forced, use_cache=False)  # the decoder: routers read it, no logits needed
     finally:
         for h in handles:
             h.remove()
@@ -549,8 +568,6 @@ def assemble_dynamic(recipe: Recipe, out_dir: Path, *, shown: Recipe, tokenizer,
        tables), and exact match on `eval_data` ((path, rows)) on the model loaded whole.
     Peak memory: one tensor of every expert and its built form, one block, and one shard buffer.
     `shown` is the recipe as the output names its sources (`recipe.portable`)."""
-    from transformers import AutoConfig
-
     from moe_merge.export import card
     from moe_merge.outdir import atomic_output_dir
     from moe_merge.sources import Checkpoint
@@ -558,11 +575,11 @@ def assemble_dynamic(recipe: Recipe, out_dir: Path, *, shown: Recipe, tokenizer,
 
     cfg, dtype = recipe.config, recipe.output_dtype or torch.float32
     logger.info("building a %s / %s dynamic model from %d experts", cfg.method, cfg.level, len(recipe.experts))
-    config = model_config(recipe, AutoConfig.from_pretrained(recipe.base.path))
+    config = model_config(recipe, recipe.base.text_config())
     with atomic_output_dir(out_dir, force=force) as tmp:
         writer = ShardWriter(tmp, shard_size)
-        for name, t in built_tensors(recipe, config, seed, torch.float32, device):
-            writer.add(name, t.to(dtype))
+        for name, t in built_tensors(recipe, config, seed, torch.float32, device, out_dtype=dtype):
+            writer.add(name, t)
         model = empty_model(config)  # after the build: ranks chosen by energy are in `config` now
         for r in model.routers():
             r.to(device)

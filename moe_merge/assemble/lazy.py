@@ -18,12 +18,15 @@ from moe_merge.modeling import MoEMergeConfig, MoEMergeForCausalLM, _stock
 
 
 def empty_model(config: MoEMergeConfig) -> MoEMergeForCausalLM:
-    """The model on the meta device, but for what its checkpoint's tensors do not give: the RoPE tables and the
-    routers (at zero: uniform routing, until they are set)."""
+    """The model on the meta device, but for what its checkpoint's tensors do not give: the RoPE tables, Gemma's
+    embedding scale and the routers (at zero: uniform routing, until they are set)."""
     with torch.device("meta"):
         model = MoEMergeForCausalLM(config)
     text = config.text_config
     model.model.rotary_emb = _stock(text, "RotaryEmbedding")(config=text)
+    for module in model.modules():
+        if hasattr(module, "scalar_embed_scale"):  # Gemma's scaled embedding keeps its scale in a buffer
+            module.register_buffer("embed_scale", torch.tensor(module.scalar_embed_scale), persistent=False)
     for router in model.routers():
         router.to_empty(device="cpu")
         router.input_center.zero_()
@@ -34,7 +37,7 @@ def empty_model(config: MoEMergeConfig) -> MoEMergeForCausalLM:
 
 def compute_device(model: MoEMergeForCausalLM) -> torch.device:
     """Where the model computes: its RoPE tables' device (its blocks may be waiting on the meta device)."""
-    return model.model.rotary_emb.inv_freq.device
+    return model.model.compute_device
 
 
 def blocks(model: MoEMergeForCausalLM) -> list[tuple[str, nn.Module]]:

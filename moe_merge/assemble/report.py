@@ -125,7 +125,7 @@ def routing_report(model, tokenizer, config: MergeConfig, labels: list[str],
     if any(prompts):  # one forward pass for every expert's prompts: a model streamed from disk reads itself once
         enc = tokenizer([p for ps in prompts for p in ps], return_tensors="pt", padding=True,
                         padding_side="left").to(compute_device(model))
-        w = model(**enc, use_cache=False).merge_weights  # [B, R, E] or [B, R, T, E]
+        w = model.model(**enc, use_cache=False).merge_weights  # [B, R, E] or [B, R, T, E]; no logits needed
         if w.dim() == 4:
             w = masked_mean(w.permute(0, 2, 1, 3).flatten(2), enc["attention_mask"]).view(w.shape[0], w.shape[1], -1)
         rows = w.float().cpu().split([len(ps) for ps in prompts])

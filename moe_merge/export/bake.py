@@ -27,7 +27,7 @@ def weights_for_prompt(model: MoEMergeForCausalLM, tokenizer, prompt: str) -> to
     if model.config.router_granularity != "sequence":
         raise ConfigError("this model routes each token, so a prompt gives no single set of merge weights; bake it with --weights")
     with torch.no_grad():
-        return model(**tokenizer(prompt, return_tensors="pt"), use_cache=False).merge_weights[0]
+        return model.model(**tokenizer(prompt, return_tensors="pt"), use_cache=False).merge_weights[0]
 
 
 def _expert_of(w: torch.Tensor, where: str) -> int:
