@@ -62,7 +62,7 @@ STOCK = {  # name -> recipe overrides: the stock Mixtral export
         {"router": {"init": "fit"}, "experts_per_token": 1},
 }
 STATIC = ("average", "task_arithmetic", "ties")
-TRAIN = {"steps": 300, "lr": 0.05, "batch_size": 16, "objective": {"lm": 1.0, "routing": 1.0}}
+TRAIN = {"steps": 100, "lr": 0.05, "batch_size": 8, "objective": {"lm": 1.0, "routing": 1.0}}
 DECODE = {"smear ffn": {"method": "smear", "level": "ffn"}, "wemoe ffn": {"method": "wemoe", "level": "ffn"},
           "smear block": {"method": "smear", "level": "block"}, "twin block": {"method": "twin", "level": "block"}}
 MERGEKIT = "mergekit==0.1.5"
@@ -351,10 +351,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--base", default="smollm2", choices=realzoo.BASES)
     parser.add_argument("--only", default="quality,decode,assembly", help="sections, comma-separated")
-    parser.add_argument("--experts", default="lora,all", help="expert sets for quality: lora, all")
+    parser.add_argument("--experts", default="lora", help="expert sets for quality: lora, all")
     parser.add_argument("--steps", type=int, default=TRAIN["steps"], help="router-training steps (0: none)")
     parser.add_argument("--batches", default="1,16,64")
-    parser.add_argument("--repeats", type=int, default=7, help="decode: runs per variant and B")
+    parser.add_argument("--repeats", type=int, default=5, help="decode: runs per variant and B")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     sections = set(args.only.split(","))

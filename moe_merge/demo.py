@@ -266,7 +266,7 @@ def run_real_demo(out: Path, base: str) -> dict:
                           out / f"stock-{len(results)}", force=True)
         results[name] = score(load(target)[0])
         row(name, results[name])
-    print(f"\nDynamic models, training-free; the oracle forces each task's merge weights one-hot to its expert:\n")
+    print("\nDynamic models, training-free; the oracle forces each task's merge weights one-hot to its expert:\n")
     print(f"| model | {' | '.join(tasks)} | worst | oracle: worst |\n|---|" + "---|" * (len(tasks) + 2))
     for method, level in DYNAMIC:
         target = smear if (method, level) == ("smear", "block") else assemble(

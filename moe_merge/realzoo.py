@@ -367,17 +367,19 @@ def _save(model, path: Path, base: Path) -> None:
         copy_companions(base, path)
 
 
-def load_checkpoint(path: Path):
-    """A zoo model as users load it: a full checkpoint in its saved dtype, or an adapter on the base (beside it)."""
+def load_checkpoint(path: Path, dtype: torch.dtype | str = "auto"):
+    """A zoo model as users load it: a full checkpoint, or an adapter on the base (beside it), in its saved dtype
+    unless `dtype` is given. Load in the dtype you compute in rather than casting afterwards: Gemma's embedding scale
+    is a non-persistent buffer made in the load dtype, so a bf16 load keeps sqrt(640) rounded to 25.25."""
     from transformers import AutoModelForCausalLM
 
     path = Path(path)
     if (path / "adapter_config.json").is_file():
         from peft import PeftModel
 
-        base = AutoModelForCausalLM.from_pretrained(path.parent / "base")
+        base = AutoModelForCausalLM.from_pretrained(path.parent / "base", dtype=dtype)
         return PeftModel.from_pretrained(base, path).eval()
-    return AutoModelForCausalLM.from_pretrained(path).eval()
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
 
 
 def _check(root: Path, task: Task, tokenizer, targets: dict, settings: RealZooSettings, steps: int) -> dict:

@@ -11,8 +11,10 @@ the routers never saw.
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -51,10 +53,12 @@ EXACT = ["smear-block", "wemoe-block", "twin-block", "sparse-block", "sparse-mod
 
 
 @pytest.fixture(scope="module")
-def built(real_zoo, tmp_path_factory) -> dict[str, Path]:
+def built(real_zoo, tmp_path_factory) -> Iterator[dict[str, Path]]:
+    """Every recipe assembled once for the module, and removed after it (GBs: pytest keeps its last runs' files)."""
     root = tmp_path_factory.mktemp("real")
-    return {name: assemble(MergeConfig.model_validate(realzoo.zoo_recipe(real_zoo, experts, **overrides)), root / name)
+    yield {name: assemble(MergeConfig.model_validate(realzoo.zoo_recipe(real_zoo, experts, **overrides)), root / name)
             for name, (experts, overrides) in RECIPES.items()}
+    shutil.rmtree(root)
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +125,7 @@ def _reference(real_zoo, task: str, merged: bool):
     """Expert `task` in float32 as the dynamic model holds it: an adapter applied as its factors (the low-rank forms
     keep them), or merged into its base and rounded to the checkpoint's bf16 (forms that hold each expert's dense
     weights, as `assemble` writes them); a full fine-tune as saved."""
-    expert = realzoo.load_checkpoint(real_zoo / realzoo.TASK[task].expert).float()
+    expert = realzoo.load_checkpoint(real_zoo / realzoo.TASK[task].expert, dtype=torch.float32)
     if not (merged and hasattr(expert, "peft_config")):
         return expert
     dense = expert.merge_and_unload()

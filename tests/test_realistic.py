@@ -8,7 +8,6 @@ greedy next token agrees almost everywhere.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
