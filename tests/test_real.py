@@ -33,16 +33,13 @@ from tests.test_realistic import assert_close_in_bf16
 
 pytestmark = pytest.mark.slow
 
-RECIPES = {  # name -> (experts, recipe overrides)
+LORA_DYNAMIC = {  # name -> (experts, recipe overrides): every dynamic method at ffn, block and model level
+    f"{method}-{level}": ("lora", {"method": method, "level": level})
+    for method, level in [("smear", "ffn"), ("wemoe", "ffn"), ("twin", "ffn"), ("smear", "block"), ("wemoe", "block"),
+                          ("twin", "block"), ("sparse", "block"), ("sparse", "model")]}
+RECIPES = {
     "stock": ("lora", {"router": {"init": "fit"}, "experts_per_token": 1}),  # a stock Mixtral
-    "smear-ffn": ("lora", {"method": "smear", "level": "ffn"}),
-    "wemoe-ffn": ("lora", {"method": "wemoe", "level": "ffn"}),
-    "twin-ffn": ("lora", {"method": "twin", "level": "ffn"}),
-    "smear-block": ("lora", {"method": "smear", "level": "block"}),
-    "wemoe-block": ("lora", {"method": "wemoe", "level": "block"}),
-    "twin-block": ("lora", {"method": "twin", "level": "block"}),
-    "sparse-block": ("lora", {"method": "sparse", "level": "block"}),
-    "sparse-model": ("lora", {"method": "sparse", "level": "model"}),
+    **LORA_DYNAMIC,
     # LoRA adapters and full fine-tunes together: the tied table (embeddings = head) and every norm routed
     "smear-block-all": ("all", {"method": "smear", "level": "block"}),
     "sparse-model-all": ("all", {"method": "sparse", "level": "model"}),
@@ -52,13 +49,16 @@ EXACT = ["smear-block", "wemoe-block", "twin-block", "sparse-block", "sparse-mod
          "sparse-model-all"]  # one-hot weights are the expert itself
 
 
+def assembled(zoo: Path, recipes: dict, root: Path) -> Iterator[dict[str, Path]]:
+    """Every recipe assembled once for a module, and removed after it (GBs: pytest keeps its last runs' files)."""
+    yield {name: assemble(MergeConfig.model_validate(realzoo.zoo_recipe(zoo, experts, **overrides)), root / name)
+           for name, (experts, overrides) in recipes.items()}
+    shutil.rmtree(root)
+
+
 @pytest.fixture(scope="module")
 def built(real_zoo, tmp_path_factory) -> Iterator[dict[str, Path]]:
-    """Every recipe assembled once for the module, and removed after it (GBs: pytest keeps its last runs' files)."""
-    root = tmp_path_factory.mktemp("real")
-    yield {name: assemble(MergeConfig.model_validate(realzoo.zoo_recipe(real_zoo, experts, **overrides)), root / name)
-            for name, (experts, overrides) in RECIPES.items()}
-    shutil.rmtree(root)
+    yield from assembled(real_zoo, RECIPES, tmp_path_factory.mktemp("real"))
 
 
 @pytest.fixture(scope="module")
@@ -135,46 +135,40 @@ def _reference(real_zoo, task: str, merged: bool):
     return dense
 
 
-@pytest.mark.parametrize("name", EXACT)
-def test_one_hot_weights_reproduce_each_expert(built, real_zoo, tok, name):
+def assert_one_hot_is_each_expert(model_dir: Path, zoo: Path, tok, tasks: list[str], merged: bool) -> None:
     """Computed in float32 from the bf16 checkpoints on both sides, so that what is compared is the merge, not two
     orders of bf16 rounding."""
-    model = AutoModelForCausalLM.from_pretrained(built[name], dtype=torch.float32)
-    tasks = _experts(real_zoo, RECIPES[name][0])
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     enc = _batch(tok, tasks)
     real = enc["attention_mask"].bool()
     for e, task in enumerate(tasks):
-        expert = _reference(real_zoo, task, name in MERGED)
+        expert = _reference(zoo, task, merged)
         with torch.no_grad():
             got = model(**enc, merge_weights=torch.nn.functional.one_hot(torch.tensor(e), len(tasks))).logits
             want = expert(**enc, position_ids=_positions(enc)).logits
         torch.testing.assert_close(got[real], want[real], rtol=0, atol=1e-3 * want.abs().max().item())
 
 
-@pytest.mark.parametrize("name", DYNAMIC)
-def test_training_free_routing_sends_held_out_prompts_to_their_expert(built, real_zoo, tok, name):
+def assert_routed_right(model_dir: Path, tok, tasks: list[str], answers: bool) -> None:
     """Prompt-initialised routers, nothing trained: the merge weights every router gives a held-out prompt favour its
-    own expert, and at block and model level (where one-hot weights are the expert) the answers are the expert's."""
-    model = AutoModelForCausalLM.from_pretrained(built[name])
-    tasks = _experts(real_zoo, RECIPES[name][0])
+    own expert, and with `answers` (block and model level, where one-hot weights are the expert) the answers are
+    the expert's."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
     rows = _held_out(tasks)
     enc = tok([r["prompt"] for r in rows], return_tensors="pt", padding=True, padding_side="left")
     with torch.no_grad():
-        weights = model(**enc, use_cache=False).merge_weights  # [B, R, E]
-    chosen = weights.argmax(-1)  # [B, R]
+        chosen = model(**enc, use_cache=False).merge_weights.argmax(-1)  # [B, R]
     right = torch.tensor([tasks.index(r["task"]) for r in rows]).unsqueeze(1)
-    assert (chosen == right).float().mean() >= 0.9, name
-    if name in EXACT:
+    assert (chosen == right).float().mean() >= 0.9, model_dir.name
+    if answers:
         got = _scores(model, tok, rows)
         assert min(got.values()) >= 0.9, got
 
 
-@pytest.mark.parametrize("name", ["smear-ffn", "twin-block", "sparse-model-all"])
-def test_cache_and_left_padding_change_nothing(built, real_zoo, tok, name):
-    """Each generated step's logits, with the cache, against one forward pass over the whole sequence without it;
-    a left-padded batch against each prompt alone."""
-    model = AutoModelForCausalLM.from_pretrained(built[name])
-    enc = _batch(tok, _experts(real_zoo, RECIPES[name][0]))
+def assert_cache_changes_nothing(model_dir: Path, tok, tasks: list[str]) -> None:
+    """Each generated step's logits, with the cache, against one forward pass over the whole sequence without it."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    enc = _batch(tok, tasks)
     with torch.no_grad():
         gen = model.generate(**enc, max_new_tokens=4, do_sample=False, pad_token_id=tok.pad_token_id,
                              output_logits=True, return_dict_in_generate=True)
@@ -183,7 +177,26 @@ def test_cache_and_left_padding_change_nothing(built, real_zoo, tok, name):
         mask = torch.cat([enc["attention_mask"], torch.ones_like(new)], 1)
         prompt = torch.cat([enc["attention_mask"], torch.zeros_like(new)], 1)
         again = model(input_ids=gen.sequences, attention_mask=mask, routing_mask=prompt, use_cache=False).logits
-        assert_close_in_bf16(cached, again[:, enc["input_ids"].shape[1] - 1: -1], torch.ones(cached.shape[:2], dtype=torch.bool))
+    assert_close_in_bf16(cached, again[:, enc["input_ids"].shape[1] - 1: -1], torch.ones(cached.shape[:2], dtype=torch.bool))
+
+
+@pytest.mark.parametrize("name", EXACT)
+def test_one_hot_weights_reproduce_each_expert(built, real_zoo, tok, name):
+    assert_one_hot_is_each_expert(built[name], real_zoo, tok, _experts(real_zoo, RECIPES[name][0]), name in MERGED)
+
+
+@pytest.mark.parametrize("name", DYNAMIC)
+def test_training_free_routing_sends_held_out_prompts_to_their_expert(built, real_zoo, tok, name):
+    assert_routed_right(built[name], tok, _experts(real_zoo, RECIPES[name][0]), answers=name in EXACT)
+
+
+@pytest.mark.parametrize("name", ["smear-ffn", "twin-block", "sparse-model-all"])
+def test_cache_and_left_padding_change_nothing(built, real_zoo, tok, name):
+    """The cache against none (above); a left-padded batch against each prompt alone."""
+    assert_cache_changes_nothing(built[name], tok, _experts(real_zoo, RECIPES[name][0]))
+    model = AutoModelForCausalLM.from_pretrained(built[name])
+    enc = _batch(tok, _experts(real_zoo, RECIPES[name][0]))
+    with torch.no_grad():
         out = model(**enc)
         alone = [model(**tok([p], return_tensors="pt")) for p in tok.batch_decode(enc["input_ids"], skip_special_tokens=True)]
     got, want = out.logits[:, -1:], torch.cat([a.logits[:, -1:] for a in alone])
