@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
@@ -250,6 +251,19 @@ def test_a_source_holding_nan_or_inf_is_refused_before_any_work(pico, tmp_path, 
     assert f"{tmp_path / 'poisoned' / 'model.safetensors'}: tensor 'model.layers.1.mlp.up_proj.weight' holds 1 NaN" in err
     assert "--allow-nonfinite" in err and not (tmp_path / "out").exists()
     assert cli_main(["assemble", str(path), str(tmp_path / "out"), "--allow-nonfinite"]) == 0
+
+
+def test_large_finite_values_are_not_taken_for_inf(pico, tmp_path):
+    """The check sums each tensor in float32 first: values near the float32 limit overflow that sum to Inf, and must
+    still pass, as they are finite."""
+    from moe_merge.sources import Checkpoint, check_finite
+
+    expert = _poisoned(pico, tmp_path, 3e38)
+    tensors = load_file(expert / "model.safetensors")
+    tensors["model.layers.1.mlp.up_proj.weight"][3, 6] = 3e38
+    save_file(tensors, expert / "model.safetensors", metadata={"format": "pt"})
+    assert not torch.isfinite(tensors["model.layers.1.mlp.up_proj.weight"].sum(dtype=torch.float32))
+    check_finite([Checkpoint(expert)])
 
 
 def test_a_model_holding_nan_is_refused_by_bake_export_lora_and_train_router(inputs, tmp_path, capsys):
