@@ -307,7 +307,7 @@ def _demo_parser(sub, verbose: argparse.ArgumentParser) -> None:
     p.add_argument("--real", choices=list(GGUF_MODELS),
                    help="the demo on the real-model zoo instead (built first if missing, see `zoo --real`): its four "
                    "LoRA experts assembled every way, training-free, with each model's oracle, a static merge and the "
-                   "stock exports beside them (about five minutes on 2 CPU cores once the zoo is built)")
+                   "stock exports beside them (about 12 minutes on 2 CPU cores once the zoo is built, 5 more to build it)")
 
 
 def _assemble(args: argparse.Namespace) -> int:
