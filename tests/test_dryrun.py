@@ -66,7 +66,8 @@ def test_stock_plan_of_8x7b_reads_no_tensor_data(seven_b, tmp_path, capsys, monk
         raise AssertionError("the dry run opened a safetensors file to read tensor data")
 
     monkeypatch.setattr("moe_merge.sources.safe_open", no_data)
-    path = write_recipe(tmp_path / "recipe.yaml", seven_b["recipe"])
+    recipe = {**seven_b["recipe"], "non_expert": "base"}  # mergekit-moe's plan: attention and norms from the base
+    path = write_recipe(tmp_path / "recipe.yaml", recipe)
     assert cli_main(["assemble", str(path), str(tmp_path / "out"), "--dry-run"]) == 0
     text = capsys.readouterr().out
     assert not (tmp_path / "out").exists()
@@ -74,7 +75,7 @@ def test_stock_plan_of_8x7b_reads_no_tensor_data(seven_b, tmp_path, capsys, monk
     assert "expert *: model.layers.*.mlp.gate_proj.weight" in text
     assert "router, `hidden` on the prompts" in text
 
-    run = dry_run(MergeConfig.model_validate(seven_b["recipe"]))
+    run = dry_run(MergeConfig.model_validate(recipe))
     assert run.output_bytes == 2 * MIXTRAL_8X7B_PARAMS  # bf16, exactly Mixtral-8x7B's size
     assert run.num_tensors == 3 + 32 * (6 + 8 * 3 + 1)  # embed, norm, head; per layer: attention + norms, experts, router
     assert run.num_shards == 18  # 87 GiB cut greedily into 5 GiB shards

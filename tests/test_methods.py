@@ -36,8 +36,9 @@ def test_each_method_names_its_static_merge(pico, method, static, scale):
     assert cfg.static_method == static
 
 
-def test_a_stock_sparse_moe_keeps_the_base_outside_its_experts(pico):
-    assert MergeConfig.model_validate(pico_recipe(pico)).static_method == "base"
+def test_a_stock_sparse_moe_averages_what_its_experts_do_not_route_unless_told_the_base(pico):
+    assert MergeConfig.model_validate(pico_recipe(pico)).static_method == "average"
+    assert MergeConfig.model_validate(pico_recipe(pico, non_expert="base")).static_method == "base"
 
 
 def test_one_rule_refuses_in_the_recipe_and_in_the_model_config(pico):
