@@ -165,9 +165,8 @@ def assert_routed_right(model_dir: Path, tok, tasks: list[str], answers: bool) -
         assert min(got.values()) >= 0.9, got
 
 
-def assert_cache_changes_nothing(model_dir: Path, tok, tasks: list[str]) -> None:
+def assert_cache_changes_nothing(model, tok, tasks: list[str]) -> None:
     """Each generated step's logits, with the cache, against one forward pass over the whole sequence without it."""
-    model = AutoModelForCausalLM.from_pretrained(model_dir)
     enc = _batch(tok, tasks)
     with torch.no_grad():
         gen = model.generate(**enc, max_new_tokens=4, do_sample=False, pad_token_id=tok.pad_token_id,
@@ -193,9 +192,10 @@ def test_training_free_routing_sends_held_out_prompts_to_their_expert(built, rea
 @pytest.mark.parametrize("name", ["smear-ffn", "twin-block", "sparse-model-all"])
 def test_cache_and_left_padding_change_nothing(built, real_zoo, tok, name):
     """The cache against none (above); a left-padded batch against each prompt alone."""
-    assert_cache_changes_nothing(built[name], tok, _experts(real_zoo, RECIPES[name][0]))
     model = AutoModelForCausalLM.from_pretrained(built[name])
-    enc = _batch(tok, _experts(real_zoo, RECIPES[name][0]))
+    tasks = _experts(real_zoo, RECIPES[name][0])
+    assert_cache_changes_nothing(model, tok, tasks)
+    enc = _batch(tok, tasks)
     with torch.no_grad():
         out = model(**enc)
         alone = [model(**tok([p], return_tensors="pt")) for p in tok.batch_decode(enc["input_ids"], skip_special_tokens=True)]
