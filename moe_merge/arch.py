@@ -107,6 +107,10 @@ class Family:
     def cls(self, name: str) -> type:
         return transformers_class(self.module or self.model_type, self.prefix, name)
 
+    def fn(self, name: str):
+        """A function of the family's modeling module, e.g. its `apply_rotary_pos_emb`."""
+        return transformers_class(self.module or self.model_type, "", name)
+
     @property
     def post_attention_norm(self) -> str | None:
         """The norm of the attention output (sandwich families), else None."""

@@ -9,12 +9,14 @@ adapters needs neither: its shared task arithmetic is θ0 + λ Σ_j B_j A_j and 
 B_e A_e − λ Σ_j B_j A_j, so shared + Σ_e w_e (θ_e − shared) = θ0 + Σ_j (w_j + λ (1 − Σ_e w_e)) B_j A_j: W0 = the
 base and the adapters' own factors, exact at their rank and in any dtype (`offset` = λ).
 
-The owning layer sets `merge_weights` before calling it: [B, E] per sequence or [B, T, E] per token.
+Every call takes its merge weights as an argument: [B, E] per sequence or [B, T, E] per token.
 Decode (one token per sequence) never loops over samples: it uses x·W0ᵀ + Σ_e w_e (x·Δ_eᵀ), which reads
 each weight once for the whole batch, or, where `kernels.keep_decode_weights` says it is cheaper (a few
-sequences, or a small model where every op's overhead counts), each sequence's W_b formed at the first
-decode step and kept with the KV cache (`decode_store`) for the others. A prefill with per-sequence weights
-may materialize W_b once per sequence and run one GEMM, when `kernels.choose_strategy` says so.
+sequences, or a small model where every op's overhead counts), each sequence's W_b, formed at the prefill (where
+it forms them anyway) or the first decode step and kept in the generation's `RoutingState` (a layer of the KV
+cache, routing_state.py) under the module's `slot`. A
+prefill with per-sequence weights may materialize W_b once per sequence and run one GEMM, when
+`kernels.choose_strategy` says so.
 
 Each form also gives, for one fixed weight vector, its merged weight (`merged`, for bake) and that
 weight as a dense part plus low-rank factors (`parts`, for export-lora), so neither export looks
@@ -28,39 +30,38 @@ from torch import nn
 
 from moe_merge import kernels
 from moe_merge.methods import FORMS
+from moe_merge.routing_state import RoutingState
 
 Factors = tuple[torch.Tensor, torch.Tensor]  # A [r, K], B [N, r]
 
 
 class MergedLinear(nn.Module):
-    """What every form shares: shapes, the merge weights slot and the forward pass; each form gives its W0,
-    its stack of weights or deltas, and its bias."""
+    """What every form shares: shapes, the forward pass and the slot its kept decode weights take; each form gives
+    its W0, its stack of weights or deltas, and its bias."""
 
     form: str
 
     def __init__(self, in_features: int, out_features: int, num_experts: int):
         super().__init__()
         self.in_features, self.out_features, self.num_experts = in_features, out_features, num_experts
-        self.merge_weights: torch.Tensor | None = None  # set by the owning layer for one call
-        self.decode_store: dict | None = None  # set with them at decode steps: kept per-sequence weights live there
+        self.slot = 0  # its index among the model's merged linears (MoEMergeModel numbers them): where RoutingState keeps W_b
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, experts={self.num_experts}, form={self.form}"
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.merge_weights
-        if w is None:
-            raise RuntimeError("MergedLinear was called without merge weights; call it through its decoder layer")
-        B, T, K = x.shape  # [B, T, K]; w stays float32 (or wider) down to the kernels
+    def forward(self, x: torch.Tensor, w: torch.Tensor, state: RoutingState | None = None) -> torch.Tensor:
+        """x [B, T, K] with merge weights w [B, E] (per sequence) or [B, T, E] (per token), float32 or wider down to
+        the kernels. `state`: a generation's kept per-sequence weights (given where w are the weights it holds)."""
+        B, T, K = x.shape
         w = w.to(x.device)  # with device_map the router may sit on another device
-        kept = self._kept(w, x) if self.decode_store is not None and T == 1 and w.dim() == 2 else None
+        kept = self._kept(w, x, state) if state is not None and T == 1 and w.dim() == 2 else None
         if kept is not None:
             y = nn.functional.linear(x, kept[0]) if B == 1 else torch.bmm(x, kept.transpose(1, 2))
         elif w.dim() == 2 and T > 1 and self._stack() is not None and not w.requires_grad and kernels.choose_strategy(
             T, B, self.num_experts, has_base=self._w0() is not None, element_size=x.element_size(), device=x.device,
             weight_bytes=B * self.out_features * K * x.element_size(),
         ) == "materialize":
-            y = self._materialized(x, w)
+            y = self._materialized(x, w, state)
         elif T == 1 and w.dim() == 2:  # a decode step: one token per sequence, its weights as they are
             y = self._per_token(x.view(B, K), w).view(B, 1, -1)
         else:
@@ -75,15 +76,15 @@ class MergedLinear(nn.Module):
     def has_bias(self) -> bool:
         return getattr(self, "expert_bias", None) is not None or getattr(self, "bias", None) is not None
 
-    def _materialized(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    def _materialized(self, x: torch.Tensor, w: torch.Tensor, state: RoutingState | None) -> torch.Tensor:
         """x·W_bᵀ with W_b = W0 + Σ_e w_be Δ_e formed per sequence, for weights that need no gradient (training
         the routers keeps to K-concatenation: autograd would hold every W_b until the backward pass, B copies of
         every routed weight). A run of consecutive sequences with the same weights (beams, a merge search scoring
         each candidate on many rows, assembly's prompts forced to their expert) shares one W and one GEMM, one
-        run at a time. In a generation's prefill whose decode steps will keep the weights (`decode_store`), the
-        per-sequence weights formed here are the ones kept."""
-        if self.decode_store is not None and self._keeps(w, x):
-            W = self.decode_store[id(self)] = self._materialize(w)
+        run at a time. In a generation's prefill whose decode steps will keep the weights, the W_b formed here are
+        the ones kept."""
+        if state is not None and state.forming and self._keeps(w, x):
+            W = state.keep(self.slot, self._materialize(w))
             return torch.bmm(x, W.transpose(1, 2))
         if len(w) > 1:
             starts = torch.cat([w.new_ones(1, dtype=torch.bool), (w[1:] != w[:-1]).any(-1)]).nonzero().squeeze(1)
@@ -96,14 +97,13 @@ class MergedLinear(nn.Module):
     def _per_token(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         return kernels.merged_linear(x, w, self._stack(), self._w0())
 
-    def _kept(self, w: torch.Tensor, x: torch.Tensor) -> torch.Tensor | None:
-        """Each sequence's merged weight [B, N, K] for its per-sequence weights w [B, E], formed at the first
-        decode step and kept in `decode_store` for the later ones; None where reading the form's own tensors
-        every step is cheaper."""
-        key = id(self)  # not the module itself: a copied cache must not copy the model
-        if key not in self.decode_store:
-            self.decode_store[key] = self._materialize(w) if self._keeps(w, x) else None
-        return self.decode_store[key]
+    def _kept(self, w: torch.Tensor, x: torch.Tensor, state: RoutingState) -> torch.Tensor | None:
+        """Each sequence's merged weight [B, N, K] for its per-sequence weights w [B, E], formed at the prefill or the
+        first decode step and kept in `state` for the later ones; None where reading the form's own tensors every
+        step is cheaper (decided once)."""
+        if not state.decided[self.slot]:
+            state.keep(self.slot, self._materialize(w) if self._keeps(w, x) else None)
+        return state.kept[self.slot]
 
     def _keeps(self, w: torch.Tensor, x: torch.Tensor) -> bool:
         """Whether decode steps should run on the B sequences' merged weights (`kernels.keep_decode_weights`)."""

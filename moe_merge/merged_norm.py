@@ -2,8 +2,8 @@
 merged per input like the linear ones.
 
 Full fine-tunes move the embedding table, every norm and the head; a static average of those is what
-kept block and model levels from recovering their experts. Both modules take their merge weights as the
-merged linears do (`merge_weights`, set by the owner for one call) and never form a merged table:
+kept block and model levels from recovering their experts. Both modules take their merge weights as an argument,
+as the merged linears do, and never form a merged table:
 - `MergedNorm`: RMSNorm(x) · g with g = Σ_e w_e g_e (full form) or g0 + Σ_e w_e (g_e − g0) (dense); Gemma's
   norms store w and scale by (1 + w), so for them the merge is of the stored w and the gain is 1 + that (the
   same thing wherever the merge weights sum to one, and what task vectors on w mean otherwise);
@@ -33,7 +33,6 @@ class MergedNorm(nn.Module):
         else:
             self.weight = nn.Parameter(torch.empty(hidden_size))
             self.delta_weight = nn.Parameter(torch.empty(num_experts, hidden_size))
-        self.merge_weights: torch.Tensor | None = None
 
     def extra_repr(self) -> str:
         return f"experts={self.num_experts}, form={self.form}, eps={self.variance_epsilon}, unit_offset={self.unit_offset}"
@@ -55,11 +54,8 @@ class MergedNorm(nn.Module):
         stored = self.expert_weight if self.form == "full" else self.weight
         return self.gain(w.to(torch.promote_types(stored.dtype, torch.float32))), None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x [B, T, ..., H] with merge weights [B, E] or [B, T, E]."""
-        w = self.merge_weights
-        if w is None:
-            raise RuntimeError("MergedNorm was called without merge weights; call it through its decoder layer")
+    def forward(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """x [B, T, ..., H] with merge weights w [B, E] or [B, T, E]."""
         dtype = x.dtype
         h = x.to(torch.float32)  # as the families' RMSNorm computes it (float32 even for a float64 model)
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
@@ -79,10 +75,8 @@ class MergedEmbedding(nn.Module):
     def __init__(self, table: MergedLinear, scale: float | None = None):
         super().__init__()
         self.table, self.scale = table, scale
-        self.merge_weights: torch.Tensor | None = None
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        if self.merge_weights is None:
-            raise RuntimeError("MergedEmbedding was called without merge weights; call it through the model")
-        rows = self.table.rows(input_ids, self.merge_weights.to(input_ids.device))
+    def forward(self, input_ids: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """input_ids [B, T] with merge weights w [B, E] or [B, T, E]."""
+        rows = self.table.rows(input_ids, w.to(input_ids.device))
         return rows if self.scale is None else rows * torch.tensor(self.scale).to(rows.dtype)  # as Gemma: float32, then cast

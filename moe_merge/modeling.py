@@ -14,18 +14,21 @@ Methods and levels (the vocabulary of the recipe):
 Where the experts differ there (`routed_parts`), the embeddings take the first router's weights and the
 final norm and head the last router's; the rest of the model is a static merge.
 
-Merge weights are per sequence or per token. Per-sequence weights are decided once, at prefill: the first
-router reads a pre-pass of the prompt through the static merge (the method's fixed weights) up to layer
-`prepass_layers`, so that the embeddings can be merged before the first layer; the other per-layer
-routers read the masked mean of their own layer's input. The weights come back as `outputs.merge_weights`
-[B, R, E] (R routers) and are passed back in as `merge_weights=` at every decode step, which never runs the
-pre-pass; `generate` does this by itself. Passing `merge_weights` yourself ([E], [B, E] or [B, R, E])
-forces them.
+Merge weights are per sequence or per token, and travel as arguments: every merged module takes its weights in
+its call. Per-sequence weights are decided once, at prefill: the first router reads a pre-pass of the prompt
+through the static merge (the method's fixed weights) up to layer `prepass_layers`, so that the embeddings can be
+merged before the first layer; the other per-layer routers read the masked mean of their own layer's input. The
+weights come back as `outputs.merge_weights` [B, R, E] (R routers) and stay in the KV cache, in its last layer
+(`RoutingState`, routing_state.py), for the decode steps, which never run the pre-pass. Passing `merge_weights`
+yourself ([E], [B, E] or [B, R, E]) forces them, at prefill or at any step.
+
+Continuous batching (transformers' paged cache, `generate_batch`, `transformers serve --continuous-batching`)
+packs many requests into one row; serving.py routes each from its own prompt and keeps its weights with its
+request.
 """
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -38,6 +41,7 @@ from transformers.configuration_utils import SubConfigSpec
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from moe_merge.arch import ATTN_PROJS, FAMILIES, MLP_PROJS, Family, family_error
 from moe_merge.errors import ModelConfigError
@@ -45,10 +49,12 @@ from moe_merge.merged_linear import MergedLinear, merged_linear
 from moe_merge.merged_norm import MergedEmbedding, MergedNorm
 from moe_merge.methods import LEVELS, METHOD_NAMES, METHODS, PARTS, Method
 from moe_merge.routers.router import Router, masked_mean, normalize
+from moe_merge.routing_state import RoutingState
+from moe_merge.serving import Packing, continuous_batching, packing_of, register
+
 # transformers 5.24 renamed the KV cache `past_key_values` -> `cache` (outputs, masks, attention);
 # 5.23 knows only the old name. Every call into transformers passes the cache under the installed name.
 CACHE = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
-DECODE_STORE = "moe_merge_decode_store"  # the KV cache's attribute holding kept per-sequence weights (MergedLinear)
 
 
 @strict
@@ -200,24 +206,14 @@ def stock_layer(text_config, layer_idx: int, cache_idx: int | None = None) -> nn
     return layer
 
 
-@contextlib.contextmanager
-def merging(modules: list[nn.Module], weights: torch.Tensor | None, decode_store: dict | None = None):
-    """Give merged modules (linears, norms, embeddings) their merge weights for one call, and merged linears the
-    decode step's store of kept weights (MergedLinear); modules that are not merged (a stock norm, a plain
-    embedding) are left alone."""
-    modules = [m for m in modules if hasattr(m, "merge_weights")]
-    set_slot = object.__setattr__  # plain attributes: nn.Module.__setattr__ costs a few µs per call, every layer
-    for m in modules:
-        set_slot(m, "merge_weights", weights)
-        if isinstance(m, MergedLinear):
-            set_slot(m, "decode_store", decode_store)
-    try:
-        yield
-    finally:
-        for m in modules:
-            set_slot(m, "merge_weights", None)
-            if isinstance(m, MergedLinear):
-                set_slot(m, "decode_store", None)
+def apply(module: nn.Module, x: torch.Tensor, weights: torch.Tensor | None, state: RoutingState | None = None):
+    """module(x), with its merge weights where it is merged (a linear, a norm, an embedding): a stock module (a
+    norm or projection the experts share) takes x alone. `state` reaches merged linears (their kept weights)."""
+    if isinstance(module, MergedLinear):
+        return module(x, weights, state)
+    if isinstance(module, (MergedNorm, MergedEmbedding)):
+        return module(x, weights)
+    return module(x)
 
 
 class Routing:
@@ -229,13 +225,18 @@ class Routing:
         # WEMoE routes each token and averages the router outputs; the others route the pooled states.
         self.pool_outputs = config.merging.pools_outputs
 
-    def route(self, router: Router, states: torch.Tensor, routing_mask: torch.Tensor | None,
+    def route(self, router: Router, states: torch.Tensor, routing_mask: torch.Tensor | Packing | None,
               given: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """(weights used, router logits or None). Per-sequence routers read the prompt at prefill only
         (`routing_mask` set); per-token routers read every step. Given weights win; the logits are still
-        reported."""
+        reported. In a packed batch (`Packing`) the requests being prefilled take their routed weights, the others
+        their kept ones (`given`), all [S, E]."""
         if routing_mask is None and self.granularity == "sequence":
             return given, None
+        if isinstance(routing_mask, Packing):
+            logits = routing_mask.pool(router(states)) if self.pool_outputs else router(routing_mask.pool(states))
+            weights = normalize(logits, self.mode, self.temperature, self.top_k)
+            return torch.where(routing_mask.new.unsqueeze(-1), weights, given), logits
         mask = routing_mask if routing_mask is not None else torch.ones(states.shape[:2], device=states.device)
         weights, logits = self(router, states, mask)
         return (weights if given is None else given), logits
@@ -293,42 +294,64 @@ class MoEMergeDecoderLayer(GradientCheckpointingLayer):
         self.router = Router(text.hidden_size, config.num_experts, config.router_kind, config.router_hidden_size) if routed else None
         self.routing = Routing(config)
         self.static_weights = config.static_weights()
+        self._rope, self._eager = family.fn("apply_rotary_pos_emb"), family.fn("eager_attention_forward")
 
-    def _norm(self, path: str | None, x: torch.Tensor) -> torch.Tensor:
+    def _norm(self, path: str | None, x: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
         """Norm `path` (a name in the layer) applied to x; x itself for a family without it."""
-        return x if path is None else getattr(self, path)(x)
+        return x if path is None else apply(getattr(self, path), x, w)
 
     def _route(self, hidden_states, norm: str, routing_mask, given):
         """Route on norm(hidden_states); a routed norm takes the static merge's gain, as its weights are not known yet."""
         if self.router is None or (routing_mask is None and self.routing.granularity == "sequence"):
             return given, None
         static = torch.tensor(self.static_weights, device=hidden_states.device).expand(hidden_states.shape[0], -1)
-        with merging([getattr(self, norm)], static):
-            x = self._norm(norm, hidden_states)
-        return self.routing.route(self.router, x, routing_mask, given)
+        return self.routing.route(self.router, self._norm(norm, hidden_states, static), routing_mask, given)
+
+    def attention(self, x, w, state, position_embeddings, attention_mask, cache=None, **kwargs) -> torch.Tensor:
+        """The family's attention (as its own module computes it: q/k norms where it has them, RoPE, the cache,
+        the configured attention function, Gemma 2's soft-capping) with its projections and norms merged by w."""
+        attn = self.self_attn
+        shape = (*x.shape[:-1], -1, attn.head_dim)
+        q, k, v = (apply(getattr(attn, name), x, w, state).view(shape) for name in ("q_proj", "k_proj", "v_proj"))
+        if hasattr(attn, "q_norm"):  # over head_dim, before the heads move: [B, T, heads, head_dim]
+            q, k = apply(attn.q_norm, q, w), apply(attn.k_norm, k, w)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        q, k = self._rope(q, k, *position_embeddings)
+        if cache is not None:
+            k, v = cache.update(k, v, attn.layer_idx, kwargs=kwargs) if CACHE == "cache" else cache.update(k, v, attn.layer_idx)
+        interface = ALL_ATTENTION_FUNCTIONS.get_interface(attn.config._attn_implementation, self._eager)
+        extra = {name: getattr(attn, key) for name, key in (("sliding_window", "sliding_window"),
+                                                             ("softcap", "attn_logit_softcapping")) if hasattr(attn, key)}
+        out, _ = interface(attn, q, k, v, attention_mask, dropout=attn.attention_dropout if self.training else 0.0,
+                           scaling=attn.scaling, **extra, **kwargs)
+        return apply(attn.o_proj, out.reshape(*x.shape[:-1], -1).contiguous(), w, state)
+
+    def feed_forward(self, x, w, state) -> torch.Tensor:
+        """The family's gated MLP, down(act(gate(x)) · up(x)), its projections merged by w."""
+        mlp = self.mlp
+        return apply(mlp.down_proj, mlp.act_fn(apply(mlp.gate_proj, x, w, state)) * apply(mlp.up_proj, x, w, state), w, state)
 
     def forward(self, hidden_states, merge_weights=None, routing_mask=None, attention_mask=None, position_ids=None,
-                position_embeddings=None, decode_store=None, **kwargs):
+                position_embeddings=None, state: RoutingState | None = None, packing: Packing | None = None, **kwargs):
         """merge_weights: this layer's [B, E] (or [B, T, E]) if already known; routing_mask: [B, T] when its router
-        is to read the prompt, else None; decode_store: the decode step's kept weights (MoEMergeModel.forward);
-        the cache comes in `kwargs` under its `CACHE` name. Returns (hidden_states, weights used, router logits or
-        None)."""
+        is to read the prompt, else None; state: the generation's kept weights (routing_state.py); packing: a
+        packed batch's requests, whose weights are [S, E]; the cache comes in `kwargs` under its `CACHE` name.
+        Returns (hidden_states, weights used, router logits or None)."""
+        cache = kwargs.pop(CACHE, None)
         residual = hidden_states
         logits = None
         if self.level == "block":
             merge_weights, logits = self._route(hidden_states, self.attention_norm, routing_mask, merge_weights)
-        with merging(self.attn_merged, merge_weights, decode_store):
-            x = self._norm(self.attention_norm, hidden_states)
-            x, _ = self.self_attn(hidden_states=x, attention_mask=attention_mask, position_ids=position_ids,
-                                  position_embeddings=position_embeddings, **kwargs)
-            x = self._norm(self.post_attention_norm, x)
-        hidden_states = residual + x
+        w = merge_weights if packing is None else packing.spread(merge_weights)
+        x = self._norm(self.attention_norm, hidden_states, w)
+        x = self.attention(x, w, state, position_embeddings, attention_mask, cache, position_ids=position_ids, **kwargs)
+        hidden_states = residual + self._norm(self.post_attention_norm, x, w)
         residual = hidden_states
         if self.level == "ffn":
             merge_weights, logits = self._route(hidden_states, self.mlp_norm, routing_mask, merge_weights)
-        with merging(self.mlp_merged, merge_weights, decode_store):
-            x = self._norm(self.post_mlp_norm, self.mlp(self._norm(self.mlp_norm, hidden_states)))
-        return residual + x, merge_weights, logits
+            w = merge_weights if packing is None else packing.spread(merge_weights)
+        x = self.feed_forward(self._norm(self.mlp_norm, hidden_states, w), w, state)
+        return residual + self._norm(self.post_mlp_norm, x, w), merge_weights, logits
 
 
 class MoEMergeSparseBlock(GradientCheckpointingLayer):
@@ -455,6 +478,11 @@ class MoEMergeModel(MoEMergePreTrainedModel):
                 self.norm = stock_norm(text)
         self.routing = Routing(config)
         self.gradient_checkpointing = False
+        self.num_slots = 0  # merged linears that may keep per-sequence weights in a RoutingState, numbered
+        for layer in self.layers:
+            for module in layer.modules():
+                if isinstance(module, MergedLinear):
+                    module.slot, self.num_slots = self.num_slots, self.num_slots + 1
         self.post_init()
 
     @property
@@ -486,22 +514,28 @@ class MoEMergeModel(MoEMergePreTrainedModel):
         return list(types)
 
     def _ensure_cache_layers(self, cache: Cache) -> None:
-        """The model runs on a DynamicCache: sparse block and model levels keep one KV cache per expert layer
-        (E x the base's layers), which generation's cache, built from the base config, lacks, so the missing
-        layers are added here. Caches of fixed size (StaticCache and its kin) are refused."""
+        """Sparse block and model levels keep one KV cache per expert layer (E x the base's layers), which
+        generation's cache, built from the base config, lacks: a DynamicCache gets the missing layers here; a
+        cache of fixed size (StaticCache and its kin) is refused for them. Parameter-merging models take any cache."""
+        if self.config.merging.merges != "outputs":
+            return
         if not isinstance(cache, DynamicCache):
             raise ValueError(
-                f"moe-merge dynamic models run on a DynamicCache, not a {type(cache).__name__}: pass a DynamicCache or "
-                "none (in `generate`, leave `cache_implementation` unset)")
+                f"`sparse` at {self.config.level} level keeps a KV cache per expert layer, which a "
+                f"{type(cache).__name__} cannot hold: pass a DynamicCache or none (in `generate`, leave "
+                "`cache_implementation` unset)")
         text = self.config.text_config
         types = self._layer_types()
-        needed = text.num_hidden_layers * (self.config.num_experts if self.config.merging.merges == "outputs" else 1)
-        while len(cache.layers) < needed:
-            kind = types[len(cache.layers) % len(types)]
-            cache.layers.append(DynamicSlidingWindowLayer(sliding_window=text.sliding_window)
+        needed = text.num_hidden_layers * self.config.num_experts
+        attention = [layer for layer in cache.layers if not isinstance(layer, RoutingState)]
+        for at in range(len(attention), needed):  # before the routing layer, which stays last
+            kind = types[at % len(types)]
+            cache.layers.insert(at, DynamicSlidingWindowLayer(sliding_window=text.sliding_window)
                                 if kind == "sliding_attention" else DynamicLayer())
 
     def _masks(self, inputs_embeds, attention_mask, cache, position_ids) -> dict:
+        if isinstance(attention_mask, dict):  # continuous batching's masks, made per layer type
+            return attention_mask
         kwargs = dict(config=self.config.text_config, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
                       position_ids=position_ids, **{CACHE: cache})
         masks = {"full_attention": create_causal_mask(**kwargs)}
@@ -551,8 +585,9 @@ class MoEMergeModel(MoEMergePreTrainedModel):
             self.config.check_merge_weights(given)
         if self.config.router_granularity == "sequence" and not prefill and given is None:
             raise ValueError(
-                "this model routes once per sequence, at prefill; pass the prefill's `outputs.merge_weights` back as "
-                "`merge_weights=` at every decode step (`generate` does this)"
+                "this model routes once per sequence, at prefill, and keeps the weights in the KV cache the prefill "
+                "filled; pass that cache, or the prefill's `outputs.merge_weights` as `merge_weights=`, at every "
+                "decode step (`generate` does this)"
             )
 
     # ------------------------------------------------------------------------------------ forward
@@ -563,45 +598,53 @@ class MoEMergeModel(MoEMergePreTrainedModel):
         """`last_hidden_state` is [B, T, H], or at model level each expert model's [E, B, T, H]. `routing_mask`
         [B, T] marks the tokens the routers read at prefill (default: the attention mask); training passes the
         prompt's tokens so that routing sees what `generate` will see. Given `inputs_embeds` are used as they
-        are, merged embeddings or not. The KV cache is `cache` (transformers >= 5.24) or `past_key_values` (5.23)."""
+        are, merged embeddings or not. The KV cache is `cache` (transformers >= 5.24) or `past_key_values` (5.23).
+        A packed batch (continuous batching: `cu_seq_lens_q` and a paged cache) routes each request on its own
+        prompt and returns per-token weights [1, R, T, E]."""
         cache = past_key_values if cache is None else cache
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
         use_cache = getattr(self.config.text_config, "use_cache", True) if use_cache is None else use_cache
+        packing = self._packing(cache, position_ids, kwargs)
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config.text_config)
-        if cache is not None:
+        if cache is not None and packing is None:
             self._ensure_cache_layers(cache)
-        past = cache.get_seq_length() if cache is not None else 0
-        prefill = past == 0
+        past = cache.get_seq_length() if cache is not None and packing is None else 0
+        prefill = self._is_prefill(cache, past) if packing is None else packing.routes
         # Per-sequence weights are decided at prefill, from the pre-pass, before anything is embedded; afterwards
         # they are given. At prefill the routers run also when weights are forced: their logits are reported.
         prepass = prefill and self.config.router_granularity == "sequence"
         batch = (input_ids if input_ids is not None else inputs_embeds).shape[0]
-        routes = Routes(self.given_weights(merge_weights, batch), self.config.num_routers)
-        self._check_given(routes.given, prefill)
+        given = self.given_weights(merge_weights, batch) if packing is None else packing.known
+        state = self._routing_state(cache, prefill) if packing is None else None
+        if state is not None and not prefill and given is None:
+            given = state.weights
+        keep = state if state is not None and (prefill or given is state.weights) else None  # its kept weights hold
+        routes = Routes(given, self.config.num_routers)
+        if packing is None:
+            self._check_given(routes.given, prefill)
         static = torch.tensor(self.config.static_weights(), device=self.compute_device).expand(batch, -1)
-        h = inputs_embeds if inputs_embeds is not None else self._embed(input_ids, static if prepass else routes.weights(0))
+        spread = (lambda w: w) if packing is None else packing.spread  # per-request weights -> what modules take
+        h = inputs_embeds if inputs_embeds is not None else self._embed(input_ids, static if prepass else spread(routes.weights(0)))
         position_ids = self._positions(h, attention_mask, position_ids, past)
-        routing_mask = self._routing_mask(routing_mask, attention_mask, h, prefill)
+        routing_mask = self._routing_mask(routing_mask, attention_mask, h, prefill) if packing is None else packing
         types = self._layer_types()
-        rope, masks = self._rope(h, position_ids), self._masks(h, attention_mask, cache, position_ids)
-        # each layer's mask and RoPE, by its type (sliding-window or full attention)
-        by_type = {t: dict(attention_mask=masks[t], position_embeddings=rope[t]) for t in set(types)}
+        by_type = self._by_type(h, attention_mask, cache, position_ids)
         common = dict(position_ids=position_ids, **{CACHE: cache})
         if prepass:
-            routes.set(0, *self._prepass(h, static, routing_mask, by_type, common, kwargs, routes.weights(0)))
+            routes.set(0, *(self._prepass(h, static, routing_mask, attention_mask, position_ids, kwargs, routes.weights(0))
+                            if packing is None else self._prepass_packed(input_ids, packing, kwargs)))
             if inputs_embeds is None and self.config.routes("embeddings"):
-                h = self._embed(input_ids, routes.weights(0))
+                h = self._embed(input_ids, spread(routes.weights(0)))
         hidden = [h] if output_hidden_states else None
-        store = self._decode_store(cache, prefill, routes.given)
         for i, layer in enumerate(self.layers):
             if isinstance(layer, (MoEMergeDecoderLayer, MoEMergeSparseBlock)):
                 k = self.config.router_of_layer(i)
                 routes_here = layer.router is not None and not routes.has(k)
-                kept = {"decode_store": store} if isinstance(layer, MoEMergeDecoderLayer) else {}
+                extra = {"state": keep, "packing": packing} if isinstance(layer, MoEMergeDecoderLayer) else {}
                 h, w, logits = layer(h, merge_weights=routes.weights(k), routing_mask=routing_mask if routes_here else None,
-                                     **by_type[types[i]], **kept, **common, **kwargs)
+                                     **by_type[types[i]], **extra, **common, **kwargs)
                 if routes_here:
                     routes.set(k, w, logits)
             else:
@@ -611,37 +654,78 @@ class MoEMergeModel(MoEMergePreTrainedModel):
         if self.config.level == "model":
             last = self._expert_models(h, by_type, common, kwargs)
         else:
-            with merging([self.norm], routes.weights(-1)):
-                last = self.norm(h)
+            last = apply(self.norm, h, spread(routes.weights(-1)))
         weights = routes.stacked("used")
-        if store is not None and prefill:
-            store["weights"] = weights  # the decode steps that get these very weights back use the store
+        if state is not None and prefill:
+            state.weights, state.forming = weights, False
+        if packing is not None:
+            if packing.routes:
+                packing.keep(weights)
+            weights = weights[packing.segment].transpose(0, 1).unsqueeze(0)  # [1, R, T, E]
         return MoEMergeModelOutput(last_hidden_state=last, hidden_states=tuple(hidden) if hidden else None,
                                    merge_weights=weights, router_logits=routes.stacked("logits"), **{CACHE: cache})
 
-    def _decode_store(self, cache, prefill: bool, given: torch.Tensor | None) -> dict | None:
-        """Where merged linears keep each sequence's merged weight across decode steps: a dict on the KV cache,
-        opened at prefill (whose per-sequence weights, where it forms them, go in), and used by the decode steps
-        that are given the prefill's very merge weights back (as `generate` gives them), without gradients.
-        Anything else, weights forced anew included, gets None."""
+    def _is_prefill(self, cache, past: int | torch.Tensor) -> bool:
+        """Whether this forward starts a sequence (routes it). A static cache counts its tokens in a tensor (so
+        that compiled steps need no host sync); there the routing layer says whether a prefill already ran."""
+        if not isinstance(past, torch.Tensor):
+            return past == 0
+        state = RoutingState.of(cache, self.num_slots, create=False)
+        if state is not None:
+            return state.weights is None
+        if self.config.router_granularity == "sequence" and not torch.is_grad_enabled():
+            return True  # a prefill makes the routing layer: none yet, none ran
+        return bool(past == 0)  # per-token routers or training keep no routing layer: one host sync
+
+    def _packing(self, cache, position_ids, kwargs) -> Packing | None:
+        """A continuous batch's requests (serving.py), where the batch is packed and routing is per sequence."""
+        if kwargs.get("cu_seq_lens_q") is None or self.config.router_granularity != "sequence":
+            return None
+        return packing_of(cache, kwargs["cu_seq_lens_q"], position_ids, self.config.num_routers, self.config.num_experts)
+
+    def _prepass_packed(self, input_ids, packing: Packing, kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The first router's weights [S, E] in a packed batch: the requests being prefilled read their prompts,
+        each as alone (the pre-pass runs them as a left-padded batch of their own); the others keep theirs."""
+        new = packing.new.nonzero().flatten().tolist()
+        prompts = [input_ids[0, a:b] for a, b in (packing.bounds[s] for s in new)]
+        T = max(len(p) for p in prompts)
+        ids = input_ids.new_zeros(len(prompts), T)
+        mask = torch.zeros(len(prompts), T, dtype=torch.long, device=input_ids.device)
+        for row, p in enumerate(prompts):
+            ids[row, T - len(p):], mask[row, T - len(p):] = p, 1
+        static = torch.tensor(self.config.static_weights(), device=self.compute_device).expand(len(prompts), -1)
+        h = self._embed(ids, static)
+        rest = {k: v for k, v in kwargs.items() if k not in PACKED_KWARGS}
+        weights, _ = self._prepass(h, static, mask, mask, self._positions(h, mask, None, 0), rest, None)
+        routed = packing.known[:, 0].clone()
+        routed[packing.new] = weights.to(routed.dtype)
+        return routed, None
+
+    def _routing_state(self, cache, prefill: bool) -> RoutingState | None:
+        """The generation's routing layer in its KV cache (routing_state.py), started anew at prefill. None without a
+        cache, with gradients (training keeps nothing between calls) and for per-token routers (nothing to keep)."""
         if cache is None or torch.is_grad_enabled() or self.config.router_granularity != "sequence":
             return None
-        if prefill:
-            store = {"weights": None}
-            setattr(cache, DECODE_STORE, store)
-            return store
-        store = getattr(cache, DECODE_STORE, None)
-        return store if store is not None and store["weights"] is given else None
+        state = RoutingState.of(cache, self.num_slots, create=prefill)
+        if state is not None and prefill:
+            state.start()
+        return state
 
     def _embed(self, input_ids: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
-        with merging([self.embed_tokens], weights):
-            return self.embed_tokens(input_ids)
+        return apply(self.embed_tokens, input_ids, weights)
 
-    def _prepass(self, h, static, routing_mask, by_type, common, kwargs, given):
+    def _by_type(self, h, attention_mask, cache, position_ids) -> dict[str, dict]:
+        """Each layer type's (sliding-window or full attention) mask and RoPE."""
+        rope, masks = self._rope(h, position_ids), self._masks(h, attention_mask, cache, position_ids)
+        return {t: dict(attention_mask=masks[t], position_embeddings=rope[t]) for t in set(self._layer_types())}
+
+    def _prepass(self, h, static, routing_mask, attention_mask, position_ids, kwargs, given):
         """The first router's (weights, logits) from the prompt's states entering layer `prepass_layers` of the
-        static merge, h being its embeddings. No cache: it runs once, at prefill, and decode never sees it."""
+        static merge, h being its embeddings. No cache (its masks are its own): it runs once, at prefill, and
+        decode never sees it."""
         types, dense = self._layer_types(), self.config.dense_layers
-        common = {**common, CACHE: None}
+        by_type = self._by_type(h, attention_mask, None, position_ids) if self.config.prepass_layers else {}
+        common = {"position_ids": position_ids, CACHE: None}
         for i in range(self.config.prepass_layers):
             here = {**by_type[types[i]], **common, **kwargs}
             if self.config.level == "model" and i >= dense:  # the expert models' layers, their outputs mixed
@@ -664,6 +748,11 @@ class MoEMergeModel(MoEMergePreTrainedModel):
         return torch.stack([o.to(h.device) for o in outs])  # experts may sit on other devices
 
 
+# what continuous batching passes besides the model's own arguments: the packed batch and its paged cache's indices
+PACKED_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "read_index", "write_index",
+                 "block_table", "logits_indices", "logits_processor_args", "is_causal")
+
+
 class Routes:
     """The merge weights given for one forward pass and those its R routers used, by router."""
 
@@ -677,19 +766,19 @@ class Routes:
         return self.used[router] is not None
 
     def weights(self, router: int) -> torch.Tensor | None:
-        """What a part reading `router` merges with: the given weights, else the router's if it already ran."""
-        if self.given is not None:
-            return self.given[:, router]
-        return self.used[router]
+        """What a part reading `router` merges with: the router's if it already ran, else the given weights."""
+        if self.used[router] is not None:
+            return self.used[router]
+        return None if self.given is None else self.given[:, router]
 
     def set(self, router: int, weights: torch.Tensor | None, logits: torch.Tensor | None) -> None:
         self.used[router], self.logits[router] = weights, logits
 
     def stacked(self, which: str) -> torch.Tensor | None:
         """[B, R, E] (or [B, R, T, E]) on one device (with device_map, layers sit on several); None if any is."""
-        if which == "used" and self.given is not None:
+        if which == "used" and self.given is not None and all(x is None for x in self.used):
             return self.given
-        xs = getattr(self, which)
+        xs = [self.weights(k) for k in range(len(self.used))] if which == "used" else self.logits
         return None if any(x is None for x in xs) else torch.stack([x.to(xs[0].device) for x in xs], 1)
 
 
@@ -743,8 +832,7 @@ class MoEMergeForCausalLM(MoEMergePreTrainedModel, GenerationMixin):
                          for e, expert in enumerate(self.model.experts)).to(last.dtype)
         elif isinstance(self.lm_head, MergedLinear):  # the last router's weights, per sequence or per token
             w = weights[:, -1] if weights.dim() == 3 else weights[:, -1, keep]
-            with merging([self.lm_head], w):
-                logits = softcap(self.lm_head(last), cap)
+            logits = softcap(self.lm_head(last, w), cap)
         else:
             logits = softcap(self.lm_head(last), cap)
         loss = None
@@ -752,6 +840,18 @@ class MoEMergeForCausalLM(MoEMergePreTrainedModel, GenerationMixin):
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.vocab_size, **kwargs)
         return MoEMergeOutput(loss=loss, logits=logits, hidden_states=out.hidden_states, merge_weights=weights,
                               router_logits=out.router_logits, **{CACHE: getattr(out, CACHE)})
+
+    def create_masks_for_generate(self, attention_mask=None, **kwargs):
+        """`generate` turns the 2D mask into 4D ones before the forward on a compileable (static) cache; this model
+        keeps the 2D mask: its routers read the prompt's tokens from it, and it makes each layer type's mask from
+        the base config itself."""
+        return attention_mask
+
+    def init_continuous_batching(self, generation_config=None, continuous_batching_config=None, **kwargs):
+        """transformers' continuous batching (`generate_batch`, `transformers serve --continuous-batching`), each
+        request routed on its own prompt and merged with its own weights (serving.py)."""
+        return continuous_batching(self, super().init_continuous_batching, generation_config,
+                                   continuous_batching_config, **kwargs)
 
     def _expand_inputs_for_generation(self, expand_size=1, is_encoder_decoder=False, input_ids=None, **model_kwargs):
         """Beams and `num_return_sequences` repeat every tensor along dim 0; a given `merge_weights` of [E] or
@@ -762,12 +862,14 @@ class MoEMergeForCausalLM(MoEMergePreTrainedModel, GenerationMixin):
         return super()._expand_inputs_for_generation(expand_size, is_encoder_decoder, input_ids, **model_kwargs)
 
     def _update_model_kwargs_for_generation(self, outputs, model_kwargs, *args, **kwargs):
-        """Keep the per-sequence weights decided at prefill beside the cache for every later step."""
+        """Without a KV cache (`use_cache=False`) nothing keeps the weights decided at prefill: pass them on, so
+        that every later full forward merges with them instead of routing anew on the text so far."""
         model_kwargs = super()._update_model_kwargs_for_generation(outputs, model_kwargs, *args, **kwargs)
-        if outputs.merge_weights is not None and outputs.merge_weights.dim() == 3:
+        if getattr(outputs, CACHE) is None and outputs.merge_weights is not None and outputs.merge_weights.dim() == 3:
             model_kwargs["merge_weights"] = outputs.merge_weights
         return model_kwargs
 
 
 AutoConfig.register("moe_merge", MoEMergeConfig, exist_ok=True)
 AutoModelForCausalLM.register(MoEMergeConfig, MoEMergeForCausalLM, exist_ok=True)
+register(MoEMergeForCausalLM)

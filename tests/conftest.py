@@ -39,6 +39,29 @@ def pico(tmp_path_factory) -> dict:
     return {"root": root, "base": base, "experts": experts}
 
 
+@pytest.fixture(scope="session")
+def sources(pico, tmp_path_factory) -> dict:
+    """Experts of the pico base that differ in their MLPs, in every linear layer, or by a LoRA adapter."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    root = tmp_path_factory.mktemp("dyn")
+    linear = [pico_checkpoint(root / f"linear{i}", seed=20 + i, base=pico["base"], perturb="linear") for i in range(3)]
+    every = [pico_checkpoint(root / f"all{i}", seed=40 + i, base=pico["base"], perturb="all") for i in range(3)]
+    loras = []
+    for i in range(3):
+        torch.manual_seed(30 + i)
+        model = get_peft_model(AutoModelForCausalLM.from_pretrained(pico["base"]),
+                               LoraConfig(r=2 + i, lora_alpha=4, target_modules=["q_proj", "v_proj", "gate_proj", "down_proj"]))
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                torch.nn.init.normal_(p, std=0.1)
+        model.save_pretrained(root / f"lora{i}")
+        loras.append(root / f"lora{i}")
+    return {"base": pico["base"], "mlp": pico["experts"], "linear": linear, "lora": loras, "all": every}
+
+
 def pico_recipe(pico: dict, **overrides) -> dict:
     recipe = {
         "base_model": str(pico["base"]),

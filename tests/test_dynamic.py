@@ -21,7 +21,6 @@ from moe_merge.config import MergeConfig
 from moe_merge.assemble.dynamic import build_model, init_routers, svd_factors
 from moe_merge.errors import ConfigError
 from moe_merge.modeling import CACHE
-from moe_merge.zoo import pico_checkpoint
 from tests.conftest import pico_recipe, write_recipe
 
 PROMPTS = ["shift abcd=", "mirror xy=", "back hello there="]
@@ -47,27 +46,6 @@ CASES = [
     ("smear", "block", "all", {"router": {"prepass": 0}}),
 ]
 IDS = [f"{m}-{lv}-{x}" + "".join(f"-{k}" for k in extra.get("router", {})) for m, lv, x, extra in CASES]
-
-
-@pytest.fixture(scope="session")
-def sources(pico, tmp_path_factory) -> dict:
-    """Experts of the pico base that differ in their MLPs, in every linear layer, or by a LoRA adapter."""
-    from peft import LoraConfig, get_peft_model
-
-    root = tmp_path_factory.mktemp("dyn")
-    linear = [pico_checkpoint(root / f"linear{i}", seed=20 + i, base=pico["base"], perturb="linear") for i in range(3)]
-    every = [pico_checkpoint(root / f"all{i}", seed=40 + i, base=pico["base"], perturb="all") for i in range(3)]
-    loras = []
-    for i in range(3):
-        torch.manual_seed(30 + i)
-        model = get_peft_model(AutoModelForCausalLM.from_pretrained(pico["base"]),
-                               LoraConfig(r=2 + i, lora_alpha=4, target_modules=["q_proj", "v_proj", "gate_proj", "down_proj"]))
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                torch.nn.init.normal_(p, std=0.1)
-        model.save_pretrained(root / f"lora{i}")
-        loras.append(root / f"lora{i}")
-    return {"base": pico["base"], "mlp": pico["experts"], "linear": linear, "lora": loras, "all": every}
 
 
 def _recipe(sources, kind, **overrides) -> MergeConfig:
@@ -382,16 +360,16 @@ def test_a_given_mix_of_every_documented_shape_survives_beam_expansion(sources):
         assert all(torch.equal(outs[-1], o) for o in outs), beams
 
 
-def test_fixed_size_caches_are_refused_clearly(sources):
+def test_sparse_levels_refuse_a_fixed_size_cache_clearly(sources):
+    """Each expert layer keeps its own KV cache there: E x the layers a StaticCache was built for."""
     from transformers import StaticCache
 
-    for method, level, kind in (("smear", "ffn", "mlp"), ("sparse", "block", "linear")):
-        model, tok, _ = _build(sources, method, level, kind, {})
-        enc = tok(["shift abc="], return_tensors="pt")
-        with pytest.raises(ValueError, match="run on a DynamicCache, not a StaticCache"):
-            model(**enc, **{CACHE: StaticCache(config=model.config.text_config, max_cache_len=16)})
-        with pytest.raises(ValueError, match="leave `cache_implementation` unset"):
-            model.generate(**enc, max_new_tokens=2, cache_implementation="static", pad_token_id=0)
+    model, tok, _ = _build(sources, "sparse", "block", "linear", {})
+    enc = tok(["shift abc="], return_tensors="pt")
+    with pytest.raises(ValueError, match="keeps a KV cache per expert layer, which a StaticCache cannot hold"):
+        model(**enc, **{CACHE: StaticCache(config=model.config.text_config, max_cache_len=16)})
+    with pytest.raises(ValueError, match="leave `cache_implementation` unset"):
+        model.generate(**enc, max_new_tokens=2, cache_implementation="static", pad_token_id=0)
 
 
 @pytest.mark.parametrize("router", [{"init": "random"}, {"init": "uniform"}])

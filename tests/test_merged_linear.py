@@ -38,18 +38,16 @@ def test_batched_merging_equals_a_per_sample_loop(form, bias, per_token, tokens)
     layer = _layer(form, bias)
     x = torch.randn(4, tokens, K, dtype=torch.float64)
     w = torch.randn(4, tokens, E, dtype=torch.float64) if per_token else torch.randn(4, E, dtype=torch.float64)
-    layer.merge_weights = w
-    torch.testing.assert_close(layer(x), _reference(layer, x, w), rtol=0, atol=1e-12)
+    torch.testing.assert_close(layer(x, w), _reference(layer, x, w), rtol=0, atol=1e-12)
 
 
 def test_materialized_and_k_concatenated_paths_agree(monkeypatch):
     layer = _layer("dense", True)
     x, w = torch.randn(3, 6, K, dtype=torch.float64), torch.randn(3, E, dtype=torch.float64)
-    layer.merge_weights = w
     outs = []
     for choice in ("materialize", "kconcat"):
         monkeypatch.setattr(ml.kernels, "choose_strategy", lambda *a, c=choice, **k: c)
-        outs.append(layer(x))
+        outs.append(layer(x, w))
     torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=1e-12)
 
 
@@ -60,12 +58,11 @@ def test_runs_of_sequences_sharing_their_weights_share_one_materialized_weight(m
     rows = torch.randn(2, E, dtype=torch.float64)
     w = rows[torch.tensor([0, 0, 1, 1, 0])]  # three runs of two distinct vectors over five sequences
     x = torch.randn(5, 3, K, dtype=torch.float64)
-    layer.merge_weights = w
-    torch.testing.assert_close(layer(x), _reference(layer, x, w), rtol=0, atol=1e-12)
+    torch.testing.assert_close(layer(x, w), _reference(layer, x, w), rtol=0, atol=1e-12)
     calls = []
     real = ml.kernels.merge_weights_into
     monkeypatch.setattr(ml.kernels, "merge_weights_into", lambda w0, s, v: calls.append(len(v)) or real(w0, s, v))
-    layer(x)
+    layer(x, w)
     assert calls == ([1, 1, 1] if form != "lowrank" else [])  # one weight per run, formed one run at a time
 
 
@@ -85,8 +82,7 @@ def test_the_layer_asks_dispatch_with_its_device_and_copy_size(monkeypatch):
     real = kernels.choose_strategy
     monkeypatch.setattr(ml.kernels, "choose_strategy", lambda *a, **k: calls.append(k) or real(*a, **k))
     layer = _layer("dense", False)
-    layer.merge_weights = torch.randn(3, E, dtype=torch.float64)
-    layer(torch.randn(3, 6, K, dtype=torch.float64))
+    layer(torch.randn(3, 6, K, dtype=torch.float64), torch.randn(3, E, dtype=torch.float64))
     assert calls == [dict(has_base=True, element_size=8, device=torch.device("cpu"), weight_bytes=3 * N * K * 8)]
     assert kernels.dispatch.rates_for("cpu") is kernels.dispatch.RATES["cpu"]
     assert kernels.dispatch.RATES["cpu"].source.startswith("measured")
@@ -100,14 +96,8 @@ def test_weights_that_need_gradients_never_form_a_copy_per_sequence(monkeypatch)
     monkeypatch.setattr(ml.kernels, "merge_weights_into", lambda *a: formed.append(a))
     layer = _layer("dense", False)
     w = torch.randn(3, E, dtype=torch.float64, requires_grad=True)
-    layer.merge_weights = w
-    layer(torch.randn(3, 6, K, dtype=torch.float64)).sum().backward()
+    layer(torch.randn(3, 6, K, dtype=torch.float64), w).sum().backward()
     assert not formed and w.grad is not None and w.grad.abs().sum() > 0
-
-
-def test_calling_without_merge_weights_is_an_error():
-    with pytest.raises(RuntimeError, match="without merge weights"):
-        _layer("dense", False)(torch.randn(1, 1, K, dtype=torch.float64))
 
 
 def test_gradients_reach_the_merge_weights():
@@ -116,8 +106,7 @@ def test_gradients_reach_the_merge_weights():
     x = torch.randn(2, 3, K, dtype=torch.float64, requires_grad=True)
 
     def f(x, w):
-        layer.merge_weights = w
-        return layer(x)
+        return layer(x, w)
 
     assert torch.autograd.gradcheck(f, (x, w))
 
@@ -135,9 +124,8 @@ def test_bf16_layers_take_float32_merge_weights_and_do_not_rescale(form, tokens)
     w = torch.tensor([[0.3, 0.3, 0.4]] * 8)
     assert w.to(torch.bfloat16).double().sum(-1)[0].item() == pytest.approx(1.00195, abs=1e-5)
     x = torch.randn(8, tokens, 256).to(torch.bfloat16)
-    layer.merge_weights = w
     with torch.no_grad():
-        got = layer(x).double()
+        got = layer(x, w).double()
         weight, bias = layer.merged(w[0].double())  # every row has the same mix
     want = x.double() @ weight.double().T + bias.double()
     scale = (got * want).sum() / (want * want).sum()  # the least-squares factor from the reference to the output
@@ -156,9 +144,8 @@ def test_twin_over_lora_factors_merges_shared_plus_exclusive_parts():
     shared = layer.weight + 0.3 * deltas.sum(0)
     x = torch.randn(4, 1, K, dtype=torch.float64)
     w = torch.randn(4, E, dtype=torch.float64)
-    layer.merge_weights = w
     with torch.no_grad():
-        got = layer(x)
+        got = layer(x, w)
     for b in range(4):
         weight = shared + torch.einsum("e,enk->nk", w[b], deltas + layer.weight - shared)  # Σ_e w_e (θ_e − shared)
         torch.testing.assert_close(got[b, 0], x[b, 0] @ weight.T, rtol=0, atol=1e-12)
@@ -174,11 +161,10 @@ def test_the_kept_side_by_side_factors_follow_an_in_place_update():
     for p in layer.parameters():
         torch.nn.init.normal_(p, std=0.1)
     x, w = torch.randn(8, 1, 64).to(torch.bfloat16), torch.softmax(torch.randn(8, E), -1)
-    layer.merge_weights = w
     with torch.no_grad():
-        before = layer(x)
+        before = layer(x, w)
         layer.lora_B.mul_(3)
-        after = layer(x)
+        after = layer(x, w)
         want = x[:, 0].double() @ layer.merged(w[0].double())[0].double().T
     assert not torch.equal(before, after)
     torch.testing.assert_close(after[0, 0].double(), want[0], rtol=2e-2, atol=2e-2)
