@@ -65,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     _glue_parser(sub, verbose)
     _zoo_parser(sub, verbose)
     _demo_parser(sub, verbose)
+    _serve_parser(sub, verbose)
     return parser
 
 
@@ -415,6 +416,44 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve_parser(sub, verbose: argparse.ArgumentParser) -> None:
+    p = sub.add_parser(
+        "serve",
+        parents=[verbose],
+        help="serve a model behind an OpenAI-compatible endpoint (transformers serve, with request checks)",
+        description="Run transformers' OpenAI-compatible server (/v1/completions, /v1/chat/completions, streaming or "
+        "not) on MODEL_DIR, a moe-merge dynamic model or any causal LM. Each request is checked first: an empty or "
+        "over-long prompt, or sampling parameters outside OpenAI's ranges, get HTTP 400 naming the field. With "
+        "--continuous-batching, concurrent requests run in one batch, each routed on its own prompt and merged "
+        "with its own weights. `transformers serve MODEL_DIR --trust-remote-code` serves the same model without "
+        "the checks.",
+    )
+    p.add_argument("model_dir", type=Path, help="the model directory")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--continuous-batching", action="store_true",
+                   help="batch concurrent requests together (paged KV cache), each with its own routing")
+    p.add_argument("--max-batch-tokens", type=int, default=2048,
+                   help="tokens one continuous batch holds; a prompt is never split, so this is also the longest "
+                   "prompt taken (default 2048)")
+    p.add_argument("--num-blocks", type=int, default=64,
+                   help="KV cache blocks of 256 tokens for continuous batching (default 64: 16,384 tokens; transformers "
+                   "would size it from free device memory, on a CPU most of the RAM)")
+    p.add_argument("--dtype", default="auto", help="weights dtype: auto (as stored), bfloat16, float16 or float32")
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from transformers.utils.import_utils import is_serve_available
+
+    from moe_merge.server import serve
+
+    if not is_serve_available():
+        raise ConfigError("serving needs fastapi, uvicorn and openai: pip install 'moe-merge[serve]'")
+    serve(args.model_dir, host=args.host, port=args.port, continuous_batching=args.continuous_batching,
+          max_batch_tokens=args.max_batch_tokens, num_blocks=args.num_blocks, dtype=args.dtype)
+    return 0
+
+
 COMMANDS = {
     "assemble": _assemble,
     "generate": _generate,
@@ -426,6 +465,7 @@ COMMANDS = {
     "glue": _glue,
     "zoo": _zoo,
     "demo": _demo,
+    "serve": _serve,
 }
 
 

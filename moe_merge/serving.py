@@ -9,8 +9,8 @@ small hooks make a per-request merge exact there, with no engine of our own:
 - the model finds the requests of the batch it runs, in order, through the IO object of the batch processor,
   linked to the paged cache when the processor is made (`continuous_batching`);
 - a request is routed from its own prompt when its prefill runs, and its merge weights [R, E] are kept on its
-  `RequestState`, so they live exactly as long as the request (finished, cancelled or disconnected, they go with
-  it; a forked child copies them);
+  `RequestState`: the scheduler drops them when the request finishes or is cancelled (a client gone mid-stream),
+  with its KV blocks; a forked child copies them;
 - a prompt is never split across batches (`WholePromptScheduler`), and prefix sharing, which skips a prompt's
   cached head, is off: the routers read the whole prompt in one forward, as the model alone does. A prompt longer
   than a batch holds is refused when it is added.
@@ -21,10 +21,11 @@ config) cannot hold: they are refused with the alternatives.
 from __future__ import annotations
 
 import copy
+import sys
+import types
 from dataclasses import dataclass
 
 import torch
-import transformers
 from transformers.generation.continuous_batching import scheduler as cb_scheduler
 
 WEIGHTS = "moe_merge_weights"  # the RequestState attribute holding a request's merge weights [R, E]
@@ -33,8 +34,13 @@ SCHEDULER = "moe_merge_whole_prompts"
 
 
 def register(model_class: type) -> None:
-    """Make `transformers.<ModelClass>` resolve, as `transformers serve` looks the class up there by name."""
-    setattr(transformers, model_class.__name__, model_class)
+    """Make `transformers.<ModelClass>` resolve, as `transformers serve` looks the class up there by name. Some
+    transformers imports put a new module object under `sys.modules["transformers"]` (importing
+    `transformers.modeling_layers` does, in 5.24), so every `transformers` module object a loaded module holds
+    gets the name, the server's included."""
+    holders = [sys.modules.get("transformers"), *(getattr(m, "transformers", None) for m in list(sys.modules.values()))]
+    for module in {id(m): m for m in holders if isinstance(m, types.ModuleType) and m.__name__ == "transformers"}.values():
+        setattr(module, model_class.__name__, model_class)
 
 
 class WholePromptScheduler(cb_scheduler.FIFOScheduler):
@@ -50,6 +56,25 @@ class WholePromptScheduler(cb_scheduler.FIFOScheduler):
             kept.append(state)
             budget, requests = budget - need, requests - 1
         return super()._process_candidates(kept, token_budget, cache_budget, request_ids_to_remove_from_waiting)
+
+    def finish_request(self, request_id: str) -> None:
+        """A request ends with its KV blocks: its merge weights go too (the batch's lists may hold its state a
+        while longer)."""
+        forget(self.active_requests.get(request_id))
+        super().finish_request(request_id)
+
+    def clear_cancelled_requests(self):
+        """A cancelled request (a client gone mid-stream) frees its merge weights with its KV blocks."""
+        cancelled = super().clear_cancelled_requests()
+        for state in cancelled:
+            forget(state)
+        return cancelled
+
+
+def forget(state) -> None:
+    """Drop a request's kept merge weights."""
+    if state is not None and hasattr(state, WEIGHTS):
+        delattr(state, WEIGHTS)
 
 
 cb_scheduler.SCHEDULER_MAPPING[SCHEDULER] = WholePromptScheduler
