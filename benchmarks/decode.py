@@ -49,6 +49,8 @@ SHAPES = {  # name -> (model_type, config overrides)
                           num_key_value_heads=2, head_dim=16, vocab_size=32, tie_word_embeddings=False)),
     "qwen3-76m": ("qwen3", dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=8, num_attention_heads=12,
                                 num_key_value_heads=4, head_dim=64, vocab_size=32000, tie_word_embeddings=True)),
+    "smollm2-135m": ("llama", dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                                   num_key_value_heads=3, head_dim=64, vocab_size=49152, tie_word_embeddings=True)),
     "llama-1b": ("llama", dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
                                num_key_value_heads=4, head_dim=64, vocab_size=32000, tie_word_embeddings=False)),
 }
@@ -176,6 +178,15 @@ def generate(model, ids: torch.Tensor, setup: Setup, **kwargs) -> torch.Tensor:
                           min_new_tokens=setup.new_tokens, do_sample=False, pad_token_id=0, **kwargs)
 
 
+def static_compiled(batch: int) -> dict:
+    """`generate` on a static KV cache with the decode step compiled (inductor; on a CPU too)."""
+    from transformers import CompileConfig
+
+    config = CompileConfig(fullgraph=True, dynamic=False, mode="default")
+    config._compile_all_devices = True  # transformers compiles on accelerators only unless told
+    return {"cache_implementation": "static", "compile_config": config}
+
+
 def runner(model, setup: Setup, per_batch=None):
     """ids -> the call to time: `generate` on ids, with the keyword arguments `per_batch(B)` gives."""
     return lambda ids: lambda: generate(model, ids, setup, **(per_batch(len(ids)) if per_batch else {}))
@@ -210,6 +221,9 @@ VARIANTS = {  # name -> (text config, setup) -> (ids -> the call to time); built
     "wemoe dense": lambda text, s: runner(dynamic_model(text, "wemoe", "ffn", "dense"), s),
     "K-concat floor": lambda text, s: runner(kconcat_floor(text), s),
     "lora low-rank": lambda text, s: runner(dynamic_model(text, "smear", "block", "lowrank", LORA_RANK), s),
+    "base static+compile": lambda text, s: runner(base_model(text), s, static_compiled),
+    "lora low-rank static+compile": lambda text, s: runner(dynamic_model(text, "smear", "block", "lowrank", LORA_RANK),
+                                                            s, static_compiled),
     "twin svd": lambda text, s: runner(dynamic_model(text, "twin", "ffn", "lowrank", TWIN_RANK), s),
     "per-request loop": per_request,
     "peft mixed batch": lambda text, s: runner(peft_model(text), s, lambda B: {"adapter_names": [f"e{b % E}" for b in range(B)]}),
@@ -309,7 +323,9 @@ def ratios(seconds: dict) -> dict:
     """The goals' ratios at each B, for the variants that ran."""
     pairs = [("lora low-rank", "base"), ("twin svd", "base"), ("wemoe dense", "base"), ("wemoe dense", "K-concat floor"),
              ("per-request loop", "wemoe dense"), ("fusion_bench wemoe", "wemoe dense"),
-             ("peft mixed batch", "lora low-rank")]
+             ("peft mixed batch", "lora low-rank"), ("lora low-rank static+compile", "base static+compile"),
+             ("lora low-rank static+compile", "base"), ("lora low-rank", "lora low-rank static+compile"),
+             ("per-request loop", "lora low-rank static+compile")]
     return {b: {f"{a} / {c}": seconds[a][b] / seconds[c][b] for a, c in pairs if b in seconds.get(a, {}) and b in seconds.get(c, {})}
             for b in seconds["base"]}
 
