@@ -182,6 +182,8 @@ def static_compiled(batch: int) -> dict:
     """`generate` on a static KV cache with the decode step compiled (inductor; on a CPU too)."""
     from transformers import CompileConfig
 
+    # one graph per (model, batch size): the variants and shapes here share the models' forward code objects
+    torch._dynamo.config.recompile_limit = 64
     config = CompileConfig(fullgraph=True, dynamic=False, mode="default")
     config._compile_all_devices = True  # transformers compiles on accelerators only unless told
     return {"cache_implementation": "static", "compile_config": config}

@@ -12,9 +12,9 @@ base and the adapters' own factors, exact at their rank and in any dtype (`offse
 Every call takes its merge weights as an argument: [B, E] per sequence or [B, T, E] per token.
 Decode (one token per sequence) never loops over samples: it uses x·W0ᵀ + Σ_e w_e (x·Δ_eᵀ), which reads
 each weight once for the whole batch, or, where `kernels.keep_decode_weights` says it is cheaper (a few
-sequences, or a small model where every op's overhead counts), each sequence's W_b, formed at the prefill (where
-it forms them anyway) or the first decode step and kept in the generation's `RoutingState` (a layer of the KV
-cache, routing_state.py) under the module's `slot`. A
+sequences, or a small model where every op's overhead counts), each sequence's W_b, formed by the prefill (which
+then runs on it too) and kept in the generation's `RoutingState` (a layer of the KV cache, routing_state.py) under
+the module's `slot`. A
 prefill with per-sequence weights may materialize W_b once per sequence and run one GEMM, when
 `kernels.choose_strategy` says so.
 
@@ -54,14 +54,14 @@ class MergedLinear(nn.Module):
         the kernels. `state`: a generation's kept per-sequence weights (given where w are the weights it holds)."""
         B, T, K = x.shape
         w = w.to(x.device)  # with device_map the router may sit on another device
-        kept = self._kept(w, x, state) if state is not None and T == 1 and w.dim() == 2 else None
+        kept = self._kept(w, x, state) if state is not None and (T == 1 or state.forming) and w.dim() == 2 else None
         if kept is not None:
             y = nn.functional.linear(x, kept[0]) if B == 1 else torch.bmm(x, kept.transpose(1, 2))
         elif w.dim() == 2 and T > 1 and self._stack() is not None and not w.requires_grad and kernels.choose_strategy(
             T, B, self.num_experts, has_base=self._w0() is not None, element_size=x.element_size(), device=x.device,
             weight_bytes=B * self.out_features * K * x.element_size(),
         ) == "materialize":
-            y = self._materialized(x, w, state)
+            y = self._materialized(x, w)
         elif T == 1 and w.dim() == 2:  # a decode step: one token per sequence, its weights as they are
             y = self._per_token(x.view(B, K), w).view(B, 1, -1)
         else:
@@ -76,16 +76,12 @@ class MergedLinear(nn.Module):
     def has_bias(self) -> bool:
         return getattr(self, "expert_bias", None) is not None or getattr(self, "bias", None) is not None
 
-    def _materialized(self, x: torch.Tensor, w: torch.Tensor, state: RoutingState | None) -> torch.Tensor:
+    def _materialized(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """x·W_bᵀ with W_b = W0 + Σ_e w_be Δ_e formed per sequence, for weights that need no gradient (training
         the routers keeps to K-concatenation: autograd would hold every W_b until the backward pass, B copies of
         every routed weight). A run of consecutive sequences with the same weights (beams, a merge search scoring
         each candidate on many rows, assembly's prompts forced to their expert) shares one W and one GEMM, one
-        run at a time. In a generation's prefill whose decode steps will keep the weights, the W_b formed here are
-        the ones kept."""
-        if state is not None and state.forming and self._keeps(w, x):
-            W = state.keep(self.slot, self._materialize(w))
-            return torch.bmm(x, W.transpose(1, 2))
+        run at a time."""
         if len(w) > 1:
             starts = torch.cat([w.new_ones(1, dtype=torch.bool), (w[1:] != w[:-1]).any(-1)]).nonzero().squeeze(1)
             if len(starts) < len(w):
@@ -98,9 +94,9 @@ class MergedLinear(nn.Module):
         return kernels.merged_linear(x, w, self._stack(), self._w0())
 
     def _kept(self, w: torch.Tensor, x: torch.Tensor, state: RoutingState) -> torch.Tensor | None:
-        """Each sequence's merged weight [B, N, K] for its per-sequence weights w [B, E], formed at the prefill or the
-        first decode step and kept in `state` for the later ones; None where reading the form's own tensors every
-        step is cheaper (decided once)."""
+        """Each sequence's merged weight [B, N, K] for its per-sequence weights w [B, E], kept in `state`; None where
+        reading the form's own tensors every step is cheaper. Decided once, by the prefill (so that every decode step
+        finds the state as the next one will: one compiled graph), else by the first decode step."""
         if not state.decided[self.slot]:
             state.keep(self.slot, self._materialize(w) if self._keeps(w, x) else None)
         return state.kept[self.slot]
@@ -280,9 +276,10 @@ class LowRankMergedLinear(_WithW0):
 
     def b_cat(self) -> torch.Tensor:
         """[N, E·r]: the B_e side by side, a copy kept while B stays as it is (its storage and version: an in-place
-        update or a move makes a new one); B itself where it takes gradients."""
+        update or a move makes a new one); B's own layout where it takes gradients, and in a compiled graph, which
+        cannot compare storages and lays the operand out itself."""
         B = self.lora_B
-        if B.requires_grad and torch.is_grad_enabled():
+        if (B.requires_grad and torch.is_grad_enabled()) or torch.compiler.is_compiling():
             return B.transpose(0, 1).reshape(B.shape[1], -1)
         key = (B.data_ptr(), B._version, B.dtype, B.device)
         if self._b_cat is None or self._b_cat[0] != key:

@@ -149,9 +149,14 @@ def test_the_decode_step_compiles_without_a_graph_break(model_and_tok):
     assert _graph_breaks(*model_and_tok) == []
 
 
+@pytest.mark.parametrize("kept", [True, False], ids=["kept-weights", "factors"])
 @pytest.mark.parametrize("method", ["smear", "twin"])
-def test_the_bf16_low_rank_decode_step_compiles_without_a_graph_break(sources, method):
-    """bf16 on a CPU takes the native low-rank path, with its side-by-side B factors kept between calls."""
+def test_the_bf16_low_rank_decode_step_compiles_without_a_graph_break(sources, monkeypatch, method, kept):
+    """bf16 on a CPU takes the native low-rank path (with its side-by-side B factors, kept between eager calls),
+    or each sequence's kept merged weights."""
+    import moe_merge.merged_linear as ml
+
+    monkeypatch.setattr(ml.kernels, "keep_decode_weights", lambda *a, **k: kept)
     model, tok, _ = _build(sources, method, "block", "lora", {}, dtype=torch.bfloat16)
     assert _graph_breaks(model.eval(), tok) == []
 
