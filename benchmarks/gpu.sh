@@ -4,7 +4,7 @@
 #   2. benchmarks/kernels.py at Mistral-7B shapes: roofline fractions, speed-ups against materialise + bmm and
 #      cuBLAS K-concatenation, and the device's measured DeviceRates (for kernels/dispatch.py's RATES);
 #   3. benchmarks/decode.py: `generate` tokens/s of the dynamic model against the dense base at B in {1, 16, 64}
-#      on a ~1B random Llama in bf16;
+#      on a ~1B random Llama in bf16, eager and on a static cache with the decode step compiled;
 #   4. benchmarks/gpu_report.py: one summary page of the three.
 # Everything goes to OUT_DIR (default benchmarks/results), named by device and date. Each step has its own time
 # limit; a step that fails or runs out is reported and the others still run. Without CUDA it says so and stops.
@@ -44,6 +44,6 @@ step() {  # step NAME SECONDS COMMAND...: run it under its limit, log it, record
 export PYTHONUNBUFFERED=1
 step tests 90 "$PY" -m pytest -q -m gpu tests/test_kernels_gpu.py -p no:cacheprovider
 step kernels 240 "$PY" benchmarks/kernels.py --out "$OUT"
-step generate 150 "$PY" benchmarks/decode.py --device cuda --dtype bfloat16 --shapes llama-1b \
-  --only "base,wemoe dense,lora low-rank,twin svd" --out "$OUT"
+step generate 210 "$PY" benchmarks/decode.py --device cuda --dtype bfloat16 --shapes llama-1b \
+  --only "base,wemoe dense,lora low-rank,twin svd,base static+compile,lora low-rank static+compile" --out "$OUT"
 "$PY" benchmarks/gpu_report.py "$OUT" --log "$LOG"

@@ -88,6 +88,26 @@ def load(port: int, model: str, clients: int, seconds: float, messages: list[lis
     return {"tokens_per_s": sum(tokens) / wall, "requests": sum(done), "tokens": sum(tokens), "wall_s": wall}
 
 
+def generate_state_bytes(model_dir: Path, prompts: list[str]) -> dict[int, int]:
+    """What `generate`'s routing layer holds per sequence after the prefill, at B = 1 and 16: merge weights, and the
+    merged weights kept where decoding on them is cheaper (kernels.keep_decode_weights)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from moe_merge.modeling import CACHE
+    from moe_merge.tokens import load_tokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    tok = load_tokenizer(model_dir)
+    out = {}
+    for batch in (1, 16):
+        enc = tok(prompts[:batch], return_tensors="pt", padding=True, padding_side="left")
+        with torch.no_grad():
+            state = model(**enc)[CACHE].layers[-1]
+        out[batch] = state.nbytes() // batch
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--clients", default="1,4,16")
@@ -121,6 +141,7 @@ def main() -> None:
 
     config = AutoConfig.from_pretrained(dynamic)
     results["kept_bytes_per_request"] = config.num_routers * config.num_experts * 4
+    results["generate_state_bytes_per_sequence"] = generate_state_bytes(dynamic, [r["prompt"] for r in rows])
     base, ours = (results["models"][k]["points"] for k in results["models"])
     results["ratio"] = {c: ours[c]["tokens_per_s"] / base[c]["tokens_per_s"] for c in clients}
     args.out.mkdir(parents=True, exist_ok=True)
@@ -132,8 +153,11 @@ def main() -> None:
              "| clients | base tokens/s | ours tokens/s | ours / base |", "|---|---|---|---|"]
     lines += [f"| {c} | {base[c]['tokens_per_s']:.1f} | {ours[c]['tokens_per_s']:.1f} | {results['ratio'][c]:.2f} |"
               for c in clients]
+    state = results["generate_state_bytes_per_sequence"]
     lines += ["", f"Kept per request: {results['kept_bytes_per_request']} bytes of merge weights "
-              f"({config.num_routers} routers × {config.num_experts} experts, float32). Server RSS: "
+              f"({config.num_routers} routers × {config.num_experts} experts, float32). `generate`'s routing layer per "
+              f"sequence: {state[1]:,} bytes at B = 1, {state[16]:,} at B = 16 (merge weights, plus the merged weights "
+              "it keeps where decoding on them is cheaper). Server RSS: "
               + ", ".join(f"{k} {v['rss_mib']:.0f} MiB" for k, v in results["models"].items()) + "."]
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print(f"wrote {stem}.{{json,md}}")
