@@ -3,7 +3,9 @@ level over the four LoRA adapters, kept low-rank) against the dense base served 
 concurrent OpenAI clients on loopback. Goal: ours ≥ 0.8 × the base's tokens/s at 16 clients.
 
 Each client sends chat requests one after another (mixed tasks and open questions, `max_tokens` 48, greedy) for a
-fixed wall time after a warm-up; tokens/s counts the completion tokens the server reports. Both servers run in
+fixed wall time after a warm-up; tokens/s counts the completion tokens the server reports. Every request runs to
+`max_tokens` (its `generation_config` sets no end-of-sequence token): the experts answer a task in a few tokens and the
+base rambles on, so with EOS the two would do different work per request. Both servers run in
 turn, one at a time, each in its own process, at the model's stored dtype (bf16). Also measured: the merge weights a
 request keeps (R × E float32) and the server's resident memory.
 
@@ -16,6 +18,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import platform
 import socket
 import subprocess
@@ -34,6 +37,9 @@ from moe_merge.config import MergeConfig
 
 OPEN = ["Write a short story about a lighthouse keeper.", "Explain how rain forms.", "Describe a busy market.",
         "What makes a good friend?"]
+
+
+NO_EOS = json.dumps({"eos_token_id": -1})  # per request, transformers' continuous batching: run to max_tokens
 
 
 def free_port() -> int:
@@ -73,7 +79,7 @@ def load(port: int, model: str, clients: int, seconds: float, messages: list[lis
         k = i
         while time.time() < stop:
             out = client.chat.completions.create(model=model, messages=messages[k % len(messages)], max_tokens=48,
-                                                 temperature=0)
+                                                 temperature=0, extra_body={"generation_config": NO_EOS})
             tokens[i] += out.usage.completion_tokens
             done[i] += 1
             k += clients
@@ -121,7 +127,7 @@ def main() -> None:
     names = [e["name"] for e in realzoo.zoo_recipe(zoo, "lora")["experts"]]
     rows = [r for i in range(8) for t in names for r in realzoo.eval_rows([t])[i : i + 1]]
     messages = [[{"role": "user", "content": p}] for p in OPEN + [r["prompt"] for r in rows]]
-    results = {"date": datetime.date.today().isoformat(), "machine": f"{platform.machine()}, {platform.processor()}",
+    results = {"date": datetime.date.today().isoformat(), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
                "seconds_per_point": args.seconds, "max_tokens": 48, "models": {}}
     for name, path in (("base", zoo / "base"), ("ours: smear ffn, LoRA low-rank", dynamic)):
         port = free_port()
@@ -148,7 +154,7 @@ def main() -> None:
     stem = args.out / f"serving-cpu-{results['date']}"
     stem.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
     lines = [f"# Serving throughput, real zoo (SmolLM2-135M-Instruct, bf16), continuous batching, {results['date']}", "",
-             f"{results['machine']}; chat requests of mixed tasks and open questions, max_tokens 48, greedy; "
+             f"{results['machine']}; chat requests of mixed tasks and open questions, max_tokens 48 (every request runs to it), greedy; "
              f"{args.seconds:.0f} s per point.", "",
              "| clients | base tokens/s | ours tokens/s | ours / base |", "|---|---|---|---|"]
     lines += [f"| {c} | {base[c]['tokens_per_s']:.1f} | {ours[c]['tokens_per_s']:.1f} | {results['ratio'][c]:.2f} |"

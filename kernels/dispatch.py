@@ -54,11 +54,11 @@ def use_triton(*tensors: torch.Tensor | None) -> bool:
     if mode == "auto" and not (on_cuda and given[0].dtype in SUPPORTED_DTYPES):
         return False
     try:
-        from moe_merge.kernels.kernel_utils import INTERPRETER
+        import triton
     except ImportError as err:
         raise ImportError(f"the Triton kernels need triton ({err}); `pip install 'moe-merge[triton]'`, "
                           f"or set {ENV_VAR}=torch to run the torch reference") from err
-    if not on_cuda and not INTERPRETER:
+    if not on_cuda and not triton.knobs.runtime.interpret:
         raise RuntimeError(f"{ENV_VAR}=triton got tensors on {given[0].device}; the kernels run on CUDA tensors, or on "
                            "CPU under the Triton interpreter: set TRITON_INTERPRET=1 before moe_merge's kernels are "
                            f"first used, or set {ENV_VAR}=auto")

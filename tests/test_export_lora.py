@@ -134,7 +134,7 @@ def test_dense_factors_are_exact():
 
 def test_the_card_gives_a_max_lora_rank_vllm_accepts_or_says_to_bake(tmp_path):
     from moe_merge.export.card import write_adapter_card
-    from moe_merge.export.lora import VLLM_MAX_LORA_RANKS, vllm_max_lora_rank
+    from moe_merge.export.card import VLLM_MAX_LORA_RANKS, vllm_max_lora_rank
 
     assert [vllm_max_lora_rank(r) for r in (1, 2, 16, 17, 320, 321, 512, 513)] == [1, 8, 16, 32, 320, 512, 512, None]
     for rank, says in ((24, "--max-lora-rank 32 "), (4096, "vLLM cannot serve this adapter: its rank, 4096")):

@@ -16,6 +16,13 @@ from moe_merge.config import PROMPT_INITS
 from moe_merge.recipe import Recipe
 from moe_merge.sources import hub_id
 
+VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the `--max-lora-rank` values vLLM accepts (0.26)
+
+
+def vllm_max_lora_rank(rank: int) -> int | None:
+    """The smallest `--max-lora-rank` vLLM accepts that holds `rank`; None above its largest."""
+    return next((r for r in VLLM_MAX_LORA_RANKS if r >= rank), None)
+
 
 def _card_data(recipe: Recipe, tags: list[str], library_name: str = "transformers"):
     """Hub metadata: every source that is a Hub repo is a base model of this merge."""
@@ -246,7 +253,6 @@ model = AutoModelForCausalLM.from_pretrained("<this directory or repo id>")
 
 
 def _vllm_serving(base: str, rank: int) -> str:
-    from moe_merge.export.lora import VLLM_MAX_LORA_RANKS, vllm_max_lora_rank
 
     if (serve := vllm_max_lora_rank(rank)) is None:
         return (f"vLLM cannot serve this adapter: its rank, {rank}, is above the largest `--max-lora-rank` vLLM accepts "

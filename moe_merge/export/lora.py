@@ -26,6 +26,7 @@ from torch import nn
 
 from moe_merge.errors import CompatibilityError, ConfigError, SourceError
 from moe_merge.export.bake import fixed
+from moe_merge.export.card import VLLM_MAX_LORA_RANKS, vllm_max_lora_rank
 from moe_merge.merged_linear import MergedLinear
 from moe_merge.merged_norm import MergedNorm
 from moe_merge.modeling import MoEMergeForCausalLM
@@ -152,14 +153,6 @@ def recipe_base(model_dir: Path) -> str:
     if not recipe.is_file():
         raise SourceError(f"{model_dir} has no moe-merge.yaml naming its base; pass --base PATH_OR_ID")
     return yaml.safe_load(recipe.read_text())["base_model"]
-
-
-VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the `--max-lora-rank` values vLLM accepts (0.26)
-
-
-def vllm_max_lora_rank(rank: int) -> int | None:
-    """The smallest `--max-lora-rank` vLLM accepts that holds `rank`; None above its largest."""
-    return next((r for r in VLLM_MAX_LORA_RANKS if r >= rank), None)
 
 
 def export_lora(model_dir: Path | str, out_dir: Path | str, *, weights: list[float] | torch.Tensor | None = None,
