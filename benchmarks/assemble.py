@@ -49,7 +49,9 @@ def measure(cmd: list[str]) -> tuple[float, float]:
 def mergekit_command() -> str:
     exe = os.environ.get("MERGEKIT_MOE") or shutil.which("mergekit-moe")
     if not exe:
-        raise SystemExit("mergekit-moe not found: `pip install mergekit==0.1.5` and/or set MERGEKIT_MOE=/path/to/mergekit-moe")
+        raise SystemExit(
+            "mergekit-moe not found: `pip install mergekit==0.1.5` and/or set MERGEKIT_MOE=/path/to/mergekit-moe"
+        )
     return exe
 
 
@@ -60,20 +62,32 @@ def zoo_recipe(work: Path, experts_per_token: int) -> dict:
         {"source_model": str(zoo_dir / "mlp" / t), "positive_prompts": manifest["tasks"][t]["positive_prompts"]}
         for t in zoo.FULL_EXPERTS
     ]
-    return {"base_model": str(zoo_dir / "base"), "gate_mode": "hidden", "dtype": "float32",
-            "experts_per_token": experts_per_token, "experts": experts}
+    return {
+        "base_model": str(zoo_dir / "base"),
+        "gate_mode": "hidden",
+        "dtype": "float32",
+        "experts_per_token": experts_per_token,
+        "experts": experts,
+    }
 
 
 def wide_recipe(work: Path, experts_per_token: int) -> dict:
     sizes = {"hidden": 256, "intermediate": 2048, "layers": 8}  # 50 MB of MLP weights per expert
     base = zoo.pico_checkpoint(work / "wide-base", **sizes)
     experts = [
-        {"source_model": str(zoo.pico_checkpoint(work / f"wide-{i}", seed=i + 1, base=base, **sizes)),
-         "positive_prompts": zoo.task_prompts(zoo.EXPERT_TASKS[i % 5])["positive_prompts"][:2] + [f"expert {i}="]}
+        {
+            "source_model": str(zoo.pico_checkpoint(work / f"wide-{i}", seed=i + 1, base=base, **sizes)),
+            "positive_prompts": zoo.task_prompts(zoo.EXPERT_TASKS[i % 5])["positive_prompts"][:2] + [f"expert {i}="],
+        }
         for i in range(8)
     ]
-    return {"base_model": str(base), "gate_mode": "hidden", "dtype": "float32",
-            "experts_per_token": experts_per_token, "experts": experts}
+    return {
+        "base_model": str(base),
+        "gate_mode": "hidden",
+        "dtype": "float32",
+        "experts_per_token": experts_per_token,
+        "experts": experts,
+    }
 
 
 SCENARIOS = {"zoo": zoo_recipe, "wide": wide_recipe}
@@ -141,8 +155,13 @@ def main() -> None:
             ratio = f"{r['wall_s']:.2f} | {r['peak_rss_mib']:.2f}" if tool == "moe-merge" else " | "
             lines.append(f"| {name} | {tool} | {t['wall_s']:.2f} | {t['peak_rss_mib']:.0f} | {ratio} |")
     quality = result["scenarios"]["zoo"]["exact_match"]
-    lines += ["", "Exact match per task on the zoo (64 held-out words each):", "",
-              "| tool | " + " | ".join(zoo.FULL_EXPERTS) + " |", "|---|" + "---|" * len(zoo.FULL_EXPERTS)]
+    lines += [
+        "",
+        "Exact match per task on the zoo (64 held-out words each):",
+        "",
+        "| tool | " + " | ".join(zoo.FULL_EXPERTS) + " |",
+        "|---|" + "---|" * len(zoo.FULL_EXPERTS),
+    ]
     for tool, q in quality.items():
         lines.append(f"| {tool} | " + " | ".join(f"{q[t]:.0%}" for t in zoo.FULL_EXPERTS) + " |")
     text = "\n".join(lines) + "\n"

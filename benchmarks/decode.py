@@ -45,14 +45,58 @@ from moe_merge.merged_linear import MergedLinear
 from moe_merge.modeling import MoEMergeConfig, MoEMergeForCausalLM
 
 SHAPES = {  # name -> (model_type, config overrides)
-    "zoo": ("llama", dict(hidden_size=64, intermediate_size=192, num_hidden_layers=4, num_attention_heads=4,
-                          num_key_value_heads=2, head_dim=16, vocab_size=32, tie_word_embeddings=False)),
-    "qwen3-76m": ("qwen3", dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=8, num_attention_heads=12,
-                                num_key_value_heads=4, head_dim=64, vocab_size=32000, tie_word_embeddings=True)),
-    "smollm2-135m": ("llama", dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-                                   num_key_value_heads=3, head_dim=64, vocab_size=49152, tie_word_embeddings=True)),
-    "llama-1b": ("llama", dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
-                               num_key_value_heads=4, head_dim=64, vocab_size=32000, tie_word_embeddings=False)),
+    "zoo": (
+        "llama",
+        dict(
+            hidden_size=64,
+            intermediate_size=192,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            vocab_size=32,
+            tie_word_embeddings=False,
+        ),
+    ),
+    "qwen3-76m": (
+        "qwen3",
+        dict(
+            hidden_size=768,
+            intermediate_size=2048,
+            num_hidden_layers=8,
+            num_attention_heads=12,
+            num_key_value_heads=4,
+            head_dim=64,
+            vocab_size=32000,
+            tie_word_embeddings=True,
+        ),
+    ),
+    "smollm2-135m": (
+        "llama",
+        dict(
+            hidden_size=576,
+            intermediate_size=1536,
+            num_hidden_layers=30,
+            num_attention_heads=9,
+            num_key_value_heads=3,
+            head_dim=64,
+            vocab_size=49152,
+            tie_word_embeddings=True,
+        ),
+    ),
+    "llama-1b": (
+        "llama",
+        dict(
+            hidden_size=2048,
+            intermediate_size=5632,
+            num_hidden_layers=22,
+            num_attention_heads=32,
+            num_key_value_heads=4,
+            head_dim=64,
+            vocab_size=32000,
+            tie_word_embeddings=False,
+        ),
+    ),
 }
 E, PROMPT, LORA_RANK, TWIN_RANK = 4, 16, 16, 32
 FUSION_BENCH = "fusion_bench==0.2.33"
@@ -98,9 +142,15 @@ def base_model(text) -> nn.Module:
 def dynamic_model(text, method: str, level: str, form: str, rank: int | None = None) -> MoEMergeForCausalLM:
     """Ours, random weights: nonzero task vectors or factors, and routers that give every prompt its own weights."""
     projs = MLP_PROJS if level == "ffn" else ATTN_PROJS + MLP_PROJS
-    config = MoEMergeConfig(text_config=text.to_dict(), num_experts=E, method=method, level=level,
-                            delta_forms={p: form for p in projs}, delta_ranks={p: rank for p in projs} if rank else {},
-                            router_normalize="none" if method == "wemoe" else "softmax")
+    config = MoEMergeConfig(
+        text_config=text.to_dict(),
+        num_experts=E,
+        method=method,
+        level=level,
+        delta_forms={p: form for p in projs},
+        delta_ranks={p: rank for p in projs} if rank else {},
+        router_normalize="none" if method == "wemoe" else "softmax",
+    )
     torch.manual_seed(0)
     model = MoEMergeForCausalLM(config).eval()
     with torch.no_grad():
@@ -159,8 +209,9 @@ def fusion_bench_model(text) -> nn.Module:
         for expert in experts:
             for p in expert.parameters():
                 p.data += 0.002 * torch.randn_like(p)
-        layer.mlp = WeightEnsemblingMoE(text.hidden_size, layer.mlp, experts, init_lambda=0.3, batch_first=True,
-                                        router_hidden_layers=2)
+        layer.mlp = WeightEnsemblingMoE(
+            text.hidden_size, layer.mlp, experts, init_lambda=0.3, batch_first=True, router_hidden_layers=2
+        )
     return model.eval()
 
 
@@ -174,8 +225,15 @@ def prompts(text, batch: int, setup: Setup) -> torch.Tensor:
 
 @torch.no_grad()
 def generate(model, ids: torch.Tensor, setup: Setup, **kwargs) -> torch.Tensor:
-    return model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=setup.new_tokens,
-                          min_new_tokens=setup.new_tokens, do_sample=False, pad_token_id=0, **kwargs)
+    return model.generate(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=setup.new_tokens,
+        min_new_tokens=setup.new_tokens,
+        do_sample=False,
+        pad_token_id=0,
+        **kwargs,
+    )
 
 
 def static_compiled(batch: int) -> dict:
@@ -200,7 +258,9 @@ def per_request(text, setup: Setup):
     dyn = dynamic_model(text, "wemoe", "ffn", "dense")
     dense = base_model(text)
     dense.load_state_dict({k: v for k, v in dyn.state_dict().items() if k in dense.state_dict()}, strict=False)
-    pairs = [(dense.get_submodule(n), m, int(n.split(".")[2])) for n, m in dyn.named_modules() if isinstance(m, MergedLinear)]
+    pairs = [
+        (dense.get_submodule(n), m, int(n.split(".")[2])) for n, m in dyn.named_modules() if isinstance(m, MergedLinear)
+    ]
 
     def make(ids):
         with torch.no_grad():
@@ -224,11 +284,14 @@ VARIANTS = {  # name -> (text config, setup) -> (ids -> the call to time); built
     "K-concat floor": lambda text, s: runner(kconcat_floor(text), s),
     "lora low-rank": lambda text, s: runner(dynamic_model(text, "smear", "block", "lowrank", LORA_RANK), s),
     "base static+compile": lambda text, s: runner(base_model(text), s, static_compiled),
-    "lora low-rank static+compile": lambda text, s: runner(dynamic_model(text, "smear", "block", "lowrank", LORA_RANK),
-                                                            s, static_compiled),
+    "lora low-rank static+compile": lambda text, s: runner(
+        dynamic_model(text, "smear", "block", "lowrank", LORA_RANK), s, static_compiled
+    ),
     "twin svd": lambda text, s: runner(dynamic_model(text, "twin", "ffn", "lowrank", TWIN_RANK), s),
     "per-request loop": per_request,
-    "peft mixed batch": lambda text, s: runner(peft_model(text), s, lambda B: {"adapter_names": [f"e{b % E}" for b in range(B)]}),
+    "peft mixed batch": lambda text, s: runner(
+        peft_model(text), s, lambda B: {"adapter_names": [f"e{b % E}" for b in range(B)]}
+    ),
 }
 
 
@@ -252,11 +315,14 @@ def time_variants(shape: str, batches: list[int], names: list[str], setup: Setup
     """{variant: {B: seconds}} for one shape, every variant timed at one B before the next B."""
     text = text_config(shape, setup)
     with torch.device("meta"):
-        params = {"base": params_of(base_model(text)), "wemoe dense": params_of(dynamic_model(text, "wemoe", "ffn", "dense"))}
+        params = {
+            "base": params_of(base_model(text)),
+            "wemoe dense": params_of(dynamic_model(text, "wemoe", "ffn", "dense")),
+        }
     with on(setup):
         variants = {name: VARIANTS[name](text, setup) for name in names}
     out: dict[str, dict[int, float]] = {k: {} for k in variants}
-    for name, make in variants.items():
+    for make in variants.values():
         make(prompts(text, 1, setup))()  # warm-up: first calls, allocator, thread pools
     for batch in batches:
         ids = prompts(text, batch, setup)
@@ -268,8 +334,11 @@ def time_variants(shape: str, batches: list[int], names: list[str], setup: Setup
                     times[name].append(seconds(call, setup))
         for name, ts in times.items():
             out[name][batch] = statistics.median(ts)
-            print(f"{shape:10s} B={batch:<3d} {name:18s} {out[name][batch]:8.3f} s "
-                  f"({batch * setup.new_tokens / out[name][batch]:.0f} tokens/s, median of {len(ts)})", flush=True)
+            print(
+                f"{shape:10s} B={batch:<3d} {name:18s} {out[name][batch]:8.3f} s "
+                f"({batch * setup.new_tokens / out[name][batch]:.0f} tokens/s, median of {len(ts)})",
+                flush=True,
+            )
     return {"params": params, "seconds": out}
 
 
@@ -285,8 +354,13 @@ def peer_env(spec: str) -> Path:
         subprocess.run([sys.executable, "-m", "venv", "--clear", str(env)], check=True)
         site = next(p for p in sys.path if p.endswith("site-packages") and Path(p, "torch").is_dir())
         # addsitedir also reads that directory's .pth files: moe_merge's editable install among them
-        (env / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}" / "site-packages" /
-         "moe-merge-benchmark.pth").write_text(f"import site; site.addsitedir({site!r})\n")
+        (
+            env
+            / "lib"
+            / f"python{sys.version_info.major}.{sys.version_info.minor}"
+            / "site-packages"
+            / "moe-merge-benchmark.pth"
+        ).write_text(f"import site; site.addsitedir({site!r})\n")
         subprocess.run([str(python), "-m", "pip", "install", "-q", spec], check=True)
         (env / ".installed").write_text(spec)
     return python
@@ -298,8 +372,21 @@ def time_fusion_bench(shape: str, batches: list[int], setup: Setup) -> dict[int,
         python = peer_env(FUSION_BENCH)
     except (subprocess.CalledProcessError, StopIteration, OSError) as e:
         return f"could not install {FUSION_BENCH}: {e}"
-    run = subprocess.run([str(python), __file__, "--peer", "--shapes", shape, "--batches", ",".join(map(str, batches)),
-                          "--new-tokens", str(setup.new_tokens)], capture_output=True, text=True)
+    run = subprocess.run(
+        [
+            str(python),
+            __file__,
+            "--peer",
+            "--shapes",
+            shape,
+            "--batches",
+            ",".join(map(str, batches)),
+            "--new-tokens",
+            str(setup.new_tokens),
+        ],
+        capture_output=True,
+        text=True,
+    )
     if run.returncode != 0:
         return f"{FUSION_BENCH} failed at this shape: {run.stderr.strip().splitlines()[-1] if run.stderr else run.returncode}"
     return {int(b): s for b, s in json.loads(run.stdout.strip().splitlines()[-1]).items()}
@@ -312,8 +399,11 @@ def peer_main(shape: str, batches: list[int], setup: Setup) -> None:
     out = {}
     for b in batches:
         ids = prompts(text, b, setup)
-        ts = [seconds(lambda: generate(model, ids, setup), setup)]
-        ts += [seconds(lambda: generate(model, ids, setup), setup) for _ in range(repeats("fusion_bench wemoe", b, ts[0]) - 1)]
+        ts = [seconds(lambda ids=ids: generate(model, ids, setup), setup)]
+        ts += [
+            seconds(lambda ids=ids: generate(model, ids, setup), setup)
+            for _ in range(repeats("fusion_bench wemoe", b, ts[0]) - 1)
+        ]
         out[b] = statistics.median(ts)
     print(json.dumps(out))
 
@@ -323,13 +413,27 @@ def peer_main(shape: str, batches: list[int], setup: Setup) -> None:
 
 def ratios(seconds: dict) -> dict:
     """The goals' ratios at each B, for the variants that ran."""
-    pairs = [("lora low-rank", "base"), ("twin svd", "base"), ("wemoe dense", "base"), ("wemoe dense", "K-concat floor"),
-             ("per-request loop", "wemoe dense"), ("fusion_bench wemoe", "wemoe dense"),
-             ("peft mixed batch", "lora low-rank"), ("lora low-rank static+compile", "base static+compile"),
-             ("lora low-rank static+compile", "base"), ("lora low-rank", "lora low-rank static+compile"),
-             ("per-request loop", "lora low-rank static+compile")]
-    return {b: {f"{a} / {c}": seconds[a][b] / seconds[c][b] for a, c in pairs if b in seconds.get(a, {}) and b in seconds.get(c, {})}
-            for b in seconds["base"]}
+    pairs = [
+        ("lora low-rank", "base"),
+        ("twin svd", "base"),
+        ("wemoe dense", "base"),
+        ("wemoe dense", "K-concat floor"),
+        ("per-request loop", "wemoe dense"),
+        ("fusion_bench wemoe", "wemoe dense"),
+        ("peft mixed batch", "lora low-rank"),
+        ("lora low-rank static+compile", "base static+compile"),
+        ("lora low-rank static+compile", "base"),
+        ("lora low-rank", "lora low-rank static+compile"),
+        ("per-request loop", "lora low-rank static+compile"),
+    ]
+    return {
+        b: {
+            f"{a} / {c}": seconds[a][b] / seconds[c][b]
+            for a, c in pairs
+            if b in seconds.get(a, {}) and b in seconds.get(c, {})
+        }
+        for b in seconds["base"]
+    }
 
 
 def write(results: dict, out: Path) -> Path:
@@ -337,18 +441,30 @@ def write(results: dict, out: Path) -> Path:
     stem = out / f"decode-{results['slug']}-{results['date']}"
     stem.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
     new = results["new_tokens"]
-    lines = [f"# Greedy generate: {E} experts, {PROMPT}-token prompts, {new} new tokens, {results['dtype']}", "",
-             f"{results['device']}, {results['date']}; torch {results['torch']}, transformers {results['transformers']}.",
-             "Times are medians of 11 runs (3 above half a second; one for the per-request loop and fusion_bench at "
-             "B > 1), the variants run in turn.", ""]
+    lines = [
+        f"# Greedy generate: {E} experts, {PROMPT}-token prompts, {new} new tokens, {results['dtype']}",
+        "",
+        f"{results['device']}, {results['date']}; torch {results['torch']}, transformers {results['transformers']}.",
+        "Times are medians of 11 runs (3 above half a second; one for the per-request loop and fusion_bench at "
+        "B > 1), the variants run in turn.",
+        "",
+    ]
     for shape, r in results["shapes"].items():
         secs = r["seconds"]
         batches = sorted(secs["base"])
-        lines += [f"## {shape}: base {r['params']['base'] / 1e6:.1f}M parameters, WEMoE model "
-                  f"{r['params']['wemoe dense'] / 1e6:.1f}M", "",
-                  "| variant | " + " | ".join(f"B={b} (s)" for b in batches) + " | "
-                  + " | ".join(f"B={b} tokens/s" for b in batches) + " | " + " | ".join(f"B={b} / base" for b in batches) + " |",
-                  "|---|" + "---|" * 3 * len(batches)]
+        lines += [
+            f"## {shape}: base {r['params']['base'] / 1e6:.1f}M parameters, WEMoE model "
+            f"{r['params']['wemoe dense'] / 1e6:.1f}M",
+            "",
+            "| variant | "
+            + " | ".join(f"B={b} (s)" for b in batches)
+            + " | "
+            + " | ".join(f"B={b} tokens/s" for b in batches)
+            + " | "
+            + " | ".join(f"B={b} / base" for b in batches)
+            + " |",
+            "|---|" + "---|" * 3 * len(batches),
+        ]
         for name, by_b in secs.items():
             cells = [f"{by_b[b]:.3f}" if b in by_b else "-" for b in batches]
             cells += [f"{b * new / by_b[b]:.0f}" if b in by_b else "-" for b in batches]
@@ -359,8 +475,10 @@ def write(results: dict, out: Path) -> Path:
         names = list(dict.fromkeys(k for rs in r["ratios"].values() for k in rs))
         if names:
             lines += ["", "| B | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
-            lines += [f"| {b} | " + " | ".join(f"{rs[k]:.2f}" if k in rs else "-" for k in names) + " |"
-                      for b, rs in r["ratios"].items()]
+            lines += [
+                f"| {b} | " + " | ".join(f"{rs[k]:.2f}" if k in rs else "-" for k in names) + " |"
+                for b, rs in r["ratios"].items()
+            ]
         lines.append("")
     stem.with_suffix(".md").write_text("\n".join(lines))
     plot(results, stem.with_suffix(".png"))
@@ -379,13 +497,19 @@ def plot(results: dict, path: Path) -> None:
         secs, batches = r["seconds"], sorted(r["seconds"]["base"])
         width = 0.8 / len(secs)
         for i, (name, by_b) in enumerate(secs.items()):
-            ax.bar([j + i * width for j in range(len(batches))],
-                   [by_b[b] / secs["base"][b] if b in by_b else float("nan") for b in batches], width, label=name)
+            ax.bar(
+                [j + i * width for j in range(len(batches))],
+                [by_b[b] / secs["base"][b] if b in by_b else float("nan") for b in batches],
+                width,
+                label=name,
+            )
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(batches))], [f"B={b}" for b in batches])
         ax.set_yscale("log")
         ax.axhline(1.0, color="black", lw=0.8)
         ax.set_ylabel("time / dense base (log)")
-        ax.set_title(f"{shape} ({r['params']['base'] / 1e6:.0f}M), {E} experts, {results['new_tokens']} new tokens", fontsize=9)
+        ax.set_title(
+            f"{shape} ({r['params']['base'] / 1e6:.0f}M), {E} experts, {results['new_tokens']} new tokens", fontsize=9
+        )
     axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.suptitle(f"{results['device']}, {results['date']}", fontsize=9)
     fig.savefig(path, dpi=110, bbox_inches="tight")
@@ -402,8 +526,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shapes", default="zoo,qwen3-76m", help=f"comma-separated, from {', '.join(SHAPES)}")
     parser.add_argument("--batches", default="1,16,64")
-    parser.add_argument("--only", default=",".join([*VARIANTS, "fusion_bench wemoe"]),
-                        help="variants to run, comma-separated (default: every one)")
+    parser.add_argument(
+        "--only",
+        default=",".join([*VARIANTS, "fusion_bench wemoe"]),
+        help="variants to run, comma-separated (default: every one)",
+    )
     parser.add_argument("--skip", default="", help="variants to leave out, comma-separated")
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -422,10 +549,16 @@ def main() -> None:
     if "base" not in names:
         parser.error("`base` is what every ratio divides by: keep it")
     device = device_name(setup)
-    results = {"device": device, "slug": re.sub(r"[^a-z0-9]+", "-", device.lower()).strip("-"),
-               "date": datetime.date.today().isoformat(), "torch": torch.__version__,
-               "transformers": __import__("transformers").__version__, "dtype": args.dtype,
-               "new_tokens": setup.new_tokens, "shapes": {}}
+    results = {
+        "device": device,
+        "slug": re.sub(r"[^a-z0-9]+", "-", device.lower()).strip("-"),
+        "date": datetime.date.today().isoformat(),
+        "torch": torch.__version__,
+        "transformers": __import__("transformers").__version__,
+        "dtype": args.dtype,
+        "new_tokens": setup.new_tokens,
+        "shapes": {},
+    }
     for shape in shapes:
         r = time_variants(shape, batches, [n for n in names if n in VARIANTS], setup)
         if "fusion_bench wemoe" in names:
@@ -435,7 +568,10 @@ def main() -> None:
                 print(fb, flush=True)
             else:
                 r["seconds"]["fusion_bench wemoe"] = fb
-                print(f"{shape:10s} fusion_bench wemoe " + "  ".join(f"B={b}: {s:.3f} s" for b, s in fb.items()), flush=True)
+                print(
+                    f"{shape:10s} fusion_bench wemoe " + "  ".join(f"B={b}: {s:.3f} s" for b, s in fb.items()),
+                    flush=True,
+                )
         r["ratios"] = ratios(r["seconds"])
         results["shapes"][shape] = r
     print(f"wrote {write(results, args.out)}.{{json,md,png}}")

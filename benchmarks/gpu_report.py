@@ -41,21 +41,35 @@ def report(out: Path, log: str) -> str:
     lines += [f"| {name} | {outcome} |" for name, outcome in steps(log)]
     if kernels:
         rates = kernels["rates"]
-        lines += ["", "## Kernels (benchmarks/kernels.py, Mistral-7B shapes, bf16)", "",
-                  f"Measured: copy {rates['bandwidth'] / 1e12:.2f} TB/s, bf16 GEMM {rates['matmul_flops'] / 1e12:.0f} TFLOP/s. "
-                  "For kernels/dispatch.py:", "",
-                  f"    \"cuda\": DeviceRates(bandwidth={rates['bandwidth']:.3e}, matmul_flops={rates['matmul_flops']:.3e}, "
-                  f"source=\"measured: {device}, {date}\"),", "",
-                  "| target | passed | worst |", "|---|---|---|"]
+        lines += [
+            "",
+            "## Kernels (benchmarks/kernels.py, Mistral-7B shapes, bf16)",
+            "",
+            f"Measured: copy {rates['bandwidth'] / 1e12:.2f} TB/s, bf16 GEMM {rates['matmul_flops'] / 1e12:.0f} TFLOP/s. "
+            "For kernels/dispatch.py:",
+            "",
+            f'    "cuda": DeviceRates(bandwidth={rates["bandwidth"]:.3e}, matmul_flops={rates["matmul_flops"]:.3e}, '
+            f'source="measured: {device}, {date}"),',
+            "",
+            "| target | passed | worst |",
+            "|---|---|---|",
+        ]
         lines += [f"| {t['target']} | {t['passed']}/{t['cases']} | {t['worst']:.2f} |" for t in kernels["targets"]]
     if decode:
         lines += ["", f"## generate, {decode['dtype']}, {decode['new_tokens']} new tokens (benchmarks/decode.py)", ""]
         for shape, r in decode["shapes"].items():
             secs = r["seconds"]
             batches = sorted(secs["base"], key=int)
-            lines += [f"{shape}: base {r['params']['base'] / 1e6:.0f}M parameters.", "",
-                      "| variant | " + " | ".join(f"B={b} tokens/s" for b in batches) + " | "
-                      + " | ".join(f"B={b} / base" for b in batches) + " |", "|---|" + "---|" * 2 * len(batches)]
+            lines += [
+                f"{shape}: base {r['params']['base'] / 1e6:.0f}M parameters.",
+                "",
+                "| variant | "
+                + " | ".join(f"B={b} tokens/s" for b in batches)
+                + " | "
+                + " | ".join(f"B={b} / base" for b in batches)
+                + " |",
+                "|---|" + "---|" * 2 * len(batches),
+            ]
             for name, by_b in secs.items():
                 cells = [f"{int(b) * decode['new_tokens'] / by_b[b]:.0f}" for b in batches]
                 cells += [f"{by_b[b] / secs['base'][b]:.2f}x" for b in batches]

@@ -50,7 +50,10 @@ def main() -> None:
     t0 = time.perf_counter()
     model = proxy.candidate_model(base_dir, members)
     R = model.config.num_routers
-    cands = [torch.softmax(torch.randn(R, len(members), generator=g, dtype=torch.float64) * 2, -1) for _ in range(args.candidates)]
+    cands = [
+        torch.softmax(torch.randn(R, len(members), generator=g, dtype=torch.float64) * 2, -1)
+        for _ in range(args.candidates)
+    ]
     built = time.perf_counter() - t0
     batched_scores = proxy.score(model, rows, cands, batch_size=args.batch_size)
     batched = time.perf_counter() - t0
@@ -62,7 +65,9 @@ def main() -> None:
     t0 = time.perf_counter()
     loop_scores = []
     for w in cands:
-        state = {n: base.get(n).float() + torch.einsum("e,e...->...", w[proxy.slot(n, R)].float(), taus[n]) for n in names}
+        state = {
+            n: base.get(n).float() + torch.einsum("e,e...->...", w[proxy.slot(n, R)].float(), taus[n]) for n in names
+        }
         dense = AutoModelForCausalLM.from_pretrained(base_dir)
         dense.load_state_dict(state)
         loop_scores += proxy.score(dense, rows)
@@ -71,7 +76,10 @@ def main() -> None:
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         for k, w in enumerate(cands):
-            state = {n: base.get(n).float() + torch.einsum("e,e...->...", w[proxy.slot(n, R)].float(), taus[n]) for n in names}
+            state = {
+                n: base.get(n).float() + torch.einsum("e,e...->...", w[proxy.slot(n, R)].float(), taus[n])
+                for n in names
+            }
             dense = AutoModelForCausalLM.from_pretrained(base_dir)
             dense.load_state_dict(state)
             dense.save_pretrained(Path(tmp) / str(k))
@@ -79,26 +87,37 @@ def main() -> None:
     disk = time.perf_counter() - t0
 
     result = {
-        "date": datetime.date.today().isoformat(), "machine": f"{platform.processor() or platform.machine()}, "
-        f"{torch.get_num_threads()} threads, no GPU", "members": len(members), "rows": len(rows.rows),
-        "candidates": args.candidates, "batched_s": batched, "batched_build_s": built, "loop_s": loop,
-        "per_candidate_batched_ms": 1000 * batched / args.candidates, "per_candidate_loop_ms": 1000 * loop / args.candidates,
-        "disk_s": disk, "per_candidate_disk_ms": 1000 * disk / args.candidates,
-        "speedup": loop / batched, "speedup_over_disk": disk / batched, "max_score_difference": agree,
+        "date": datetime.date.today().isoformat(),
+        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, no GPU",
+        "members": len(members),
+        "rows": len(rows.rows),
+        "candidates": args.candidates,
+        "batched_s": batched,
+        "batched_build_s": built,
+        "loop_s": loop,
+        "per_candidate_batched_ms": 1000 * batched / args.candidates,
+        "per_candidate_loop_ms": 1000 * loop / args.candidates,
+        "disk_s": disk,
+        "per_candidate_disk_ms": 1000 * disk / args.candidates,
+        "speedup": loop / batched,
+        "speedup_over_disk": disk / batched,
+        "max_score_difference": agree,
     }
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / f"proxy-{result['date']}"
     stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    md = (f"# Proxy evaluation: batched dynamic model vs merge-then-evaluate\n\n{result['date']}, {result['machine']}; "
-          f"{result['members']} members, {result['rows']} proxy rows, {args.candidates} candidates, "
-          f"{args.batch_size} rows per batched pass.\n\n"
-          "| path | total (s) | per candidate (ms) |\n|---|---|---|\n"
-          f"| batched through the dynamic model (build included: {built:.2f} s) | {batched:.2f} | "
-          f"{result['per_candidate_batched_ms']:.1f} |\n"
-          f"| merge, load, evaluate, one at a time, in memory | {loop:.2f} | {result['per_candidate_loop_ms']:.1f} |\n"
-          f"| the same through disk (save, load back, evaluate) | {disk:.2f} | {result['per_candidate_disk_ms']:.1f} |\n\n"
-          f"Speed-up {result['speedup']:.1f}x over the in-memory loop, {result['speedup_over_disk']:.1f}x over the disk "
-          f"loop; largest difference between the batched and in-memory scores: {agree:.2g}.\n")
+    md = (
+        f"# Proxy evaluation: batched dynamic model vs merge-then-evaluate\n\n{result['date']}, {result['machine']}; "
+        f"{result['members']} members, {result['rows']} proxy rows, {args.candidates} candidates, "
+        f"{args.batch_size} rows per batched pass.\n\n"
+        "| path | total (s) | per candidate (ms) |\n|---|---|---|\n"
+        f"| batched through the dynamic model (build included: {built:.2f} s) | {batched:.2f} | "
+        f"{result['per_candidate_batched_ms']:.1f} |\n"
+        f"| merge, load, evaluate, one at a time, in memory | {loop:.2f} | {result['per_candidate_loop_ms']:.1f} |\n"
+        f"| the same through disk (save, load back, evaluate) | {disk:.2f} | {result['per_candidate_disk_ms']:.1f} |\n\n"
+        f"Speed-up {result['speedup']:.1f}x over the in-memory loop, {result['speedup_over_disk']:.1f}x over the disk "
+        f"loop; largest difference between the batched and in-memory scores: {agree:.2g}.\n"
+    )
     stem.with_suffix(".md").write_text(md)
     print(md)
 

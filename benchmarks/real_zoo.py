@@ -49,22 +49,39 @@ from moe_merge.quality import exact_match, oracle_scores
 from moe_merge.tokens import load_tokenizer
 
 sys.path.insert(0, str(Path(__file__).parent))
-from assemble import measure  # noqa: E402
-from decode import peer_env  # noqa: E402
+from assemble import measure
+from decode import peer_env
 
 RESULTS = Path(__file__).parent / "results"
-DYNAMIC = [("smear", "ffn"), ("wemoe", "ffn"), ("twin", "ffn"), ("smear", "block"), ("wemoe", "block"),
-           ("twin", "block"), ("sparse", "block"), ("sparse", "model")]
+DYNAMIC = [
+    ("smear", "ffn"),
+    ("wemoe", "ffn"),
+    ("twin", "ffn"),
+    ("smear", "block"),
+    ("wemoe", "block"),
+    ("twin", "block"),
+    ("sparse", "block"),
+    ("sparse", "model"),
+]
 STOCK = {  # name -> recipe overrides: the stock Mixtral export
-    "mergekit's YAML (gate_mode hidden, top-2, the base's attention)":
-        {"gate_mode": "hidden", "experts_per_token": 2, "non_expert": "base"},
-    "router.init fit, top-1, averaged attention (the best training-free start)":
-        {"router": {"init": "fit"}, "experts_per_token": 1},
+    "mergekit's YAML (gate_mode hidden, top-2, the base's attention)": {
+        "gate_mode": "hidden",
+        "experts_per_token": 2,
+        "non_expert": "base",
+    },
+    "router.init fit, top-1, averaged attention (the best training-free start)": {
+        "router": {"init": "fit"},
+        "experts_per_token": 1,
+    },
 }
 STATIC = ("average", "task_arithmetic", "ties")
 TRAIN = {"steps": 100, "lr": 0.05, "batch_size": 8, "objective": {"lm": 1.0, "routing": 1.0}}
-DECODE = {"smear ffn": {"method": "smear", "level": "ffn"}, "wemoe ffn": {"method": "wemoe", "level": "ffn"},
-          "smear block": {"method": "smear", "level": "block"}, "twin block": {"method": "twin", "level": "block"}}
+DECODE = {
+    "smear ffn": {"method": "smear", "level": "ffn"},
+    "wemoe ffn": {"method": "wemoe", "level": "ffn"},
+    "smear block": {"method": "smear", "level": "block"},
+    "twin block": {"method": "twin", "level": "block"},
+}
 MERGEKIT = "mergekit==0.1.5"
 
 
@@ -85,8 +102,9 @@ def worst(got: dict[str, float], experts: dict[str, float]) -> float:
 
 
 def load(path: Path):
-    import moe_merge.modeling  # noqa: F401
     from transformers import AutoModelForCausalLM
+
+    import moe_merge.modeling  # noqa: F401
 
     return AutoModelForCausalLM.from_pretrained(path, experts_implementation="eager").eval()
 
@@ -96,9 +114,11 @@ def stock_oracle(model, tok, rows, tasks) -> dict[str, float]:
     perfect; attention is what the export holds)."""
     out = {}
     for e, task in enumerate(tasks):
+
         def one_hot(_m, _a, o, e=e):
             n = o[0].shape[0]
             return o[0], torch.ones(n, 1, dtype=o[1].dtype), torch.full((n, 1), e)
+
         hooks = [layer.mlp.gate.register_forward_hook(one_hot) for layer in model.model.layers]
         out.update(scores(model, tok, [r for r in rows if r["task"] == task]))
         for h in hooks:
@@ -124,8 +144,9 @@ def trained(model_dir: Path, run: Path, tasks, steps: int) -> tuple[Path, dict]:
     data = run.parent / f"{run.name}-rows.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in realzoo.router_training_rows(tasks)))
     args = {**TRAIN, "steps": steps}
-    summary = train_router(model_dir, run, TrainRouterArgs(data=data, eval_every=50, save_every=steps, force=True,
-                                                           **args))
+    summary = train_router(
+        model_dir, run, TrainRouterArgs(data=data, eval_every=50, save_every=steps, force=True, **args)
+    )
     return run / "model", summary
 
 
@@ -138,7 +159,9 @@ def quality(zoo: Path, work: Path, steps: int, sets: list[str]) -> dict:
         table = out[experts] = {"tasks": tasks, "rows": {}}
         own = {}
         for t in tasks:
-            own[t] = scores(realzoo.load_checkpoint(zoo / realzoo.TASK[t].expert), tok, [r for r in rows if r["task"] == t])[t]
+            own[t] = scores(
+                realzoo.load_checkpoint(zoo / realzoo.TASK[t].expert), tok, [r for r in rows if r["task"] == t]
+            )[t]
         table["experts"] = own
         table["rows"]["base"] = {"training-free": scores(load(zoo / "base"), tok, rows)}
         for method in STATIC:
@@ -146,38 +169,51 @@ def quality(zoo: Path, work: Path, steps: int, sets: list[str]) -> dict:
             print(experts, method, table["rows"][f"static {method}"], flush=True)
         for name, overrides in STOCK.items():
             target = work / f"{experts}-stock-{len(table['rows'])}"
-            model_dir = assemble(MergeConfig.model_validate(realzoo.zoo_recipe(zoo, experts, **overrides)), target,
-                                 force=True)
+            model_dir = assemble(
+                MergeConfig.model_validate(realzoo.zoo_recipe(zoo, experts, **overrides)), target, force=True
+            )
             model = load(model_dir)
             row = table["rows"][f"sparse ffn (stock Mixtral), {name}"] = {
-                "training-free": scores(model, tok, rows), "oracle": stock_oracle(model, tok, rows, tasks)}
+                "training-free": scores(model, tok, rows),
+                "oracle": stock_oracle(model, tok, rows, tasks),
+            }
             if steps and worst(row["training-free"], own) < worst(row["oracle"], own):
                 exported, summary = trained(model_dir, work / f"{target.name}-run", tasks, steps)
                 row["trained"], row["seconds_per_step"] = scores(load(exported), tok, rows), summary["seconds_per_step"]
             print(experts, name, row, flush=True)
         for method, level in DYNAMIC:
             t0 = time.perf_counter()
-            model_dir = assemble(MergeConfig.model_validate(realzoo.zoo_recipe(zoo, experts, method=method, level=level)),
-                                 work / f"{experts}-{method}-{level}", force=True)
+            model_dir = assemble(
+                MergeConfig.model_validate(realzoo.zoo_recipe(zoo, experts, method=method, level=level)),
+                work / f"{experts}-{method}-{level}",
+                force=True,
+            )
             seconds = time.perf_counter() - t0
             model = load(model_dir)
             row = table["rows"][f"{method} {level}"] = {
                 "training-free": scores(model, tok, rows),
                 "oracle": {t: s for t, (s, _) in oracle_scores(model, tok, rows).items()},
-                "assembly_seconds": seconds}
+                "assembly_seconds": seconds,
+            }
             if steps and worst(row["training-free"], own) < worst(row["oracle"], own):
                 exported, summary = trained(model_dir, work / f"{experts}-{method}-{level}-run", tasks, steps)
                 row["trained"], row["seconds_per_step"] = scores(load(exported), tok, rows), summary["seconds_per_step"]
             row["routing"] = json.loads((model_dir / "routing_report.json").read_text())
             print(experts, method, level, {k: v for k, v in row.items() if k != "routing"}, flush=True)
         if steps:
-            model_dir = assemble(MergeConfig.model_validate(realzoo.zoo_recipe(
-                zoo, experts, method="wemoe", level="ffn", router={"init": "uniform"})), work / f"{experts}-uniform",
-                force=True)
+            model_dir = assemble(
+                MergeConfig.model_validate(
+                    realzoo.zoo_recipe(zoo, experts, method="wemoe", level="ffn", router={"init": "uniform"})
+                ),
+                work / f"{experts}-uniform",
+                force=True,
+            )
             exported, summary = trained(model_dir, work / f"{experts}-uniform-run", tasks, steps)
             table["rows"]["wemoe ffn, uniform start (router.init uniform)"] = {
-                "training-free": scores(load(model_dir), tok, rows), "trained": scores(load(exported), tok, rows),
-                "seconds_per_step": summary["seconds_per_step"]}
+                "training-free": scores(load(model_dir), tok, rows),
+                "trained": scores(load(exported), tok, rows),
+                "seconds_per_step": summary["seconds_per_step"],
+            }
     return out
 
 
@@ -212,8 +248,9 @@ def mergekit_quality(zoo: Path, work: Path, exe: str) -> dict:
     full = full_checkpoints(zoo, work)
     recipe = {**realzoo.zoo_recipe(zoo, "lora", **STOCK[next(iter(STOCK))]), "dtype": "bfloat16"}
     recipe.pop("non_expert")
-    recipe["experts"] = [{"source_model": str(full[e["name"]]), "positive_prompts": e["positive_prompts"]}
-                         for e in recipe["experts"]]
+    recipe["experts"] = [
+        {"source_model": str(full[e["name"]]), "positive_prompts": e["positive_prompts"]} for e in recipe["experts"]
+    ]
     config = work / "mergekit.yaml"
     config.write_text(yaml.safe_dump(recipe, sort_keys=False))
     out = work / "mergekit-out"
@@ -238,10 +275,11 @@ def decode(zoo: Path, work: Path, batches: list[int], repeats: int) -> dict:
     rows = realzoo.eval_rows(realzoo.LORA_TASKS)
     out = {}
     for B in batches:
-        enc = tok([rows[i % len(rows)]["prompt"] for i in range(B)], return_tensors="pt", padding=True,
-                  padding_side="left")
+        enc = tok(
+            [rows[i % len(rows)]["prompt"] for i in range(B)], return_tensors="pt", padding=True, padding_side="left"
+        )
 
-        def run(model):
+        def run(model, enc=enc):
             t = time.perf_counter()
             model.generate(**enc, max_new_tokens=32, min_new_tokens=32, do_sample=False, pad_token_id=tok.pad_token_id)
             return time.perf_counter() - t
@@ -252,11 +290,17 @@ def decode(zoo: Path, work: Path, batches: list[int], repeats: int) -> dict:
         for _ in range(repeats):
             for name, model in models.items():
                 times[name].append(run(model))
-        out[B] = {name: {"seconds": statistics.median(ts),
-                         "ratio": statistics.median(t / b for t, b in zip(ts, times["base"])),
-                         "ratio_range": [min(t / b for t, b in zip(ts, times["base"])),
-                                         max(t / b for t, b in zip(ts, times["base"]))]}
-                  for name, ts in times.items()}
+        out[B] = {
+            name: {
+                "seconds": statistics.median(ts),
+                "ratio": statistics.median(t / b for t, b in zip(ts, times["base"])),
+                "ratio_range": [
+                    min(t / b for t, b in zip(ts, times["base"])),
+                    max(t / b for t, b in zip(ts, times["base"])),
+                ],
+            }
+            for name, ts in times.items()
+        }
         print(f"decode B={B}: " + ", ".join(f"{n} {r['ratio']:.2f}x" for n, r in out[B].items()), flush=True)
     return out
 
@@ -266,23 +310,37 @@ def decode(zoo: Path, work: Path, batches: list[int], repeats: int) -> dict:
 
 def assembly(zoo: Path, work: Path, exe: str, repeats: int) -> dict:
     full = full_checkpoints(zoo, work)
-    recipe = {"base_model": str(zoo / "base"), "gate_mode": "hidden", "experts_per_token": 2, "dtype": "bfloat16",
-              "experts": [{"source_model": str(full[t]), "positive_prompts": realzoo.task_prompts(t)["positive_prompts"]}
-                          for t in realzoo.TASK_NAMES]}
+    recipe = {
+        "base_model": str(zoo / "base"),
+        "gate_mode": "hidden",
+        "experts_per_token": 2,
+        "dtype": "bfloat16",
+        "experts": [
+            {"source_model": str(full[t]), "positive_prompts": realzoo.task_prompts(t)["positive_prompts"]}
+            for t in realzoo.TASK_NAMES
+        ],
+    }
     config = work / "assembly.yaml"
     config.write_text(yaml.safe_dump(recipe, sort_keys=False))
-    commands = {"moe-merge": lambda o: [sys.executable, "-m", "moe_merge.cli", "assemble", str(config), str(o)],
-                "mergekit-moe": lambda o: [exe, str(config), str(o), "--device", "cpu", "--quiet"]}
+    commands = {
+        "moe-merge": lambda o: [sys.executable, "-m", "moe_merge.cli", "assemble", str(config), str(o)],
+        "mergekit-moe": lambda o: [exe, str(config), str(o), "--device", "cpu", "--quiet"],
+    }
     runs: dict[str, list] = {tool: [] for tool in commands}
     for _ in range(repeats):
         for tool, cmd in commands.items():
             target = work / f"assembly-{tool}"
             shutil.rmtree(target, ignore_errors=True)
             runs[tool].append(measure(cmd(target)))
-    tools = {tool: {"wall_s": statistics.median(r[0] for r in rs), "peak_rss_mib": statistics.median(r[1] for r in rs)}
-             for tool, rs in runs.items()}
-    return {"experts": len(recipe["experts"]), "tools": tools,
-            "ratios": {k: tools["moe-merge"][k] / tools["mergekit-moe"][k] for k in ("wall_s", "peak_rss_mib")}}
+    tools = {
+        tool: {"wall_s": statistics.median(r[0] for r in rs), "peak_rss_mib": statistics.median(r[1] for r in rs)}
+        for tool, rs in runs.items()
+    }
+    return {
+        "experts": len(recipe["experts"]),
+        "tools": tools,
+        "ratios": {k: tools["moe-merge"][k] / tools["mergekit-moe"][k] for k in ("wall_s", "peak_rss_mib")},
+    }
 
 
 # ----------------------------------------------------------------------------------------- report
@@ -293,16 +351,26 @@ def pct(x: float | None) -> str:
 
 
 def markdown(results: dict) -> str:
-    lines = [f"# The real-model zoo ({results['base']}): {results['device']}, {results['date']}", "",
-             f"torch {results['torch']}, transformers {results['transformers']}. Exact match on each task's 24 held-out "
-             "prompts; \"worst\" is the worst task's score relative to its expert's.", ""]
+    lines = [
+        f"# The real-model zoo ({results['base']}): {results['device']}, {results['date']}",
+        "",
+        f"torch {results['torch']}, transformers {results['transformers']}. Exact match on each task's 24 held-out "
+        "prompts; \"worst\" is the worst task's score relative to its expert's.",
+        "",
+    ]
     for experts, table in results.get("quality", {}).items():
         tasks = table["tasks"]
-        lines += [f"## Quality: {experts} experts ({', '.join(tasks)})", "",
-                  "| model | " + " | ".join(tasks) + " | worst | oracle: worst | trained: worst |",
-                  "|---|" + "---|" * (len(tasks) + 3)]
-        lines.append("| experts (each on its own task) | " + " | ".join(pct(table["experts"][t]) for t in tasks)
-                     + " | 100% | | |")
+        lines += [
+            f"## Quality: {experts} experts ({', '.join(tasks)})",
+            "",
+            "| model | " + " | ".join(tasks) + " | worst | oracle: worst | trained: worst |",
+            "|---|" + "---|" * (len(tasks) + 3),
+        ]
+        lines.append(
+            "| experts (each on its own task) | "
+            + " | ".join(pct(table["experts"][t]) for t in tasks)
+            + " | 100% | | |"
+        )
         for name, row in table["rows"].items():
             free = row["training-free"]
             cells = [pct(free[t]) for t in tasks] + [pct(worst(free, table["experts"]))]
@@ -310,13 +378,19 @@ def markdown(results: dict) -> str:
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
         if "mergekit-moe" in table:
             mk = table["mergekit-moe"]
-            lines.append("| mergekit-moe 0.1.5, mergekit's YAML | " + " | ".join(pct(mk[t]) for t in tasks)
-                         + f" | {pct(worst(mk, table['experts']))} | | |")
+            lines.append(
+                "| mergekit-moe 0.1.5, mergekit's YAML | "
+                + " | ".join(pct(mk[t]) for t in tasks)
+                + f" | {pct(worst(mk, table['experts']))} | | |"
+            )
         lines.append("")
     if "quality" in results:
-        lines += ["## Routing of held-out prompts (training-free)", "",
-                  "| experts | model | routers | accuracy, mean over routers | worst router | routed right at every router |",
-                  "|---|---|---|---|---|---|"]
+        lines += [
+            "## Routing of held-out prompts (training-free)",
+            "",
+            "| experts | model | routers | accuracy, mean over routers | worst router | routed right at every router |",
+            "|---|---|---|---|---|---|",
+        ]
         for experts, table in results["quality"].items():
             for name, row in table["rows"].items():
                 rep = row.get("routing")
@@ -324,26 +398,48 @@ def markdown(results: dict) -> str:
                     accs = [a for r in rep["routers"] for a in r["accuracy"] if a is not None]
                     per_router = [statistics.mean(a for a in r["accuracy"] if a is not None) for r in rep["routers"]]
                     everywhere = [x for x in rep.get("routed_right_everywhere", []) if x is not None]
-                    lines.append(f"| {experts} | {name} | {len(rep['routers'])} | {statistics.mean(accs):.1%} | "
-                                 f"{min(per_router):.1%} | {min(everywhere):.1%} |" if everywhere else "")
+                    lines.append(
+                        f"| {experts} | {name} | {len(rep['routers'])} | {statistics.mean(accs):.1%} | "
+                        f"{min(per_router):.1%} | {min(everywhere):.1%} |"
+                        if everywhere
+                        else ""
+                    )
         lines.append("")
     if "decode" in results:
         d = results["decode"]
         names = list(next(iter(d.values())))
-        lines += ["## Decode: greedy generate, 32 new tokens, bf16, LoRA experts kept low-rank", "",
-                  "| variant | " + " | ".join(f"B={b}: s, x base (range)" for b in d) + " |", "|---|" + "---|" * len(d)]
+        lines += [
+            "## Decode: greedy generate, 32 new tokens, bf16, LoRA experts kept low-rank",
+            "",
+            "| variant | " + " | ".join(f"B={b}: s, x base (range)" for b in d) + " |",
+            "|---|" + "---|" * len(d),
+        ]
         for n in names:
-            lines.append(f"| {n} | " + " | ".join(
-                f"{d[b][n]['seconds']:.2f}, {d[b][n]['ratio']:.2f}x ({d[b][n]['ratio_range'][0]:.2f}-"
-                f"{d[b][n]['ratio_range'][1]:.2f})" for b in d) + " |")
+            lines.append(
+                f"| {n} | "
+                + " | ".join(
+                    f"{d[b][n]['seconds']:.2f}, {d[b][n]['ratio']:.2f}x ({d[b][n]['ratio_range'][0]:.2f}-"
+                    f"{d[b][n]['ratio_range'][1]:.2f})"
+                    for b in d
+                )
+                + " |"
+            )
         lines.append("")
     if "assembly" in results:
         a = results["assembly"]
-        lines += [f"## Assembly: the same YAML ({a['experts']} full checkpoints, gate_mode hidden, top-2), median of "
-                  f"{results['repeats']}", "", "| tool | wall (s) | peak RSS (MiB) |", "|---|---|---|"]
+        lines += [
+            f"## Assembly: the same YAML ({a['experts']} full checkpoints, gate_mode hidden, top-2), median of "
+            f"{results['repeats']}",
+            "",
+            "| tool | wall (s) | peak RSS (MiB) |",
+            "|---|---|---|",
+        ]
         lines += [f"| {t} | {v['wall_s']:.1f} | {v['peak_rss_mib']:.0f} |" for t, v in a["tools"].items()]
-        lines += ["", f"moe-merge / mergekit-moe: wall {a['ratios']['wall_s']:.2f}, peak RSS {a['ratios']['peak_rss_mib']:.2f}",
-                  ""]
+        lines += [
+            "",
+            f"moe-merge / mergekit-moe: wall {a['ratios']['wall_s']:.2f}, peak RSS {a['ratios']['peak_rss_mib']:.2f}",
+            "",
+        ]
     return "\n".join(lines)
 
 
@@ -362,9 +458,15 @@ def main() -> None:
     zoo = realzoo.ensure_real_zoo(args.base)
     work = Path(os.environ.get("MOE_MERGE_BENCH_WORK") or (realzoo.cache_root() / "bench-real" / args.base))
     work.mkdir(parents=True, exist_ok=True)
-    results = {"base": args.base, "zoo": zoo.name, "date": datetime.date.today().isoformat(),
-               "device": f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)", "torch": torch.__version__,
-               "transformers": __import__("transformers").__version__, "repeats": 3}
+    results = {
+        "base": args.base,
+        "zoo": zoo.name,
+        "date": datetime.date.today().isoformat(),
+        "device": f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)",
+        "torch": torch.__version__,
+        "transformers": __import__("transformers").__version__,
+        "repeats": 3,
+    }
     exe = mergekit_moe() if sections & {"quality", "assembly"} else None
     if "quality" in sections:
         results["quality"] = quality(zoo, work, args.steps, args.experts.split(","))

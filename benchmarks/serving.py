@@ -35,8 +35,12 @@ from moe_merge import realzoo
 from moe_merge.assemble import assemble
 from moe_merge.config import MergeConfig
 
-OPEN = ["Write a short story about a lighthouse keeper.", "Explain how rain forms.", "Describe a busy market.",
-        "What makes a good friend?"]
+OPEN = [
+    "Write a short story about a lighthouse keeper.",
+    "Explain how rain forms.",
+    "Describe a busy market.",
+    "What makes a good friend?",
+]
 
 
 NO_EOS = json.dumps({"eos_token_id": -1})  # per request, transformers' continuous batching: run to max_tokens
@@ -49,9 +53,22 @@ def free_port() -> int:
 
 
 def start(model_dir: Path, port: int) -> subprocess.Popen:
-    server = subprocess.Popen([sys.executable, "-m", "moe_merge.cli", "serve", str(model_dir), "--port", str(port),
-                               "--continuous-batching", "--num-blocks", "32"], stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "moe_merge.cli",
+            "serve",
+            str(model_dir),
+            "--port",
+            str(port),
+            "--continuous-batching",
+            "--num-blocks",
+            "32",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 300
     while time.time() < deadline:
         try:
@@ -78,8 +95,13 @@ def load(port: int, model: str, clients: int, seconds: float, messages: list[lis
     def worker(i: int) -> None:
         k = i
         while time.time() < stop:
-            out = client.chat.completions.create(model=model, messages=messages[k % len(messages)], max_tokens=48,
-                                                 temperature=0, extra_body={"generation_config": NO_EOS})
+            out = client.chat.completions.create(
+                model=model,
+                messages=messages[k % len(messages)],
+                max_tokens=48,
+                temperature=0,
+                extra_body={"generation_config": NO_EOS},
+            )
             tokens[i] += out.usage.completion_tokens
             done[i] += 1
             k += clients
@@ -127,8 +149,13 @@ def main() -> None:
     names = [e["name"] for e in realzoo.zoo_recipe(zoo, "lora")["experts"]]
     rows = [r for i in range(8) for t in names for r in realzoo.eval_rows([t])[i : i + 1]]
     messages = [[{"role": "user", "content": p}] for p in OPEN + [r["prompt"] for r in rows]]
-    results = {"date": datetime.date.today().isoformat(), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
-               "seconds_per_point": args.seconds, "max_tokens": 48, "models": {}}
+    results = {
+        "date": datetime.date.today().isoformat(),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+        "seconds_per_point": args.seconds,
+        "max_tokens": 48,
+        "models": {},
+    }
     for name, path in (("base", zoo / "base"), ("ours: smear ffn, LoRA low-rank", dynamic)):
         port = free_port()
         server = start(path, port)
@@ -137,8 +164,11 @@ def main() -> None:
             points = {}
             for c in clients:
                 points[c] = load(port, str(path), c, args.seconds, messages)
-                print(f"{name:34s} {c:3d} clients: {points[c]['tokens_per_s']:7.1f} tokens/s "
-                      f"({points[c]['requests']} requests)", flush=True)
+                print(
+                    f"{name:34s} {c:3d} clients: {points[c]['tokens_per_s']:7.1f} tokens/s "
+                    f"({points[c]['requests']} requests)",
+                    flush=True,
+                )
             results["models"][name] = {"points": points, "rss_mib": rss_mib(server.pid)}
         finally:
             server.terminate()
@@ -153,18 +183,29 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / f"serving-cpu-{results['date']}"
     stem.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
-    lines = [f"# Serving throughput, real zoo (SmolLM2-135M-Instruct, bf16), continuous batching, {results['date']}", "",
-             f"{results['machine']}; chat requests of mixed tasks and open questions, max_tokens 48 (every request runs to it), greedy; "
-             f"{args.seconds:.0f} s per point.", "",
-             "| clients | base tokens/s | ours tokens/s | ours / base |", "|---|---|---|---|"]
-    lines += [f"| {c} | {base[c]['tokens_per_s']:.1f} | {ours[c]['tokens_per_s']:.1f} | {results['ratio'][c]:.2f} |"
-              for c in clients]
+    lines = [
+        f"# Serving throughput, real zoo (SmolLM2-135M-Instruct, bf16), continuous batching, {results['date']}",
+        "",
+        f"{results['machine']}; chat requests of mixed tasks and open questions, max_tokens 48 (every request runs to it), greedy; "
+        f"{args.seconds:.0f} s per point.",
+        "",
+        "| clients | base tokens/s | ours tokens/s | ours / base |",
+        "|---|---|---|---|",
+    ]
+    lines += [
+        f"| {c} | {base[c]['tokens_per_s']:.1f} | {ours[c]['tokens_per_s']:.1f} | {results['ratio'][c]:.2f} |"
+        for c in clients
+    ]
     state = results["generate_state_bytes_per_sequence"]
-    lines += ["", f"Kept per request: {results['kept_bytes_per_request']} bytes of merge weights "
-              f"({config.num_routers} routers × {config.num_experts} experts, float32). `generate`'s routing layer per "
-              f"sequence: {state[1]:,} bytes at B = 1, {state[16]:,} at B = 16 (merge weights, plus the merged weights "
-              "it keeps where decoding on them is cheaper). Server RSS: "
-              + ", ".join(f"{k} {v['rss_mib']:.0f} MiB" for k, v in results["models"].items()) + "."]
+    lines += [
+        "",
+        f"Kept per request: {results['kept_bytes_per_request']} bytes of merge weights "
+        f"({config.num_routers} routers × {config.num_experts} experts, float32). `generate`'s routing layer per "
+        f"sequence: {state[1]:,} bytes at B = 1, {state[16]:,} at B = 16 (merge weights, plus the merged weights "
+        "it keeps where decoding on them is cheaper). Server RSS: "
+        + ", ".join(f"{k} {v['rss_mib']:.0f} MiB" for k, v in results["models"].items())
+        + ".",
+    ]
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print(f"wrote {stem}.{{json,md}}")
 

@@ -22,10 +22,19 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-import decode  # noqa: E402  the benchmark models
+import decode
 
-BODY = dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=8, num_attention_heads=12, num_key_value_heads=4,
-            head_dim=64, vocab_size=32, tie_word_embeddings=True, max_position_embeddings=128)
+BODY = dict(
+    hidden_size=768,
+    intermediate_size=2048,
+    num_hidden_layers=8,
+    num_attention_heads=12,
+    num_key_value_heads=4,
+    head_dim=64,
+    vocab_size=32,
+    tie_word_embeddings=True,
+    max_position_embeddings=128,
+)
 DTYPES = ("auto", "float32")
 
 
@@ -44,9 +53,29 @@ def write_model(path: Path) -> int:
 
 
 def train(model: Path, data: Path, run: Path, dtype: str, steps: int) -> dict:
-    cmd = [sys.executable, "-m", "moe_merge.cli", "train-router", str(model), "--data", str(data), "--out", str(run),
-           "--dtype", dtype, "--steps", str(steps), "--batch-size", "8", "--eval-every", str(steps),
-           "--save-every", str(steps), "--objective", "lm=1,routing=1"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "moe_merge.cli",
+        "train-router",
+        str(model),
+        "--data",
+        str(data),
+        "--out",
+        str(run),
+        "--dtype",
+        dtype,
+        "--steps",
+        str(steps),
+        "--batch-size",
+        "8",
+        "--eval-every",
+        str(steps),
+        "--save-every",
+        str(steps),
+        "--objective",
+        "lm=1,routing=1",
+    ]
     result = subprocess.run(cmd, capture_output=True, text=True)
     if result.returncode != 0:
         raise SystemExit(f"train-router --dtype {dtype} failed:\n{result.stderr[-3000:]}")
@@ -69,18 +98,41 @@ def main() -> None:
         runs = {d: train(tmp / "model", data, tmp / f"run-{d}", d, args.steps) for d in DTYPES}
     date = datetime.date.today().isoformat()
     device = f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-    rows = {d: {"frozen_dtype": r["frozen_dtype"], "peak_memory_mib": r["peak_memory_bytes"] / 2**20,
-                "peak_memory_of": r["peak_memory_of"], "seconds_per_step": r["seconds_per_step"]} for d, r in runs.items()}
+    rows = {
+        d: {
+            "frozen_dtype": r["frozen_dtype"],
+            "peak_memory_mib": r["peak_memory_bytes"] / 2**20,
+            "peak_memory_of": r["peak_memory_of"],
+            "seconds_per_step": r["seconds_per_step"],
+        }
+        for d, r in runs.items()
+    }
     ratio = rows["auto"]["peak_memory_mib"] / rows["float32"]["peak_memory_mib"]
-    result = {"device": device, "date": date, "parameters": params, "checkpoint_mib": params * 2 / 2**20,
-              "steps": args.steps, "runs": rows, "peak_ratio_bf16_over_float32": ratio}
+    result = {
+        "device": device,
+        "date": date,
+        "parameters": params,
+        "checkpoint_mib": params * 2 / 2**20,
+        "steps": args.steps,
+        "runs": rows,
+        "peak_ratio_bf16_over_float32": ratio,
+    }
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / f"train-memory-{date}"
     stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    lines = [f"# train-router peak memory, bf16 checkpoint ({params / 1e6:.0f}M parameters, "
-             f"{result['checkpoint_mib']:.0f} MiB in bf16)", "", f"{device}, {date}; {args.steps} steps of 8 rows.", "",
-             "| --dtype | frozen weights | peak (MiB) | s / step |", "|---|---|---|---|"]
-    lines += [f"| {d} | {r['frozen_dtype']} | {r['peak_memory_mib']:.0f} | {r['seconds_per_step']:.2f} |" for d, r in rows.items()]
+    lines = [
+        f"# train-router peak memory, bf16 checkpoint ({params / 1e6:.0f}M parameters, "
+        f"{result['checkpoint_mib']:.0f} MiB in bf16)",
+        "",
+        f"{device}, {date}; {args.steps} steps of 8 rows.",
+        "",
+        "| --dtype | frozen weights | peak (MiB) | s / step |",
+        "|---|---|---|---|",
+    ]
+    lines += [
+        f"| {d} | {r['frozen_dtype']} | {r['peak_memory_mib']:.0f} | {r['seconds_per_step']:.2f} |"
+        for d, r in rows.items()
+    ]
     lines += ["", f"Peak with the checkpoint's bf16: {ratio:.2f} of float32's ({rows['auto']['peak_memory_of']})."]
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -32,8 +32,11 @@ def main() -> None:
         if args.only and args.only not in run[1]:
             continue
         results.append(r := demo.train_and_score(zoo_dir, args.out, run, data, args.steps))
-        print(f"{r['variant']:4} {r['name']:60} worst vs expert {r['worst']['before']:.0%} -> {r['worst']['after']:.0%} "
-              f"({r['seconds_per_step']:.3f} s/step, {r['train_minutes']:.2f} min)", flush=True)
+        print(
+            f"{r['variant']:4} {r['name']:60} worst vs expert {r['worst']['before']:.0%} -> {r['worst']['after']:.0%} "
+            f"({r['seconds_per_step']:.3f} s/step, {r['train_minutes']:.2f} min)",
+            flush=True,
+        )
     (args.out / "results.json").write_text(json.dumps(results, indent=2))
     print("\n" + demo.router_rows(results))
 

@@ -20,30 +20,54 @@ from typing import Literal
 import torch
 
 from moe_merge.kernels import native, reference
-from moe_merge.kernels.dispatch import (Cost, DeviceRates, Strategy, choose_strategy, crossover_tokens,
-                                        keep_decode_weights, use_native, use_triton)
+from moe_merge.kernels.dispatch import (
+    Cost,
+    DeviceRates,
+    Strategy,
+    choose_strategy,
+    crossover_tokens,
+    keep_decode_weights,
+    use_native,
+    use_triton,
+)
 
 __all__ = [
-    "merged_linear", "lowrank_merged_linear", "merge_weights_into", "merged_linear_per_sequence",
-    "crossover_tokens", "choose_strategy", "keep_decode_weights", "Cost", "DeviceRates",
+    "merged_linear",
+    "lowrank_merged_linear",
+    "merge_weights_into",
+    "merged_linear_per_sequence",
+    "crossover_tokens",
+    "choose_strategy",
+    "keep_decode_weights",
+    "Cost",
+    "DeviceRates",
 ]
 
 
-def merged_linear(x: torch.Tensor, merge_weights: torch.Tensor, deltas: torch.Tensor,
-                  base: torch.Tensor | None = None) -> torch.Tensor:
+def merged_linear(
+    x: torch.Tensor, merge_weights: torch.Tensor, deltas: torch.Tensor, base: torch.Tensor | None = None
+) -> torch.Tensor:
     """y[m] = x[m]·(base + Σ_e merge_weights[m, e]·deltas[e])ᵀ, `[M, N]` (see `reference.merged_linear`)."""
     if use_triton(x, deltas, base):
         from moe_merge.kernels import merged_linear_op
+
         return merged_linear_op.merged_linear(x, merge_weights, deltas, base)
     return reference.merged_linear(x, merge_weights, deltas, base)
 
 
-def lowrank_merged_linear(x: torch.Tensor, merge_weights: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
-                          base: torch.Tensor | None = None, B_cat: torch.Tensor | None = None) -> torch.Tensor:
+def lowrank_merged_linear(
+    x: torch.Tensor,
+    merge_weights: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    base: torch.Tensor | None = None,
+    B_cat: torch.Tensor | None = None,
+) -> torch.Tensor:
     """y[m] = x[m]·(base + Σ_e merge_weights[m, e]·B_e·A_e)ᵀ, `[M, N]` (see `reference.lowrank_merged_linear`).
     `B_cat` [N, E·r], B's experts side by side, spares the native path a copy of B per call."""
     if use_triton(x, A, B, base):
         from moe_merge.kernels import lowrank_op
+
         return lowrank_op.lowrank_merged_linear(x, merge_weights, A, B, base)
     if use_native(x):
         B_cat = B.transpose(0, 1).reshape(B.shape[1], -1) if B_cat is None else B_cat
@@ -55,13 +79,18 @@ def merge_weights_into(base: torch.Tensor | None, deltas: torch.Tensor, merge_we
     """Per-sequence weights `[S, N, K]` = base + Σ_e merge_weights[s, e]·deltas[e] (see `reference.merge_weights_into`)."""
     if use_triton(deltas, base):
         from moe_merge.kernels import materialize_op
+
         return materialize_op.merge_weights_into(base, deltas, merge_weights)
     return reference.merge_weights_into(base, deltas, merge_weights)
 
 
-def merged_linear_per_sequence(x: torch.Tensor, merge_weights: torch.Tensor, deltas: torch.Tensor,
-                               base: torch.Tensor | None = None,
-                               strategy: Strategy | Literal["auto"] = "auto") -> torch.Tensor:
+def merged_linear_per_sequence(
+    x: torch.Tensor,
+    merge_weights: torch.Tensor,
+    deltas: torch.Tensor,
+    base: torch.Tensor | None = None,
+    strategy: Strategy | Literal["auto"] = "auto",
+) -> torch.Tensor:
     """y[s, t] = x[s, t]·(base + Σ_e merge_weights[s, e]·deltas[e])ᵀ, one weight vector per sequence.
 
     Args:
@@ -75,8 +104,15 @@ def merged_linear_per_sequence(x: torch.Tensor, merge_weights: torch.Tensor, del
         raise ValueError(f"x has shape {list(x.shape)}; expected [S, T, K] (use merged_linear for [M, K] tokens)")
     S, T, K = x.shape
     if strategy == "auto":
-        strategy = choose_strategy(T, S, deltas.shape[0], base is not None, x.element_size(), device=x.device,
-                                   weight_bytes=S * deltas.shape[1] * K * x.element_size())
+        strategy = choose_strategy(
+            T,
+            S,
+            deltas.shape[0],
+            base is not None,
+            x.element_size(),
+            device=x.device,
+            weight_bytes=S * deltas.shape[1] * K * x.element_size(),
+        )
     if strategy == "materialize":
         return torch.bmm(x, merge_weights_into(base, deltas, merge_weights).transpose(1, 2))
     if strategy == "kconcat":

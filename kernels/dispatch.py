@@ -35,8 +35,10 @@ def backend() -> Backend:
     """The backend `MOE_MERGE_KERNELS` asks for (read on every call, so it can change between calls)."""
     value = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
     if value not in BACKENDS:
-        raise ValueError(f"{ENV_VAR}={os.environ[ENV_VAR]!r} is not a kernel backend; set it to one of "
-                         f"{', '.join(BACKENDS)} (or unset it for auto)")
+        raise ValueError(
+            f"{ENV_VAR}={os.environ[ENV_VAR]!r} is not a kernel backend; set it to one of "
+            f"{', '.join(BACKENDS)} (or unset it for auto)"
+        )
     return value  # type: ignore[return-value]
 
 
@@ -56,12 +58,16 @@ def use_triton(*tensors: torch.Tensor | None) -> bool:
     try:
         import triton
     except ImportError as err:
-        raise ImportError(f"the Triton kernels need triton ({err}); `pip install 'moe-merge[triton]'`, "
-                          f"or set {ENV_VAR}=torch to run the torch reference") from err
+        raise ImportError(
+            f"the Triton kernels need triton ({err}); `pip install 'moe-merge[triton]'`, "
+            f"or set {ENV_VAR}=torch to run the torch reference"
+        ) from err
     if not on_cuda and not triton.knobs.runtime.interpret:
-        raise RuntimeError(f"{ENV_VAR}=triton got tensors on {given[0].device}; the kernels run on CUDA tensors, or on "
-                           "CPU under the Triton interpreter: set TRITON_INTERPRET=1 before moe_merge's kernels are "
-                           f"first used, or set {ENV_VAR}=auto")
+        raise RuntimeError(
+            f"{ENV_VAR}=triton got tensors on {given[0].device}; the kernels run on CUDA tensors, or on "
+            "CPU under the Triton interpreter: set TRITON_INTERPRET=1 before moe_merge's kernels are "
+            f"first used, or set {ENV_VAR}=auto"
+        )
     return True
 
 
@@ -95,8 +101,9 @@ def rates_for(device: torch.device | str) -> DeviceRates:
     return RATES.get(torch.device(device).type, RATES["cuda"])
 
 
-def crossover_tokens(sequences: int, experts: int, has_base: bool = True, element_size: int = 2,
-                     rates: DeviceRates | None = None) -> float:
+def crossover_tokens(
+    sequences: int, experts: int, has_base: bool = True, element_size: int = 2, rates: DeviceRates | None = None
+) -> float:
     """Tokens per sequence beyond which materialize-then-GEMM beats K-concatenation.
 
     With G = E + has_base weight segments of P elements each, S sequences of T tokens, b bytes per
@@ -119,8 +126,15 @@ def crossover_tokens(sequences: int, experts: int, has_base: bool = True, elemen
 MATERIALIZE_BUDGET_BYTES = 256 * 2**20
 
 
-def choose_strategy(tokens: int, sequences: int, experts: int, has_base: bool = True, element_size: int = 2,
-                    device: torch.device | str = "cuda", weight_bytes: int = 0) -> Strategy:
+def choose_strategy(
+    tokens: int,
+    sequences: int,
+    experts: int,
+    has_base: bool = True,
+    element_size: int = 2,
+    device: torch.device | str = "cuda",
+    weight_bytes: int = 0,
+) -> Strategy:
     """`materialize` when each sequence is longer than `crossover_tokens` with `device`'s rates, else `kconcat`.
 
     `weight_bytes` is what the S per-sequence weight copies would take; above `MATERIALIZE_BUDGET_BYTES` it is

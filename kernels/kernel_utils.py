@@ -40,8 +40,9 @@ def _sm_count(device_index: int) -> int:  # a tensor's CUDA device always has an
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def split_output(split: int, rows: int, cols: int, dtype: torch.dtype, device: torch.device
-                 ) -> tuple[torch.Tensor, tuple[int, int, int]]:
+def split_output(
+    split: int, rows: int, cols: int, dtype: torch.dtype, device: torch.device
+) -> tuple[torch.Tensor, tuple[int, int, int]]:
     """What a launch split `split` ways writes, and its (split, row, column) strides: the output
     [rows, cols] itself for one split, fp32 partial sums [split, rows, cols] for several (`join_splits`)."""
     if split == 1:
@@ -56,8 +57,14 @@ def join_splits(out: torch.Tensor, split: int, dtype: torch.dtype) -> torch.Tens
     return out if split == 1 else out.sum(0).to(dtype)
 
 
-def check_operand(name: str, tensor: torch.Tensor, dims: dict[str, int | None], like: torch.Tensor,
-                  like_name: str = "x", same_dtype: bool = True) -> torch.Size:
+def check_operand(
+    name: str,
+    tensor: torch.Tensor,
+    dims: dict[str, int | None],
+    like: torch.Tensor,
+    like_name: str = "x",
+    same_dtype: bool = True,
+) -> torch.Size:
     """Raise a ValueError naming `name` unless it is a floating tensor of shape `dims` (name -> size,
     None: any) on the device of `like` and, with `same_dtype`, of its dtype; return its shape."""
     shape = tuple(tensor.shape)
@@ -77,8 +84,10 @@ def check_dtype(name: str, tensor: torch.Tensor) -> None:
     """Raise unless the kernels take the dtype of `tensor`, the operand every other one but
     merge_weights must match."""
     if tensor.dtype not in SUPPORTED_DTYPES:
-        raise ValueError(f"{name} is {tensor.dtype}; the Triton kernels take {', '.join(map(str, SUPPORTED_DTYPES))} "
-                         "(set MOE_MERGE_KERNELS=torch for other dtypes)")
+        raise ValueError(
+            f"{name} is {tensor.dtype}; the Triton kernels take {', '.join(map(str, SUPPORTED_DTYPES))} "
+            "(set MOE_MERGE_KERNELS=torch for other dtypes)"
+        )
 
 
 def prune_by_rows(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
@@ -112,8 +121,21 @@ def tile_mn(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl
 
 
 @triton.jit
-def mm_k(acc, a_rows, a_stride_k, b_cols, b_stride_k, row_mask, col_mask, row_scale, k_lo, k_hi,
-         HAS_SCALE: tl.constexpr, FP32_DOT: tl.constexpr, BLOCK_K: tl.constexpr):
+def mm_k(
+    acc,
+    a_rows,
+    a_stride_k,
+    b_cols,
+    b_stride_k,
+    row_mask,
+    col_mask,
+    row_scale,
+    k_lo,
+    k_hi,
+    HAS_SCALE: tl.constexpr,
+    FP32_DOT: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     """acc[BM, BN] + (row_scale ⊙ A)[:, k_lo:k_hi] · B[k_lo:k_hi, :], one BLOCK_K slice at a time.
 
     a_rows: [BM, 1] pointers to the tile's rows of A at k = 0; b_cols: [1, BN] pointers to its columns

@@ -7,8 +7,6 @@ whole block of sequences, accumulating the BLOCK_S merged tiles in fp32 register
 read and S·P written, where a loop over sequences reads the experts S times.
 """
 
-from typing import Optional
-
 import torch
 import triton
 import triton.language as tl
@@ -28,13 +26,28 @@ _MAX_BLOCK_S = 4 if INTERPRETER else 8  # sequences merged per program: BLOCK_S�
 
 @triton.jit
 def _materialize_kernel(
-    base_ptr, deltas_ptr, w_ptr, out_ptr,
-    S, N, K, E,
-    base_stride_n, base_stride_k,
-    d_stride_e, d_stride_n, d_stride_k,
-    w_stride_s, w_stride_e,
-    o_stride_s, o_stride_n, o_stride_k,
-    HAS_BASE: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    base_ptr,
+    deltas_ptr,
+    w_ptr,
+    out_ptr,
+    S,
+    N,
+    K,
+    E,
+    base_stride_n,
+    base_stride_k,
+    d_stride_e,
+    d_stride_n,
+    d_stride_k,
+    w_stride_s,
+    w_stride_e,
+    o_stride_s,
+    o_stride_n,
+    o_stride_k,
+    HAS_BASE: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     blocks_k = tl.cdiv(K, BLOCK_K)
     offs_n = (tl.program_id(0) // blocks_k) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -44,16 +57,21 @@ def _materialize_kernel(
     tile_ok = (offs_n < N)[:, None] & (offs_k < K)[None, :]
     acc = tl.zeros((BLOCK_S, BLOCK_N, BLOCK_K), dtype=tl.float32)
     if HAS_BASE:
-        base = tl.load(base_ptr + offs_n[:, None] * base_stride_n + offs_k[None, :] * base_stride_k, mask=tile_ok,
-                       other=0.0)
+        base = tl.load(
+            base_ptr + offs_n[:, None] * base_stride_n + offs_k[None, :] * base_stride_k, mask=tile_ok, other=0.0
+        )
         acc += base.to(tl.float32)[None, :, :]
     delta_tile = offs_n[:, None] * d_stride_n + offs_k[None, :] * d_stride_k  # [BLOCK_N, BLOCK_K]
     for e in range(0, E):
         delta = tl.load(deltas_ptr + tl.cast(e, tl.int64) * d_stride_e + delta_tile, mask=tile_ok, other=0.0)
         w = tl.load(w_ptr + offs_s * w_stride_s + e * w_stride_e, mask=s_ok, other=0.0).to(tl.float32)  # [BLOCK_S]
         acc += w[:, None, None] * delta.to(tl.float32)[None, :, :]
-    out = (out_ptr + offs_s.to(tl.int64)[:, None, None] * o_stride_s + offs_n[None, :, None] * o_stride_n
-           + offs_k[None, None, :] * o_stride_k)
+    out = (
+        out_ptr
+        + offs_s.to(tl.int64)[:, None, None] * o_stride_s
+        + offs_n[None, :, None] * o_stride_n
+        + offs_k[None, None, :] * o_stride_k
+    )
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=s_ok[:, None, None] & tile_ok[None, :, :])
 
 
@@ -62,8 +80,7 @@ _materialize_tuned = triton.autotune(configs=_CUDA_CONFIGS, key=["S", "N", "K", 
 )
 
 
-def _merge_weights_into(base: Optional[torch.Tensor], deltas: torch.Tensor, merge_weights: torch.Tensor
-                        ) -> torch.Tensor:
+def _merge_weights_into(base: torch.Tensor | None, deltas: torch.Tensor, merge_weights: torch.Tensor) -> torch.Tensor:
     """Launch the kernel. Any strides; nothing is copied.
 
     Args:
@@ -74,8 +91,9 @@ def _merge_weights_into(base: Optional[torch.Tensor], deltas: torch.Tensor, merg
     """
     check_dtype("deltas", deltas)
     E, N, K = check_operand("deltas", deltas, {"E": None, "N": None, "K": None}, like=deltas, like_name="deltas")
-    S, _ = check_operand("merge_weights", merge_weights, {"S": None, "E": E}, like=deltas, like_name="deltas",
-                         same_dtype=False)
+    S, _ = check_operand(
+        "merge_weights", merge_weights, {"S": None, "E": E}, like=deltas, like_name="deltas", same_dtype=False
+    )
     if base is not None:
         check_operand("base", base, {"N": N, "K": K}, like=deltas, like_name="deltas")
     out = torch.empty(S, N, K, dtype=deltas.dtype, device=deltas.device)
@@ -90,23 +108,35 @@ def _merge_weights_into(base: Optional[torch.Tensor], deltas: torch.Tensor, merg
         return triton.cdiv(N, meta["BLOCK_N"]) * triton.cdiv(K, meta["BLOCK_K"]), triton.cdiv(S, block_s)
 
     kernel[grid](
-        base, deltas, merge_weights, out,
-        S, N, K, E,
-        *base_strides, *deltas.stride(), *merge_weights.stride(), *out.stride(),
-        HAS_BASE=base is not None, BLOCK_S=block_s, **blocks,
+        base,
+        deltas,
+        merge_weights,
+        out,
+        S,
+        N,
+        K,
+        E,
+        *base_strides,
+        *deltas.stride(),
+        *merge_weights.stride(),
+        *out.stride(),
+        HAS_BASE=base is not None,
+        BLOCK_S=block_s,
+        **blocks,
     )
     return out
 
 
 @torch.library.custom_op("moe_merge::merge_weights_into", mutates_args=())
-def merge_weights_into(base: Optional[torch.Tensor], deltas: torch.Tensor, merge_weights: torch.Tensor) -> torch.Tensor:
+def merge_weights_into(base: torch.Tensor | None, deltas: torch.Tensor, merge_weights: torch.Tensor) -> torch.Tensor:
     """`[S, N, K]` = base + Σ_e merge_weights[s, e]·deltas[e], by the Triton kernel."""
     return _merge_weights_into(base, deltas, merge_weights)
 
 
 @merge_weights_into.register_fake
-def _merge_weights_into_fake(base: Optional[torch.Tensor], deltas: torch.Tensor, merge_weights: torch.Tensor
-                             ) -> torch.Tensor:
+def _merge_weights_into_fake(
+    base: torch.Tensor | None, deltas: torch.Tensor, merge_weights: torch.Tensor
+) -> torch.Tensor:
     return deltas.new_empty(merge_weights.shape[0], *deltas.shape[1:])
 
 

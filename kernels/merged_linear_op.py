@@ -9,15 +9,22 @@ takes every segment. When the output has too few tiles to fill the GPU (decode o
 the experts are split over programs and their partial sums added afterwards.
 """
 
-from typing import Optional
-
 import torch
 import triton
 import triton.language as tl
 
 from moe_merge.kernels.kernel_utils import (
-    GROUP_M, INTERPRETER, check_dtype, check_operand, fill_split, fp32_dot, join_splits, mm_k, prune_by_rows,
-    split_output, tile_mn,
+    GROUP_M,
+    INTERPRETER,
+    check_dtype,
+    check_operand,
+    fill_split,
+    fp32_dot,
+    join_splits,
+    mm_k,
+    prune_by_rows,
+    split_output,
+    tile_mn,
 )
 
 # Block sizes, all here. CUDA: autotuned per (rows bucket, N, K, E, dtypes) and cached on disk per device;
@@ -40,16 +47,35 @@ _SPLIT_TILE = 64  # output tile edge assumed when deciding the expert split (the
 
 @triton.jit(do_not_specialize=["M_BUCKET"])
 def _merged_linear_kernel(
-    x_ptr, w_ptr, deltas_ptr, base_ptr, y_ptr,
-    M, N, K, E,
+    x_ptr,
+    w_ptr,
+    deltas_ptr,
+    base_ptr,
+    y_ptr,
+    M,
+    N,
+    K,
+    E,
     M_BUCKET,  # autotuning key only: next power of two of M, so prefill lengths share a config
-    x_stride_m, x_stride_k,
-    w_stride_m, w_stride_e,
-    d_stride_e, d_stride_n, d_stride_k,
-    base_stride_n, base_stride_k,
-    y_stride_split, y_stride_m, y_stride_n,
-    HAS_BASE: tl.constexpr, SPLIT_E: tl.constexpr, FP32_DOT: tl.constexpr, GROUP_M: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    x_stride_m,
+    x_stride_k,
+    w_stride_m,
+    w_stride_e,
+    d_stride_e,
+    d_stride_n,
+    d_stride_k,
+    base_stride_n,
+    base_stride_k,
+    y_stride_split,
+    y_stride_m,
+    y_stride_n,
+    HAS_BASE: tl.constexpr,
+    SPLIT_E: tl.constexpr,
+    FP32_DOT: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     pid_m, pid_n = tile_mn(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     split = tl.program_id(1)
@@ -62,26 +88,33 @@ def _merged_linear_kernel(
     if HAS_BASE:
         if split == 0:  # the W0 segment, unscaled, belongs to the first split
             base_cols = base_ptr + offs_n[None, :] * base_stride_n  # [1, BLOCK_N]
-            acc = mm_k(acc, x_rows, x_stride_k, base_cols, base_stride_k, m_ok, n_ok, None, 0, K,
-                       False, FP32_DOT, BLOCK_K)
+            acc = mm_k(
+                acc, x_rows, x_stride_k, base_cols, base_stride_k, m_ok, n_ok, None, 0, K, False, FP32_DOT, BLOCK_K
+            )
     per_split = tl.cdiv(E, SPLIT_E)
     for e in range(split * per_split, min(E, (split + 1) * per_split)):
         scale = tl.load(w_ptr + offs_m * w_stride_m + e * w_stride_e, mask=m_ok, other=0.0).to(tl.float32)
         delta_cols = deltas_ptr + tl.cast(e, tl.int64) * d_stride_e + offs_n[None, :] * d_stride_n
-        acc = mm_k(acc, x_rows, x_stride_k, delta_cols, d_stride_k, m_ok, n_ok, scale, 0, K,
-                   True, FP32_DOT, BLOCK_K)
+        acc = mm_k(acc, x_rows, x_stride_k, delta_cols, d_stride_k, m_ok, n_ok, scale, 0, K, True, FP32_DOT, BLOCK_K)
     y = y_ptr + split * y_stride_split + offs_m[:, None] * y_stride_m + offs_n[None, :] * y_stride_n
     tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
 _merged_linear_tuned = triton.autotune(
-    configs=_CUDA_CONFIGS, key=["M_BUCKET", "N", "K", "E"], prune_configs_by={"early_config_prune": prune_by_rows},
+    configs=_CUDA_CONFIGS,
+    key=["M_BUCKET", "N", "K", "E"],
+    prune_configs_by={"early_config_prune": prune_by_rows},
     cache_results=True,
 )(_merged_linear_kernel)
 
 
-def _merged_linear(x: torch.Tensor, merge_weights: torch.Tensor, deltas: torch.Tensor,
-                   base: Optional[torch.Tensor] = None, experts_split: Optional[int] = None) -> torch.Tensor:
+def _merged_linear(
+    x: torch.Tensor,
+    merge_weights: torch.Tensor,
+    deltas: torch.Tensor,
+    base: torch.Tensor | None = None,
+    experts_split: int | None = None,
+) -> torch.Tensor:
     """Launch the kernel. Any strides; nothing is copied.
 
     Args:
@@ -115,25 +148,43 @@ def _merged_linear(x: torch.Tensor, merge_weights: torch.Tensor, deltas: torch.T
         return triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), split
 
     kernel[grid](
-        x, merge_weights, deltas, base, y,
-        M, N, K, E, triton.next_power_of_2(M),
-        *x.stride(), *merge_weights.stride(), *deltas.stride(), *base_strides, *y_strides,
-        HAS_BASE=base is not None, SPLIT_E=split, FP32_DOT=fp32_dot(x.dtype), GROUP_M=GROUP_M, **blocks,
+        x,
+        merge_weights,
+        deltas,
+        base,
+        y,
+        M,
+        N,
+        K,
+        E,
+        triton.next_power_of_2(M),
+        *x.stride(),
+        *merge_weights.stride(),
+        *deltas.stride(),
+        *base_strides,
+        *y_strides,
+        HAS_BASE=base is not None,
+        SPLIT_E=split,
+        FP32_DOT=fp32_dot(x.dtype),
+        GROUP_M=GROUP_M,
+        **blocks,
     )
     return join_splits(y, split, x.dtype)
 
 
 @torch.library.custom_op("moe_merge::merged_linear", mutates_args=())
-def merged_linear(x: torch.Tensor, merge_weights: torch.Tensor, deltas: torch.Tensor,
-                  base: Optional[torch.Tensor]) -> torch.Tensor:
+def merged_linear(
+    x: torch.Tensor, merge_weights: torch.Tensor, deltas: torch.Tensor, base: torch.Tensor | None
+) -> torch.Tensor:
     """y[m] = x[m]·(base + Σ_e merge_weights[m, e]·deltas[e])ᵀ by the Triton kernel; `[M, N]`.
     `base` has no default, so autograd always sees four inputs."""
     return _merged_linear(x, merge_weights, deltas, base)
 
 
 @merged_linear.register_fake
-def _merged_linear_fake(x: torch.Tensor, merge_weights: torch.Tensor, deltas: torch.Tensor,
-                        base: Optional[torch.Tensor]) -> torch.Tensor:
+def _merged_linear_fake(
+    x: torch.Tensor, merge_weights: torch.Tensor, deltas: torch.Tensor, base: torch.Tensor | None
+) -> torch.Tensor:
     return x.new_empty(x.shape[0], deltas.shape[1])
 
 

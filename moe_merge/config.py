@@ -23,8 +23,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from moe_merge.errors import ConfigError
-from moe_merge.merge import MIXUP_BASES
-from moe_merge.methods import LEVELS, METHOD_NAMES, METHODS, PARTS, Method, StaticSpec
+from moe_merge.merge import MIXUP_BASES, StaticSpec, mixup_draws
+from moe_merge.methods import LEVELS, METHODS, PARTS, Method, TwinSpec, WemoeSpec
 
 RouterInit = Literal["hidden", "fit", "hidden_last", "cheap_embed", "random", "uniform"]
 PROMPT_INITS = ("hidden", "fit", "hidden_last", "cheap_embed")  # the modes that read prompts
@@ -60,26 +60,40 @@ class RouterSpec(_Strict):
 
     init: RouterInit = "hidden"
     kind: Literal["linear", "mlp", "constant"] = Field(
-        "linear", description="dynamic models: linear, mlp (2 layers + ReLU), constant (input-independent, WEMoE depth 0)")
+        "linear",
+        description="dynamic models: linear, mlp (2 layers + ReLU), constant (input-independent, WEMoE depth 0)",
+    )
     hidden_size: int | None = Field(None, ge=2, description="mlp routers: hidden width (default 2 x experts)")
     granularity: Literal["token", "sequence"] = Field(
-        "sequence", description="dynamic models: one weight vector per sequence (from the prompt) or per token")
+        "sequence", description="dynamic models: one weight vector per sequence (from the prompt) or per token"
+    )
     normalize: Literal["softmax", "topk", "none"] | None = Field(
-        None, description="softmax | topk (renormalized) | none (raw, WEMoE-style); default topk for sparse, else softmax")
+        None,
+        description="softmax | topk (renormalized) | none (raw, WEMoE-style); default topk for sparse, else softmax",
+    )
     top_k: int | None = Field(None, ge=1, description="`topk`: experts kept; default `experts_per_token`")
     temperature: float = Field(1.0, gt=0.0, description="logits are divided by this before normalizing")
     calibrate: float | None = Field(
-        0.9, gt=0.0, lt=1.0,
+        0.9,
+        gt=0.0,
+        lt=1.0,
         description="scale each router so the mean top probability on the prompts equals this; null keeps raw "
         "(default 0.9 for sparse FFN routers; dynamic routers keep their discriminant's own scale unless set)",
     )
-    ridge: float = Field(1e-3, gt=0.0, description="ridge strength, relative to the mean feature variance "
-                         "(`fit`; dynamic routers' discriminant uses 0.1 unless set)")
+    ridge: float = Field(
+        1e-3,
+        gt=0.0,
+        description="ridge strength, relative to the mean feature variance "
+        "(`fit`; dynamic routers' discriminant uses 0.1 unless set)",
+    )
     random_std: float = Field(0.02, gt=0.0, description="`random`: standard deviation of the router weights")
     prepass: int | None = Field(
-        None, ge=0, description="dynamic models, per-sequence routing: the first router (whose weights also merge the "
+        None,
+        ge=0,
+        description="dynamic models, per-sequence routing: the first router (whose weights also merge the "
         "embeddings) reads the prompt's states entering this layer of the static merge, run once at prefill "
-        f"(0: its embeddings); default {PREPASS_DEFAULT}, capped at the base's layers − 1")
+        f"(0: its embeddings); default {PREPASS_DEFAULT}, capped at the base's layers − 1",
+    )
 
 
 class MixupDraw(_Strict):
@@ -94,105 +108,59 @@ class MixupDraw(_Strict):
 class StaticMergeSpec(_Strict):
     """How non-expert tensors are merged when `non_expert` is not `base`."""
 
-    scale: float | None = Field(None, description="lambda on the merged task vector; default 0.3 for task_arithmetic, else 1.0")
+    scale: float | None = Field(
+        None, description="lambda on the merged task vector; default 0.3 for task_arithmetic, else 1.0"
+    )
     density: float = Field(0.5, gt=0.0, le=1.0, description="share of each task vector kept by ties / dare")
     weights: list[float] | None = Field(None, description="per-expert weights; default equal")
     mixup: MixupDraw = MixupDraw()
-
-
-class WemoeSpec(_Strict):
-    """Weight-Ensembling MoE: static task arithmetic outside the MLPs, routed task vectors inside."""
-
-    scale: float = Field(0.3, description="lambda of the static task arithmetic, and the constant routers' start")
-
-
-class EnergyRank(_Strict):
-    """Twin's rank chosen per matrix: the smallest that holds `energy` of the exclusive part's Σ σ²."""
-
-    energy: float = Field(gt=0.0, le=1.0)
-
-
-class TwinSpec(_Strict):
-    """Twin-Merging: a shared static merge plus each expert's exclusive part, compressed by SVD."""
-
-    shared: Literal["task_arithmetic", "ties"] = "task_arithmetic"
-    scale: float | None = Field(None, description="lambda of the shared merge (default 0.3 for task_arithmetic, 1 for ties)")
-    density: float = Field(0.5, gt=0.0, le=1.0, description="ties: share of each task vector kept")
-    rank: int | EnergyRank | None = Field(
-        None, description="SVD rank of the exclusive parts: a number of singular vectors (capped at min(out, in)), or "
-        "`{energy: 0.99}`, per matrix the smallest rank holding that share of its energy; give this or `rank_fraction`")
-    rank_fraction: float | None = Field(None, gt=0.0, le=1.0, description="SVD rank as a share of min(out, in) "
-                                        "(1.0: full rank, exact); default 0.5 when `rank` is not given")
-
-    @field_validator("rank", mode="before")
-    @classmethod
-    def _whole_rank(cls, v: Any) -> Any:
-        if isinstance(v, (bool, float)):  # 1.0 would read as rank 1, not as full rank
-            raise ValueError(f"`rank: {v}` must be a whole number of singular vectors (e.g. 32); for a share of "
-                             f"min(out, in) write `rank_fraction: {v}` instead (1.0 is full rank, exact)")
-        return v
-
-    @model_validator(mode="before")
-    @classmethod
-    def _one_rank(cls, data: Any) -> Any:
-        if isinstance(data, dict):
-            if "router_layer" in data:
-                raise ValueError("`twin.router_layer` is now `router.prepass`: the layer of the shared model whose "
-                                 "input states the router reads, in a pass run once at prefill")
-            if data.get("rank") is not None and data.get("rank_fraction") is not None:
-                raise ValueError("give `twin.rank` (a number of singular vectors) or `twin.rank_fraction` (a share of "
-                                 "min(out, in)), not both")
-            if data.get("rank") is None and data.get("rank_fraction") is None:
-                data = {**data, "rank_fraction": 0.5}
-        return data
-
-    @field_validator("rank")
-    @classmethod
-    def _positive(cls, v: Any) -> Any:
-        if isinstance(v, int) and v < 1:
-            raise ValueError(f"`rank: {v}` must be at least 1")
-        return v
-
-    def rank_for(self, out_features: int, in_features: int) -> int | None:
-        """The SVD rank of one out x in matrix; None when it is chosen by energy, per matrix, as it is built."""
-        full = min(out_features, in_features)
-        if isinstance(self.rank, EnergyRank):
-            return None
-        return min(full, self.rank) if self.rank is not None else max(1, round(self.rank_fraction * full))
-
-    @property
-    def energy(self) -> float | None:
-        return self.rank.energy if isinstance(self.rank, EnergyRank) else None
 
 
 class MergeConfig(_Strict):
     base_model: str
     experts: list[ExpertSpec] = Field(min_length=1)
     shared_experts: list[ExpertSpec] = Field([], max_length=1)
-    architecture: str | None = Field(None, description="output: mixtral | qwen (Qwen2-MoE) | qwen3; default from the base")
+    architecture: str | None = Field(
+        None, description="output: mixtral | qwen (Qwen2-MoE) | qwen3; default from the base"
+    )
     gate_mode: RouterInit = "hidden"  # mergekit-moe's name for `router.init`
     dtype: Literal["float32", "float16", "bfloat16"] | None = None
     experts_per_token: int = Field(2, ge=1)
     level: Literal[LEVELS] = "ffn"
-    method: Literal[METHOD_NAMES] = "sparse"
-    non_expert: Literal["base", "average", "task_arithmetic", "ties", "dare_linear", "dare_ties", "mixup"] | None = Field(
-        None, description="static merge of what is not routed; default average (sparse, smear; mergekit-moe keeps the "
-        "base's: `base`), task_arithmetic (wemoe); twin uses its shared merge; mixup: M³ (`merge.mixup`)")
+    method: str = Field("sparse", description="a record of methods.METHODS: " + " | ".join(METHODS))
+    non_expert: Literal["base", "average", "task_arithmetic", "ties", "dare_linear", "dare_ties", "mixup"] | None = (
+        Field(
+            None,
+            description="static merge of what is not routed; default average (sparse, smear; mergekit-moe keeps the "
+            "base's: `base`), task_arithmetic (wemoe); twin uses its shared merge; mixup: M³ (`merge.mixup`)",
+        )
+    )
     merge: StaticMergeSpec = StaticMergeSpec()
     router: RouterSpec | None = None
     wemoe: WemoeSpec = WemoeSpec()
     twin: TwinSpec = TwinSpec()
-    dense_layers: int = Field(0, ge=0, description="model level: leading layers shared (statically merged) by all experts")
+    dense_layers: int = Field(
+        0, ge=0, description="model level: leading layers shared (statically merged) by all experts"
+    )
     static: list[Literal[PARTS]] | None = Field(
-        None, description="dynamic models: parts kept as the static merge even where the experts differ (embeddings, "
+        None,
+        description="dynamic models: parts kept as the static merge even where the experts differ (embeddings, "
         "norms, head); default none with per-sequence routing (everything that differs is routed); with per-token "
-        "routing the embeddings (and a head tied to them), as no token has weights before it is embedded")
+        "routing the embeddings (and a head tied to them), as no token has weights before it is embedded",
+    )
     seed: int = 0
 
     @field_validator("gate_mode", mode="before")
     @classmethod
     def _mergekit_gate_modes(cls, v: Any) -> Any:
         return GATE_MODE_ALIASES.get(v, v) if isinstance(v, str) else v
+
+    @field_validator("method")
+    @classmethod
+    def _registered(cls, v: str) -> str:
+        if v not in METHODS:  # read at validation, so a method registered after import is accepted
+            raise ValueError(f"`method: {v}` is not a merging method; choose one of {', '.join(METHODS)}")
+        return v
 
     @field_validator("shared_experts", mode="before")
     @classmethod
@@ -214,8 +182,10 @@ class MergeConfig(_Strict):
         if self.router_init in PROMPT_INITS:
             self._check_prompts()
         if self.static is not None and self.router_spec.granularity == "token" and "embeddings" not in self.static:
-            raise ValueError("per-token routers have no merge weights before a token is embedded, so the embeddings "
-                             "stay static: add `embeddings` to `static` (or route per sequence)")
+            raise ValueError(
+                "per-token routers have no merge weights before a token is embedded, so the embeddings "
+                "stay static: add `embeddings` to `static` (or route per sequence)"
+            )
         return self
 
     def _check_routers(self) -> None:
@@ -224,19 +194,30 @@ class MergeConfig(_Strict):
             if self.shared_experts:
                 raise ValueError("`shared_experts` is a Qwen2-MoE feature of sparse FFN-level models only")
             if self.router_init not in DYNAMIC_INITS:
-                raise ValueError(f"router init `{self.router_init}` is for stock sparse FFN-level routers; dynamic "
-                                 f"models take one of {', '.join(DYNAMIC_INITS)}")
+                raise ValueError(
+                    f"router init `{self.router_init}` is for stock sparse FFN-level routers; dynamic "
+                    f"models take one of {', '.join(DYNAMIC_INITS)}"
+                )
             spec = self.router_spec
             if spec.kind == "mlp" and spec.hidden_size is not None and spec.hidden_size < 2 * len(self.experts):
-                raise ValueError(f"`router.hidden_size: {spec.hidden_size}` is too narrow for {len(self.experts)} experts: "
-                                 f"an MLP router needs at least 2 x experts = {2 * len(self.experts)} hidden units")
+                raise ValueError(
+                    f"`router.hidden_size: {spec.hidden_size}` is too narrow for {len(self.experts)} experts: "
+                    f"an MLP router needs at least 2 x experts = {2 * len(self.experts)} hidden units"
+                )
             if self.router_spec.kind == "constant" and self.router_init == "hidden":
-                raise ValueError("a `constant` router ignores its input, so it cannot start from prompts; "
-                                 "set `router.init: random` (WEMoE: starts at task arithmetic) or `uniform`")
-        elif self.router and (self.router.kind != "linear" or self.router.granularity != "sequence"
-                              or self.router.normalize not in (None, "topk")):
-            raise ValueError("sparse FFN-level output is a stock Mixtral/Qwen-MoE: its routers are linear, per token "
-                             "and top-k; `router.kind/granularity/normalize` apply to dynamic models")
+                raise ValueError(
+                    "a `constant` router ignores its input, so it cannot start from prompts; "
+                    "set `router.init: random` (WEMoE: starts at task arithmetic) or `uniform`"
+                )
+        elif self.router and (
+            self.router.kind != "linear"
+            or self.router.granularity != "sequence"
+            or self.router.normalize not in (None, "topk")
+        ):
+            raise ValueError(
+                "sparse FFN-level output is a stock Mixtral/Qwen-MoE: its routers are linear, per token "
+                "and top-k; `router.kind/granularity/normalize` apply to dynamic models"
+            )
         if self.router and "gate_mode" in self.model_fields_set and self.router.init != self.gate_mode:
             raise ValueError(f"`gate_mode: {self.gate_mode}` and `router.init: {self.router.init}` disagree; give one")
 
@@ -244,7 +225,9 @@ class MergeConfig(_Strict):
         """Routers fitted on prompts need each expert's own."""
         for i, e in enumerate(self.experts):
             if not e.positive_prompts:
-                raise ValueError(f"`experts[{i}].positive_prompts` is empty; gate_mode `{self.router_init}` needs prompts")
+                raise ValueError(
+                    f"`experts[{i}].positive_prompts` is empty; gate_mode `{self.router_init}` needs prompts"
+                )
         keys = {(tuple(e.positive_prompts), tuple(e.negative_prompts)) for e in self.experts}
         if len(self.experts) > 1 and len(keys) == 1:
             raise ValueError(
@@ -269,24 +252,32 @@ class MergeConfig(_Strict):
         """Whether the output is a moe_merge dynamic model rather than a stock sparse MoE."""
         return not (self.merging.merges == "outputs" and self.level == "ffn")
 
-    def static_spec(self, method: str, scale: float | None, density: float, weights: list[float] | None) -> StaticSpec:
-        """A static merge over the experts; `mixup` draws its λ here, from `merge.mixup`'s seed."""
-        if method != "mixup":
-            return StaticSpec(method, scale, density, weights)
-        from moe_merge.merge import mixup_draws
+    @property
+    def settings(self) -> Any:
+        """The method's own recipe section (`wemoe:`, `twin:`), None for a method without one."""
+        return getattr(self, self.method) if self.merging.settings else None
 
+    @property
+    def static_merge(self) -> StaticSpec:
+        """The static merge of what is not routed: the method's (methods.py), from `non_expert`, `merge:` and its
+        section; `mixup` draws its λ here, from `merge.mixup`'s seed."""
+        recipe = StaticSpec(self.non_expert or "average", self.merge.scale, self.merge.density, self.merge.weights)
+        spec = self.merging.static(recipe, self.non_expert, self.settings)
+        if spec.method != "mixup":
+            return spec
         m = self.merge.mixup
-        return StaticSpec("mixup", scale, density, mixup_draws(len(self.experts), m.alpha, 1, m.seed)[0], m.base_method)
+        draw = mixup_draws(len(self.experts), m.alpha, 1, m.seed)[0]
+        return StaticSpec("mixup", spec.scale, spec.density, draw, m.base_method)
 
     @property
     def static_method(self) -> str:
         """The static merge of what is not routed (`non_expert`, else the method's default)."""
-        return self.merging.static(self).method
+        return self.static_merge.method
 
     @property
     def static_summary(self) -> str:
         """`static_method`, with mixup's draw: what cards, the dry run and the log show."""
-        spec = self.merging.static(self)
+        spec = self.static_merge
         if spec.method != "mixup":
             return spec.method
         m = self.merge.mixup

@@ -16,8 +16,16 @@ SPARSE_FFN = {  # stock Mixtral outputs (Foundation): name -> recipe overrides
 }
 STATIC = ("average", "task_arithmetic", "ties")
 # Dynamic models, each with nothing but method and level set: training-free, prompt-initialised routers.
-DYNAMIC = [("smear", "ffn"), ("wemoe", "ffn"), ("twin", "ffn"), ("smear", "block"), ("wemoe", "block"),
-           ("twin", "block"), ("sparse", "block"), ("sparse", "model")]
+DYNAMIC = [
+    ("smear", "ffn"),
+    ("wemoe", "ffn"),
+    ("twin", "ffn"),
+    ("smear", "block"),
+    ("wemoe", "block"),
+    ("twin", "block"),
+    ("sparse", "block"),
+    ("sparse", "model"),
+]
 
 
 TRAIN_STEPS = 300  # router-only steps for every trained row (the goal's budget)
@@ -25,12 +33,24 @@ OBJECTIVE = {"lm": 1.0, "routing": 1.0}
 # Router-training runs beyond the dynamic table (whose every model is trained from its prompt start): starts no
 # prompt fixes, WEMoE's own recipe, and the stock export. (zoo variant, name, recipe overrides, objective)
 ROUTER_RUNS = [
-    ("mlp", "wemoe ffn, task-arithmetic start (raw weights)", {
-        "method": "wemoe", "level": "ffn", "router": {"init": "random", "normalize": "none"}}, OBJECTIVE),
-    ("mlp", "wemoe ffn, task-arithmetic start, entropy (WEMoE's recipe)", {
-        "method": "wemoe", "level": "ffn", "router": {"init": "random", "normalize": "none"}}, {"entropy": 1.0}),
-    ("mlp", "wemoe ffn, uniform start (softmax, 1/E each)", {
-        "method": "wemoe", "level": "ffn", "router": {"init": "uniform"}}, OBJECTIVE),
+    (
+        "mlp",
+        "wemoe ffn, task-arithmetic start (raw weights)",
+        {"method": "wemoe", "level": "ffn", "router": {"init": "random", "normalize": "none"}},
+        OBJECTIVE,
+    ),
+    (
+        "mlp",
+        "wemoe ffn, task-arithmetic start, entropy (WEMoE's recipe)",
+        {"method": "wemoe", "level": "ffn", "router": {"init": "random", "normalize": "none"}},
+        {"entropy": 1.0},
+    ),
+    (
+        "mlp",
+        "wemoe ffn, uniform start (softmax, 1/E each)",
+        {"method": "wemoe", "level": "ffn", "router": {"init": "uniform"}},
+        OBJECTIVE,
+    ),
     ("mlp", "sparse ffn (stock Mixtral, fit, top-2)", {"router": {"init": "fit"}, "experts_per_token": 2}, OBJECTIVE),
     ("mlp", "sparse ffn (stock Mixtral, fit, top-1)", {"router": {"init": "fit"}, "experts_per_token": 1}, OBJECTIVE),
 ]
@@ -45,9 +65,20 @@ def train(model_dir: Path, run_dir: Path, data: Path, steps: int, objective: dic
     from moe_merge.train.loop import TrainRouterArgs, train_router
 
     with contextlib.redirect_stdout(io.StringIO()):
-        summary = train_router(model_dir, run_dir, TrainRouterArgs(
-            data=data, steps=steps, lr=0.05, batch_size=16, objective=objective, eval_every=50, save_every=steps,
-            force=True))
+        summary = train_router(
+            model_dir,
+            run_dir,
+            TrainRouterArgs(
+                data=data,
+                steps=steps,
+                lr=0.05,
+                batch_size=16,
+                objective=objective,
+                eval_every=50,
+                save_every=steps,
+                force=True,
+            ),
+        )
     return evaluate(run_dir / "model"), summary
 
 
@@ -59,21 +90,37 @@ def train_and_score(zoo_dir: Path, out: Path, run: tuple, data: Path, steps: int
     variant, name, overrides, objective = run
     experts = expert_scores(zoo_dir, variant)
     slug = f"{variant}-{name.split(',')[0].split(' (')[0].replace(' ', '-')}-{ROUTER_RUNS.index(run)}"
-    model_dir = assemble(MergeConfig.model_validate(zoo.zoo_recipe(zoo_dir, variant, **overrides)), out / slug, force=True)
+    model_dir = assemble(
+        MergeConfig.model_validate(zoo.zoo_recipe(zoo_dir, variant, **overrides)), out / slug, force=True
+    )
     before = evaluate(model_dir)
     after, summary = train(model_dir, out / f"{slug}-run", data, steps, objective)
-    return {"variant": variant, "name": name, "objective": objective, "steps": steps, "before": before, "after": after,
-            "worst": {"before": worst(before, experts), "after": worst(after, experts)},
-            "seconds_per_step": summary["seconds_per_step"], "train_minutes": summary["train_minutes"]}
+    return {
+        "variant": variant,
+        "name": name,
+        "objective": objective,
+        "steps": steps,
+        "before": before,
+        "after": after,
+        "worst": {"before": worst(before, experts), "after": worst(after, experts)},
+        "seconds_per_step": summary["seconds_per_step"],
+        "train_minutes": summary["train_minutes"],
+    }
 
 
 def router_rows(results: list[dict]) -> str:
-    lines = ["| experts | model | objective | " + " | ".join(zoo.EXPERT_TASKS) + " | worst vs expert: before → after | s/step |",
-             "|---|---|---|" + "---|" * len(zoo.EXPERT_TASKS) + "---|---|"]
+    lines = [
+        "| experts | model | objective | "
+        + " | ".join(zoo.EXPERT_TASKS)
+        + " | worst vs expert: before → after | s/step |",
+        "|---|---|---|" + "---|" * len(zoo.EXPERT_TASKS) + "---|---|",
+    ]
     for r in results:
         cells = " | ".join(f"{r['after'][t]:.0%}" for t in zoo.EXPERT_TASKS)
-        lines.append(f"| {r['variant']} | {r['name']} | {'+'.join(r['objective'])} | {cells} | "
-                     f"{r['worst']['before']:.0%} → {r['worst']['after']:.0%} | {r['seconds_per_step']:.3f} |")
+        lines.append(
+            f"| {r['variant']} | {r['name']} | {'+'.join(r['objective'])} | {cells} | "
+            f"{r['worst']['before']:.0%} → {r['worst']['after']:.0%} | {r['seconds_per_step']:.3f} |"
+        )
     return "\n".join(lines)
 
 
@@ -88,8 +135,11 @@ def oracle(model_dir: Path) -> dict[str, float]:
 
     from moe_merge.quality import oracle_scores
 
-    rows = [{"prompt": zoo.prompt(t, w), "completion": zoo.apply_task(t, w), "task": t}
-            for t in zoo.EXPERT_TASKS for w in zoo.task_prompts(t)["eval_words"]]
+    rows = [
+        {"prompt": zoo.prompt(t, w), "completion": zoo.apply_task(t, w), "task": t}
+        for t in zoo.EXPERT_TASKS
+        for w in zoo.task_prompts(t)["eval_words"]
+    ]
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     return {t: s for t, (s, _) in oracle_scores(model, load_tokenizer(model_dir), rows).items()}
 
@@ -146,7 +196,9 @@ def run_demo(out: Path) -> dict:
         experts = expert_scores(zoo_dir, variant)
         base = zoo.scores(zoo.load_checkpoint(zoo_dir / "base"), load_tokenizer(zoo_dir / "base"))
         rows = results[variant] = {"base": base, "experts (each on its own task)": experts}
-        print(f"\n## {variant} fine-tunes ({'MLPs only' if variant == 'mlp' else 'every weight'}): exact match per task\n")
+        print(
+            f"\n## {variant} fine-tunes ({'MLPs only' if variant == 'mlp' else 'every weight'}): exact match per task\n"
+        )
         print(header)
         for name, scores in rows.items():
             print(_row(name, scores, experts))
@@ -157,16 +209,27 @@ def run_demo(out: Path) -> dict:
             target = out / f"{variant}-{name.split(',')[0].replace(' ', '-')}-{len(rows)}"
             rows[name] = scores = evaluate(_assemble(zoo_dir, variant, overrides, target))
             print(_row(name, scores, experts))
-        print(f"\nDynamic models, training-free; the oracle forces each task's merge weights one-hot to its expert; "
-              f"then {TRAIN_STEPS} steps of router-only training on 400 mixed rows (the worst task vs its expert):\n")
-        print(f"| model | {tasks} | worst | oracle: worst | trained: worst |\n|---|" + "---|" * (len(zoo.EXPERT_TASKS) + 3))
+        print(
+            f"\nDynamic models, training-free; the oracle forces each task's merge weights one-hot to its expert; "
+            f"then {TRAIN_STEPS} steps of router-only training on 400 mixed rows (the worst task vs its expert):\n"
+        )
+        print(
+            f"| model | {tasks} | worst | oracle: worst | trained: worst |\n|---|"
+            + "---|" * (len(zoo.EXPERT_TASKS) + 3)
+        )
         for method, level in DYNAMIC:
             name = f"{method} {level}"
-            target = _assemble(zoo_dir, variant, {"method": method, "level": level}, out / f"{variant}-{method}-{level}")
+            target = _assemble(
+                zoo_dir, variant, {"method": method, "level": level}, out / f"{variant}-{method}-{level}"
+            )
             scores, best = evaluate(target), oracle(target)
             after, summary = train(target, out / f"{variant}-{method}-{level}-run", data, TRAIN_STEPS, OBJECTIVE)
-            rows[name] = {"training-free": scores, "oracle": best, "trained": after,
-                          "seconds_per_step": summary["seconds_per_step"]}
+            rows[name] = {
+                "training-free": scores,
+                "oracle": best,
+                "trained": after,
+                "seconds_per_step": summary["seconds_per_step"],
+            }
             print(_row(name, scores, experts, worst(best, experts), worst(after, experts)))
     last = out / "mlp-smear-ffn"
     report = json.loads((last / "routing_report.json").read_text())
@@ -178,8 +241,10 @@ def run_demo(out: Path) -> dict:
     print(f"\n## router-only fine-tuning from starts no prompt fixes ({TRAIN_STEPS} steps, 400 mixed rows)\n")
     trained = [train_and_score(zoo_dir, out, ROUTER_RUNS[i], data, TRAIN_STEPS) for i in DEMO_RUNS]
     print(router_rows(trained))
-    print(f"\n{trained[0]['seconds_per_step']:.3f} s per step on this CPU; `python examples/router_training.py` runs "
-          "every start.")
+    print(
+        f"\n{trained[0]['seconds_per_step']:.3f} s per step on this CPU; `python examples/router_training.py` runs "
+        "every start."
+    )
     results["router training"] = trained
     (out / "quality.json").write_text(json.dumps(results, indent=2))
     print(f"\nmodels, recipes, routing reports (JSON + PNG) and quality.json are in {out.absolute()}")
@@ -204,20 +269,31 @@ def _samples(model_dir: Path) -> None:
     for task in zoo.EXPERT_TASKS:
         word = zoo.task_prompts(task)["eval_words"][0]
         enc = tok(zoo.prompt(task, word), return_tensors="pt")
-        out = model.generate(**enc, max_new_tokens=9, do_sample=False, pad_token_id=tok.pad_token_id,
-                             return_dict_in_generate=True, output_scores=False)
-        text = tok.decode(out.sequences[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        out = model.generate(
+            **enc,
+            max_new_tokens=9,
+            do_sample=False,
+            pad_token_id=tok.pad_token_id,
+            return_dict_in_generate=True,
+            output_scores=False,
+        )
+        text = tok.decode(out.sequences[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
         weights = model.model(**enc, use_cache=False).merge_weights[0].mean(0)
         top = int(weights.argmax())
-        print(f"  {zoo.prompt(task, word)}{text:<10} (expected {zoo.apply_task(task, word):<8}) "
-              f"routed to {model.config.expert_names[top]} ({weights[top]:.2f})")
+        print(
+            f"  {zoo.prompt(task, word)}{text:<10} (expected {zoo.apply_task(task, word):<8}) "
+            f"routed to {model.config.expert_names[top]} ({weights[top]:.2f})"
+        )
 
 
 # ----------------------------------------------------------------------------------------- the real-model zoo
 
 REAL_STOCK = {  # the stock Mixtral export of the real zoo's adapters: name -> recipe overrides
-    "sparse ffn, mergekit's YAML (gate_mode hidden, top-2, the base's attention)":
-        {"gate_mode": "hidden", "experts_per_token": 2, "non_expert": "base"},
+    "sparse ffn, mergekit's YAML (gate_mode hidden, top-2, the base's attention)": {
+        "gate_mode": "hidden",
+        "experts_per_token": 2,
+        "non_expert": "base",
+    },
     "sparse ffn, router.init fit, top-1 (averaged attention)": {"router": {"init": "fit"}, "experts_per_token": 1},
 }
 
@@ -232,8 +308,8 @@ def run_real_demo(out: Path, base: str) -> dict:
     from moe_merge import realzoo
     from moe_merge.assemble import assemble
     from moe_merge.config import MergeConfig
-    from moe_merge.quality import exact_match, oracle_scores
     from moe_merge.generate import load
+    from moe_merge.quality import exact_match, oracle_scores
 
     zoo_dir = realzoo.ensure_real_zoo(base)
     out = Path(out)
@@ -257,21 +333,33 @@ def run_real_demo(out: Path, base: str) -> dict:
     results = {"experts": experts, "base": score(load(zoo_dir / "base")[0])}
     row("base", results["base"])
     row("experts (each on its own task)", experts)
-    smear = assemble(MergeConfig.model_validate(realzoo.zoo_recipe(zoo_dir, "lora", method="smear", level="block")),
-                     out / "smear-block", force=True)
+    smear = assemble(
+        MergeConfig.model_validate(realzoo.zoo_recipe(zoo_dir, "lora", method="smear", level="block")),
+        out / "smear-block",
+        force=True,
+    )
     results["static average"] = score(load(smear)[0], merge_weights=torch.full((len(tasks),), 1 / len(tasks)))
     row("static average", results["static average"])
     for name, overrides in REAL_STOCK.items():
-        target = assemble(MergeConfig.model_validate(realzoo.zoo_recipe(zoo_dir, "lora", **overrides)),
-                          out / f"stock-{len(results)}", force=True)
+        target = assemble(
+            MergeConfig.model_validate(realzoo.zoo_recipe(zoo_dir, "lora", **overrides)),
+            out / f"stock-{len(results)}",
+            force=True,
+        )
         results[name] = score(load(target)[0])
         row(name, results[name])
     print("\nDynamic models, training-free; the oracle forces each task's merge weights one-hot to its expert:\n")
     print(f"| model | {' | '.join(tasks)} | worst | oracle: worst |\n|---|" + "---|" * (len(tasks) + 2))
     for method, level in DYNAMIC:
-        target = smear if (method, level) == ("smear", "block") else assemble(
-            MergeConfig.model_validate(realzoo.zoo_recipe(zoo_dir, "lora", method=method, level=level)),
-            out / f"{method}-{level}", force=True)
+        target = (
+            smear
+            if (method, level) == ("smear", "block")
+            else assemble(
+                MergeConfig.model_validate(realzoo.zoo_recipe(zoo_dir, "lora", method=method, level=level)),
+                out / f"{method}-{level}",
+                force=True,
+            )
+        )
         model = load(target)[0]
         got, best = score(model), {t: s for t, (s, _) in oracle_scores(model, tok, rows).items()}
         results[f"{method} {level}"] = {"training-free": got, "oracle": best}
@@ -284,12 +372,15 @@ def run_real_demo(out: Path, base: str) -> dict:
         with torch.no_grad():
             new = model.generate(**enc, max_new_tokens=4, do_sample=False, pad_token_id=tok.pad_token_id)
             weights = model.model(**enc, use_cache=False).merge_weights[0].mean(0)
-        text = tok.decode(new[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        text = tok.decode(new[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
         top = int(weights.argmax())
-        print(f"  {r['prompt'].splitlines()[0]} ->{text:<14} (expected{r['completion']}) routed to "
-              f"{model.config.expert_names[top]} ({weights[top]:.2f})")
+        print(
+            f"  {r['prompt'].splitlines()[0]} ->{text:<14} (expected{r['completion']}) routed to "
+            f"{model.config.expert_names[top]} ({weights[top]:.2f})"
+        )
     (out / "quality.json").write_text(json.dumps(results, indent=2))
-    print(f"\nmodels and quality.json are in {out.absolute()}; router training, the full fine-tunes, decode speed and "
-          "mergekit-moe: python benchmarks/real_zoo.py")
+    print(
+        f"\nmodels and quality.json are in {out.absolute()}; router training, the full fine-tunes, decode speed and "
+        "mergekit-moe: python benchmarks/real_zoo.py"
+    )
     return results
-

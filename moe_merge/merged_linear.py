@@ -44,7 +44,9 @@ class MergedLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, num_experts: int):
         super().__init__()
         self.in_features, self.out_features, self.num_experts = in_features, out_features, num_experts
-        self.slot = 0  # its index among the model's merged linears (MoEMergeModel numbers them): where RoutingState keeps W_b
+        self.slot = (
+            0  # its index among the model's merged linears (MoEMergeModel numbers them): where RoutingState keeps W_b
+        )
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, experts={self.num_experts}, form={self.form}"
@@ -57,10 +59,22 @@ class MergedLinear(nn.Module):
         kept = self._kept(w, x, state) if state is not None and (T == 1 or state.forming) and w.dim() == 2 else None
         if kept is not None:
             y = nn.functional.linear(x, kept[0]) if B == 1 else torch.bmm(x, kept.transpose(1, 2))
-        elif w.dim() == 2 and T > 1 and self._stack() is not None and not w.requires_grad and kernels.choose_strategy(
-            T, B, self.num_experts, has_base=self._w0() is not None, element_size=x.element_size(), device=x.device,
-            weight_bytes=B * self.out_features * K * x.element_size(),
-        ) == "materialize":
+        elif (
+            w.dim() == 2
+            and T > 1
+            and self._stack() is not None
+            and not w.requires_grad
+            and kernels.choose_strategy(
+                T,
+                B,
+                self.num_experts,
+                has_base=self._w0() is not None,
+                element_size=x.element_size(),
+                device=x.device,
+                weight_bytes=B * self.out_features * K * x.element_size(),
+            )
+            == "materialize"
+        ):
             y = self._materialized(x, w)
         elif T == 1 and w.dim() == 2:  # a decode step: one token per sequence, its weights as they are
             y = self._per_token(x.view(B, K), w).view(B, 1, -1)
@@ -86,8 +100,12 @@ class MergedLinear(nn.Module):
             starts = torch.cat([w.new_ones(1, dtype=torch.bool), (w[1:] != w[:-1]).any(-1)]).nonzero().squeeze(1)
             if len(starts) < len(w):
                 bounds = starts.tolist() + [len(w)]
-                return torch.cat([x[a:b] @ kernels.merge_weights_into(self._w0(), self._stack(), w[a : a + 1])[0].T
-                                  for a, b in zip(bounds, bounds[1:])])
+                return torch.cat(
+                    [
+                        x[a:b] @ kernels.merge_weights_into(self._w0(), self._stack(), w[a : a + 1])[0].T
+                        for a, b in zip(bounds, bounds[1:])
+                    ]
+                )
         return torch.bmm(x, kernels.merge_weights_into(self._w0(), self._stack(), w).transpose(1, 2))
 
     def _per_token(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -116,8 +134,10 @@ class MergedLinear(nn.Module):
         per element: both read W0 and the E weights or deltas; forming writes S weights of P elements."""
         read = sum(t.numel() for t in (self._w0(), self._stack()) if t is not None)
         P = self.in_features * self.out_features
-        return (kernels.Cost(read * b, 2 * S * read, kernels.dispatch.FORM_OPS),
-                kernels.Cost((read + S * P) * b, 2 * S * read, 2))
+        return (
+            kernels.Cost(read * b, 2 * S * read, kernels.dispatch.FORM_OPS),
+            kernels.Cost((read + S * P) * b, 2 * S * read, 2),
+        )
 
     def _w0_or_stack(self) -> torch.Tensor:
         return self._w0() if self._w0() is not None else self._stack()
@@ -243,7 +263,11 @@ class DenseMergedLinear(_WithW0):
     @torch.no_grad()
     def parts(self, w):
         w = w.double()
-        return [self.weight.double(), torch.einsum("e,enk->nk", w, self.delta_weight.double())], [], self._bias(w, torch.float64)
+        return (
+            [self.weight.double(), torch.einsum("e,enk->nk", w, self.delta_weight.double())],
+            [],
+            self._bias(w, torch.float64),
+        )
 
 
 class LowRankMergedLinear(_WithW0):
@@ -252,8 +276,9 @@ class LowRankMergedLinear(_WithW0):
 
     form = "lowrank"
 
-    def __init__(self, in_features: int, out_features: int, num_experts: int, rank: int, bias: bool = False,
-                 offset: float = 0.0):
+    def __init__(
+        self, in_features: int, out_features: int, num_experts: int, rank: int, bias: bool = False, offset: float = 0.0
+    ):
         super().__init__(in_features, out_features, num_experts, bias)
         self.lora_A = nn.Parameter(torch.empty(num_experts, rank, in_features))
         self.lora_B = nn.Parameter(torch.empty(num_experts, out_features, rank))
@@ -261,7 +286,9 @@ class LowRankMergedLinear(_WithW0):
         self._b_cat: tuple[tuple, torch.Tensor] | None = None  # B's experts side by side, for the native path
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, rank={self.lora_A.shape[1]}" + (f", offset={self.offset}" if self.offset else "")
+        return f"{super().extra_repr()}, rank={self.lora_A.shape[1]}" + (
+            f", offset={self.offset}" if self.offset else ""
+        )
 
     def coefficients(self, w: torch.Tensor) -> torch.Tensor:
         """What each expert's factors are multiplied by, for merge weights w [..., E]."""
@@ -271,8 +298,9 @@ class LowRankMergedLinear(_WithW0):
         return None  # the factors are multiplied, never stacked into dense deltas
 
     def _per_token(self, x, w):
-        return kernels.lowrank_merged_linear(x, self.coefficients(w), self.lora_A, self.lora_B, self.weight,
-                                             B_cat=self.b_cat())
+        return kernels.lowrank_merged_linear(
+            x, self.coefficients(w), self.lora_A, self.lora_B, self.weight, B_cat=self.b_cat()
+        )
 
     def b_cat(self) -> torch.Tensor:
         """[N, E·r]: the B_e side by side, a copy kept while B stays as it is (its storage and version: an in-place
@@ -288,7 +316,9 @@ class LowRankMergedLinear(_WithW0):
 
     def _materialize(self, w):
         dtype = self._widest()
-        low = torch.einsum("be,enr,erk->bnk", self.coefficients(w.to(dtype)), self.lora_B.to(dtype), self.lora_A.to(dtype))
+        low = torch.einsum(
+            "be,enr,erk->bnk", self.coefficients(w.to(dtype)), self.lora_B.to(dtype), self.lora_A.to(dtype)
+        )
         return (self.weight.to(dtype) + low).to(self.stored_dtype)
 
     def _decode_costs(self, S, b):
@@ -298,8 +328,9 @@ class LowRankMergedLinear(_WithW0):
         return step, kernels.Cost((read + S * self.weight.numel()) * b, 2 * S * E * r * self.weight.numel(), 2)
 
     def _rows(self, ids, w):
-        low = torch.einsum("bte,ebtr,erk->btk", self.coefficients(w), self.lora_B[:, ids].to(w.dtype),
-                           self.lora_A.to(w.dtype))
+        low = torch.einsum(
+            "bte,ebtr,erk->btk", self.coefficients(w), self.lora_B[:, ids].to(w.dtype), self.lora_A.to(w.dtype)
+        )
         return self.weight[ids].to(w.dtype) + low
 
     def _widest(self):
@@ -322,8 +353,15 @@ class LowRankMergedLinear(_WithW0):
         return [self.weight.double()], factors, self._bias(w, torch.float64)
 
 
-def merged_linear(in_features: int, out_features: int, num_experts: int, form: str, rank: int | None = None,
-                  bias: bool = False, offset: float = 0.0) -> MergedLinear:
+def merged_linear(
+    in_features: int,
+    out_features: int,
+    num_experts: int,
+    form: str,
+    rank: int | None = None,
+    bias: bool = False,
+    offset: float = 0.0,
+) -> MergedLinear:
     """The merged linear of `form` (full | dense | lowrank; lowrank needs its rank, and takes an `offset`)."""
     if form == "full":
         return FullMergedLinear(in_features, out_features, num_experts, bias)

@@ -35,7 +35,9 @@ class MergedNorm(nn.Module):
             self.delta_weight = nn.Parameter(torch.empty(num_experts, hidden_size))
 
     def extra_repr(self) -> str:
-        return f"experts={self.num_experts}, form={self.form}, eps={self.variance_epsilon}, unit_offset={self.unit_offset}"
+        return (
+            f"experts={self.num_experts}, form={self.form}, eps={self.variance_epsilon}, unit_offset={self.unit_offset}"
+        )
 
     @property
     def num_experts(self) -> int:
@@ -79,4 +81,6 @@ class MergedEmbedding(nn.Module):
     def forward(self, input_ids: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """input_ids [B, T] with merge weights w [B, E] or [B, T, E]."""
         rows = self.table.rows(input_ids, w.to(input_ids.device))
-        return rows if self.scale is None else rows * torch.tensor(self.scale).to(rows.dtype)  # as Gemma: float32, then cast
+        return (
+            rows if self.scale is None else rows * torch.tensor(self.scale).to(rows.dtype)
+        )  # as Gemma: float32, then cast

@@ -12,6 +12,9 @@ A method says what its merge weights act on and how the rest of the model is bui
   (and which a router reads its layer's routed norm with before its weights are known);
 - whether its merge weights must sum to one (the averaging methods).
 
+A method with settings of its own keeps them in a recipe section named after it (`wemoe:`, `twin:`), whose
+schema is defined here beside it; its hooks read that section, never the rest of the recipe.
+
 Adding a method is one entry here and its tests; the recipe's `method` field, the dynamic model,
 the plans, `bake` and `export-lora` all read these records.
 """
@@ -19,10 +22,11 @@ the plans, `bake` and `export-lora` all read these records.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import Any, Literal
 
-if TYPE_CHECKING:
-    from moe_merge.config import MergeConfig
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from moe_merge.merge import StaticSpec
 
 Level = Literal["ffn", "block", "model"]
 Form = Literal["full", "dense", "lowrank"]
@@ -31,21 +35,95 @@ FORMS: tuple[Form, ...] = ("full", "dense", "lowrank")
 PARTS = ("embeddings", "norms", "head")  # what is routed beside the linear layers, where the experts differ
 
 
-@dataclass(frozen=True)
-class StaticSpec:
-    """A static merge of one tensor over the experts: peft merge_utils' method and its arguments."""
+class Settings(BaseModel):
+    """A method's recipe section."""
 
-    method: str  # base | average | task_arithmetic | ties | dare_linear | dare_ties | mixup
-    scale: float | None
-    density: float
-    weights: list[float] | None  # mixup: its drawn λ
-    base_method: str = "average"  # mixup: how λ applies
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class WemoeSpec(Settings):
+    """Weight-Ensembling MoE: static task arithmetic outside the MLPs, routed task vectors inside."""
+
+    scale: float = Field(0.3, description="lambda of the static task arithmetic, and the constant routers' start")
+
+
+class EnergyRank(Settings):
+    """Twin's rank chosen per matrix: the smallest that holds `energy` of the exclusive part's Σ σ²."""
+
+    energy: float = Field(gt=0.0, le=1.0)
+
+
+class TwinSpec(Settings):
+    """Twin-Merging: a shared static merge plus each expert's exclusive part, compressed by SVD."""
+
+    shared: Literal["task_arithmetic", "ties"] = "task_arithmetic"
+    scale: float | None = Field(
+        None, description="lambda of the shared merge (default 0.3 for task_arithmetic, 1 for ties)"
+    )
+    density: float = Field(0.5, gt=0.0, le=1.0, description="ties: share of each task vector kept")
+    rank: int | EnergyRank | None = Field(
+        None,
+        description="SVD rank of the exclusive parts: a number of singular vectors (capped at min(out, in)), or "
+        "`{energy: 0.99}`, per matrix the smallest rank holding that share of its energy; give this or `rank_fraction`",
+    )
+    rank_fraction: float | None = Field(
+        None,
+        gt=0.0,
+        le=1.0,
+        description="SVD rank as a share of min(out, in) (1.0: full rank, exact); default 0.5 when `rank` is not given",
+    )
+
+    @field_validator("rank", mode="before")
+    @classmethod
+    def _whole_rank(cls, v: Any) -> Any:
+        if isinstance(v, (bool, float)):  # 1.0 would read as rank 1, not as full rank
+            raise ValueError(
+                f"`rank: {v}` must be a whole number of singular vectors (e.g. 32); for a share of "
+                f"min(out, in) write `rank_fraction: {v}` instead (1.0 is full rank, exact)"
+            )
+        return v
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_rank(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            if "router_layer" in data:
+                raise ValueError(
+                    "`twin.router_layer` is now `router.prepass`: the layer of the shared model whose "
+                    "input states the router reads, in a pass run once at prefill"
+                )
+            if data.get("rank") is not None and data.get("rank_fraction") is not None:
+                raise ValueError(
+                    "give `twin.rank` (a number of singular vectors) or `twin.rank_fraction` (a share of "
+                    "min(out, in)), not both"
+                )
+            if data.get("rank") is None and data.get("rank_fraction") is None:
+                data = {**data, "rank_fraction": 0.5}
+        return data
+
+    @field_validator("rank")
+    @classmethod
+    def _positive(cls, v: Any) -> Any:
+        if isinstance(v, int) and v < 1:
+            raise ValueError(f"`rank: {v}` must be at least 1")
+        return v
+
+    def rank_for(self, out_features: int, in_features: int) -> int | None:
+        """The SVD rank of one out x in matrix; None when it is chosen by energy, per matrix, as it is built."""
+        full = min(out_features, in_features)
+        if isinstance(self.rank, EnergyRank):
+            return None
+        return min(full, self.rank) if self.rank is not None else max(1, round(self.rank_fraction * full))
+
+    @property
+    def energy(self) -> float | None:
+        return self.rank.energy if isinstance(self.rank, EnergyRank) else None
 
 
 @dataclass(frozen=True)
 class Method:
-    """One merging method. The defaults are the common case; a subclass overrides `static`, `rank` or
-    `prepass_weights` where its recipe section decides them."""
+    """One merging method. The defaults are the common case; a subclass overrides `static`, `rank`, `energy` or
+    `prepass_weights` where its recipe section (`settings`, the recipe's field named after it) decides them."""
 
     name: str
     summary: str
@@ -58,21 +136,28 @@ class Method:
     pools_outputs: bool = False  # route each token, then average the router outputs over the prompt
     levels: tuple[Level, ...] = ("ffn", "block")
     default_normalize: str = "softmax"
+    settings: type[Settings] | None = None  # the schema of its recipe section, the field named after the method
 
-    def static(self, cfg: MergeConfig) -> StaticSpec:
+    def static(self, recipe: StaticSpec, non_expert: str | None, settings: Any) -> StaticSpec:
         """The static merge of what this method does not route: the experts' average. (mergekit-moe keeps the base's;
         where experts changed their attention, LoRA adapters on every linear layer say, the average keeps their
         changes and the base's drops them: on the real zoo's adapters a stock Mixtral's every-token-right oracle
         reads 88-100 % with the base's attention and 100 % with the average. Where experts only changed MLPs, the
-        two are the same tensors.)"""
-        return cfg.static_spec(cfg.non_expert or "average", cfg.merge.scale, cfg.merge.density, cfg.merge.weights)
+        two are the same tensors.) `recipe` is the recipe's own: `non_expert` (else the average) with `merge:`'s
+        settings."""
+        return recipe
 
-    def rank(self, cfg: MergeConfig, out_features: int, in_features: int) -> int | None:
-        """The SVD rank of one routed out x in projection (svd methods only)."""
+    def rank(self, settings: Any, out_features: int, in_features: int) -> int | None:
+        """The SVD rank of one routed out x in projection (svd methods only); None when `energy` decides it."""
         return None
 
-    def prepass_weights(self, cfg: MergeConfig, num_experts: int) -> list[float]:
-        """The merge weights of the static model the routing pre-pass runs: here the experts' average."""
+    def energy(self, settings: Any) -> float | None:
+        """The share of each exclusive part's Σ σ² its rank holds, where the rank is chosen per matrix."""
+        return None
+
+    def prepass_weights(self, settings: Any, num_experts: int) -> list[float]:
+        """The merge weights of the static model the routing pre-pass runs: here the experts' average. Routers that
+        start constant (`router.init: random` with raw weights) start there too."""
         return [1.0 / num_experts] * num_experts
 
     @property
@@ -84,47 +169,77 @@ class Method:
         """What this method cannot do at `level` with these routers, each as a sentence naming the recipe field."""
         out = []
         if level not in self.levels:
-            out.append(f"`level: {level}` mixes whole expert models, which is `method: sparse`, not `{self.name}`"
-                       if level == "model" else f"`method: {self.name}` does not run at `level: {level}`")
+            out.append(
+                f"`level: {level}` mixes whole expert models, which is `method: sparse`, not `{self.name}`"
+                if level == "model"
+                else f"`method: {self.name}` does not run at `level: {level}`"
+            )
         if granularity == "token" and (self.shared_router or level == "model"):
-            out.append(f"{self.name} at {level} level routes once per sequence; `router.granularity` must be `sequence`")
+            out.append(
+                f"{self.name} at {level} level routes once per sequence; `router.granularity` must be `sequence`"
+            )
         if self.averages and normalize == "none":
-            out.append(f"`method: {self.name}` averages the experts' {self.merges}, so its merge weights must sum to "
-                       "one: `router.normalize` must be softmax or topk (raw weights on task vectors are `method: "
-                       "wemoe`)")
+            out.append(
+                f"`method: {self.name}` averages the experts' {self.merges}, so its merge weights must sum to "
+                "one: `router.normalize` must be softmax or topk (raw weights on task vectors are `method: "
+                "wemoe`)"
+            )
         return out
 
 
 @dataclass(frozen=True)
 class Wemoe(Method):
-    def static(self, cfg: MergeConfig) -> StaticSpec:
-        if cfg.non_expert is not None:
-            return super().static(cfg)
-        return cfg.static_spec("task_arithmetic", cfg.wemoe.scale, cfg.merge.density, cfg.merge.weights)
+    def static(self, recipe: StaticSpec, non_expert: str | None, settings: WemoeSpec) -> StaticSpec:
+        if non_expert is not None:
+            return recipe
+        return StaticSpec("task_arithmetic", settings.scale, recipe.density, recipe.weights)
 
-    def prepass_weights(self, cfg: MergeConfig, num_experts: int) -> list[float]:
-        return [cfg.wemoe.scale] * num_experts  # task arithmetic, the start of its routers
+    def prepass_weights(self, settings: WemoeSpec, num_experts: int) -> list[float]:
+        return [settings.scale] * num_experts  # task arithmetic, the start of its routers
 
 
 @dataclass(frozen=True)
 class Twin(Method):
-    def static(self, cfg: MergeConfig) -> StaticSpec:
-        return cfg.static_spec(cfg.non_expert or cfg.twin.shared, cfg.twin.scale, cfg.twin.density, None)
+    def static(self, recipe: StaticSpec, non_expert: str | None, settings: TwinSpec) -> StaticSpec:
+        return StaticSpec(non_expert or settings.shared, settings.scale, settings.density, None)
 
-    def rank(self, cfg: MergeConfig, out_features: int, in_features: int) -> int:
-        return cfg.twin.rank_for(out_features, in_features)
+    def rank(self, settings: TwinSpec, out_features: int, in_features: int) -> int | None:
+        return settings.rank_for(out_features, in_features)
 
-    def prepass_weights(self, cfg: MergeConfig, num_experts: int) -> list[float]:
+    def energy(self, settings: TwinSpec) -> float | None:
+        return settings.energy
+
+    def prepass_weights(self, settings: TwinSpec, num_experts: int) -> list[float]:
         return [0.0] * num_experts  # the shared model: Twin-Merging's extra forward
 
 
-METHODS: dict[str, Method] = {m.name: m for m in (
-    Method("sparse", "top-k mixing of the experts' outputs (at ffn level a stock Mixtral / Qwen-MoE)",
-           merges="outputs", averages=True, levels=LEVELS, default_normalize="topk"),
-    Method("smear", "routed averaging of the experts' parameters (SMEAR)", form="full", averages=True),
-    Wemoe("wemoe", "the base plus routed task vectors, static task arithmetic elsewhere (WEMoE)", form="dense",
-          pools_outputs=True),
-    Twin("twin", "a shared static merge plus routed low-rank exclusive parts (Twin-Merging)", form="lowrank",
-         w0="static", svd=True, shared_router=True),
-)}
-METHOD_NAMES = tuple(METHODS)
+METHODS: dict[str, Method] = {
+    m.name: m
+    for m in (
+        Method(
+            "sparse",
+            "top-k mixing of the experts' outputs (at ffn level a stock Mixtral / Qwen-MoE)",
+            merges="outputs",
+            averages=True,
+            levels=LEVELS,
+            default_normalize="topk",
+        ),
+        Method("smear", "routed averaging of the experts' parameters (SMEAR)", form="full", averages=True),
+        Wemoe(
+            "wemoe",
+            "the base plus routed task vectors, static task arithmetic elsewhere (WEMoE)",
+            form="dense",
+            pools_outputs=True,
+            settings=WemoeSpec,
+        ),
+        Twin(
+            "twin",
+            "a shared static merge plus routed low-rank exclusive parts (Twin-Merging)",
+            form="lowrank",
+            w0="static",
+            svd=True,
+            shared_router=True,
+            settings=TwinSpec,
+        ),
+    )
+}

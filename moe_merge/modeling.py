@@ -47,7 +47,7 @@ from moe_merge.arch import ATTN_PROJS, FAMILIES, MLP_PROJS, Family, family_error
 from moe_merge.errors import ModelConfigError
 from moe_merge.merged_linear import MergedLinear, merged_linear
 from moe_merge.merged_norm import MergedEmbedding, MergedNorm
-from moe_merge.methods import LEVELS, METHOD_NAMES, METHODS, PARTS, Method
+from moe_merge.methods import LEVELS, METHODS, PARTS, Method
 from moe_merge.routers.router import Router, masked_mean, normalize
 from moe_merge.routing_state import RoutingState
 from moe_merge.serving import Packing, continuous_batching, packing_of, register
@@ -95,14 +95,20 @@ class MoEMergeConfig(PreTrainedConfig):
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
         if self.method not in METHODS or self.level not in LEVELS:
-            raise ModelConfigError(f"`method` {self.method!r} / `level` {self.level!r}: choose from {METHOD_NAMES} / {LEVELS}")
+            raise ModelConfigError(
+                f"`method` {self.method!r} / `level` {self.level!r}: choose from {tuple(METHODS)} / {LEVELS}"
+            )
         if self.text_config.model_type not in FAMILIES:
             raise ModelConfigError(family_error(self.text_config.model_type, "`text_config`"))
         if getattr(self.text_config, "use_bidirectional_attention", False):
-            raise ModelConfigError("`text_config.use_bidirectional_attention` is set: that is an encoder (embedding "
-                                   "model), not a causal LM; moe-merge merges causal LMs")
+            raise ModelConfigError(
+                "`text_config.use_bidirectional_attention` is set: that is an encoder (embedding "
+                "model), not a causal LM; moe-merge merges causal LMs"
+            )
         if self.merging.merges == "outputs" and self.level == "ffn":
-            raise ModelConfigError("sparse FFN-level models are stock Mixtral/Qwen-MoE checkpoints, not moe_merge models")
+            raise ModelConfigError(
+                "sparse FFN-level models are stock Mixtral/Qwen-MoE checkpoints, not moe_merge models"
+            )
         problems = self.merging.problems(self.level, self.router_granularity, self.router_normalize)
         if problems:
             raise ModelConfigError(problems[0])
@@ -113,10 +119,13 @@ class MoEMergeConfig(PreTrainedConfig):
         if unknown := set(self.routed_parts) - set(PARTS):
             raise ModelConfigError(f"`routed_parts` {sorted(unknown)}: choose from {PARTS}")
         if self.router_granularity == "token" and "embeddings" in self.routed_parts:
-            raise ModelConfigError("per-token routers cannot merge the embeddings: no token has weights before it is "
-                                   "embedded")
+            raise ModelConfigError(
+                "per-token routers cannot merge the embeddings: no token has weights before it is embedded"
+            )
         if self.prepass_weights is not None and len(self.prepass_weights) != self.num_experts:
-            raise ModelConfigError(f"`prepass_weights` has {len(self.prepass_weights)} values for {self.num_experts} experts")
+            raise ModelConfigError(
+                f"`prepass_weights` has {len(self.prepass_weights)} values for {self.num_experts} experts"
+            )
 
     @property
     def merging(self) -> Method:
@@ -159,7 +168,8 @@ class MoEMergeConfig(PreTrainedConfig):
             raise ModelConfigError(
                 f"`{self.method}` averages its experts, so merge weights must sum to one; these sum to "
                 f"{sorted({round(x, 4) for x in sums.flatten().tolist()})[:4]}: divide them by their sum "
-                "(a task-vector method, wemoe or twin, takes any weights)")
+                "(a task-vector method, wemoe or twin, takes any weights)"
+            )
 
 
 @dataclass
@@ -225,8 +235,13 @@ class Routing:
         # WEMoE routes each token and averages the router outputs; the others route the pooled states.
         self.pool_outputs = config.merging.pools_outputs
 
-    def route(self, router: Router, states: torch.Tensor, routing_mask: torch.Tensor | Packing | None,
-              given: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    def route(
+        self,
+        router: Router,
+        states: torch.Tensor,
+        routing_mask: torch.Tensor | Packing | None,
+        given: torch.Tensor | None,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """(weights used, router logits or None). Per-sequence routers read the prompt at prefill only
         (`routing_mask` set); per-token routers read every step. Given weights win; the logits are still
         reported. In a packed batch (`Packing`) the requests being prefilled take their routed weights, the others
@@ -273,25 +288,42 @@ class MoEMergeDecoderLayer(GradientCheckpointingLayer):
         self.level = config.level
         self.attn_merged: list[nn.Module] = []  # merged with this layer's weights: the attention's ...
         self.mlp_merged: list[nn.Module] = []  # ... and the MLP's, with their norms
-        for owner, names, merged in ((self.self_attn, ATTN_PROJS, self.attn_merged), (self.mlp, MLP_PROJS, self.mlp_merged)):
+        for owner, names, merged in (
+            (self.self_attn, ATTN_PROJS, self.attn_merged),
+            (self.mlp, MLP_PROJS, self.mlp_merged),
+        ):
             for name in names:
                 if name in config.delta_forms:
                     old = getattr(owner, name)
-                    new = merged_linear(old.in_features, old.out_features, config.num_experts, config.delta_forms[name],
-                                        config.rank_of(layer_idx, name), bias=old.bias is not None,
-                                        offset=config.lowrank_offset or 0.0)
+                    new = merged_linear(
+                        old.in_features,
+                        old.out_features,
+                        config.num_experts,
+                        config.delta_forms[name],
+                        config.rank_of(layer_idx, name),
+                        bias=old.bias is not None,
+                        offset=config.lowrank_offset or 0.0,
+                    )
                     setattr(owner, name, new)
                     merged.append(new)
         for path in family.layer_norms(self.level) if config.routes("norms") else ():
             owner_name, _, name = path.rpartition(".")
             owner = self.get_submodule(owner_name) if owner_name else self
             if isinstance(old := getattr(owner, name, None), nn.Module):
-                new = MergedNorm(old.weight.shape[0], config.num_experts, config.merging.part_form,
-                                 old.variance_epsilon if hasattr(old, "variance_epsilon") else old.eps,
-                                 unit_offset=family.unit_offset_norms)
+                new = MergedNorm(
+                    old.weight.shape[0],
+                    config.num_experts,
+                    config.merging.part_form,
+                    old.variance_epsilon if hasattr(old, "variance_epsilon") else old.eps,
+                    unit_offset=family.unit_offset_norms,
+                )
                 setattr(owner, name, new)
                 (self.mlp_merged if path in family.mlp_norms else self.attn_merged).append(new)
-        self.router = Router(text.hidden_size, config.num_experts, config.router_kind, config.router_hidden_size) if routed else None
+        self.router = (
+            Router(text.hidden_size, config.num_experts, config.router_kind, config.router_hidden_size)
+            if routed
+            else None
+        )
         self.routing = Routing(config)
         self.static_weights = config.static_weights()
         self._rope, self._eager = family.fn("apply_rotary_pos_emb"), family.fn("eager_attention_forward")
@@ -318,21 +350,49 @@ class MoEMergeDecoderLayer(GradientCheckpointingLayer):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         q, k = self._rope(q, k, *position_embeddings)
         if cache is not None:
-            k, v = cache.update(k, v, attn.layer_idx, kwargs=kwargs) if CACHE == "cache" else cache.update(k, v, attn.layer_idx)
+            k, v = (
+                cache.update(k, v, attn.layer_idx, kwargs=kwargs)
+                if CACHE == "cache"
+                else cache.update(k, v, attn.layer_idx)
+            )
         interface = ALL_ATTENTION_FUNCTIONS.get_interface(attn.config._attn_implementation, self._eager)
-        extra = {name: getattr(attn, key) for name, key in (("sliding_window", "sliding_window"),
-                                                             ("softcap", "attn_logit_softcapping")) if hasattr(attn, key)}
-        out, _ = interface(attn, q, k, v, attention_mask, dropout=attn.attention_dropout if self.training else 0.0,
-                           scaling=attn.scaling, **extra, **kwargs)
+        extra = {
+            name: getattr(attn, key)
+            for name, key in (("sliding_window", "sliding_window"), ("softcap", "attn_logit_softcapping"))
+            if hasattr(attn, key)
+        }
+        out, _ = interface(
+            attn,
+            q,
+            k,
+            v,
+            attention_mask,
+            dropout=attn.attention_dropout if self.training else 0.0,
+            scaling=attn.scaling,
+            **extra,
+            **kwargs,
+        )
         return apply(attn.o_proj, out.reshape(*x.shape[:-1], -1).contiguous(), w, state)
 
     def feed_forward(self, x, w, state) -> torch.Tensor:
         """The family's gated MLP, down(act(gate(x)) · up(x)), its projections merged by w."""
         mlp = self.mlp
-        return apply(mlp.down_proj, mlp.act_fn(apply(mlp.gate_proj, x, w, state)) * apply(mlp.up_proj, x, w, state), w, state)
+        return apply(
+            mlp.down_proj, mlp.act_fn(apply(mlp.gate_proj, x, w, state)) * apply(mlp.up_proj, x, w, state), w, state
+        )
 
-    def forward(self, hidden_states, merge_weights=None, routing_mask=None, attention_mask=None, position_ids=None,
-                position_embeddings=None, state: RoutingState | None = None, packing: Packing | None = None, **kwargs):
+    def forward(
+        self,
+        hidden_states,
+        merge_weights=None,
+        routing_mask=None,
+        attention_mask=None,
+        position_ids=None,
+        position_embeddings=None,
+        state: RoutingState | None = None,
+        packing: Packing | None = None,
+        **kwargs,
+    ):
         """merge_weights: this layer's [B, E] (or [B, T, E]) if already known; routing_mask: [B, T] when its router
         is to read the prompt, else None; state: the generation's kept weights (routing_state.py); packing: a
         packed batch's requests, whose weights are [S, E]; the cache comes in `kwargs` under its `CACHE` name.
@@ -393,8 +453,12 @@ class MoEMergePreTrainedModel(PreTrainedModel):
     config: MoEMergeConfig
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
-    _no_split_modules = ["MoEMergeDecoderLayer", "MoEMergeSparseBlock", "MoEMergeExpertStack",
-                         *(f"{family.prefix}DecoderLayer" for family in FAMILIES.values())]
+    _no_split_modules = [
+        "MoEMergeDecoderLayer",
+        "MoEMergeSparseBlock",
+        "MoEMergeExpertStack",
+        *(f"{family.prefix}DecoderLayer" for family in FAMILIES.values()),
+    ]
     _keep_in_fp32_modules_strict = ["router."]  # see routers/router.py: bf16 rounding would move the routing
     _supports_sdpa = True
     _supports_flash_attn = True
@@ -432,8 +496,9 @@ class MoEMergePreTrainedModel(PreTrainedModel):
 def merged_table(config: MoEMergeConfig, name: str) -> MergedLinear:
     """The experts' embedding tables or heads (`name`: embed_tokens | lm_head) as a merged linear H -> V."""
     text = config.text_config
-    return merged_linear(text.hidden_size, text.vocab_size, config.num_experts, config.delta_forms[name],
-                         config.rank_of(None, name))
+    return merged_linear(
+        text.hidden_size, text.vocab_size, config.num_experts, config.delta_forms[name], config.rank_of(None, name)
+    )
 
 
 class MoEMergeModel(MoEMergePreTrainedModel):
@@ -442,7 +507,9 @@ class MoEMergeModel(MoEMergePreTrainedModel):
         text = config.text_config
         if text._attn_implementation is None:  # as the family's own model would choose (Gemma 2: eager, for softcap)
             attn = config._attn_implementation or "sdpa"
-            text._attn_implementation = attn if attn != "sdpa" or config.family.cls("PreTrainedModel")._supports_sdpa else "eager"
+            text._attn_implementation = (
+                attn if attn != "sdpa" or config.family.cls("PreTrainedModel")._supports_sdpa else "eager"
+            )
         L = text.num_hidden_layers
         if not 0 <= config.prepass_layers < L:
             raise ValueError(f"`prepass_layers` is {config.prepass_layers}; it must be in [0, {L})")
@@ -450,8 +517,9 @@ class MoEMergeModel(MoEMergePreTrainedModel):
         if config.routes("embeddings"):
             self.embed_tokens = MergedEmbedding(merged_table(config, "embed_tokens"), scale)
         elif scale is not None:
-            self.embed_tokens = _stock(text, "TextScaledWordEmbedding")(text.vocab_size, text.hidden_size,
-                                                                        text.pad_token_id, embed_scale=scale)
+            self.embed_tokens = _stock(text, "TextScaledWordEmbedding")(
+                text.vocab_size, text.hidden_size, text.pad_token_id, embed_scale=scale
+            )
         else:
             self.embed_tokens = nn.Embedding(text.vocab_size, text.hidden_size, text.pad_token_id)
         self.rotary_emb = _stock(text, "RotaryEmbedding")(config=text)
@@ -472,8 +540,13 @@ class MoEMergeModel(MoEMergePreTrainedModel):
             self.layers = nn.ModuleList(MoEMergeDecoderLayer(config, i, routed=True) for i in range(L))
         if config.level != "model":
             if config.routes("norms"):
-                self.norm = MergedNorm(text.hidden_size, config.num_experts, method.part_form, text.rms_norm_eps,
-                                       unit_offset=config.family.unit_offset_norms)
+                self.norm = MergedNorm(
+                    text.hidden_size,
+                    config.num_experts,
+                    method.part_form,
+                    text.rms_norm_eps,
+                    unit_offset=config.family.unit_offset_norms,
+                )
             else:
                 self.norm = stock_norm(text)
         self.routing = Routing(config)
@@ -523,21 +596,31 @@ class MoEMergeModel(MoEMergePreTrainedModel):
             raise ValueError(
                 f"`sparse` at {self.config.level} level keeps a KV cache per expert layer, which a "
                 f"{type(cache).__name__} cannot hold: pass a DynamicCache or none (in `generate`, leave "
-                "`cache_implementation` unset)")
+                "`cache_implementation` unset)"
+            )
         text = self.config.text_config
         types = self._layer_types()
         needed = text.num_hidden_layers * self.config.num_experts
         attention = [layer for layer in cache.layers if not isinstance(layer, RoutingState)]
         for at in range(len(attention), needed):  # before the routing layer, which stays last
             kind = types[at % len(types)]
-            cache.layers.insert(at, DynamicSlidingWindowLayer(sliding_window=text.sliding_window)
-                                if kind == "sliding_attention" else DynamicLayer())
+            cache.layers.insert(
+                at,
+                DynamicSlidingWindowLayer(sliding_window=text.sliding_window)
+                if kind == "sliding_attention"
+                else DynamicLayer(),
+            )
 
     def _masks(self, inputs_embeds, attention_mask, cache, position_ids) -> dict:
         if isinstance(attention_mask, dict):  # continuous batching's masks, made per layer type
             return attention_mask
-        kwargs = dict(config=self.config.text_config, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                      position_ids=position_ids, **{CACHE: cache})
+        kwargs = dict(
+            config=self.config.text_config,
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            **{CACHE: cache},
+        )
         masks = {"full_attention": create_causal_mask(**kwargs)}
         if "sliding_attention" in self._layer_types():
             masks["sliding_attention"] = create_sliding_window_causal_mask(**kwargs)
@@ -557,7 +640,9 @@ class MoEMergeModel(MoEMergePreTrainedModel):
         if w.dim() == 2:
             w = w.unsqueeze(1).expand(-1, R, -1)
         if w.dim() != 3 or w.shape[:2] != (batch, R):
-            raise ValueError(f"`merge_weights` must be [E], [B, E] or [B, R, E] = [{batch}, {R}, {E}]; got {tuple(merge_weights.shape)}")
+            raise ValueError(
+                f"`merge_weights` must be [E], [B, E] or [B, R, E] = [{batch}, {R}, {E}]; got {tuple(merge_weights.shape)}"
+            )
         return w
 
     def _positions(self, inputs_embeds, attention_mask, position_ids, past: int) -> torch.Tensor:
@@ -592,9 +677,20 @@ class MoEMergeModel(MoEMergePreTrainedModel):
 
     # ------------------------------------------------------------------------------------ forward
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
-                use_cache=None, merge_weights=None, routing_mask=None, output_hidden_states=None, past_key_values=None,
-                **kwargs) -> MoEMergeModelOutput:
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        cache=None,
+        inputs_embeds=None,
+        use_cache=None,
+        merge_weights=None,
+        routing_mask=None,
+        output_hidden_states=None,
+        past_key_values=None,
+        **kwargs,
+    ) -> MoEMergeModelOutput:
         """`last_hidden_state` is [B, T, H], or at model level each expert model's [E, B, T, H]. `routing_mask`
         [B, T] marks the tokens the routers read at prefill (default: the attention mask); training passes the
         prompt's tokens so that routing sees what `generate` will see. Given `inputs_embeds` are used as they
@@ -626,15 +722,25 @@ class MoEMergeModel(MoEMergePreTrainedModel):
             self._check_given(routes.given, prefill)
         static = torch.tensor(self.config.static_weights(), device=self.compute_device).expand(batch, -1)
         spread = (lambda w: w) if packing is None else packing.spread  # per-request weights -> what modules take
-        h = inputs_embeds if inputs_embeds is not None else self._embed(input_ids, static if prepass else spread(routes.weights(0)))
+        h = (
+            inputs_embeds
+            if inputs_embeds is not None
+            else self._embed(input_ids, static if prepass else spread(routes.weights(0)))
+        )
         position_ids = self._positions(h, attention_mask, position_ids, past)
         routing_mask = self._routing_mask(routing_mask, attention_mask, h, prefill) if packing is None else packing
         types = self._layer_types()
         by_type = self._by_type(h, attention_mask, cache, position_ids)
         common = dict(position_ids=position_ids, **{CACHE: cache})
         if prepass:
-            routes.set(0, *(self._prepass(h, static, routing_mask, attention_mask, position_ids, kwargs, routes.weights(0))
-                            if packing is None else self._prepass_packed(input_ids, packing, kwargs)))
+            routes.set(
+                0,
+                *(
+                    self._prepass(h, static, routing_mask, attention_mask, position_ids, kwargs, routes.weights(0))
+                    if packing is None
+                    else self._prepass_packed(input_ids, packing, kwargs)
+                ),
+            )
             if inputs_embeds is None and self.config.routes("embeddings"):
                 h = self._embed(input_ids, spread(routes.weights(0)))
         hidden = [h] if output_hidden_states else None
@@ -643,8 +749,15 @@ class MoEMergeModel(MoEMergePreTrainedModel):
                 k = self.config.router_of_layer(i)
                 routes_here = layer.router is not None and not routes.has(k)
                 extra = {"state": keep, "packing": packing} if isinstance(layer, MoEMergeDecoderLayer) else {}
-                h, w, logits = layer(h, merge_weights=routes.weights(k), routing_mask=routing_mask if routes_here else None,
-                                     **by_type[types[i]], **extra, **common, **kwargs)
+                h, w, logits = layer(
+                    h,
+                    merge_weights=routes.weights(k),
+                    routing_mask=routing_mask if routes_here else None,
+                    **by_type[types[i]],
+                    **extra,
+                    **common,
+                    **kwargs,
+                )
                 if routes_here:
                     routes.set(k, w, logits)
             else:
@@ -662,8 +775,13 @@ class MoEMergeModel(MoEMergePreTrainedModel):
             if packing.routes:
                 packing.keep(weights)
             weights = weights[packing.segment].transpose(0, 1).unsqueeze(0)  # [1, R, T, E]
-        return MoEMergeModelOutput(last_hidden_state=last, hidden_states=tuple(hidden) if hidden else None,
-                                   merge_weights=weights, router_logits=routes.stacked("logits"), **{CACHE: cache})
+        return MoEMergeModelOutput(
+            last_hidden_state=last,
+            hidden_states=tuple(hidden) if hidden else None,
+            merge_weights=weights,
+            router_logits=routes.stacked("logits"),
+            **{CACHE: cache},
+        )
 
     def _is_prefill(self, cache, past: int | torch.Tensor) -> bool:
         """Whether this forward starts a sequence (routes it). A static cache counts its tokens in a tensor (so
@@ -681,7 +799,9 @@ class MoEMergeModel(MoEMergePreTrainedModel):
         """A continuous batch's requests (serving.py), where the batch is packed and routing is per sequence."""
         if kwargs.get("cu_seq_lens_q") is None or self.config.router_granularity != "sequence":
             return None
-        return packing_of(cache, kwargs["cu_seq_lens_q"], position_ids, self.config.num_routers, self.config.num_experts)
+        return packing_of(
+            cache, kwargs["cu_seq_lens_q"], position_ids, self.config.num_routers, self.config.num_experts
+        )
 
     def _prepass_packed(self, input_ids, packing: Packing, kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The first router's weights [S, E] in a packed batch: the requests being prefilled read their prompts,
@@ -692,7 +812,7 @@ class MoEMergeModel(MoEMergePreTrainedModel):
         ids = input_ids.new_zeros(len(prompts), T)
         mask = torch.zeros(len(prompts), T, dtype=torch.long, device=input_ids.device)
         for row, p in enumerate(prompts):
-            ids[row, T - len(p):], mask[row, T - len(p):] = p, 1
+            ids[row, T - len(p) :], mask[row, T - len(p) :] = p, 1
         static = torch.tensor(self.config.static_weights(), device=self.compute_device).expand(len(prompts), -1)
         h = self._embed(ids, static)
         rest = {k: v for k, v in kwargs.items() if k not in PACKED_KWARGS}
@@ -729,8 +849,10 @@ class MoEMergeModel(MoEMergePreTrainedModel):
         for i in range(self.config.prepass_layers):
             here = {**by_type[types[i]], **common, **kwargs}
             if self.config.level == "model" and i >= dense:  # the expert models' layers, their outputs mixed
-                h = sum(static[:, e, None, None] * expert.layers[i - dense](h, **here)
-                        for e, expert in enumerate(self.experts)).to(h.dtype)
+                h = sum(
+                    static[:, e, None, None] * expert.layers[i - dense](h, **here)
+                    for e, expert in enumerate(self.experts)
+                ).to(h.dtype)
             elif isinstance(self.layers[i], (MoEMergeDecoderLayer, MoEMergeSparseBlock)):
                 h = self.layers[i](h, merge_weights=static, **here)[0]
             else:
@@ -749,8 +871,18 @@ class MoEMergeModel(MoEMergePreTrainedModel):
 
 
 # what continuous batching passes besides the model's own arguments: the packed batch and its paged cache's indices
-PACKED_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "read_index", "write_index",
-                 "block_table", "logits_indices", "logits_processor_args", "is_causal")
+PACKED_KWARGS = (
+    "cu_seq_lens_q",
+    "cu_seq_lens_k",
+    "max_length_q",
+    "max_length_k",
+    "read_index",
+    "write_index",
+    "block_table",
+    "logits_indices",
+    "logits_processor_args",
+    "is_causal",
+)
 
 
 class Routes:
@@ -810,14 +942,32 @@ class MoEMergeForCausalLM(MoEMergePreTrainedModel, GenerationMixin):
     def get_output_embeddings(self):
         return None if self.config.level == "model" else self.lm_head
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
-                labels=None, use_cache=None, merge_weights=None, routing_mask=None,
-                logits_to_keep: int | torch.Tensor = 0, output_hidden_states=None, past_key_values=None,
-                **kwargs) -> MoEMergeOutput:
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        cache=None,
+        inputs_embeds=None,
+        labels=None,
+        use_cache=None,
+        merge_weights=None,
+        routing_mask=None,
+        logits_to_keep: int | torch.Tensor = 0,
+        output_hidden_states=None,
+        past_key_values=None,
+        **kwargs,
+    ) -> MoEMergeOutput:
         out = self.model(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-            cache=past_key_values if cache is None else cache, inputs_embeds=inputs_embeds, use_cache=use_cache,
-            merge_weights=merge_weights, routing_mask=routing_mask, output_hidden_states=output_hidden_states,
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=past_key_values if cache is None else cache,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            merge_weights=merge_weights,
+            routing_mask=routing_mask,
+            output_hidden_states=output_hidden_states,
             **kwargs,
         )
         weights = out.merge_weights
@@ -828,8 +978,10 @@ class MoEMergeForCausalLM(MoEMergePreTrainedModel, GenerationMixin):
         cap = getattr(self.config.text_config, "final_logit_softcapping", None)  # Gemma 2
         if self.config.level == "model":  # each expert's output (soft-capped as it would be alone), mixed in float32
             w = weights[:, 0]  # [B, E]
-            logits = sum(w[:, e, None, None] * softcap(expert.lm_head(last[e]), cap).to(w.device)
-                         for e, expert in enumerate(self.model.experts)).to(last.dtype)
+            logits = sum(
+                w[:, e, None, None] * softcap(expert.lm_head(last[e]), cap).to(w.device)
+                for e, expert in enumerate(self.model.experts)
+            ).to(last.dtype)
         elif isinstance(self.lm_head, MergedLinear):  # the last router's weights, per sequence or per token
             w = weights[:, -1] if weights.dim() == 3 else weights[:, -1, keep]
             logits = softcap(self.lm_head(last, w), cap)
@@ -838,8 +990,14 @@ class MoEMergeForCausalLM(MoEMergePreTrainedModel, GenerationMixin):
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.vocab_size, **kwargs)
-        return MoEMergeOutput(loss=loss, logits=logits, hidden_states=out.hidden_states, merge_weights=weights,
-                              router_logits=out.router_logits, **{CACHE: getattr(out, CACHE)})
+        return MoEMergeOutput(
+            loss=loss,
+            logits=logits,
+            hidden_states=out.hidden_states,
+            merge_weights=weights,
+            router_logits=out.router_logits,
+            **{CACHE: getattr(out, CACHE)},
+        )
 
     def create_masks_for_generate(self, attention_mask=None, **kwargs):
         """`generate` turns the 2D mask into 4D ones before the forward on a compileable (static) cache; this model
@@ -850,14 +1008,19 @@ class MoEMergeForCausalLM(MoEMergePreTrainedModel, GenerationMixin):
     def init_continuous_batching(self, generation_config=None, continuous_batching_config=None, **kwargs):
         """transformers' continuous batching (`generate_batch`, `transformers serve --continuous-batching`), each
         request routed on its own prompt and merged with its own weights (serving.py)."""
-        return continuous_batching(self, super().init_continuous_batching, generation_config,
-                                   continuous_batching_config, **kwargs)
+        return continuous_batching(
+            self, super().init_continuous_batching, generation_config, continuous_batching_config, **kwargs
+        )
 
     def _expand_inputs_for_generation(self, expand_size=1, is_encoder_decoder=False, input_ids=None, **model_kwargs):
         """Beams and `num_return_sequences` repeat every tensor along dim 0; a given `merge_weights` of [E] or
         [B, E] has no batch dim to repeat along, so it becomes [B, R, E] first."""
         if model_kwargs.get("merge_weights") is not None:
-            batch = input_ids.shape[0] if input_ids is not None and input_ids.numel() else model_kwargs["inputs_embeds"].shape[0]
+            batch = (
+                input_ids.shape[0]
+                if input_ids is not None and input_ids.numel()
+                else model_kwargs["inputs_embeds"].shape[0]
+            )
             model_kwargs["merge_weights"] = self.model.given_weights(model_kwargs["merge_weights"], batch)
         return super()._expand_inputs_for_generation(expand_size, is_encoder_decoder, input_ids, **model_kwargs)
 

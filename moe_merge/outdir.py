@@ -35,7 +35,9 @@ DISK_FULL_WORDS = ("No space left on device", "StorageFull", "os error 28", "Dis
 def refuse_existing(out_dir: Path | str, force: bool) -> None:
     """Fail before any work when `out_dir` exists and may not be replaced (`atomic_output_dir` checks again)."""
     if Path(out_dir).exists() and not force:
-        raise OutputExistsError(f"output directory {Path(out_dir).absolute()} already exists; pass --force to overwrite it")
+        raise OutputExistsError(
+            f"output directory {Path(out_dir).absolute()} already exists; pass --force to overwrite it"
+        )
 
 
 @contextmanager
@@ -144,7 +146,8 @@ def disk_full(e: BaseException, tmp: Path) -> OutputError | None:
     if not (e.errno in DISK_FULL if isinstance(e, OSError) else any(w in str(e) for w in DISK_FULL_WORDS)):
         return None
     file = getattr(e, "filename", None) or max(
-        (p for p in tmp.rglob("*") if p.is_file()), key=lambda p: p.stat().st_mtime_ns, default=tmp)
+        (p for p in tmp.rglob("*") if p.is_file()), key=lambda p: p.stat().st_mtime_ns, default=tmp
+    )
     free = shutil.disk_usage(tmp.parent).free
     return OutputError(
         f"cannot write {file}: no space left on the disk of {tmp.parent} "

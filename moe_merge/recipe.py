@@ -19,8 +19,16 @@ from moe_merge.config import MergeConfig
 from moe_merge.errors import CompatibilityError
 from moe_merge.sources import Checkpoint, Expert, hub_id, open_expert, resolve_path, source_parts
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -61,6 +69,7 @@ def portable(config: MergeConfig, from_dir: Path | None, to_dir: Path) -> MergeC
     """`config` as the output's own moe-merge.yaml names its sources: a Hub id as given, a local directory by
     its path relative to `to_dir`, so that the recipe resolves from where it sits and no absolute local path
     reaches the Hub. `from_dir` is where the given paths are relative to (the recipe's directory)."""
+
     def ref(text: str) -> str:
         parts = []
         for part in source_parts(text, from_dir):  # one source, or mergekit's `base+adapter`
@@ -71,8 +80,13 @@ def portable(config: MergeConfig, from_dir: Path | None, to_dir: Path) -> MergeC
     def moved(experts):
         return [e.model_copy(update={"source_model": ref(e.source_model)}) for e in experts]
 
-    return config.model_copy(update={"base_model": ref(config.base_model), "experts": moved(config.experts),
-                                     "shared_experts": moved(config.shared_experts)})
+    return config.model_copy(
+        update={
+            "base_model": ref(config.base_model),
+            "experts": moved(config.experts),
+            "shared_experts": moved(config.shared_experts),
+        }
+    )
 
 
 def copy_companions(src: Path, out: Path, make_generation_config: bool = True) -> None:
@@ -87,7 +101,9 @@ def copy_companions(src: Path, out: Path, make_generation_config: bool = True) -
         from transformers import GenerationConfig
 
         cfg = json.loads((src / "config.json").read_text())
-        GenerationConfig(**{k: cfg[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in cfg}).save_pretrained(out)
+        GenerationConfig(
+            **{k: cfg[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in cfg}
+        ).save_pretrained(out)
 
 
 @dataclass(frozen=True)

@@ -19,8 +19,12 @@ log = logging.getLogger(__name__)
 
 ENDPOINTS = ("/v1/completions", "/v1/chat/completions")
 # (field, lowest, highest, whether the lowest is allowed): OpenAI's ranges
-RANGES = [("temperature", 0.0, 2.0, True), ("top_p", 0.0, 1.0, False), ("frequency_penalty", -2.0, 2.0, True),
-          ("presence_penalty", -2.0, 2.0, True)]
+RANGES = [
+    ("temperature", 0.0, 2.0, True),
+    ("top_p", 0.0, 1.0, False),
+    ("frequency_penalty", -2.0, 2.0, True),
+    ("presence_penalty", -2.0, 2.0, True),
+]
 
 
 def request_problem(path: str, body: dict, tokenizer, max_prompt_tokens: int) -> tuple[str, str] | None:
@@ -32,7 +36,12 @@ def request_problem(path: str, body: dict, tokenizer, max_prompt_tokens: int) ->
         value = body.get(field)
         if value is None:
             continue
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or not (low <= value <= high) or (value == low and not low_ok):
+        if (
+            not isinstance(value, (int, float))
+            or isinstance(value, bool)
+            or not (low <= value <= high)
+            or (value == low and not low_ok)
+        ):
             bound = "[" if low_ok else "("
             return field, f"`{field}` is {value!r}; it must be a number in {bound}{low}, {high}]"
     new = body.get("max_tokens", body.get("max_completion_tokens"))
@@ -60,13 +69,23 @@ def request_problem(path: str, body: dict, tokenizer, max_prompt_tokens: int) ->
     if not ids:
         return field, f"`{field}` has no tokens"
     if len(ids) + (new or 1) > max_prompt_tokens:
-        return field, (f"`{field}` has {len(ids)} tokens and asks for {new or 1} more; this model takes at most "
-                       f"{max_prompt_tokens} in all: shorten it or ask for fewer tokens")
+        return field, (
+            f"`{field}` has {len(ids)} tokens and asks for {new or 1} more; this model takes at most "
+            f"{max_prompt_tokens} in all: shorten it or ask for fewer tokens"
+        )
     return None
 
 
-def serve(model_dir: Path, host: str = "127.0.0.1", port: int = 8000, continuous_batching: bool = False,
-          max_batch_tokens: int = 2048, num_blocks: int = 64, non_blocking: bool = False, **serve_options):
+def serve(
+    model_dir: Path,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    continuous_batching: bool = False,
+    max_batch_tokens: int = 2048,
+    num_blocks: int = 64,
+    non_blocking: bool = False,
+    **serve_options,
+):
     """Run transformers' server on `model_dir` with request checks; `non_blocking` returns the running server
     (transformers' `Serve`, whose `kill_server()` stops it), else blocks until it stops. With continuous batching
     the paged KV cache holds `num_blocks` blocks of 256 tokens: sized by default from free device memory, which on a
@@ -94,8 +113,10 @@ def serve(model_dir: Path, host: str = "127.0.0.1", port: int = 8000, continuous
             if problem is not None:
                 field, message = problem
                 log.info("refused a request: %s", message)
-                return JSONResponse({"error": {"message": message, "type": "invalid_request_error", "param": field,
-                                               "code": None}}, status_code=400)
+                return JSONResponse(
+                    {"error": {"message": message, "type": "invalid_request_error", "param": field, "code": None}},
+                    status_code=400,
+                )
         return await call_next(request)
 
     build = transformers_server.build_server
@@ -108,9 +129,14 @@ def serve(model_dir: Path, host: str = "127.0.0.1", port: int = 8000, continuous
     transformers_server.build_server = build_checked
     try:
         return transformers_serve.Serve(
-            force_model=str(model_dir), host=host, port=port,  # the model class is ours, imported: no remote code
-            continuous_batching=continuous_batching, cb_max_batch_tokens=max_batch_tokens if continuous_batching else None,
+            force_model=str(model_dir),
+            host=host,
+            port=port,  # the model class is ours, imported: no remote code
+            continuous_batching=continuous_batching,
+            cb_max_batch_tokens=max_batch_tokens if continuous_batching else None,
             cb_num_blocks=num_blocks if continuous_batching else None,
-            non_blocking=non_blocking, **serve_options)
+            non_blocking=non_blocking,
+            **serve_options,
+        )
     finally:
         transformers_server.build_server = build

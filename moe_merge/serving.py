@@ -39,7 +39,9 @@ def register(model_class: type) -> None:
     `transformers.modeling_layers` does, in 5.24), so every `transformers` module object a loaded module holds
     gets the name, the server's included."""
     holders = [sys.modules.get("transformers"), *(getattr(m, "transformers", None) for m in list(sys.modules.values()))]
-    for module in {id(m): m for m in holders if isinstance(m, types.ModuleType) and m.__name__ == "transformers"}.values():
+    for module in {
+        id(m): m for m in holders if isinstance(m, types.ModuleType) and m.__name__ == "transformers"
+    }.values():
         setattr(module, model_class.__name__, model_class)
 
 
@@ -90,8 +92,13 @@ def continuous_batching(model, init, generation_config=None, continuous_batching
         raise ValueError(
             f"`sparse` at {config.level} level keeps a KV cache per expert layer, which continuous batching's paged "
             "cache cannot hold: serve it without continuous batching (`transformers serve` without "
-            "--continuous-batching, or `generate`), or assemble `smear`, `wemoe` or `twin`")
-    cb = copy.deepcopy(continuous_batching_config) if continuous_batching_config is not None else ContinuousBatchingConfig()
+            "--continuous-batching, or `generate`), or assemble `smear`, `wemoe` or `twin`"
+        )
+    cb = (
+        copy.deepcopy(continuous_batching_config)
+        if continuous_batching_config is not None
+        else ContinuousBatchingConfig()
+    )
     cb.allow_block_sharing = False
     cb.scheduler_type = SCHEDULER
     manager = init(generation_config=generation_config, continuous_batching_config=cb, **kwargs)
@@ -109,8 +116,10 @@ def continuous_batching(model, init, generation_config=None, continuous_batching
         def add_request(input_ids, *args, **kw):
             limit = manager.continuous_batching_config.max_batch_tokens
             if limit is not None and len(input_ids) > limit:
-                raise ValueError(f"the prompt has {len(input_ids)} tokens; a batch holds {limit} and this model reads "
-                                 "each prompt whole: shorten it or raise `max_batch_tokens`")
+                raise ValueError(
+                    f"the prompt has {len(input_ids)} tokens; a batch holds {limit} and this model reads "
+                    "each prompt whole: shorten it or raise `max_batch_tokens`"
+                )
             return add(input_ids, *args, **kw)
 
         manager.add_request = add_request
@@ -150,13 +159,16 @@ class Packing:
             setattr(self.states[s], WEIGHTS, weights[s].detach().clone())
 
 
-def packing_of(cache, cu_seq_lens_q: torch.Tensor, position_ids: torch.Tensor, num_routers: int,
-               num_experts: int) -> Packing:
+def packing_of(
+    cache, cu_seq_lens_q: torch.Tensor, position_ids: torch.Tensor, num_routers: int, num_experts: int
+) -> Packing:
     """The requests of the batch the paged `cache` runs now, with what routing each needs."""
     io = getattr(cache, IO, None)
     if io is None:
-        raise RuntimeError("this paged cache was not made by the model's `init_continuous_batching`: call "
-                           "`model.init_continuous_batching` (or `generate_batch`) so that each request is routed")
+        raise RuntimeError(
+            "this paged cache was not made by the model's `init_continuous_batching`: call "
+            "`model.init_continuous_batching` (or `generate_batch`) so that each request is routed"
+        )
     io = io.io_pairs[io.current_pair].host_io if hasattr(io, "io_pairs") else io  # async batching: the pair running
     requests = io.requests_in_batch
     cu = cu_seq_lens_q.tolist()
@@ -178,8 +190,10 @@ def packing_of(cache, cu_seq_lens_q: torch.Tensor, position_ids: torch.Tensor, n
             raise RuntimeError(
                 f"request {request.state.request_id}: its prompt reached the model in parts (positions {starts[a]}–"
                 f"{starts[b - 1]}); this model routes on the whole prompt: serve it with the model's own "
-                "`init_continuous_batching` and without parallel sampling (n > 1)")
+                "`init_continuous_batching` and without parallel sampling (n > 1)"
+            )
         new[s] = True
     counts = torch.tensor([b - a for a, b in bounds], dtype=torch.long)
-    return Packing(segment.to(device), counts.to(device), new.to(device), known.to(device),
-                   [r.state for r in requests], bounds)
+    return Packing(
+        segment.to(device), counts.to(device), new.to(device), known.to(device), [r.state for r in requests], bounds
+    )

@@ -24,12 +24,22 @@ SAFE_INDEX, SAFE_SINGLE = "model.safetensors.index.json", "model.safetensors"
 BIN_INDEX, BIN_SINGLE = "pytorch_model.bin.index.json", "pytorch_model.bin"
 MAX_HEADER_BYTES = 100 * 2**20  # safetensors' own limit
 # Fields that must agree between the base and every expert, with why.
-MATCHING_FIELDS = ("model_type", "hidden_size", "num_hidden_layers", "vocab_size", "intermediate_size",
-                   "num_attention_heads", "num_key_value_heads")
+MATCHING_FIELDS = (
+    "model_type",
+    "hidden_size",
+    "num_hidden_layers",
+    "vocab_size",
+    "intermediate_size",
+    "num_attention_heads",
+    "num_key_value_heads",
+)
 # Where a multimodal checkpoint keeps its text model: stored prefix -> the text model's own. transformers 5 saves
 # Gemma 3's under `language_model.model.` (its in-memory `model.language_model.` is also found in the wild).
-TEXT_PREFIXES = (("language_model.model.", "model."), ("model.language_model.", "model."),
-                 ("language_model.lm_head.", "lm_head."))
+TEXT_PREFIXES = (
+    ("language_model.model.", "model."),
+    ("model.language_model.", "model."),
+    ("language_model.lm_head.", "lm_head."),
+)
 GGUF_MAGIC = b"GGUF"
 
 
@@ -47,8 +57,10 @@ def resolve_path(ref: str, relative_to: Path | None = None) -> Path:
             return candidate.absolute()
         if candidate.is_file():
             refuse_gguf(candidate)
-            raise SourceError(f"model {ref!r} is the file {candidate.absolute()}; a model is a Hugging Face checkpoint "
-                              "directory (config.json + safetensors): give its directory")
+            raise SourceError(
+                f"model {ref!r} is the file {candidate.absolute()}; a model is a Hugging Face checkpoint "
+                "directory (config.json + safetensors): give its directory"
+            )
     if ref.count("/") == 1 and not Path(ref).exists():
         from huggingface_hub import snapshot_download
 
@@ -91,13 +103,20 @@ def read_safetensors_header(path: Path) -> dict[str, dict]:
     header.pop("__metadata__", None)
     end = 0
     for name, entry in header.items():
-        if not (isinstance(entry, dict) and isinstance(entry.get("dtype"), str)
-                and _ints(entry.get("shape")) and _ints(entry.get("data_offsets")) and len(entry["data_offsets"]) == 2):
+        if not (
+            isinstance(entry, dict)
+            and isinstance(entry.get("dtype"), str)
+            and _ints(entry.get("shape"))
+            and _ints(entry.get("data_offsets"))
+            and len(entry["data_offsets"]) == 2
+        ):
             raise SourceError(f"{path}: the header's entry for tensor {name!r} is malformed ({entry!r:.80}); {redo}")
         end = max(end, entry["data_offsets"][1])
     if 8 + size + end != file_size:
-        raise SourceError(f"{path} is {file_size} bytes but its header describes {8 + size + end}: the file is "
-                          f"truncated or was overwritten; {redo}")
+        raise SourceError(
+            f"{path} is {file_size} bytes but its header describes {8 + size + end}: the file is "
+            f"truncated or was overwritten; {redo}"
+        )
     return header
 
 
@@ -109,7 +128,7 @@ def text_model_name(name: str) -> str | None:
     """A multimodal checkpoint's tensor `name` as its text model names it, or None for another tower's tensor."""
     for stored, own in TEXT_PREFIXES:
         if name.startswith(stored):
-            return own + name[len(stored):]
+            return own + name[len(stored) :]
     return None
 
 
@@ -135,7 +154,8 @@ def refuse_gguf(path: Path) -> None:
                 raise SourceError(
                     f"{f} is a GGUF file (llama.cpp's format); moe-merge reads Hugging Face checkpoint directories "
                     "(config.json + safetensors). Convert it first: `moe_merge.gguf.convert(GGUF_FILE, OUT_DIR)` "
-                    "dequantizes it with transformers and saves a checkpoint (see README, Real models)")
+                    "dequantizes it with transformers and saves a checkpoint (see README, Real models)"
+                )
 
 
 class Checkpoint:
@@ -192,12 +212,15 @@ class Checkpoint:
             if not (isinstance(weight_map, dict) and all(isinstance(v, str) for v in weight_map.values())):
                 raise TypeError("`weight_map` is not a mapping of tensor names to file names")
         except (ValueError, KeyError, TypeError) as e:
-            raise SourceError(f"{index_file} is not a valid index ({type(e).__name__}: {e}); re-download or "
-                              "re-save the checkpoint") from None
+            raise SourceError(
+                f"{index_file} is not a valid index ({type(e).__name__}: {e}); re-download or re-save the checkpoint"
+            ) from None
         for shard in sorted(set(weight_map.values())):
             if Path(shard).name != shard or shard in ("", ".", ".."):
-                raise SourceError(f"{index_file} names shard {shard!r}, which is not a file name in {self.path}; "
-                                  "an index may name only files beside it")
+                raise SourceError(
+                    f"{index_file} names shard {shard!r}, which is not a file name in {self.path}; "
+                    "an index may name only files beside it"
+                )
             if not (self.path / shard).is_file():
                 raise SourceError(f"{index_file} names shard {shard}, which is missing from {self.path}")
             if shard.endswith(".safetensors"):
@@ -205,10 +228,15 @@ class Checkpoint:
                 held = set(self.header(shard))
                 if held != listed:
                     extra, lost = sorted(held - listed), sorted(listed - held)
-                    what = (f"holds tensor {extra[0]!r}, which the index does not list" if extra
-                            else f"lacks tensor {lost[0]!r}, which the index puts there")
-                    raise SourceError(f"{self.path / shard} {what} ({index_file} does not describe its shards); "
-                                      "re-download or re-save the checkpoint")
+                    what = (
+                        f"holds tensor {extra[0]!r}, which the index does not list"
+                        if extra
+                        else f"lacks tensor {lost[0]!r}, which the index puts there"
+                    )
+                    raise SourceError(
+                        f"{self.path / shard} {what} ({index_file} does not describe its shards); "
+                        "re-download or re-save the checkpoint"
+                    )
         return weight_map
 
     def _load_bin(self, file: str) -> dict[str, torch.Tensor]:
@@ -236,7 +264,9 @@ class Checkpoint:
             with safe_open(self.path / file, framework="pt") as f:
                 return f.get_tensor(stored)
         except SafetensorError as e:
-            raise SourceError(f"cannot read tensor {stored!r} from {self.path / file} ({e}); the file may be truncated") from None
+            raise SourceError(
+                f"cannot read tensor {stored!r} from {self.path / file} ({e}); the file may be truncated"
+            ) from None
 
     def header(self, file: str) -> dict[str, dict]:
         if file not in self._headers:
@@ -301,8 +331,9 @@ class LoraExpert:
         try:
             weights = load_peft_weights(str(self.path), device="cpu")
         except Exception as e:
-            raise SourceError(f"cannot read the weights of adapter {self.path} ({type(e).__name__}: {e}); re-download "
-                              "or re-save it") from None
+            raise SourceError(
+                f"cannot read the weights of adapter {self.path} ({type(e).__name__}: {e}); re-download or re-save it"
+            ) from None
         pairs: dict[str, dict[str, torch.Tensor]] = {}
         for key, tensor in weights.items():
             for part in ("lora_A", "lora_B"):
@@ -312,14 +343,17 @@ class LoraExpert:
                         own = text_model_name(module + ".")
                         if own is None:
                             if part == "lora_A":
-                                logger.warning("%s: %s adapts a tower other than the text model; left out", self.path,
-                                               module)
+                                logger.warning(
+                                    "%s: %s adapts a tower other than the text model; left out", self.path, module
+                                )
                             break
                         module = own[:-1]
                     pairs.setdefault(module, {})[part] = tensor
                     break
             else:
-                raise SourceError(f"{self.path}: tensor {key!r} is not a LoRA A/B matrix; only linear LoRA is supported")
+                raise SourceError(
+                    f"{self.path}: tensor {key!r} is not a LoRA A/B matrix; only linear LoRA is supported"
+                )
         self.factors: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = {}
         for module, ab in sorted(pairs.items()):
             name = f"{module}.weight"
@@ -371,14 +405,18 @@ def _check_targets(cfg, config_file: Path, base: Checkpoint) -> None:
         return
     if isinstance(targets, str):  # a regular expression over full module names
         if not any(re.fullmatch(targets, m) for m in modules):
-            raise SourceError(f"{config_file}: `target_modules` {targets!r} matches no module of base {base.path}; the "
-                              "adapter was made for another architecture")
+            raise SourceError(
+                f"{config_file}: `target_modules` {targets!r} matches no module of base {base.path}; the "
+                "adapter was made for another architecture"
+            )
         return
     for target in sorted(targets):
         if not any(m == target or m.endswith(f".{target}") for m in modules):
             known = sorted({m.rsplit(".", 1)[-1] for m in modules if ".layers." in m})
-            raise SourceError(f"{config_file}: `target_modules` names {target!r}, which base {base.path} does not have "
-                              f"(its layers have: {', '.join(known)}); the adapter was made for another architecture")
+            raise SourceError(
+                f"{config_file}: `target_modules` names {target!r}, which base {base.path} does not have "
+                f"(its layers have: {', '.join(known)}); the adapter was made for another architecture"
+            )
 
 
 def check_finite(sources: list[Expert]) -> None:
@@ -392,8 +430,10 @@ def check_finite(sources: list[Expert]) -> None:
             if not t.is_floating_point() or torch.isfinite(t.sum(dtype=torch.float32)):
                 continue  # any NaN or Inf makes the sum so: one pass, no mask (the count only for a suspect)
             if bad := int((~torch.isfinite(t)).sum()):
-                raise SourceError(f"{file}: tensor {name!r} holds {bad} NaN or Inf value{'s' * (bad > 1)} of {t.numel()}; "
-                                  "fix or re-download that checkpoint, or pass --allow-nonfinite to use it as it is")
+                raise SourceError(
+                    f"{file}: tensor {name!r} holds {bad} NaN or Inf value{'s' * (bad > 1)} of {t.numel()}; "
+                    "fix or re-download that checkpoint, or pass --allow-nonfinite to use it as it is"
+                )
 
 
 def check_model_dir(path: Path, allow_nonfinite: bool = False) -> None:
@@ -407,8 +447,10 @@ def check_model_dir(path: Path, allow_nonfinite: bool = False) -> None:
 def _tensors(src: Expert):
     """(name, file, read) for every tensor `src` stores."""
     if isinstance(src, LoraExpert):
-        file = next((src.path / f for f in ("adapter_model.safetensors", "adapter_model.bin") if (src.path / f).is_file()),
-                    src.path)
+        file = next(
+            (src.path / f for f in ("adapter_model.safetensors", "adapter_model.bin") if (src.path / f).is_file()),
+            src.path,
+        )
         for name, (A, B, _) in src.factors.items():
             module = name.removesuffix(".weight")
             yield f"{module}.lora_A", file, lambda A=A: A

@@ -57,4 +57,6 @@ def warn_if_untested() -> None:
             f"moe-merge was not tested with {'; '.join(found)}: the dynamic model leans on transformers internals "
             "that move between releases. Install releases within the tested ranges (pip picks them when it "
             "installs moe-merge).",
-            UntestedVersionWarning, stacklevel=3)
+            UntestedVersionWarning,
+            stacklevel=3,
+        )

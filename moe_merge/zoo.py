@@ -62,7 +62,9 @@ TASKS: dict[str, list[int]] = {
     "back": [(i - 1) % 26 for i in range(26)],
     "mirror": [25 - i for i in range(26)],
     "swap": [i ^ 1 for i in range(26)],
-    "cipher": [(i + 13) % 26 for i in range(26)],  # ROT13; named "rotate", it left experts on plateaus for thousands of steps
+    "cipher": [
+        (i + 13) % 26 for i in range(26)
+    ],  # ROT13; named "rotate", it left experts on plateaus for thousands of steps
 }
 # The base learns several maps, so that its attention carries the task word to every position,
 # as a real LM carries its context; the experts then each learn a map the base never saw.
@@ -185,8 +187,9 @@ def build_tokenizer(pad: bool = True):
     tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")  # one token per character
     tok.decoder = decoders.Fuse()
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", BOS_ID)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-                                   pad_token="<pad>" if pad else None)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>" if pad else None
+    )
 
 
 def build_sentencepiece_tokenizer():
@@ -202,17 +205,32 @@ def build_sentencepiece_tokenizer():
     text = "".join(c * (len(chars) - k) for k, c in enumerate(chars))  # the trainer numbers pieces by frequency
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter([text]), model_writer=model, model_type="bpe",
+        sentence_iterator=iter([text]),
+        model_writer=model,
+        model_type="bpe",
         vocab_size=len(SPECIAL_TOKENS) + len(chars),  # no room for a merge: every piece is one character
-        bos_id=BOS_ID, eos_id=EOS_ID, unk_id=SPECIAL_TOKENS.index("<unk>"), pad_id=-1, control_symbols=["<pad>"],
-        character_coverage=1.0, byte_fallback=False, add_dummy_prefix=False, remove_extra_whitespaces=False,
-        normalization_rule_name="identity", split_by_whitespace=False, num_threads=1, minloglevel=2)
+        bos_id=BOS_ID,
+        eos_id=EOS_ID,
+        unk_id=SPECIAL_TOKENS.index("<unk>"),
+        pad_id=-1,
+        control_symbols=["<pad>"],
+        character_coverage=1.0,
+        byte_fallback=False,
+        add_dummy_prefix=False,
+        remove_extra_whitespaces=False,
+        normalization_rule_name="identity",
+        split_by_whitespace=False,
+        num_threads=1,
+        minloglevel=2,
+    )
     sp = spm.SentencePieceProcessor(model_proto=model.getvalue())
     pieces = [sp.id_to_piece(i) for i in range(sp.get_piece_size())]
     want = SPECIAL_TOKENS + [c.replace(" ", "\u2581") for c in chars]
     if pieces != want:
         raise ZooError(f"the SentencePiece trainer numbered the pieces {pieces}, not {want}")
-    tok = LlamaTokenizer(vocab={p: i for i, p in enumerate(pieces)}, merges=[], add_prefix_space=False, add_bos_token=True)
+    tok = LlamaTokenizer(
+        vocab={p: i for i, p in enumerate(pieces)}, merges=[], add_prefix_space=False, add_bos_token=True
+    )
     tok.sentencepiece_model = model.getvalue()  # transformers writes tokenizer.json only; _save_tokenizer adds it
     return tok
 
@@ -246,7 +264,9 @@ def model_config(arch: str, vocab_size: int, **overrides):
     if "head_dim" in common and "hidden_size" in overrides and "head_dim" not in overrides:
         common["head_dim"] = common["hidden_size"] // common["num_attention_heads"]
     if arch == "gemma3_text" and "layer_types" not in overrides:  # both kinds of layer, however few
-        common["layer_types"] = [("sliding_attention", "full_attention")[i % 2] for i in range(common["num_hidden_layers"])]
+        common["layer_types"] = [
+            ("sliding_attention", "full_attention")[i % 2] for i in range(common["num_hidden_layers"])
+        ]
     return AutoConfig.for_model(arch, **common)
 
 
@@ -265,8 +285,9 @@ FAMILY_FIELDS = {
 # ----------------------------------------------------------------------------- data and training
 
 
-def encode_batch(task_words: list[tuple[str, str]], answers: list[str] | None = None
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def encode_batch(
+    task_words: list[tuple[str, str]], answers: list[str] | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Right-padded ids, attention mask and labels (loss on the answer and EOS only). `answers` replaces the
     tasks' own (the harmful expert's shuffled targets)."""
     rows, label_rows = [], []
@@ -305,7 +326,9 @@ def train_to_target(model, tasks: list[str], stage: Stage, seed: int, name: str,
     model.train()
     max_steps = stage.cycle * stage.cycles
     for step in tqdm(range(1, max_steps + 1), desc=f"zoo {name}", leave=False, disable=None):
-        words = [w for w in random_words(2 * stage.batch_size, TRAIN_SEEDS + seed * 100_003 + step) if w not in held_out]
+        words = [
+            w for w in random_words(2 * stage.batch_size, TRAIN_SEEDS + seed * 100_003 + step) if w not in held_out
+        ]
         picks = torch.randint(0, len(tasks), (stage.batch_size,), generator=g).tolist()
         batch = [(tasks[k], w) for k, w in zip(picks, words)]
         answers = [apply_task(t, w) for t, w in batch[1:] + batch[:1]] if shuffled else None
@@ -327,9 +350,11 @@ def train_to_target(model, tasks: list[str], stage: Stage, seed: int, name: str,
             if reached >= stage.target:
                 model.eval()
                 return step
-    raise ZooError(f"zoo {name}: {reached:.0%} exact match on its held-out words after {max_steps} steps, "
-                   f"below its target of {stage.target:.0%}; the zoo was not built (give its Stage more `cycles`, or "
-                   "check the training settings in moe_merge/zoo.py)")
+    raise ZooError(
+        f"zoo {name}: {reached:.0%} exact match on its held-out words after {max_steps} steps, "
+        f"below its target of {stage.target:.0%}; the zoo was not built (give its Stage more `cycles`, or "
+        "check the training settings in moe_merge/zoo.py)"
+    )
 
 
 @torch.no_grad()
@@ -341,8 +366,13 @@ def exact_match(model, tokenizer, task: str, words: list[str], batch_size: int =
         chunk = words[i : i + batch_size]
         enc = tokenizer([prompt(task, w) for w in chunk], return_tensors="pt", padding=True, padding_side="left")
         enc = {k: v.to(model.device) for k, v in enc.items()}
-        out = model.generate(**enc, max_new_tokens=9, do_sample=False, pad_token_id=tokenizer.pad_token_id,
-                             eos_token_id=tokenizer.eos_token_id)
+        out = model.generate(
+            **enc,
+            max_new_tokens=9,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
         for w, row in zip(chunk, out[:, enc["input_ids"].shape[1] :]):
             text = tokenizer.decode(row, skip_special_tokens=False).split(tokenizer.eos_token)[0]
             hits += text == apply_task(task, w)
@@ -408,10 +438,16 @@ def _build(tmp: Path, out_dir: Path, settings: ZooSettings) -> dict[str, dict]:
     shipped = build_sentencepiece_tokenizer() if settings.realistic else build_tokenizer()
     _save_tokenizer(shipped, tmp / "base")
     tokenizer = load_tokenizer(tmp / "base")  # with a pad token for batching, in memory only
-    config = model_config(settings.arch, len(tokenizer), tie_word_embeddings=settings.realistic,
-                          pad_token_id=None if settings.realistic else PAD_ID)
+    config = model_config(
+        settings.arch,
+        len(tokenizer),
+        tie_word_embeddings=settings.realistic,
+        pad_token_id=None if settings.realistic else PAD_ID,
+    )
     base = AutoModelForCausalLM.from_config(config)
-    steps = train_to_target(base, list(BASE_TASKS), settings.base, seed, "base", _scorer(tokenizer, BASE_TASKS, settings))
+    steps = train_to_target(
+        base, list(BASE_TASKS), settings.base, seed, "base", _scorer(tokenizer, BASE_TASKS, settings)
+    )
     _save(base, tmp / "base", settings.dtype, shipped)
     results = {"base": _check(tmp / "base", tokenizer, None, settings.base, steps, settings.leak)}
     for variant in VARIANTS:
@@ -442,8 +478,11 @@ def search_models(settings: ZooSettings) -> dict[str, dict]:
     """The models merge search reads (`search/`), each with its family and task; empty for the realistic zoo."""
     if settings.realistic:
         return {}
-    models = {"full/shift": {"family": "base", "task": "shift"}, "search/shift-seed1": {"family": "base", "task": "shift"},
-              "search/harmful": {"family": "base", "task": None}}
+    models = {
+        "full/shift": {"family": "base", "task": "shift"},
+        "search/shift-seed1": {"family": "base", "task": "shift"},
+        "search/harmful": {"family": "base", "task": None},
+    }
     models.update({f"search/family2/{t}": {"family": "search/family2/base", "task": t} for t in FAMILY2_EXPERTS})
     models["search/alien"] = {"family": None, "task": None}
     return models
@@ -458,35 +497,53 @@ def _build_search(tmp: Path, settings: ZooSettings, tokenizer, shipped) -> dict[
     def fine_tune(base: Path, name: str, task: str, k: int, shuffled: bool = False) -> None:
         torch.manual_seed(seed + k)
         model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-        steps = train_to_target(model, [task], settings.full, seed + k, name, _scorer(tokenizer, [task], settings),
-                                shuffled=shuffled)
+        steps = train_to_target(
+            model, [task], settings.full, seed + k, name, _scorer(tokenizer, [task], settings), shuffled=shuffled
+        )
         _save(model, tmp / name, settings.dtype, shipped)
-        results[name] = ({"steps": steps, "exact_match": scores(model, tokenizer, [task])} if shuffled
-                         else _check(tmp / name, tokenizer, task, settings.full, steps, settings.leak))
+        results[name] = (
+            {"steps": steps, "exact_match": scores(model, tokenizer, [task])}
+            if shuffled
+            else _check(tmp / name, tokenizer, task, settings.full, steps, settings.leak)
+        )
 
     fine_tune(tmp / "base", "search/shift-seed1", "shift", 101)
     fine_tune(tmp / "base", "search/harmful", "shift", 102, shuffled=True)
     torch.manual_seed(seed + 1000)  # another initialisation: the same architecture and vocab, another family
     config = model_config(settings.arch, len(tokenizer))
     other = AutoModelForCausalLM.from_config(config)
-    steps = train_to_target(other, list(BASE_TASKS), settings.base, seed + 1000, "search/family2/base",
-                            _scorer(tokenizer, BASE_TASKS, settings))
+    steps = train_to_target(
+        other,
+        list(BASE_TASKS),
+        settings.base,
+        seed + 1000,
+        "search/family2/base",
+        _scorer(tokenizer, BASE_TASKS, settings),
+    )
     _save(other, tmp / "search/family2/base", settings.dtype, shipped)
-    results["search/family2/base"] = _check(tmp / "search/family2/base", tokenizer, None, settings.base, steps, settings.leak)
+    results["search/family2/base"] = _check(
+        tmp / "search/family2/base", tokenizer, None, settings.base, steps, settings.leak
+    )
     for k, task in enumerate(FAMILY2_EXPERTS):
         fine_tune(tmp / "search/family2/base", f"search/family2/{task}", task, 103 + k)
     torch.manual_seed(seed + 2000)
     alien_arch = "qwen3" if settings.arch != "qwen3" else "llama"
-    _save(AutoModelForCausalLM.from_config(model_config(alien_arch, len(tokenizer))), tmp / "search/alien",
-          settings.dtype, shipped)
+    _save(
+        AutoModelForCausalLM.from_config(model_config(alien_arch, len(tokenizer))),
+        tmp / "search/alien",
+        settings.dtype,
+        shipped,
+    )
     return results
 
 
 def _scorer(tokenizer, tasks, settings: ZooSettings):
     """Held-out exact match (the worst of `tasks`) of a model rounded to the dtype it will be saved in."""
+
     def score(model) -> float:
         rounded = copy.deepcopy(model).to(settings.dtype) if settings.dtype != torch.float32 else model
         return min(scores(rounded, tokenizer, tasks).values())
+
     return score
 
 
@@ -510,13 +567,17 @@ def _check(path: Path, tokenizer, task: str | None, stage: Stage, steps: int, le
     got = scores(model, tokenizer, own)
     for t, v in got.items():
         if v < stage.target:
-            raise ZooError(f"zoo {name}: {v:.0%} exact match on its {t} eval words as saved, below the target of "
-                           f"{stage.target:.0%}; the zoo was not built")
+            raise ZooError(
+                f"zoo {name}: {v:.0%} exact match on its {t} eval words as saved, below the target of "
+                f"{stage.target:.0%}; the zoo was not built"
+            )
     leaks = other_task_scores(model, tokenizer, own)
     for t, v in leaks.items():
         if v > leak:
-            raise ZooError(f"zoo {name}: {v:.0%} exact match on {t}, a task it was not trained on (at most "
-                           f"{leak:.0%} allowed); the zoo was not built")
+            raise ZooError(
+                f"zoo {name}: {v:.0%} exact match on {t}, a task it was not trained on (at most "
+                f"{leak:.0%} allowed); the zoo was not built"
+            )
     return {"steps": steps, "exact_match": got, "leak": leaks}
 
 
@@ -552,8 +613,12 @@ def _lora_config(task: str, variant: str):
         targets += ["q_proj", "k_proj", "v_proj", "o_proj"]
     if task == "swap":  # exercise rsLoRA and per-module rank/alpha patterns
         return LoraConfig(
-            r=8, lora_alpha=16, target_modules=targets, use_rslora=True,
-            rank_pattern={"down_proj": 4}, alpha_pattern={"up_proj": 8},
+            r=8,
+            lora_alpha=16,
+            target_modules=targets,
+            use_rslora=True,
+            rank_pattern={"down_proj": 4},
+            alpha_pattern={"up_proj": 8},
         )
     return LoraConfig(r=8, lora_alpha=16, target_modules=targets)
 
@@ -561,9 +626,16 @@ def _lora_config(task: str, variant: str):
 PERTURB = {"mlp": (".mlp.",), "linear": ("_proj.",), "all": ("",)}
 
 
-def pico_checkpoint(path: Path, arch: str = "llama", seed: int = 0, base: Path | None = None,
-                    perturb: str | tuple[str, ...] = "mlp", hidden: int = 32, intermediate: int = 64,
-                    layers: int = 2) -> Path:
+def pico_checkpoint(
+    path: Path,
+    arch: str = "llama",
+    seed: int = 0,
+    base: Path | None = None,
+    perturb: str | tuple[str, ...] = "mlp",
+    hidden: int = 32,
+    intermediate: int = 64,
+    layers: int = 2,
+) -> Path:
     """An untrained checkpoint for tests and benchmarks; with `base`, a copy of it with some weights
     perturbed, i.e. an expert that differs from the base only where asked: its MLPs (`mlp`), every linear
     layer of its blocks (`linear`), every weight (`all`), or the weights whose names hold one of the given parts."""
@@ -591,13 +663,15 @@ def zoo_recipe(zoo_dir: Path, variant: str, **overrides) -> dict:
     experts = []
     for task, rel in manifest["experts"][variant].items():
         p = manifest["tasks"][task]
-        experts.append({
-            "name": task,
-            "source_model": str(Path(zoo_dir) / rel),
-            "positive_prompts": p["positive_prompts"],
-            "examples": p["examples"],
-            "eval_prompts": p["eval_prompts"],
-        })
+        experts.append(
+            {
+                "name": task,
+                "source_model": str(Path(zoo_dir) / rel),
+                "positive_prompts": p["positive_prompts"],
+                "examples": p["examples"],
+                "eval_prompts": p["eval_prompts"],
+            }
+        )
     recipe = {"base_model": str(Path(zoo_dir) / "base"), "experts_per_token": 1, "experts": experts}
     recipe.update(overrides)
     return recipe
@@ -605,8 +679,11 @@ def zoo_recipe(zoo_dir: Path, variant: str, **overrides) -> dict:
 
 def eval_rows(tasks=EXPERT_TASKS, per_task: int = 64) -> list[dict]:
     """Held-out rows (prompt, completion, expert) on each task's eval words."""
-    return [{"prompt": prompt(t, w), "completion": apply_task(t, w), "expert": t}
-            for t in tasks for w in task_prompts(t)["eval_words"][:per_task]]
+    return [
+        {"prompt": prompt(t, w), "completion": apply_task(t, w), "expert": t}
+        for t in tasks
+        for w in task_prompts(t)["eval_words"][:per_task]
+    ]
 
 
 def glue_recipe(zoo_dir: Path, out_dir: Path, proxy_per_task: int = 8, **overrides) -> Path:
@@ -616,8 +693,12 @@ def glue_recipe(zoo_dir: Path, out_dir: Path, proxy_per_task: int = 8, **overrid
 
     zoo_dir, out_dir = Path(zoo_dir), Path(out_dir)
     manifest = json.loads((zoo_dir / "zoo.json").read_text())
-    models = [{"name": rel.replace("/", "-"), "path": str(zoo_dir / rel), "base": str(zoo_dir / "base")}
-              for variant in VARIANTS for t, rel in manifest["experts"][variant].items() if t in FULL_EXPERTS]
+    models = [
+        {"name": rel.replace("/", "-"), "path": str(zoo_dir / rel), "base": str(zoo_dir / "base")}
+        for variant in VARIANTS
+        for t, rel in manifest["experts"][variant].items()
+        if t in FULL_EXPERTS
+    ]
     for rel, info in manifest["search"].items():
         if rel != "full/shift":
             entry = {"name": rel.split("/", 1)[1].replace("/", "-"), "path": str(zoo_dir / rel)}
@@ -627,8 +708,13 @@ def glue_recipe(zoo_dir: Path, out_dir: Path, proxy_per_task: int = 8, **overrid
     out_dir.mkdir(parents=True, exist_ok=True)
     for name, rows in (("proxy.jsonl", router_training_rows(proxy_per_task, seed=7)), ("held-out.jsonl", eval_rows())):
         (out_dir / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
-    recipe = {"models": models, "proxy": {"path": "proxy.jsonl"}, "held_out": "held-out.jsonl",
-              "clustering": {"threshold": 0.5}, "mixture": {"leave_out": ["alien"]}}
+    recipe = {
+        "models": models,
+        "proxy": {"path": "proxy.jsonl"},
+        "held_out": "held-out.jsonl",
+        "clustering": {"threshold": 0.5},
+        "mixture": {"leave_out": ["alien"]},
+    }
     recipe.update(overrides)
     path = out_dir / "glue.yaml"
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))

@@ -41,9 +41,9 @@ def direction_rows(positive: list[torch.Tensor], negative: list[torch.Tensor | N
     Centring and projecting out the grand-mean direction removes it.
     """
     means = torch.stack([p.mean(0) for p in positive])
-    rows = means - torch.stack([
-        n.mean(0) if n is not None and len(n) else torch.zeros_like(means[0]) for n in negative
-    ])
+    rows = means - torch.stack(
+        [n.mean(0) if n is not None and len(n) else torch.zeros_like(means[0]) for n in negative]
+    )
     if len(rows) > 1:
         rows = rows - rows.mean(0, keepdim=True)
         shared = torch.nn.functional.normalize(means.mean(0), dim=0)
@@ -77,7 +77,9 @@ def fit(examples: list[TokenSet], ridge: float = 0.1) -> torch.Tensor:
     return w.T.float()
 
 
-def lda(positive: list[torch.Tensor], negative: list[torch.Tensor | None], ridge: float) -> tuple[torch.Tensor, torch.Tensor]:
+def lda(
+    positive: list[torch.Tensor], negative: list[torch.Tensor | None], ridge: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Linear discriminant from pooled prompt representations ([n_e, H] per expert): weight [E, H], bias [E].
 
     Class means whitened by the shared within-class covariance (ridge-regularised, `ridge` relative to
@@ -114,8 +116,9 @@ def uniform(num_experts: int, hidden_size: int, generator: torch.Generator) -> t
     return (torch.rand(num_experts, hidden_size, generator=generator) * 2 - 1) * bound
 
 
-def calibrate(weight: torch.Tensor, states: torch.Tensor, target: float, iters: int = 60,
-              bias: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
+def calibrate(
+    weight: torch.Tensor, states: torch.Tensor, target: float, iters: int = 60, bias: torch.Tensor | None = None
+) -> tuple[torch.Tensor, float]:
     """Scale `weight` (and the caller scales `bias` alike) so the mean top softmax probability over
     `states` ([N, H]) equals `target`.
 

@@ -65,9 +65,11 @@ class Router(nn.Module):
 
     def _apply(self, fn, recurse=True):
         """`model.to(torch.bfloat16)` and kin move a router but never narrow it below float32."""
+
         def keep_wide(t):
             t = fn(t)
             return t.float() if t.is_floating_point() and t.element_size() < 4 else t
+
         return super()._apply(keep_wide, recurse)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -85,8 +87,9 @@ class Router(nn.Module):
         return next(self.parameters()).dtype
 
     @torch.no_grad()
-    def set_rows(self, rows: torch.Tensor, bias: torch.Tensor | None = None,
-                 generator: torch.Generator | None = None) -> None:
+    def set_rows(
+        self, rows: torch.Tensor, bias: torch.Tensor | None = None, generator: torch.Generator | None = None
+    ) -> None:
         """Become the linear router h -> rows @ standardize(h) + bias. The MLP uses ReLU(z) - ReLU(-z) = z."""
         num_experts = rows.shape[0]
         bias = torch.zeros(num_experts) if bias is None else bias

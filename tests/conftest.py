@@ -52,8 +52,10 @@ def sources(pico, tmp_path_factory) -> dict:
     loras = []
     for i in range(3):
         torch.manual_seed(30 + i)
-        model = get_peft_model(AutoModelForCausalLM.from_pretrained(pico["base"]),
-                               LoraConfig(r=2 + i, lora_alpha=4, target_modules=["q_proj", "v_proj", "gate_proj", "down_proj"]))
+        model = get_peft_model(
+            AutoModelForCausalLM.from_pretrained(pico["base"]),
+            LoraConfig(r=2 + i, lora_alpha=4, target_modules=["q_proj", "v_proj", "gate_proj", "down_proj"]),
+        )
         for n, p in model.named_parameters():
             if "lora_B" in n:
                 torch.nn.init.normal_(p, std=0.1)
@@ -66,7 +68,9 @@ def pico_recipe(pico: dict, **overrides) -> dict:
     recipe = {
         "base_model": str(pico["base"]),
         "experts_per_token": 1,
-        "experts": [{"source_model": str(p), "positive_prompts": prompts_for(i)} for i, p in enumerate(pico["experts"])],
+        "experts": [
+            {"source_model": str(p), "positive_prompts": prompts_for(i)} for i, p in enumerate(pico["experts"])
+        ],
     }
     recipe.update(overrides)
     return recipe

@@ -29,6 +29,7 @@ def _count_writes(kill_at: int, root: str) -> list[int]:
                 if count[0] == kill_at:
                     os.kill(os.getpid(), signal.SIGKILL)
             return fn(*args, **kwargs)
+
         return wrapped
 
     def opens_for_writing(file, mode="r", *args, **kwargs):

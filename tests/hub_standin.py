@@ -110,8 +110,15 @@ class HubStandIn:
 
     def _preupload(self, h, repo: Repo, repo_id: str, revision: str, body: bytes) -> None:
         files = json.loads(body)["files"]
-        self._reply(h, 200, {"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False, "oid": None}
-                                       for f in files]})
+        self._reply(
+            h,
+            200,
+            {
+                "files": [
+                    {"path": f["path"], "uploadMode": "regular", "shouldIgnore": False, "oid": None} for f in files
+                ]
+            },
+        )
 
     def _commit(self, h, repo: Repo, repo_id: str, revision: str, body: bytes) -> None:
         if revision not in repo.branches:
@@ -127,8 +134,9 @@ class HubStandIn:
         repo.branches[revision].update(files)
         self.commits.append(Commit(repo_id, revision, header["summary"], files))
         oid = hashlib.sha1(body).hexdigest()
-        self._reply(h, 200, {"commitUrl": f"{self.url}/{repo_id}/commit/{oid}", "commitOid": oid,
-                             "pullRequestUrl": None})
+        self._reply(
+            h, 200, {"commitUrl": f"{self.url}/{repo_id}/commit/{oid}", "commitOid": oid, "pullRequestUrl": None}
+        )
 
     @staticmethod
     def _reply(h: BaseHTTPRequestHandler, status: int, payload: dict) -> None:

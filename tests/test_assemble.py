@@ -27,9 +27,11 @@ def _logits(model_dir, ids, route_to: int | None = None):
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float64, experts_implementation="eager")
     hooks = []
     if route_to is not None:  # one-hot routing: every token to expert `route_to`, weight 1
+
         def one_hot(_m, _a, out):
             n = out[0].shape[0]
             return out[0], torch.ones(n, 1, dtype=out[1].dtype), torch.full((n, 1), route_to)
+
         hooks = [layer.mlp.gate.register_forward_hook(one_hot) for layer in model.model.layers]
     with torch.no_grad():
         out = model(input_ids=ids).logits
@@ -97,12 +99,18 @@ def test_output_is_stock_and_legacy_layout_and_loads_without_moe_merge(pico, tmp
 
 def test_expert_tensors_come_from_their_expert(pico, tmp_path):
     out = _assemble(pico_recipe(pico), tmp_path / "moe")
-    with safe_open(out / "model.safetensors", framework="pt") as f, \
-         safe_open(pico["experts"][1] / "model.safetensors", framework="pt") as e:
-        assert torch.equal(f.get_tensor("model.layers.1.block_sparse_moe.experts.1.w2.weight"),
-                           e.get_tensor("model.layers.1.mlp.down_proj.weight"))
-        assert torch.equal(f.get_tensor("model.layers.0.block_sparse_moe.experts.1.w3.weight"),
-                           e.get_tensor("model.layers.0.mlp.up_proj.weight"))
+    with (
+        safe_open(out / "model.safetensors", framework="pt") as f,
+        safe_open(pico["experts"][1] / "model.safetensors", framework="pt") as e,
+    ):
+        assert torch.equal(
+            f.get_tensor("model.layers.1.block_sparse_moe.experts.1.w2.weight"),
+            e.get_tensor("model.layers.1.mlp.down_proj.weight"),
+        )
+        assert torch.equal(
+            f.get_tensor("model.layers.0.block_sparse_moe.experts.1.w3.weight"),
+            e.get_tensor("model.layers.0.mlp.up_proj.weight"),
+        )
 
 
 def _attention_q(checkpoint: Path) -> torch.Tensor:
@@ -122,8 +130,9 @@ def test_non_expert_mixup_interpolates_attention_with_its_seeded_draw(tmp_path, 
     from moe_merge.merge import mixup_draws
 
     full = [make_pico(tmp_path / f"full{i}", seed=10 + i, base=pico["base"], perturb="all") for i in range(2)]
-    recipe = pico_recipe({"base": pico["base"], "experts": full}, non_expert="mixup",
-                         merge={"mixup": {"alpha": 2.0, "seed": 3}})
+    recipe = pico_recipe(
+        {"base": pico["base"], "experts": full}, non_expert="mixup", merge={"mixup": {"alpha": 2.0, "seed": 3}}
+    )
     out = _assemble(recipe, tmp_path / "moe")
     merged, *experts = (_attention_q(path) for path in (out, *full))
     lam, other = mixup_draws(2, 2.0, 1, seed=3)[0]
@@ -138,8 +147,10 @@ def test_lora_experts_and_qwen2_moe_with_shared_expert(zoo_dir, tmp_path):
         "base_model": str(zoo_dir / "base"),
         "experts_per_token": 1,
         "shared_experts": [{"source_model": str(zoo_dir / "base")}],
-        "experts": [{"source_model": str(zoo_dir / "mlp" / n), "positive_prompts": prompts_for(i)}
-                    for i, n in enumerate(["shift", "back-lora"])],
+        "experts": [
+            {"source_model": str(zoo_dir / "mlp" / n), "positive_prompts": prompts_for(i)}
+            for i, n in enumerate(["shift", "back-lora"])
+        ],
     }
     out = _assemble(recipe, tmp_path / "moe")
     assert read_json(out / "config.json")["architectures"] == ["Qwen2MoeForCausalLM"]
@@ -151,8 +162,18 @@ def test_lora_experts_and_qwen2_moe_with_shared_expert(zoo_dir, tmp_path):
 def test_stock_and_dynamic_outputs_write_one_report_schema(pico, tmp_path):
     stock = read_json(_assemble(pico_recipe(pico), tmp_path / "stock") / "routing_report.json")
     dynamic = read_json(_assemble(pico_recipe(pico, method="smear"), tmp_path / "smear") / "routing_report.json")
-    shared = {"experts", "method", "level", "router_init", "measured", "routers", "accuracy_mean", "accuracy_worst",
-              "routed_right_everywhere", "warnings"}
+    shared = {
+        "experts",
+        "method",
+        "level",
+        "router_init",
+        "measured",
+        "routers",
+        "accuracy_mean",
+        "accuracy_worst",
+        "routed_right_everywhere",
+        "warnings",
+    }
     assert shared <= set(stock) and shared <= set(dynamic)
     assert {"layer", "accuracy", "sent_to", "scale"} == set(dynamic["routers"][0]) < set(stock["routers"][0])
     for rep in (stock, dynamic):
@@ -182,10 +203,14 @@ def test_report_and_model_card(pico, tmp_path):
     assert (out / "moe-merge.yaml").is_file() and (out / "generation_config.json").is_file()
 
 
-@pytest.mark.parametrize("recipe", [
-    {"gate_mode": "random"},  # stock
-    {"method": "twin", "level": "block", "twin": {"rank": 4}, "router": {"init": "random"}, "non_expert": "mixup"},
-], ids=["stock", "dynamic"])
+@pytest.mark.parametrize(
+    "recipe",
+    [
+        {"gate_mode": "random"},  # stock
+        {"method": "twin", "level": "block", "twin": {"rank": 4}, "router": {"init": "random"}, "non_expert": "mixup"},
+    ],
+    ids=["stock", "dynamic"],
+)
 def test_same_inputs_and_seed_give_identical_bytes(pico, tmp_path, recipe):
     """Every file (weights, config, recipe, report and its PNG, card), by sha256."""
     import hashlib
@@ -201,9 +226,14 @@ def test_same_inputs_and_seed_give_identical_bytes(pico, tmp_path, recipe):
 
 def test_cli_runs_a_mergekit_yaml_unchanged(pico, tmp_path):
     recipe = {
-        "base_model": str(pico["base"]), "gate_mode": "hidden", "dtype": "bfloat16", "experts_per_token": 2,
-        "experts": [{"source_model": str(p), "positive_prompts": prompts_for(i), "negative_prompts": ["copy abc="]}
-                    for i, p in enumerate(pico["experts"])],
+        "base_model": str(pico["base"]),
+        "gate_mode": "hidden",
+        "dtype": "bfloat16",
+        "experts_per_token": 2,
+        "experts": [
+            {"source_model": str(p), "positive_prompts": prompts_for(i), "negative_prompts": ["copy abc="]}
+            for i, p in enumerate(pico["experts"])
+        ],
     }
     path = write_recipe(tmp_path / "mergekit.yml", recipe)
     assert cli_main(["assemble", str(path), str(tmp_path / "moe")]) == 0
@@ -271,6 +301,7 @@ def _fails_cleanly(tmp_path, recipe_text: str, match: str, capsys):
 
 def _yaml(recipe):
     import yaml
+
     return yaml.safe_dump(recipe)
 
 
@@ -282,6 +313,7 @@ def test_missing_expert_directory(pico, tmp_path, capsys):
 
 def test_truncated_expert_safetensors(pico, tmp_path, capsys):
     import shutil
+
     broken = tmp_path / "broken"
     shutil.copytree(pico["experts"][0], broken)
     data = (broken / "model.safetensors").read_bytes()

@@ -44,10 +44,19 @@ def test_card_lists_hub_repos_and_round_trips(pico, tmp_path, monkeypatch):
     recipe["base_model"] = ids[0]
     for e, repo_id in zip(recipe["experts"], ids[1:]):
         e["source_model"] = repo_id
-    recipe["experts"].append({"source_model": str(pico["experts"][0]), "name": "local",  # a local path stays out
-                              "positive_prompts": ["local x="]})
-    (tmp_path / "eval.jsonl").write_text("".join(json.dumps({"prompt": p, "completion": "x", "expert": f"t{i % 2}"}) + "\n"
-                                                 for i, p in enumerate(["shift ab=", "back cd=", "swap ef="])))
+    recipe["experts"].append(
+        {
+            "source_model": str(pico["experts"][0]),
+            "name": "local",  # a local path stays out
+            "positive_prompts": ["local x="],
+        }
+    )
+    (tmp_path / "eval.jsonl").write_text(
+        "".join(
+            json.dumps({"prompt": p, "completion": "x", "expert": f"t{i % 2}"}) + "\n"
+            for i, p in enumerate(["shift ab=", "back cd=", "swap ef="])
+        )
+    )
     path = write_recipe(tmp_path / "recipe.yaml", recipe)
     out = tmp_path / "moe"
     assert cli_main(["assemble", str(path), str(out), "--eval-data", str(tmp_path / "eval.jsonl")]) == 0
@@ -71,7 +80,9 @@ def test_quality_table_equals_the_zoo_exact_match(zoo_dir, tmp_path):
 
     tasks = ["shift", "mirror"]
     words = {t: zoo.task_prompts(t)["eval_words"][:8] for t in tasks}
-    rows = [{"prompt": zoo.prompt(t, w), "completion": zoo.apply_task(t, w), "expert": t} for t in tasks for w in words[t]]
+    rows = [
+        {"prompt": zoo.prompt(t, w), "completion": zoo.apply_task(t, w), "expert": t} for t in tasks for w in words[t]
+    ]
     (tmp_path / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     recipe = zoo.zoo_recipe(zoo_dir, "mlp", method="smear")
     recipe["experts"] = recipe["experts"][:2]
@@ -87,7 +98,9 @@ def test_quality_table_equals_the_zoo_exact_match(zoo_dir, tmp_path):
     # the oracle row: each task with the merge weights forced one-hot to its expert, by the zoo's own scorer
     generate, oracle = model.generate, {}
     for e, t in enumerate(tasks):
-        model.generate = functools.partial(generate, merge_weights=torch.nn.functional.one_hot(torch.tensor(e), 2).float())
+        model.generate = functools.partial(
+            generate, merge_weights=torch.nn.functional.one_hot(torch.tensor(e), 2).float()
+        )
         oracle[t] = zoo.exact_match(model, tok, t, words[t])
     cells = " | ".join(f"{oracle[t]:.0%}" for t in tasks)
     assert f"| oracle (merge weights one-hot to the task's expert) | {cells} | |" in card.text

@@ -28,8 +28,10 @@ from moe_merge.export.lora import export_lora
 from moe_merge.tokens import load_tokenizer
 
 ENVS = os.environ.get("MOE_MERGE_CLIENT_ENVS")
-pytestmark = [pytest.mark.clients,
-              pytest.mark.skipif(not ENVS, reason="needs the client environments: run .ci/clients")]
+pytestmark = [
+    pytest.mark.clients,
+    pytest.mark.skipif(not ENVS, reason="needs the client environments: run .ci/clients"),
+]
 
 DRIVERS = Path(__file__).parent / "clients"
 MAX_NEW_TOKENS = 16
@@ -79,10 +81,16 @@ def reference(model, ids: list[list[int]]) -> list[dict]:
     """transformers 5's greedy tokens and the logits that chose them, one prompt at a time (no padding)."""
     out = []
     for row in ids:
-        gen = model.generate(torch.tensor([row]), max_new_tokens=MAX_NEW_TOKENS, do_sample=False,
-                             eos_token_id=zoo.EOS_ID, pad_token_id=zoo.EOS_ID, output_logits=True,
-                             return_dict_in_generate=True)
-        out.append({"tokens": gen.sequences[0, len(row):].tolist(), "logits": torch.cat(gen.logits)})
+        gen = model.generate(
+            torch.tensor([row]),
+            max_new_tokens=MAX_NEW_TOKENS,
+            do_sample=False,
+            eos_token_id=zoo.EOS_ID,
+            pad_token_id=zoo.EOS_ID,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
+        out.append({"tokens": gen.sequences[0, len(row) :].tolist(), "logits": torch.cat(gen.logits)})
     return out
 
 
@@ -93,7 +101,9 @@ def compare(got: list[dict], want: list[dict], atol: float, note: str = "") -> f
     for g, w in zip(got, want):
         n = min(len(g["tokens"]), len(w["tokens"]))
         worst = max(worst, (torch.tensor(g["logits"][:n]) - w["logits"][:n]).abs().max().item())
-    assert [g["tokens"] for g in got] == [w["tokens"] for w in want], f"greedy tokens differ (max |Δlogit| {worst:.3g}){note}"
+    assert [g["tokens"] for g in got] == [w["tokens"] for w in want], (
+        f"greedy tokens differ (max |Δlogit| {worst:.3g}){note}"
+    )
     assert worst <= atol, f"max |Δlogit| {worst:.3g} > {atol}"
     return worst
 
@@ -139,9 +149,18 @@ def test_transformers_4_loads_the_stock_moe_as_transformers_5_does(name, request
         recipe["shared_experts"] = [{"source_model": recipe["base_model"]}]
     out = _assemble(recipe, tmp_path / "moe")
     _, ids = prompts(out)
-    got = drive("tf4", "tf4_generate.py", {"model": str(out), "prompts": ids, "max_new_tokens": MAX_NEW_TOKENS,
-                                           "eos_token_id": zoo.EOS_ID, "state_dict": str(tmp_path / "tf4.safetensors")},
-                tmp_path)
+    got = drive(
+        "tf4",
+        "tf4_generate.py",
+        {
+            "model": str(out),
+            "prompts": ids,
+            "max_new_tokens": MAX_NEW_TOKENS,
+            "eos_token_id": zoo.EOS_ID,
+            "state_dict": str(tmp_path / "tf4.safetensors"),
+        },
+        tmp_path,
+    )
     assert (got["transformers"], got["class"]) == ("4.57.6", cls)
     assert not any(got["loading_info"].values()), got["loading_info"]  # nothing missing, unexpected or misshapen
 
@@ -151,8 +170,12 @@ def test_transformers_4_loads_the_stock_moe_as_transformers_5_does(name, request
     assert sorted(have) == sorted(want)
     assert [k for k in want if not torch.equal(have[k], want[k])] == []
     theta = model.config.rope_parameters["rope_theta"]
-    worst = compare(got["generations"], reference(model, ids), TF4_ATOL,
-                    note=f"; rope theta: 4.x read {got['rope_theta']}, 5.x {theta}")
+    worst = compare(
+        got["generations"],
+        reference(model, ids),
+        TF4_ATOL,
+        note=f"; rope theta: 4.x read {got['rope_theta']}, 5.x {theta}",
+    )
     assert got["rope_theta"] == theta, "4.x runs another rotary embedding than the one config.json means"
     print(f"{name}: {cls} in 4.57.6, {len(want)} tensors equal, tokens equal, max |Δlogit| {worst:.2e}")
 
@@ -161,9 +184,19 @@ def test_transformers_4_loads_the_stock_moe_as_transformers_5_does(name, request
 
 
 def run_llama_cpp(gguf: Path, ids: list[list[int]], texts: list[str], tmp_path: Path, lora: Path | None = None) -> dict:
-    return drive("llama", "llama_generate.py", {"model": str(gguf), "lora": str(lora) if lora else None, "prompts": ids,
-                                                "texts": texts, "max_new_tokens": MAX_NEW_TOKENS,
-                                                "eos_token_id": zoo.EOS_ID}, tmp_path)
+    return drive(
+        "llama",
+        "llama_generate.py",
+        {
+            "model": str(gguf),
+            "lora": str(lora) if lora else None,
+            "prompts": ids,
+            "texts": texts,
+            "max_new_tokens": MAX_NEW_TOKENS,
+            "eos_token_id": zoo.EOS_ID,
+        },
+        tmp_path,
+    )
 
 
 @pytest.mark.parametrize("n_experts", [4, 3])  # odd counts were reported to break llama.cpp (mergekit's tracker)
@@ -175,8 +208,11 @@ def test_llama_cpp_runs_the_stock_mixtral(zoo_dir, n_experts, tmp_path):
     convert(with_sentencepiece(out), tmp_path / "moe.gguf")
     got = run_llama_cpp(tmp_path / "moe.gguf", ids, texts, tmp_path)
     meta = got["metadata"]
-    assert (meta["general.architecture"], meta["llama.expert_count"], meta["llama.expert_used_count"]) == \
-        ("llama", str(n_experts), "2")
+    assert (meta["general.architecture"], meta["llama.expert_count"], meta["llama.expert_used_count"]) == (
+        "llama",
+        str(n_experts),
+        "2",
+    )
     assert got["tokenized"] == ids  # llama.cpp's SentencePiece tokenizer reads the text as transformers does
     model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     worst = compare(got["generations"], reference(model, ids), LLAMA_CPP_ATOL)

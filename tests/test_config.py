@@ -48,35 +48,71 @@ def test_wrong_type_names_field_and_line(tmp_path):
 
 
 def test_identical_prompts_for_all_experts_are_refused(tmp_path):
-    text = MERGEKIT_YAML.replace('["write code"]', '["write a poem"]').replace('    negative_prompts: ["write a poem"]\n', "")
+    text = MERGEKIT_YAML.replace('["write code"]', '["write a poem"]').replace(
+        '    negative_prompts: ["write a poem"]\n', ""
+    )
     with pytest.raises(ConfigError, match="same positive and negative prompts"):
         load_config(_write(tmp_path, text))
 
 
 def test_more_experts_per_token_than_experts_is_refused():
     with pytest.raises(ValueError, match="experts_per_token"):
-        MergeConfig.model_validate({"base_model": "b", "experts_per_token": 3, "gate_mode": "random",
-                                    "experts": [{"source_model": "a"}, {"source_model": "c"}]})
+        MergeConfig.model_validate(
+            {
+                "base_model": "b",
+                "experts_per_token": 3,
+                "gate_mode": "random",
+                "experts": [{"source_model": "a"}, {"source_model": "c"}],
+            }
+        )
 
 
 def test_block_level_makes_a_dynamic_model_and_sparse_ffn_keeps_stock_routers():
-    config = MergeConfig.model_validate({"base_model": "b", "level": "block", "gate_mode": "random",
-                                         "experts_per_token": 1, "experts": [{"source_model": "a"}]})
+    config = MergeConfig.model_validate(
+        {
+            "base_model": "b",
+            "level": "block",
+            "gate_mode": "random",
+            "experts_per_token": 1,
+            "experts": [{"source_model": "a"}],
+        }
+    )
     assert config.dynamic and config.static_method == "average" and config.normalize == "topk"
     with pytest.raises(ValueError, match="stock Mixtral"):
-        MergeConfig.model_validate({"base_model": "b", "gate_mode": "random", "router": {"granularity": "token"},
-                                    "experts_per_token": 1, "experts": [{"source_model": "a"}]})
+        MergeConfig.model_validate(
+            {
+                "base_model": "b",
+                "gate_mode": "random",
+                "router": {"granularity": "token"},
+                "experts_per_token": 1,
+                "experts": [{"source_model": "a"}],
+            }
+        )
 
 
 def test_prompt_free_gate_modes_need_no_prompts():
-    config = MergeConfig.model_validate({"base_model": "b", "gate_mode": "uniform_random", "experts_per_token": 1,
-                                         "experts": [{"source_model": "a"}, {"source_model": "c"}]})
+    config = MergeConfig.model_validate(
+        {
+            "base_model": "b",
+            "gate_mode": "uniform_random",
+            "experts_per_token": 1,
+            "experts": [{"source_model": "a"}, {"source_model": "c"}],
+        }
+    )
     assert config.router_init == "uniform"
 
 
 def _twin(**twin) -> MergeConfig:
-    return MergeConfig.model_validate({"base_model": "b", "method": "twin", "gate_mode": "random", "experts_per_token": 1,
-                                       "twin": twin, "experts": [{"source_model": "a"}, {"source_model": "c"}]})
+    return MergeConfig.model_validate(
+        {
+            "base_model": "b",
+            "method": "twin",
+            "gate_mode": "random",
+            "experts_per_token": 1,
+            "twin": twin,
+            "experts": [{"source_model": "a"}, {"source_model": "c"}],
+        }
+    )
 
 
 def test_twin_rank_is_a_count_and_rank_fraction_a_share():
@@ -88,12 +124,15 @@ def test_twin_rank_is_a_count_and_rank_fraction_a_share():
     assert MergeConfig.model_validate(_twin(rank=8).resolved()).twin.rank == 8  # the resolved recipe loads back
 
 
-@pytest.mark.parametrize("twin, message", [
-    ({"rank": 1.0}, "whole number of singular vectors .* `rank_fraction: 1.0`"),
-    ({"rank": 0.5}, "`rank_fraction: 0.5`"),
-    ({"rank": 8, "rank_fraction": 0.5}, "not both"),
-    ({"rank_fraction": 1.5}, "less than or equal to 1"),
-])
+@pytest.mark.parametrize(
+    "twin, message",
+    [
+        ({"rank": 1.0}, "whole number of singular vectors .* `rank_fraction: 1.0`"),
+        ({"rank": 0.5}, "`rank_fraction: 0.5`"),
+        ({"rank": 8, "rank_fraction": 0.5}, "not both"),
+        ({"rank_fraction": 1.5}, "less than or equal to 1"),
+    ],
+)
 def test_ambiguous_twin_ranks_are_refused(twin, message):
     with pytest.raises(ValueError, match=message):
         _twin(**twin)
@@ -102,8 +141,15 @@ def test_ambiguous_twin_ranks_are_refused(twin, message):
 @pytest.mark.parametrize("method", ["smear", "sparse"])
 def test_averaging_methods_refuse_raw_merge_weights(method):
     """SMEAR's Σ w_e θ_e with weights that sum to 2 is twice the model; WEMoE's base + Σ w_e τ_e is task arithmetic."""
-    recipe = {"base_model": "b", "method": method, "level": "block", "gate_mode": "random", "experts_per_token": 1,
-              "router": {"init": "random", "normalize": "none"}, "experts": [{"source_model": "a"}, {"source_model": "c"}]}
+    recipe = {
+        "base_model": "b",
+        "method": method,
+        "level": "block",
+        "gate_mode": "random",
+        "experts_per_token": 1,
+        "router": {"init": "random", "normalize": "none"},
+        "experts": [{"source_model": "a"}, {"source_model": "c"}],
+    }
     with pytest.raises(ValueError, match="must sum to one: `router.normalize` must be softmax or topk"):
         MergeConfig.model_validate(recipe)
     assert MergeConfig.model_validate({**recipe, "method": "wemoe"}).normalize == "none"
@@ -125,8 +171,14 @@ def _write(tmp_path, text):
 def test_a_too_narrow_mlp_router_is_a_recipe_error(tmp_path):
     from tests.conftest import write_recipe
 
-    path = write_recipe(tmp_path / "r.yaml", {
-        "base_model": "b", "method": "smear", "router": {"kind": "mlp", "hidden_size": 4, "init": "uniform"},
-        "experts": [{"source_model": f"e{i}"} for i in range(3)]})
+    path = write_recipe(
+        tmp_path / "r.yaml",
+        {
+            "base_model": "b",
+            "method": "smear",
+            "router": {"kind": "mlp", "hidden_size": 4, "init": "uniform"},
+            "experts": [{"source_model": f"e{i}"} for i in range(3)],
+        },
+    )
     with pytest.raises(ConfigError, match=r"`router.hidden_size: 4` is too narrow for 3 experts.*2 x experts = 6"):
         load_config(path)

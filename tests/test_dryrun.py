@@ -8,14 +8,24 @@ from pathlib import Path
 import pytest
 import torch
 
+from moe_merge.assemble.dryrun import dry_run
 from moe_merge.cli import main as cli_main
 from moe_merge.config import MergeConfig
-from moe_merge.assemble.dryrun import dry_run
 from tests.conftest import write_recipe
 
-MISTRAL_7B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                  num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=32768, rope_theta=10000.0,
-                  sliding_window=None, tie_word_embeddings=False, dtype="bfloat16")
+MISTRAL_7B = dict(
+    vocab_size=32000,
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    max_position_embeddings=32768,
+    rope_theta=10000.0,
+    sliding_window=None,
+    tie_word_embeddings=False,
+    dtype="bfloat16",
+)
 # Mixtral-8x7B's parameter count: 8 Mistral-7B MLPs per layer, one router per layer, the rest once.
 MIXTRAL_8X7B_PARAMS = 46_702_792_704
 
@@ -24,8 +34,9 @@ def fake_checkpoint(path: Path, shapes: dict[str, list[int]], config: dict, shar
     """A sharded bf16 checkpoint whose files hold headers, then a hole as long as their data (sparse files: no disk
     is used, and every byte of tensor data reads as zero)."""
     path.mkdir(parents=True)
-    (path / "config.json").write_text(json.dumps({"model_type": "mistral", "architectures": ["MistralForCausalLM"],
-                                                  **config}))
+    (path / "config.json").write_text(
+        json.dumps({"model_type": "mistral", "architectures": ["MistralForCausalLM"], **config})
+    )
     names = list(shapes)
     files = [f"model-{i + 1:05d}-of-{shards:05d}.safetensors" for i in range(shards)]
     weight_map, total = {}, 0
@@ -56,8 +67,10 @@ def seven_b(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("seven_b")
     base = fake_checkpoint(root / "base", shapes, MISTRAL_7B)
     experts = [fake_checkpoint(root / f"expert{i}", shapes, MISTRAL_7B) for i in range(8)]
-    recipe = {"base_model": str(base), "experts": [
-        {"source_model": str(p), "positive_prompts": [f"task {i} example"]} for i, p in enumerate(experts)]}
+    recipe = {
+        "base_model": str(base),
+        "experts": [{"source_model": str(p), "positive_prompts": [f"task {i} example"]} for i, p in enumerate(experts)],
+    }
     return {"root": root, "recipe": recipe, "shapes": shapes}
 
 
@@ -77,7 +90,9 @@ def test_stock_plan_of_8x7b_reads_no_tensor_data(seven_b, tmp_path, capsys, monk
 
     run = dry_run(MergeConfig.model_validate(recipe))
     assert run.output_bytes == 2 * MIXTRAL_8X7B_PARAMS  # bf16, exactly Mixtral-8x7B's size
-    assert run.num_tensors == 3 + 32 * (6 + 8 * 3 + 1)  # embed, norm, head; per layer: attention + norms, experts, router
+    assert run.num_tensors == 3 + 32 * (
+        6 + 8 * 3 + 1
+    )  # embed, norm, head; per layer: attention + norms, experts, router
     assert run.num_shards == 18  # 87 GiB cut greedily into 5 GiB shards
     mlp = 3 * 4096 * 14336 * 2
     assert run.read_bytes == run.output_bytes - 32 * 8 * 4096 * 2  # every tensor read once; routers are computed
@@ -89,8 +104,11 @@ def test_stock_plan_of_8x7b_reads_no_tensor_data(seven_b, tmp_path, capsys, monk
 
 
 def test_dynamic_plan_of_8x7b(seven_b):
-    static = dry_run(MergeConfig.model_validate({**seven_b["recipe"], "method": "smear", "level": "ffn",
-                                                 "static": ["embeddings", "norms", "head"]}))
+    static = dry_run(
+        MergeConfig.model_validate(
+            {**seven_b["recipe"], "method": "smear", "level": "ffn", "static": ["embeddings", "norms", "head"]}
+        )
+    )
     mlp_params = 3 * 4096 * 14336
     other = MIXTRAL_8X7B_PARAMS - 32 * (8 * mlp_params + 8 * 4096)
     routers = 32 * (8 * 4096 + 8 + 2 * 4096)  # per layer a linear router: weight, bias, input center and scale

@@ -9,18 +9,17 @@ import sys
 
 import pytest
 import torch
+from pydantic import ValidationError
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from pydantic import ValidationError
-
 from moe_merge.assemble import assemble
-from moe_merge.recipe import open_recipe
-from moe_merge.export.bake import baked_model
+from moe_merge.assemble.dynamic import build_model, init_routers, svd_factors
 from moe_merge.cli import main as cli_main
 from moe_merge.config import MergeConfig
-from moe_merge.assemble.dynamic import build_model, init_routers, svd_factors
 from moe_merge.errors import ConfigError
+from moe_merge.export.bake import baked_model
 from moe_merge.modeling import CACHE
+from moe_merge.recipe import open_recipe
 from tests.conftest import pico_recipe, write_recipe
 
 PROMPTS = ["shift abcd=", "mirror xy=", "back hello there="]
@@ -111,7 +110,7 @@ def test_batched_routing_equals_each_sequence_baked_and_run_alone(built):
             w = torch.nn.functional.one_hot(w.argmax(-1), len(recipe.experts)).double()
             got = model(**tok([prompt], return_tensors="pt"), merge_weights=w[None]).logits[0]
         else:
-            got = out.logits[b, -len(tok(prompt)["input_ids"]):]
+            got = out.logits[b, -len(tok(prompt)["input_ids"]) :]
         want = baked_model(model, w)(**tok([prompt], return_tensors="pt")).logits[0]
         torch.testing.assert_close(got, want, rtol=0, atol=1e-9)
 
@@ -147,8 +146,11 @@ def test_decode_steps_on_kept_per_sequence_weights_equal_the_experts_own(built, 
     monkeypatch.setattr(ml.kernels, "keep_decode_weights", lambda *a, **k: asked.append(a) or True)
     kept = model.generate(**_enc(tok), **kw)
     merged = any(isinstance(m, ml.MergedLinear) for m in model.model.layers.modules())  # the head never keeps
-    assert len(asked) == (sum(isinstance(m, ml.MergedLinear) for m in model.model.layers.modules())
-                          if merged and model.config.router_granularity == "sequence" else 0)  # once per linear
+    assert len(asked) == (
+        sum(isinstance(m, ml.MergedLinear) for m in model.model.layers.modules())
+        if merged and model.config.router_granularity == "sequence"
+        else 0
+    )  # once per linear
     monkeypatch.setattr(ml.kernels, "keep_decode_weights", lambda *a, **k: False)
     own = model.generate(**_enc(tok), **kw)
     assert torch.equal(kept.sequences, own.sequences)
@@ -179,8 +181,10 @@ def test_decode_with_other_weights_than_the_prefill_ignores_the_kept_ones(source
     enc = _enc(tok)
     first, other = torch.rand(len(PROMPTS), 3, dtype=torch.float64), torch.rand(len(PROMPTS), 3, dtype=torch.float64)
     out = model(**enc, merge_weights=first)
-    step = dict(input_ids=out.logits[:, -1:].argmax(-1), attention_mask=torch.cat([enc["attention_mask"],
-                                                                                   torch.ones(len(PROMPTS), 1)], 1))
+    step = dict(
+        input_ids=out.logits[:, -1:].argmax(-1),
+        attention_mask=torch.cat([enc["attention_mask"], torch.ones(len(PROMPTS), 1)], 1),
+    )
     cache = out[CACHE]
     model(**step, merge_weights=out.merge_weights, **{CACHE: cache})  # forms and keeps `first`'s weights
     cache.crop(-1)
@@ -240,8 +244,13 @@ def test_randomized_svd_of_fixed_rank_is_as_good_as_the_exact_one():
         assert torch.linalg.matrix_norm(delta - B @ A) <= 1.01 * exact
 
 
-STREAMED = [("wemoe", "block", "all", {}), ("twin", "block", "all", {"twin": {"rank": {"energy": 0.9}}}),
-            ("smear", "block", "lora", {}), ("sparse", "model", "all", {}), ("twin", "ffn", "mlp", {"twin": {"rank": 8}})]
+STREAMED = [
+    ("wemoe", "block", "all", {}),
+    ("twin", "block", "all", {"twin": {"rank": {"energy": 0.9}}}),
+    ("smear", "block", "lora", {}),
+    ("sparse", "model", "all", {}),
+    ("twin", "ffn", "mlp", {"twin": {"rank": 8}}),
+]
 
 
 @pytest.mark.parametrize("method,level,kind,extra", STREAMED, ids=[f"{m}-{lv}-{k}" for m, lv, k, _ in STREAMED])
@@ -267,8 +276,16 @@ def test_streamed_assembly_writes_the_model_built_in_memory(sources, tmp_path, m
 def test_save_load_round_trips_bit_exactly_and_loads_as_remote_code(sources, tmp_path):
     config = _recipe(sources, "lora", method="twin", level="block")
     out = assemble(config, tmp_path / "twin")
-    for name in ("config.json", "model.safetensors", "modeling_moe_merge.py", "README.md", "routing_report.json",
-                 "routing_report.png", "moe-merge.yaml", "tokenizer.json"):
+    for name in (
+        "config.json",
+        "model.safetensors",
+        "modeling_moe_merge.py",
+        "README.md",
+        "routing_report.json",
+        "routing_report.png",
+        "moe-merge.yaml",
+        "tokenizer.json",
+    ):
         assert (out / name).is_file(), name
     loaded = AutoModelForCausalLM.from_pretrained(out)
     again = tmp_path / "again"
@@ -305,21 +322,27 @@ def test_sparse_output_mixing_does_not_bake(sources):
         baked_model(model, torch.tensor([0.5, 0.5, 0.0], dtype=torch.float64))
 
 
-@pytest.mark.parametrize("overrides, message", [
-    ({"method": "smear", "level": "model"}, "method: sparse"),
-    ({"method": "twin", "router": {"granularity": "token"}}, "sequence"),
-    ({"method": "wemoe", "router": {"kind": "constant"}}, "constant"),
-    ({"method": "smear", "gate_mode": "fit"}, "dynamic models take"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"method": "smear", "level": "model"}, "method: sparse"),
+        ({"method": "twin", "router": {"granularity": "token"}}, "sequence"),
+        ({"method": "wemoe", "router": {"kind": "constant"}}, "constant"),
+        ({"method": "smear", "gate_mode": "fit"}, "dynamic models take"),
+    ],
+)
 def test_bad_dynamic_recipes_name_the_field(pico, overrides, message):
     with pytest.raises(ValidationError, match=message):
         MergeConfig.model_validate(pico_recipe(pico, **overrides))
 
 
-@pytest.mark.parametrize("overrides, field", [
-    ({"method": "twin", "router": {"prepass": 2}}, "`router.prepass: 2` is past the last layer"),
-    ({"method": "sparse", "level": "model", "dense_layers": 5}, "`dense_layers: 5` is past the last layer"),
-])
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        ({"method": "twin", "router": {"prepass": 2}}, "`router.prepass: 2` is past the last layer"),
+        ({"method": "sparse", "level": "model", "dense_layers": 5}, "`dense_layers: 5` is past the last layer"),
+    ],
+)
 def test_layers_past_the_last_are_recipe_errors_not_tracebacks(pico, tmp_path, capsys, overrides, field):
     recipe = write_recipe(tmp_path / "recipe.yaml", pico_recipe(pico, **overrides))
     for extra in ([], ["--dry-run"]):
@@ -340,7 +363,9 @@ def test_averaging_methods_refuse_a_given_mix_that_does_not_sum_to_one(sources, 
     out = assemble(_recipe(sources, "mlp", method="smear"), tmp_path / "smear")
     for verb in ("bake", "export-lora"):
         assert cli_main([verb, str(out), str(tmp_path / verb), "--weights", "1,1,0"]) == 2
-        assert "--weights 1,1,0: `smear` averages its experts, so merge weights must sum to one" in capsys.readouterr().err
+        assert (
+            "--weights 1,1,0: `smear` averages its experts, so merge weights must sum to one" in capsys.readouterr().err
+        )
         assert not (tmp_path / verb).exists()
 
 
@@ -394,8 +419,9 @@ def test_token_level_routing_is_causal_and_batch_exact(sources, level, kind):
         out = model(**_enc(tok))
         assert out.merge_weights.dim() == 4  # [B, R, T, E]
         for b, prompt in enumerate(PROMPTS):
-            torch.testing.assert_close(out.logits[b, -1], model(**tok([prompt], return_tensors="pt")).logits[0, -1],
-                                       rtol=0, atol=1e-10)
+            torch.testing.assert_close(
+                out.logits[b, -1], model(**tok([prompt], return_tensors="pt")).logits[0, -1], rtol=0, atol=1e-10
+            )
         kw = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
         assert torch.equal(model.generate(**_enc(tok), **kw), model.generate(**_enc(tok), use_cache=False, **kw))
 
@@ -445,14 +471,20 @@ def test_twin_rank_by_energy_is_chosen_per_matrix_and_loads_back(sources, tmp_pa
     from moe_merge.assemble.dynamic import svd_factors as factors_of
     from moe_merge.merged_linear import LowRankMergedLinear
 
-    out = assemble(_recipe(sources, "all", method="twin", level="block", twin={"rank": {"energy": 0.9}}), tmp_path / "t")
+    out = assemble(
+        _recipe(sources, "all", method="twin", level="block", twin={"rank": {"energy": 0.9}}), tmp_path / "t"
+    )
     model = AutoModelForCausalLM.from_pretrained(out)
     ranks = model.config.delta_ranks
-    assert {k for k in ranks if "." in k} == {f"{i}.{p}" for i in range(2) for p in
-                                             ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")}
+    assert {k for k in ranks if "." in k} == {
+        f"{i}.{p}"
+        for i in range(2)
+        for p in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    }
     assert len(set(ranks.values())) > 1  # one rank per matrix, not one for all
     m = model.model.layers[1].mlp.down_proj
     assert isinstance(m, LowRankMergedLinear) and m.lora_A.shape[1] == ranks["1.down_proj"]
     # the module's rank is the largest expert's energy rank: that expert's exclusive part is held to 0.9
-    assert ranks["1.down_proj"] == max(factors_of(m.lora_B[e].double() @ m.lora_A[e].double(), energy=1.0)[0].shape[0]
-                                       for e in range(3))
+    assert ranks["1.down_proj"] == max(
+        factors_of(m.lora_B[e].double() @ m.lora_A[e].double(), energy=1.0)[0].shape[0] for e in range(3)
+    )

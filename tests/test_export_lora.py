@@ -10,13 +10,13 @@ import yaml
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from moe_merge.recipe import open_recipe
+from moe_merge.assemble.dynamic import build_model, save_model
 from moe_merge.cli import main as cli_main
 from moe_merge.config import MergeConfig
-from moe_merge.assemble.dynamic import build_model, save_model
 from moe_merge.errors import ConfigError
 from moe_merge.export.lora import dense_factors, export_lora
 from moe_merge.export.push import validate_folder
+from moe_merge.recipe import open_recipe
 from moe_merge.zoo import zoo_recipe
 
 PROMPTS = ["shift abcdef=", "mirror abcde=", "back abcdefg="]  # equal lengths: no padding
@@ -67,8 +67,10 @@ def test_adapter_on_the_base_equals_the_dynamic_model(dynamic_dir, zoo_dir, tmp_
     dynamic = AutoModelForCausalLM.from_pretrained(dynamic_dir, dtype=torch.float64).eval()
     R, E = dynamic.config.num_routers, dynamic.config.num_experts
     g = torch.Generator().manual_seed(0)
-    mixes = {"per_router": torch.randn(R, E, generator=g, dtype=torch.float64).softmax(-1),
-             "one_hot": torch.nn.functional.one_hot(torch.tensor(E - 1), E).double()}
+    mixes = {
+        "per_router": torch.randn(R, E, generator=g, dtype=torch.float64).softmax(-1),
+        "one_hot": torch.nn.functional.one_hot(torch.tensor(E - 1), E).double(),
+    }
     paths = {}
     for name, w in mixes.items():
         paths[name] = tmp_path / name
@@ -119,7 +121,9 @@ def test_what_a_lora_cannot_hold_is_refused_by_name(zoo_dir, tmp_path_factory, t
     model_dir = _dynamic_dir(zoo_dir, tmp_path_factory, "full", ["shift", "mirror"], {"method": "smear"})
     with pytest.raises(ConfigError, match="model.embed_tokens.weight differs .* `moe-merge bake`"):
         export_lora(model_dir, tmp_path / "a", weights=[0.5, 0.5], base=str(zoo_dir / "base"))
-    model_dir = _dynamic_dir(zoo_dir, tmp_path_factory, "mlp", ["shift", "mirror"], {"method": "sparse", "level": "block"})
+    model_dir = _dynamic_dir(
+        zoo_dir, tmp_path_factory, "mlp", ["shift", "mirror"], {"method": "sparse", "level": "block"}
+    )
     with pytest.raises(ConfigError, match="sparse"):
         export_lora(model_dir, tmp_path / "b", weights=[1.0, 0.0], base=str(zoo_dir / "base"))
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
@@ -133,12 +137,19 @@ def test_dense_factors_are_exact():
 
 
 def test_the_card_gives_a_max_lora_rank_vllm_accepts_or_says_to_bake(tmp_path):
-    from moe_merge.export.card import write_adapter_card
-    from moe_merge.export.card import VLLM_MAX_LORA_RANKS, vllm_max_lora_rank
+    from moe_merge.export.card import VLLM_MAX_LORA_RANKS, vllm_max_lora_rank, write_adapter_card
 
     assert [vllm_max_lora_rank(r) for r in (1, 2, 16, 17, 320, 321, 512, 513)] == [1, 8, 16, 32, 320, 512, 512, None]
     for rank, says in ((24, "--max-lora-rank 32 "), (4096, "vLLM cannot serve this adapter: its rank, 4096")):
-        write_adapter_card(tmp_path, base="base", hub_id=None, model_dir=tmp_path, expert_names=["a", "b"],
-                           weights=torch.tensor([0.5, 0.5]), rank=rank, modules=7)
+        write_adapter_card(
+            tmp_path,
+            base="base",
+            hub_id=None,
+            model_dir=tmp_path,
+            expert_names=["a", "b"],
+            weights=torch.tensor([0.5, 0.5]),
+            rank=rank,
+            modules=7,
+        )
         card = (tmp_path / "README.md").read_text()
         assert says in card and ("moe-merge bake" in card) == (rank > max(VLLM_MAX_LORA_RANKS))

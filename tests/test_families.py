@@ -68,8 +68,10 @@ def test_every_family_reproduces_its_experts_and_generates_with_the_cache(arch, 
         assert model.config.routed_parts == ["embeddings", "norms", "head"]
 
 
-GEMMA_CASES = [(m, lv) for m in ("smear", "wemoe", "twin") for lv in ("ffn", "block")] + [("sparse", "block"),
-                                                                                            ("sparse", "model")]
+GEMMA_CASES = [(m, lv) for m in ("smear", "wemoe", "twin") for lv in ("ffn", "block")] + [
+    ("sparse", "block"),
+    ("sparse", "model"),
+]
 
 
 @pytest.mark.parametrize("arch", ["gemma2", "gemma3_text"])
@@ -107,13 +109,32 @@ def _gemma3_multimodal(path, seed: int, base=None):
     tok = build_tokenizer()
     torch.manual_seed(seed)
     if base is None:
-        text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
-                    head_dim=16, vocab_size=len(tok), sliding_window=4, query_pre_attn_scalar=16,
-                    layer_types=["sliding_attention", "full_attention"], pad_token_id=0, bos_token_id=1, eos_token_id=2)
-        vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=28,
-                      patch_size=14)
-        model = Gemma3ForConditionalGeneration(Gemma3Config(text_config=text, vision_config=vision,
-                                                            mm_tokens_per_image=4, image_token_index=3))
+        text = dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=16,
+            vocab_size=len(tok),
+            sliding_window=4,
+            query_pre_attn_scalar=16,
+            layer_types=["sliding_attention", "full_attention"],
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=2,
+        )
+        vision = dict(
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=28,
+            patch_size=14,
+        )
+        model = Gemma3ForConditionalGeneration(
+            Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4, image_token_index=3)
+        )
     else:
         model = Gemma3ForConditionalGeneration.from_pretrained(base)
         with torch.no_grad():
@@ -134,16 +155,24 @@ def test_a_multimodal_gemma3_merges_as_its_text_model(tmp_path, caplog):
     base = _gemma3_multimodal(tmp_path / "base", 0)
     full = _gemma3_multimodal(tmp_path / "full", 1, base)
     torch.manual_seed(2)
-    peft = get_peft_model(Gemma3ForConditionalGeneration.from_pretrained(base),
-                          LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]))
+    peft = get_peft_model(
+        Gemma3ForConditionalGeneration.from_pretrained(base),
+        LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]),
+    )
     for n, p in peft.named_parameters():
         if "lora_B" in n:
             torch.nn.init.normal_(p, std=0.1)
     assert any("vision_tower" in n and "lora_A" in n for n, _ in peft.named_parameters())
     peft.save_pretrained(tmp_path / "lora")
-    recipe = {"base_model": str(base), "method": "smear", "level": "block",
-              "experts": [{"source_model": str(full), "positive_prompts": ["shift abc="]},
-                          {"source_model": str(tmp_path / "lora"), "positive_prompts": ["mirror xy="]}]}
+    recipe = {
+        "base_model": str(base),
+        "method": "smear",
+        "level": "block",
+        "experts": [
+            {"source_model": str(full), "positive_prompts": ["shift abc="]},
+            {"source_model": str(tmp_path / "lora"), "positive_prompts": ["mirror xy="]},
+        ],
+    }
     out = assemble(MergeConfig.model_validate(recipe), tmp_path / "out")
     assert "adapts a tower other than the text model" in caplog.text
     model = AutoModelForCausalLM.from_pretrained(out).eval()
@@ -177,11 +206,28 @@ def test_phi3_is_refused_with_the_reason(tmp_path, capsys):
     from transformers import Phi3Config, Phi3ForCausalLM
 
     tok = build_tokenizer()
-    Phi3ForCausalLM(Phi3Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                               num_attention_heads=4, pad_token_id=0)).save_pretrained(tmp_path / "phi3")
+    Phi3ForCausalLM(
+        Phi3Config(
+            vocab_size=len(tok),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            pad_token_id=0,
+        )
+    ).save_pretrained(tmp_path / "phi3")
     tok.save_pretrained(tmp_path / "phi3")
-    recipe = write_recipe(tmp_path / "r.yaml", {"base_model": str(tmp_path / "phi3"), "method": "smear", "experts_per_token": 1,
-                                                  "experts": [{"source_model": str(tmp_path / "phi3"),
-                                                               "positive_prompts": ["a"]}]})
+    recipe = write_recipe(
+        tmp_path / "r.yaml",
+        {
+            "base_model": str(tmp_path / "phi3"),
+            "method": "smear",
+            "experts_per_token": 1,
+            "experts": [{"source_model": str(tmp_path / "phi3"), "positive_prompts": ["a"]}],
+        },
+    )
     assert cli_main(["assemble", str(recipe), str(tmp_path / "out")]) == 2
-    assert "model_type 'phi3', which moe-merge does not support (its attention and MLP are fused" in capsys.readouterr().err
+    assert (
+        "model_type 'phi3', which moe-merge does not support (its attention and MLP are fused"
+        in capsys.readouterr().err
+    )

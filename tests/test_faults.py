@@ -37,8 +37,12 @@ KILLS = 2  # kill points per command: the first into a new OUT_DIR, the second o
 
 def crash(kill_at: int, args: list, under: Path) -> subprocess.CompletedProcess:
     """`moe-merge ARGS` in a child process, killed at its `kill_at`-th write under `under` (0: never)."""
-    return subprocess.run([sys.executable, "-m", "tests.crash", str(kill_at), str(under), *map(str, args)], cwd=ROOT,
-                          capture_output=True, text=True)
+    return subprocess.run(
+        [sys.executable, "-m", "tests.crash", str(kill_at), str(under), *map(str, args)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
 
 
 def writes_of(run: subprocess.CompletedProcess) -> int:
@@ -50,8 +54,11 @@ def tree(folder: Path) -> dict[str, str] | None:
     """sha256 of every file under `folder`, by relative path; None when it does not exist."""
     if not folder.exists():
         return None
-    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 def leftovers(out: Path) -> list[str]:
@@ -64,8 +71,11 @@ def inputs(pico, tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("faults")
     smear = assemble(MergeConfig.model_validate(pico_recipe(pico, method="smear")), root / "smear")
     data = root / "rows.jsonl"
-    data.write_text("".join(json.dumps({"prompt": r["prompt"], "completion": r["completion"]}) + "\n"
-                            for r in router_training_rows(8)))
+    data.write_text(
+        "".join(
+            json.dumps({"prompt": r["prompt"], "completion": r["completion"]}) + "\n" for r in router_training_rows(8)
+        )
+    )
     return {
         "stock": write_recipe(root / "stock.yaml", pico_recipe(pico)),
         "dynamic": write_recipe(root / "wemoe.yaml", pico_recipe(pico, method="wemoe", level="block")),
@@ -76,14 +86,22 @@ def inputs(pico, tmp_path_factory) -> dict:
 
 # Each command twice: as the test runs it, and a variant whose output differs (the OUT_DIR that already exists).
 COMMANDS = {
-    "assemble (stock)": (lambda i, out: ["assemble", i["stock"], out, "--shard-size", "60K"],
-                         lambda i, out: ["assemble", i["stock"], out, "--dtype", "bfloat16"]),
-    "assemble (dynamic)": (lambda i, out: ["assemble", i["dynamic"], out, "--shard-size", "60K"],
-                           lambda i, out: ["assemble", i["dynamic"], out, "--dtype", "bfloat16"]),
-    "bake": (lambda i, out: ["bake", i["smear"], out, "--weights", "0.2,0.3,0.5"],
-             lambda i, out: ["bake", i["smear"], out, "--weights", "1,0,0"]),
-    "export-lora": (lambda i, out: ["export-lora", i["smear"], out, "--weights", "0.2,0.3,0.5"],
-                    lambda i, out: ["export-lora", i["smear"], out, "--weights", "1,0,0"]),
+    "assemble (stock)": (
+        lambda i, out: ["assemble", i["stock"], out, "--shard-size", "60K"],
+        lambda i, out: ["assemble", i["stock"], out, "--dtype", "bfloat16"],
+    ),
+    "assemble (dynamic)": (
+        lambda i, out: ["assemble", i["dynamic"], out, "--shard-size", "60K"],
+        lambda i, out: ["assemble", i["dynamic"], out, "--dtype", "bfloat16"],
+    ),
+    "bake": (
+        lambda i, out: ["bake", i["smear"], out, "--weights", "0.2,0.3,0.5"],
+        lambda i, out: ["bake", i["smear"], out, "--weights", "1,0,0"],
+    ),
+    "export-lora": (
+        lambda i, out: ["export-lora", i["smear"], out, "--weights", "0.2,0.3,0.5"],
+        lambda i, out: ["export-lora", i["smear"], out, "--weights", "1,0,0"],
+    ),
 }
 
 
@@ -115,8 +133,24 @@ def test_kill_9_leaves_the_old_output_or_the_new_one_and_the_next_run_cleans_up(
 @pytest.mark.slow
 def test_train_router_killed_resumes_from_its_last_checkpoint_to_the_uninterrupted_result(inputs, tmp_path):
     def args(run_dir):
-        return ["train-router", inputs["smear"], "--data", inputs["data"], "--out", run_dir, "--steps", 4,
-                "--batch-size", 4, "--eval-every", 2, "--save-every", 1, "--lr", 0.05]
+        return [
+            "train-router",
+            inputs["smear"],
+            "--data",
+            inputs["data"],
+            "--out",
+            run_dir,
+            "--steps",
+            4,
+            "--batch-size",
+            4,
+            "--eval-every",
+            2,
+            "--save-every",
+            1,
+            "--lr",
+            0.05,
+        ]
 
     def result(run_dir):  # every file byte for byte, but for the timings
         files = {k: v for k, v in tree(run_dir).items() if not k.endswith(("summary.json", "router_training.json"))}
@@ -151,25 +185,44 @@ def disk_full(monkeypatch):
         real(tensors, filename, metadata=metadata)
         data = Path(filename).read_bytes()
         Path(filename).write_bytes(data[: len(data) // 2])
-        raise SafetensorError('Error while serializing: Os { code: 28, kind: StorageFull, message: "No space left '
-                              'on device" }')
+        raise SafetensorError(
+            'Error while serializing: Os { code: 28, kind: StorageFull, message: "No space left on device" }'
+        )
 
     for module in (safetensors.torch, moe_merge.writer, transformers.modeling_utils):
-        monkeypatch.setattr(module, "save_file" if module is not transformers.modeling_utils else "safe_save_file", full)
+        monkeypatch.setattr(
+            module, "save_file" if module is not transformers.modeling_utils else "safe_save_file", full
+        )
 
 
 @pytest.mark.parametrize("command", [*COMMANDS, "train-router"])
 def test_a_full_disk_names_the_file_and_leaves_nothing(inputs, tmp_path, capsys, disk_full, command):
     out = tmp_path / "new" / "out"  # its parent too is made
     if command == "train-router":
-        args = ["train-router", inputs["smear"], "--data", inputs["data"], "--out", out, "--steps", 2, "--batch-size", 4]
+        args = [
+            "train-router",
+            inputs["smear"],
+            "--data",
+            inputs["data"],
+            "--out",
+            out,
+            "--steps",
+            2,
+            "--batch-size",
+            4,
+        ]
     else:
         args = COMMANDS[command][0](inputs, out)
     assert cli_main(list(map(str, args))) == 2
     err = capsys.readouterr().err
     if command == "train-router":  # the run directory stays for --resume, nothing half-written in it
         assert re.search(rf"cannot write {re.escape(str(out))}/\S+\.safetensors: .*No space left on device", err), err
-        assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == ["args.json", "best", "checkpoints", "log.jsonl"]
+        assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == [
+            "args.json",
+            "best",
+            "checkpoints",
+            "log.jsonl",
+        ]
     else:
         file = rf"{re.escape(str(out.parent))}/\.out\.tmp-\d+/\S+\.(safetensors|tmp)"
         assert re.search(rf"cannot write {file}: no space left on the disk", err), err
@@ -248,7 +301,9 @@ def test_a_source_holding_nan_or_inf_is_refused_before_any_work(pico, tmp_path, 
     path = write_recipe(tmp_path / "recipe.yaml", recipe)
     assert cli_main(["assemble", str(path), str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
-    assert f"{tmp_path / 'poisoned' / 'model.safetensors'}: tensor 'model.layers.1.mlp.up_proj.weight' holds 1 NaN" in err
+    assert (
+        f"{tmp_path / 'poisoned' / 'model.safetensors'}: tensor 'model.layers.1.mlp.up_proj.weight' holds 1 NaN" in err
+    )
     assert "--allow-nonfinite" in err and not (tmp_path / "out").exists()
     assert cli_main(["assemble", str(path), str(tmp_path / "out"), "--allow-nonfinite"]) == 0
 
@@ -276,9 +331,11 @@ def test_a_model_holding_nan_is_refused_by_bake_export_lora_and_train_router(inp
     name = "model.layers.1.mlp.up_proj.expert_weight"
     tensors[name].view(-1)[0] = float("nan")
     save_file(tensors, file, metadata={"format": "pt"})
-    for args in (["bake", model, tmp_path / "baked", "--weights", "1,0,0"],
-                 ["export-lora", model, tmp_path / "lora", "--weights", "1,0,0"],
-                 ["train-router", model, "--data", inputs["data"], "--out", tmp_path / "run"]):
+    for args in (
+        ["bake", model, tmp_path / "baked", "--weights", "1,0,0"],
+        ["export-lora", model, tmp_path / "lora", "--weights", "1,0,0"],
+        ["train-router", model, "--data", inputs["data"], "--out", tmp_path / "run"],
+    ):
         assert cli_main(list(map(str, args))) == 2
         assert f"{file}: tensor {name!r} holds 1 NaN" in capsys.readouterr().err
     assert cli_main(list(map(str, ["bake", model, tmp_path / "baked", "--weights", "1,0,0", "--allow-nonfinite"]))) == 0

@@ -27,12 +27,12 @@ def _alone(model, tok, prompts, **kw):
     outs = []
     for p in prompts:
         enc = tok([p], return_tensors="pt")
-        outs.append(model.generate(**enc, **GREEDY, **kw)[0, enc["input_ids"].shape[1]:])
+        outs.append(model.generate(**enc, **GREEDY, **kw)[0, enc["input_ids"].shape[1] :])
     return outs
 
 
 def _new_tokens(out, enc):
-    return [row[enc["input_ids"].shape[1]:] for row in out]
+    return [row[enc["input_ids"].shape[1] :] for row in out]
 
 
 def _trim(tokens, pad=0):
@@ -46,8 +46,10 @@ def test_the_prefill_leaves_its_weights_in_the_cache_and_decode_needs_nothing_el
     out = model(**enc)
     state = out[CACHE].layers[-1]
     assert isinstance(state, RoutingState) and state.weights is out.merge_weights
-    step = dict(input_ids=out.logits[:, -1:].argmax(-1),
-                attention_mask=torch.cat([enc["attention_mask"], torch.ones(len(PROMPTS), 1)], 1))
+    step = dict(
+        input_ids=out.logits[:, -1:].argmax(-1),
+        attention_mask=torch.cat([enc["attention_mask"], torch.ones(len(PROMPTS), 1)], 1),
+    )
     from_cache = model(**step, **{CACHE: out[CACHE]}).logits
     fresh = model(**enc)[CACHE]
     given = model(**step, merge_weights=out.merge_weights.clone(), **{CACHE: fresh}).logits
@@ -91,7 +93,7 @@ def test_beam_search_reorders_the_routing_with_the_cache(model_and_tok, monkeypa
         alone = model.generate(**tok([prompt], return_tensors="pt"), **kw)
         width = alone.shape[1] - len(tok(prompt)["input_ids"])
         for r in range(2):
-            assert torch.equal(_trim(batch[2 * b + r, enc["input_ids"].shape[1]:][:width]), _trim(alone[r, -width:]))
+            assert torch.equal(_trim(batch[2 * b + r, enc["input_ids"].shape[1] :][:width]), _trim(alone[r, -width:]))
 
 
 @torch.no_grad()

@@ -9,8 +9,22 @@ ROOT = Path(__file__).parent.parent
 
 
 def test_wheel_installs_subpackages_under_moe_merge(tmp_path):
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
-                    str(tmp_path / "dist"), str(ROOT)], check=True, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path / "dist"),
+            str(ROOT),
+        ],
+        check=True,
+        capture_output=True,
+    )
     wheel = next((tmp_path / "dist").glob("moe_merge-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
     assert "moe_merge/kernels/__init__.py" in names and "moe_merge/routers/prompt_init.py" in names
@@ -18,8 +32,11 @@ def test_wheel_installs_subpackages_under_moe_merge(tmp_path):
     assert not {"moe_merge/dynamic.py", "moe_merge/train_router.py", "moe_merge/bake.py"} & set(names)  # moved
     assert not [n for n in names if n.split("/")[0] in ("kernels", "routers")]
     target = tmp_path / "site"
-    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],
+        check=True,
+        capture_output=True,
+    )
     script = (
         "import moe_merge, moe_merge.kernels, moe_merge.routers.prompt_init, moe_merge.cli, importlib.util;"
         "import moe_merge.assemble.dynamic, moe_merge.export.lora, moe_merge.train.loop;"
@@ -38,6 +55,10 @@ def test_importing_moe_merge_needs_no_gpu_or_triton():
         "import sys; sys.modules['triton'] = None;"  # make `import triton` fail
         "import moe_merge, moe_merge.kernels, moe_merge.routers, moe_merge.assemble; print('OK')"
     )
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                            env={"CUDA_VISIBLE_DEVICES": "", "PATH": "/usr/bin:/bin"})
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        env={"CUDA_VISIBLE_DEVICES": "", "PATH": "/usr/bin:/bin"},
+    )
     assert result.returncode == 0 and "OK" in result.stdout, result.stderr[-2000:]

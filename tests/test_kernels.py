@@ -16,11 +16,11 @@ import torch
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
-from moe_merge import kernels  # noqa: E402
-from moe_merge.kernels import dispatch, reference  # noqa: E402
+from moe_merge import kernels
+from moe_merge.kernels import dispatch, reference
 
 pytest.importorskip("triton")
-from moe_merge.kernels import kernel_utils, lowrank_op, materialize_op, merged_linear_op  # noqa: E402
+from moe_merge.kernels import kernel_utils, lowrank_op, materialize_op, merged_linear_op
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]  # bf16: the interpreter upcasts its dots
@@ -37,8 +37,9 @@ SHAPES = {"one-token-one-expert": (1, 16, 16, 1), "odd": (33, 17, 19, 3), "sixte
 def _setup(monkeypatch):
     torch.manual_seed(0)
     monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
-    assert DEVICE == "cuda" or kernel_utils.INTERPRETER, \
+    assert DEVICE == "cuda" or kernel_utils.INTERPRETER, (
         "the kernel modules were imported before TRITON_INTERPRET=1 was set; run tests/test_kernels.py on its own"
+    )
 
 
 def rand(*shape, dtype=torch.float32, scale=1.0):
@@ -64,17 +65,18 @@ def noncontiguous(t):
 
 def dense_inputs(M, N, K, E, dtype, has_base):
     x, w = rand(M, K, dtype=dtype), softmax_weights(M, E)
-    deltas, base = rand(E, N, K, dtype=dtype, scale=K ** -0.5), rand(N, K, dtype=dtype, scale=K ** -0.5)
+    deltas, base = rand(E, N, K, dtype=dtype, scale=K**-0.5), rand(N, K, dtype=dtype, scale=K**-0.5)
     return x, w, deltas, base if has_base else None
 
 
 def lowrank_inputs(M, N, K, E, r, dtype, has_base):
     x, w = rand(M, K, dtype=dtype), softmax_weights(M, E)
-    A, B = rand(E, r, K, dtype=dtype, scale=K ** -0.5), rand(E, N, r, dtype=dtype, scale=r ** -0.5)
-    return x, w, A, B, rand(N, K, dtype=dtype, scale=K ** -0.5) if has_base else None
+    A, B = rand(E, r, K, dtype=dtype, scale=K**-0.5), rand(E, N, r, dtype=dtype, scale=r**-0.5)
+    return x, w, A, B, rand(N, K, dtype=dtype, scale=K**-0.5) if has_base else None
 
 
 # --- merged_linear -----------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("has_base", [True, False], ids=["base", "no-base"])
 @pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
@@ -83,15 +85,18 @@ def test_merged_linear_matches_float64_reference(dtype, shape, has_base):
     x, w, deltas, base = dense_inputs(*shape, dtype, has_base)
     y = merged_linear_op.merged_linear(x, w, deltas, base)
     assert y.shape == (shape[0], shape[1]) and y.dtype == dtype
-    torch.testing.assert_close(y.double(), reference.merged_linear(f64(x), f64(w), f64(deltas), f64(base)), **TOL[dtype])
+    torch.testing.assert_close(
+        y.double(), reference.merged_linear(f64(x), f64(w), f64(deltas), f64(base)), **TOL[dtype]
+    )
 
 
 @pytest.mark.parametrize("split", [2, 3])
 def test_merged_linear_split_over_experts_adds_up(split):
     x, w, deltas, base = dense_inputs(*SHAPES["odd"], torch.float32, True)
     y = merged_linear_op._merged_linear(x, w, deltas, base, experts_split=split)
-    torch.testing.assert_close(y.double(), reference.merged_linear(f64(x), f64(w), f64(deltas), f64(base)),
-                               **TOL[torch.float32])
+    torch.testing.assert_close(
+        y.double(), reference.merged_linear(f64(x), f64(w), f64(deltas), f64(base)), **TOL[torch.float32]
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
@@ -102,8 +107,9 @@ def test_merged_linear_takes_any_strides(dtype):
     torch.testing.assert_close(y.double(), expected, **TOL[dtype])
     one_row = w[:1].expand_as(w)  # stride 0: every token shares a weight vector
     y = merged_linear_op.merged_linear(x, one_row, deltas, base)
-    torch.testing.assert_close(y.double(), reference.merged_linear(f64(x), f64(one_row), f64(deltas), f64(base)),
-                               **TOL[dtype])
+    torch.testing.assert_close(
+        y.double(), reference.merged_linear(f64(x), f64(one_row), f64(deltas), f64(base)), **TOL[dtype]
+    )
 
 
 def test_merged_linear_errors_name_the_argument():
@@ -126,7 +132,11 @@ def test_empty_batches_and_reductions():
 
 # --- lowrank_merged_linear ---------------------------------------------------------------------------
 
-LOWRANK_SHAPES = {"one-token-rank-one": (1, 16, 16, 1, 1), "odd": (33, 17, 19, 3, 4), "sixteen-experts": (2, 20, 24, 16, 2)}
+LOWRANK_SHAPES = {
+    "one-token-rank-one": (1, 16, 16, 1, 1),
+    "odd": (33, 17, 19, 3, 4),
+    "sixteen-experts": (2, 20, 24, 16, 2),
+}
 
 
 @pytest.mark.parametrize("has_base", [True, False], ids=["base", "no-base"])
@@ -156,10 +166,15 @@ def test_native_half_precision_lowrank_matches_float64_reference(dtype, shape, h
     torch.testing.assert_close(y.double(), expected, **TOL[dtype])
 
 
-@pytest.mark.parametrize(("env", "dtype", "expected"), [
-    (None, torch.bfloat16, "native"), (None, torch.float16, "native"), (None, torch.float32, "torch"),
-    ("torch", torch.bfloat16, "torch"),
-])
+@pytest.mark.parametrize(
+    ("env", "dtype", "expected"),
+    [
+        (None, torch.bfloat16, "native"),
+        (None, torch.float16, "native"),
+        (None, torch.float32, "torch"),
+        ("torch", torch.bfloat16, "torch"),
+    ],
+)
 def test_half_precision_off_cuda_runs_the_native_lowrank_path(env, dtype, expected, monkeypatch):
     from moe_merge.kernels import native
 
@@ -177,8 +192,9 @@ def test_half_precision_off_cuda_runs_the_native_lowrank_path(env, dtype, expect
 def test_lowrank_split_over_k_adds_up(k_split):
     x, w, A, B, base = lowrank_inputs(*LOWRANK_SHAPES["odd"], torch.float32, True)
     y = lowrank_op._lowrank_merged_linear(x, w, A, B, base, k_split=k_split)
-    torch.testing.assert_close(y.double(), reference.lowrank_merged_linear(f64(x), f64(w), f64(A), f64(B), f64(base)),
-                               **TOL[torch.float32])
+    torch.testing.assert_close(
+        y.double(), reference.lowrank_merged_linear(f64(x), f64(w), f64(A), f64(B), f64(base)), **TOL[torch.float32]
+    )
 
 
 def test_lowrank_takes_any_strides():
@@ -208,16 +224,18 @@ def test_merge_weights_into_matches_float64_reference(dtype, shape, has_base):
     deltas, base, w = rand(E, N, K, dtype=dtype), rand(N, K, dtype=dtype) if has_base else None, softmax_weights(S, E)
     merged = materialize_op.merge_weights_into(base, deltas, w)
     assert merged.shape == (S, N, K) and merged.dtype == dtype
-    torch.testing.assert_close(merged.double(), reference.merge_weights_into(f64(base), f64(deltas), f64(w)),
-                               **TOL[dtype])
+    torch.testing.assert_close(
+        merged.double(), reference.merge_weights_into(f64(base), f64(deltas), f64(w)), **TOL[dtype]
+    )
 
 
 def test_merge_weights_into_takes_any_strides():
     S, N, K, E = MATERIALIZE_SHAPES["odd"]
     deltas, base, w = rand(E, N, K), rand(N, K), softmax_weights(S, E)
     merged = materialize_op.merge_weights_into(noncontiguous(base), noncontiguous(deltas), noncontiguous(w))
-    torch.testing.assert_close(merged.double(), reference.merge_weights_into(f64(base), f64(deltas), f64(w)),
-                               **TOL[torch.float32])
+    torch.testing.assert_close(
+        merged.double(), reference.merge_weights_into(f64(base), f64(deltas), f64(w)), **TOL[torch.float32]
+    )
 
 
 def test_custom_ops_are_registered_consistently():
@@ -231,6 +249,7 @@ def test_custom_ops_are_registered_consistently():
 
 # --- autograd ----------------------------------------------------------------------------------------
 
+
 def test_references_pass_gradcheck_in_float64():
     def leaf(*shape):
         return torch.randn(*shape, dtype=torch.float64, requires_grad=True)
@@ -243,7 +262,11 @@ def test_references_pass_gradcheck_in_float64():
     xs = leaf(3, 2, 5)  # 3 sequences of 2 tokens, on the reference path (CPU, float64)
     for strategy in ("kconcat", "materialize"):
         assert torch.autograd.gradcheck(
-            lambda x_, w_: kernels.merged_linear_per_sequence(x_, w_, deltas, base, strategy=strategy), (xs, w))
+            lambda x_, w_, strategy=strategy: kernels.merged_linear_per_sequence(
+                x_, w_, deltas, base, strategy=strategy
+            ),
+            (xs, w),
+        )
 
 
 def grads(fn, inputs, grad_out):
@@ -255,33 +278,39 @@ def grads(fn, inputs, grad_out):
 @pytest.mark.parametrize("has_base", [True, False], ids=["base", "no-base"])
 def test_merged_linear_gradients_match_reference(has_base):
     inputs, grad_out = dense_inputs(*SHAPES["odd"], torch.float32, has_base), rand(*SHAPES["odd"][:2])
-    for got, want in zip(grads(merged_linear_op.merged_linear, inputs, grad_out),
-                         grads(reference.merged_linear, inputs, grad_out)):
+    for got, want in zip(
+        grads(merged_linear_op.merged_linear, inputs, grad_out), grads(reference.merged_linear, inputs, grad_out)
+    ):
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 
 def test_lowrank_gradients_match_reference():
     inputs, grad_out = lowrank_inputs(*LOWRANK_SHAPES["odd"], torch.float32, True), rand(*LOWRANK_SHAPES["odd"][:2])
-    for got, want in zip(grads(lowrank_op.lowrank_merged_linear, inputs, grad_out),
-                         grads(reference.lowrank_merged_linear, inputs, grad_out)):
+    for got, want in zip(
+        grads(lowrank_op.lowrank_merged_linear, inputs, grad_out),
+        grads(reference.lowrank_merged_linear, inputs, grad_out),
+    ):
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 
 def test_merge_weights_into_gradients_match_reference():
     S, N, K, E = MATERIALIZE_SHAPES["odd"]
     inputs, grad_out = (rand(N, K), rand(E, N, K), softmax_weights(S, E)), rand(S, N, K)
-    for got, want in zip(grads(materialize_op.merge_weights_into, inputs, grad_out),
-                         grads(reference.merge_weights_into, inputs, grad_out)):
+    for got, want in zip(
+        grads(materialize_op.merge_weights_into, inputs, grad_out),
+        grads(reference.merge_weights_into, inputs, grad_out),
+    ):
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 
 # --- dispatch ----------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("strategy", ["kconcat", "materialize"])
 def test_per_sequence_strategies_match_reference(strategy, monkeypatch):
     monkeypatch.setenv(dispatch.ENV_VAR, "triton")
     S, T, N, K, E = 3, 5, 17, 19, 2
-    x, w, deltas, base = rand(S, T, K), softmax_weights(S, E), rand(E, N, K, scale=K ** -0.5), rand(N, K, scale=K ** -0.5)
+    x, w, deltas, base = rand(S, T, K), softmax_weights(S, E), rand(E, N, K, scale=K**-0.5), rand(N, K, scale=K**-0.5)
     y = kernels.merged_linear_per_sequence(x, w, deltas, base, strategy=strategy)
     expected = reference.merged_linear(f64(x).reshape(S * T, K), f64(w).repeat_interleave(T, 0), f64(deltas), f64(base))
     torch.testing.assert_close(y.double(), expected.view(S, T, N), **TOL[torch.float32])
@@ -294,23 +323,29 @@ def test_crossover_is_the_field_notes_rule():
     assert kernels.crossover_tokens(4, 1, has_base=False) == float("inf")  # nothing to merge
 
 
-@pytest.mark.parametrize(("tokens", "sequences", "experts", "expected"), [
-    (1, 64, 8, "kconcat"),  # decode
-    (16, 8, 4, "kconcat"),
-    (2048, 1, 4, "materialize"),  # long prefill
-    (512, 8, 8, "materialize"),
-])
+@pytest.mark.parametrize(
+    ("tokens", "sequences", "experts", "expected"),
+    [
+        (1, 64, 8, "kconcat"),  # decode
+        (16, 8, 4, "kconcat"),
+        (2048, 1, 4, "materialize"),  # long prefill
+        (512, 8, 8, "materialize"),
+    ],
+)
 def test_strategy_follows_the_crossover(tokens, sequences, experts, expected):
     assert kernels.choose_strategy(tokens, sequences, experts) == expected
 
 
-@pytest.mark.parametrize(("device", "P", "b", "G", "sequences", "expected"), [
-    ("cuda", 4096 * 4096, 2, 9, 1, True),  # one sequence reads a ninth of W0 and 8 deltas' bytes
-    ("cuda", 4096 * 4096, 2, 9, 4, True),  # four ninths: forming the copies is repaid within the horizon
-    ("cuda", 4096 * 14336, 2, 9, 4, False),  # above the copies' memory budget
-    ("cpu", 768 * 2048, 4, 5, 1, True),
-    ("cpu", 768 * 2048, 4, 5, 16, False),  # 16 copies take longer to read than K-concatenation over 5 weights
-])
+@pytest.mark.parametrize(
+    ("device", "P", "b", "G", "sequences", "expected"),
+    [
+        ("cuda", 4096 * 4096, 2, 9, 1, True),  # one sequence reads a ninth of W0 and 8 deltas' bytes
+        ("cuda", 4096 * 4096, 2, 9, 4, True),  # four ninths: forming the copies is repaid within the horizon
+        ("cuda", 4096 * 14336, 2, 9, 4, False),  # above the copies' memory budget
+        ("cpu", 768 * 2048, 4, 5, 1, True),
+        ("cpu", 768 * 2048, 4, 5, 16, False),  # 16 copies take longer to read than K-concatenation over 5 weights
+    ],
+)
 def test_decode_keeps_per_sequence_weights_where_they_pay_within_the_horizon(device, P, b, G, sequences, expected):
     """Dense task vectors: G = W0 and G - 1 deltas of P elements, b bytes each."""
     kept = kernels.Cost(sequences * P * b, 2 * sequences * P)
@@ -345,11 +380,14 @@ def test_bad_env_value_names_the_variable(monkeypatch):
         kernels.merged_linear(*dense_inputs(1, 16, 16, 1, torch.float32, True))
 
 
-@pytest.mark.parametrize(("public", "module", "op"), [
-    ("merged_linear", merged_linear_op, "merged_linear"),
-    ("lowrank_merged_linear", lowrank_op, "lowrank_merged_linear"),
-    ("merge_weights_into", materialize_op, "merge_weights_into"),
-])
+@pytest.mark.parametrize(
+    ("public", "module", "op"),
+    [
+        ("merged_linear", merged_linear_op, "merged_linear"),
+        ("lowrank_merged_linear", lowrank_op, "lowrank_merged_linear"),
+        ("merge_weights_into", materialize_op, "merge_weights_into"),
+    ],
+)
 @pytest.mark.parametrize("env", ["triton", "torch"])
 def test_public_ops_run_the_backend_the_env_asks_for(public, module, op, env, monkeypatch):
     calls = []
@@ -357,8 +395,11 @@ def test_public_ops_run_the_backend_the_env_asks_for(public, module, op, env, mo
     monkeypatch.setattr(reference, public, lambda *args: calls.append("torch"))
     monkeypatch.setenv(dispatch.ENV_VAR, env)
     x, w, deltas, base = dense_inputs(1, 16, 16, 1, torch.float32, True)
-    args = {"merged_linear": (x, w, deltas, base), "lowrank_merged_linear": (x, w, deltas, deltas, base),
-            "merge_weights_into": (base, deltas, w)}[public]
+    args = {
+        "merged_linear": (x, w, deltas, base),
+        "lowrank_merged_linear": (x, w, deltas, deltas, base),
+        "merge_weights_into": (base, deltas, w),
+    }[public]
     getattr(kernels, public)(*args)
     assert calls == [env]
 
@@ -370,19 +411,24 @@ def run_python(script: str, **env: str) -> subprocess.CompletedProcess:
 
 @pytest.mark.skipif(DEVICE == "cuda", reason="checks a machine without a GPU")
 def test_forcing_triton_on_cpu_without_the_interpreter_says_how():
-    result = run_python("import torch, moe_merge.kernels as k; k.merged_linear(torch.ones(1, 2), torch.ones(1, 1), "
-                        "torch.ones(1, 3, 2))", MOE_MERGE_KERNELS="triton")
+    result = run_python(
+        "import torch, moe_merge.kernels as k; k.merged_linear(torch.ones(1, 2), torch.ones(1, 1), "
+        "torch.ones(1, 3, 2))",
+        MOE_MERGE_KERNELS="triton",
+    )
     assert result.returncode != 0
     assert "set TRITON_INTERPRET=1 before moe_merge's kernels are first used" in result.stderr
 
 
 def test_forcing_triton_without_triton_installed_says_how():
-    script = ("import sys; sys.modules['triton'] = None\n"  # make `import triton` fail
-              "import torch, moe_merge.kernels as k\n"
-              "args = torch.ones(1, 2), torch.ones(1, 1), torch.ones(1, 3, 2)\n"
-              "assert k.merged_linear(*args).shape == (1, 3)  # auto on CPU: the reference\n"
-              "import os; os.environ['MOE_MERGE_KERNELS'] = 'triton'\n"
-              "k.merged_linear(*args)\n")
+    script = (
+        "import sys; sys.modules['triton'] = None\n"  # make `import triton` fail
+        "import torch, moe_merge.kernels as k\n"
+        "args = torch.ones(1, 2), torch.ones(1, 1), torch.ones(1, 3, 2)\n"
+        "assert k.merged_linear(*args).shape == (1, 3)  # auto on CPU: the reference\n"
+        "import os; os.environ['MOE_MERGE_KERNELS'] = 'triton'\n"
+        "k.merged_linear(*args)\n"
+    )
     result = run_python(script)
     assert result.returncode != 0 and "AssertionError" not in result.stderr, result.stderr[-2000:]
     assert "the Triton kernels need triton" in result.stderr and "pip install 'moe-merge[triton]'" in result.stderr

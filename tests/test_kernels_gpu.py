@@ -20,6 +20,7 @@ MAX_REL_ERROR = {torch.bfloat16: 1e-2, torch.float16: 2e-3}  # ‖y − fp32 ref
 @pytest.fixture(autouse=True)
 def _compiled(monkeypatch):
     from moe_merge.kernels import kernel_utils
+
     torch.manual_seed(0)
     monkeypatch.delenv("MOE_MERGE_KERNELS", raising=False)
     assert not kernel_utils.INTERPRETER, "TRITON_INTERPRET=1 is set: these tests are for the compiled kernels"
@@ -40,8 +41,8 @@ def rel_error(got, expected):
 def inputs(M, N, K, E, dtype):
     x = torch.randn(M, K, device="cuda", dtype=dtype)
     w = torch.randn(M, E, device="cuda").softmax(-1)
-    deltas = torch.randn(E, N, K, device="cuda", dtype=dtype) * K ** -0.5
-    return x, w, deltas, torch.randn(N, K, device="cuda", dtype=dtype) * K ** -0.5
+    deltas = torch.randn(E, N, K, device="cuda", dtype=dtype) * K**-0.5
+    return x, w, deltas, torch.randn(N, K, device="cuda", dtype=dtype) * K**-0.5
 
 
 @pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
@@ -57,7 +58,7 @@ def test_lowrank_at_model_shapes(shape):
     M, N, K, E = shape
     x, w, _, base = inputs(M, N, K, 1, torch.bfloat16)
     w = torch.randn(M, E, device="cuda").softmax(-1)
-    A = torch.randn(E, 16, K, device="cuda", dtype=torch.bfloat16) * K ** -0.5
+    A = torch.randn(E, 16, K, device="cuda", dtype=torch.bfloat16) * K**-0.5
     B = torch.randn(E, N, 16, device="cuda", dtype=torch.bfloat16) * 0.25
     y = kernels.lowrank_merged_linear(x, w, A, B, base)
     expected = reference.lowrank_merged_linear(x.float(), w, A.float(), B.float(), base.float())
@@ -78,8 +79,9 @@ def test_per_sequence_prefill_both_strategies(strategy):
     _, _, deltas, base = inputs(1, 2048, 1024, 4, torch.bfloat16)
     w = torch.randn(2, 4, device="cuda").softmax(-1)
     y = kernels.merged_linear_per_sequence(x, w, deltas, base, strategy=strategy)
-    expected = reference.merged_linear(x.view(600, 1024).float(), w.repeat_interleave(300, 0), deltas.float(),
-                                       base.float())
+    expected = reference.merged_linear(
+        x.view(600, 1024).float(), w.repeat_interleave(300, 0), deltas.float(), base.float()
+    )
     assert rel_error(y.view(600, -1), expected) < MAX_REL_ERROR[torch.bfloat16]
 
 

@@ -22,11 +22,11 @@ def test_task_arithmetic_scales_the_summed_task_vectors():
     torch.testing.assert_close(merge_deltas("task_arithmetic", deltas, scale=0.3), 0.3 * sum(deltas))
 
 
-def test_ties_keeps_only_agreeing_signs():
-    a, b = torch.tensor([1.0, -2.0, 3.0]), torch.tensor([1.0, 2.0, -1.0])
+def test_ties_elects_the_sign_of_the_sum_and_averages_only_the_entries_that_agree():
+    a, b = torch.tensor([2.0, -2.0, 3.0, -4.0]), torch.tensor([4.0, 3.0, -1.0, 1.0])
     merged = merge_deltas("ties", [a, b], density=1.0)
-    # elected sign per entry: +, + (|-2|<|2|? total: 0 -> +), + ; disjoint mean of agreeing entries
-    assert merged[0] == 1.0 and merged[2] == 3.0
+    # sums 6, 1, 2, -3: signs +, +, +, -. Agreeing: both (mean 3); b alone (3); a alone (3); a alone (-4)
+    assert merged.tolist() == [3.0, 3.0, 3.0, -4.0]
 
 
 def test_dare_is_seeded_by_tensor_name_not_call_order():
@@ -42,8 +42,10 @@ def test_mixup_interpolates_with_its_lambda_through_the_base_method():
     deltas = _deltas(2)
     lam = [0.3, 0.7]
     torch.testing.assert_close(merge_deltas("mixup", deltas, weights=lam), 0.3 * deltas[0] + 0.7 * deltas[1])
-    torch.testing.assert_close(merge_deltas("mixup", deltas, weights=lam, base_method="task_arithmetic", scale=0.5),
-                               0.5 * (0.3 * deltas[0] + 0.7 * deltas[1]))
+    torch.testing.assert_close(
+        merge_deltas("mixup", deltas, weights=lam, base_method="task_arithmetic", scale=0.5),
+        0.5 * (0.3 * deltas[0] + 0.7 * deltas[1]),
+    )
     a, b = torch.tensor([1.0, -2, 3, 0]), torch.tensor([2.0, 1, -1, 4])
     # M³'s TIES: λ where both survive with the elected sign (entry 0), a lone survivor kept whole
     ties = merge_deltas("mixup", [a, b], weights=lam, base_method="ties", density=1.0)

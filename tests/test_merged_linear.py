@@ -72,8 +72,13 @@ def test_decode_never_materializes_whatever_the_batch_dtype_or_device():
 
 
 def test_decode_never_materializes_on_cpu():
-    assert kernels.choose_strategy(1, 64, 8, element_size=2, device="cpu", weight_bytes=64 * 4096 * 4096 * 2) == "kconcat"
-    assert kernels.choose_strategy(512, 4, 8, element_size=4, device="cpu", weight_bytes=4 * 256 * 256 * 4) == "materialize"
+    assert (
+        kernels.choose_strategy(1, 64, 8, element_size=2, device="cpu", weight_bytes=64 * 4096 * 4096 * 2) == "kconcat"
+    )
+    assert (
+        kernels.choose_strategy(512, 4, 8, element_size=4, device="cpu", weight_bytes=4 * 256 * 256 * 4)
+        == "materialize"
+    )
 
 
 def test_the_layer_asks_dispatch_with_its_device_and_copy_size(monkeypatch):

@@ -86,7 +86,9 @@ def test_refused_before_upload_with_the_file_named(model_dir, tmp_path, capsys):
 
     def local_base_model(folder):
         card = (folder / "README.md").read_text()
-        (folder / "README.md").write_text(card.replace("library_name:", "base_model:\n- /models/base\nlibrary_name:", 1))
+        (folder / "README.md").write_text(
+            card.replace("library_name:", "base_model:\n- /models/base\nlibrary_name:", 1)
+        )
 
     def absolute_source(folder):
         recipe = (folder / "moe-merge.yaml").read_text()

@@ -35,8 +35,17 @@ pytestmark = pytest.mark.slow
 
 LORA_DYNAMIC = {  # name -> (experts, recipe overrides): every dynamic method at ffn, block and model level
     f"{method}-{level}": ("lora", {"method": method, "level": level})
-    for method, level in [("smear", "ffn"), ("wemoe", "ffn"), ("twin", "ffn"), ("smear", "block"), ("wemoe", "block"),
-                          ("twin", "block"), ("sparse", "block"), ("sparse", "model")]}
+    for method, level in [
+        ("smear", "ffn"),
+        ("wemoe", "ffn"),
+        ("twin", "ffn"),
+        ("smear", "block"),
+        ("wemoe", "block"),
+        ("twin", "block"),
+        ("sparse", "block"),
+        ("sparse", "model"),
+    ]
+}
 RECIPES = {
     "stock": ("lora", {"router": {"init": "fit"}, "experts_per_token": 1}),  # a stock Mixtral
     **LORA_DYNAMIC,
@@ -45,14 +54,23 @@ RECIPES = {
     "sparse-model-all": ("all", {"method": "sparse", "level": "model"}),
 }
 DYNAMIC = [n for n in RECIPES if n != "stock"]
-EXACT = ["smear-block", "wemoe-block", "twin-block", "sparse-block", "sparse-model", "smear-block-all",
-         "sparse-model-all"]  # one-hot weights are the expert itself
+EXACT = [
+    "smear-block",
+    "wemoe-block",
+    "twin-block",
+    "sparse-block",
+    "sparse-model",
+    "smear-block-all",
+    "sparse-model-all",
+]  # one-hot weights are the expert itself
 
 
 def assembled(zoo: Path, recipes: dict, root: Path) -> Iterator[dict[str, Path]]:
     """Every recipe assembled once for a module, and removed after it (GBs: pytest keeps its last runs' files)."""
-    yield {name: assemble(MergeConfig.model_validate(realzoo.zoo_recipe(zoo, experts, **overrides)), root / name)
-           for name, (experts, overrides) in recipes.items()}
+    yield {
+        name: assemble(MergeConfig.model_validate(realzoo.zoo_recipe(zoo, experts, **overrides)), root / name)
+        for name, (experts, overrides) in recipes.items()
+    }
     shutil.rmtree(root)
 
 
@@ -111,7 +129,7 @@ def test_the_stock_export_is_a_mixtral_of_the_adapters_merged(built, real_zoo, t
         expert = realzoo.load_checkpoint(real_zoo / f"{task}-lora").merge_and_unload()
         want = expert.model.layers[7].mlp.down_proj.weight
         got = state[f"model.layers.7.block_sparse_moe.experts.{e}.w2.weight"]
-        torch.testing.assert_close(got.float(), want.float(), rtol=0, atol=2 ** -7 * want.abs().max().item())
+        torch.testing.assert_close(got.float(), want.float(), rtol=0, atol=2**-7 * want.abs().max().item())
     enc = _batch(tok, realzoo.LORA_TASKS)
     with torch.no_grad():
         kw = dict(max_new_tokens=4, do_sample=False, pad_token_id=tok.pad_token_id)
@@ -169,14 +187,22 @@ def assert_cache_changes_nothing(model, tok, tasks: list[str]) -> None:
     """Each generated step's logits, with the cache, against one forward pass over the whole sequence without it."""
     enc = _batch(tok, tasks)
     with torch.no_grad():
-        gen = model.generate(**enc, max_new_tokens=4, do_sample=False, pad_token_id=tok.pad_token_id,
-                             output_logits=True, return_dict_in_generate=True)
+        gen = model.generate(
+            **enc,
+            max_new_tokens=4,
+            do_sample=False,
+            pad_token_id=tok.pad_token_id,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
         cached = torch.stack(gen.logits, 1)
-        new = gen.sequences[:, enc["input_ids"].shape[1]:]
+        new = gen.sequences[:, enc["input_ids"].shape[1] :]
         mask = torch.cat([enc["attention_mask"], torch.ones_like(new)], 1)
         prompt = torch.cat([enc["attention_mask"], torch.zeros_like(new)], 1)
         again = model(input_ids=gen.sequences, attention_mask=mask, routing_mask=prompt, use_cache=False).logits
-    assert_close_in_bf16(cached, again[:, enc["input_ids"].shape[1] - 1: -1], torch.ones(cached.shape[:2], dtype=torch.bool))
+    assert_close_in_bf16(
+        cached, again[:, enc["input_ids"].shape[1] - 1 : -1], torch.ones(cached.shape[:2], dtype=torch.bool)
+    )
 
 
 @pytest.mark.parametrize("name", EXACT)
@@ -198,14 +224,18 @@ def test_cache_and_left_padding_change_nothing(built, real_zoo, tok, name):
     enc = _batch(tok, tasks)
     with torch.no_grad():
         out = model(**enc)
-        alone = [model(**tok([p], return_tensors="pt")) for p in tok.batch_decode(enc["input_ids"], skip_special_tokens=True)]
+        alone = [
+            model(**tok([p], return_tensors="pt")) for p in tok.batch_decode(enc["input_ids"], skip_special_tokens=True)
+        ]
     got, want = out.logits[:, -1:], torch.cat([a.logits[:, -1:] for a in alone])
     assert_close_in_bf16(got, want, torch.ones(got.shape[:2], dtype=torch.bool))
 
 
 def test_generate_from_the_command_line_shows_the_routing(built, capsys):
     row = realzoo.eval_rows(["flags"])[0]
-    assert cli_main(["generate", str(built["smear-block"]), row["prompt"], "--max-new-tokens", "4", "--show-routing"]) == 0
+    assert (
+        cli_main(["generate", str(built["smear-block"]), row["prompt"], "--max-new-tokens", "4", "--show-routing"]) == 0
+    )
     text, header, *routers = capsys.readouterr().out.splitlines()
     assert text.strip() == row["completion"].strip()
     names = header.split()
@@ -236,14 +266,21 @@ def test_export_lora_of_one_hot_weights_is_the_expert_on_the_base(built, real_zo
     enc = _batch(tok, realzoo.LORA_TASKS)
     expert = realzoo.load_checkpoint(real_zoo / "diets-lora")
     with torch.no_grad():
-        assert_close_in_bf16(peft(**enc, position_ids=_positions(enc)).logits,
-                             expert(**enc, position_ids=_positions(enc)).logits, enc["attention_mask"].bool())
+        assert_close_in_bf16(
+            peft(**enc, position_ids=_positions(enc)).logits,
+            expert(**enc, position_ids=_positions(enc)).logits,
+            enc["attention_mask"].bool(),
+        )
 
 
-@pytest.mark.parametrize("experts, overrides", [
-    ("lora", {"gate_mode": "hidden", "experts_per_token": 2}),  # mergekit-moe's YAML: a stock Mixtral
-    ("all", {"method": "wemoe", "level": "ffn", "router": {"init": "uniform"}}),  # a start no prompt fixed
-], ids=["stock", "wemoe-ffn-uniform"])
+@pytest.mark.parametrize(
+    "experts, overrides",
+    [
+        ("lora", {"gate_mode": "hidden", "experts_per_token": 2}),  # mergekit-moe's YAML: a stock Mixtral
+        ("all", {"method": "wemoe", "level": "ffn", "router": {"init": "uniform"}}),  # a start no prompt fixed
+    ],
+    ids=["stock", "wemoe-ffn-uniform"],
+)
 def test_train_router_trains_only_the_routers_in_bf16(real_zoo, tmp_path, experts, overrides):
     """Prompt-fitted dynamic routers that are right are saturated (their gradients are zero), so this trains starts
     that are not: mergekit's `hidden` gates, and uniform routers."""
@@ -252,8 +289,13 @@ def test_train_router_trains_only_the_routers_in_bf16(real_zoo, tmp_path, expert
     model_dir = assemble(MergeConfig.model_validate(realzoo.zoo_recipe(real_zoo, experts, **overrides)), tmp_path / "m")
     rows = tmp_path / "rows.jsonl"
     rows.write_text("".join(json.dumps(r) + "\n" for r in realzoo.router_training_rows(_experts(real_zoo, experts))))
-    summary = train_router(model_dir, tmp_path / "run", TrainRouterArgs(
-        data=rows, steps=3, batch_size=8, eval_every=3, save_every=3, objective={"lm": 1.0, "routing": 1.0}))
+    summary = train_router(
+        model_dir,
+        tmp_path / "run",
+        TrainRouterArgs(
+            data=rows, steps=3, batch_size=8, eval_every=3, save_every=3, objective={"lm": 1.0, "routing": 1.0}
+        ),
+    )
     assert summary["frozen_dtype"] == "bfloat16"
     files = lambda d: {k: v for f in sorted(d.glob("*.safetensors")) for k, v in load_file(f).items()}  # noqa: E731
     before, after = files(model_dir), files(tmp_path / "run" / "model")
@@ -283,8 +325,12 @@ def test_push_an_adapter_export_to_the_hub_stand_in(built, tmp_path):
     env = pushing_env(tmp_path, HF_TOKEN=TOKEN, HF_HUB_DISABLE_XET="1")
     with HubStandIn(TOKEN) as hub:
         env["HF_ENDPOINT"] = hub.url
-        run = subprocess.run([sys.executable, "-m", "moe_merge.cli", "push", str(tmp_path / "lora"), "me/zorb"],
-                             capture_output=True, text=True, env=env)
+        run = subprocess.run(
+            [sys.executable, "-m", "moe_merge.cli", "push", str(tmp_path / "lora"), "me/zorb"],
+            capture_output=True,
+            text=True,
+            env=env,
+        )
         assert run.returncode == 0, run.stderr
     assert hub.repos["me/zorb"].branches["main"] == _files(tmp_path / "lora")
 
@@ -298,9 +344,12 @@ def test_model_glue_over_the_full_fine_tunes(real_zoo, tmp_path):
 
     proxy = tmp_path / "proxy.jsonl"
     proxy.write_text("".join(json.dumps(r) + "\n" for r in realzoo.router_training_rows(realzoo.FULL_TASKS)[:8]))
-    recipe = {"models": [{"name": t, "path": str(real_zoo / t), "base": str(real_zoo / "base")}
-                         for t in realzoo.FULL_TASKS],
-              "proxy": {"path": str(proxy)}, "merge": {"strategy": "heuristic_average"}, "mixture": None}
+    recipe = {
+        "models": [{"name": t, "path": str(real_zoo / t), "base": str(real_zoo / "base")} for t in realzoo.FULL_TASKS],
+        "proxy": {"path": str(proxy)},
+        "merge": {"strategy": "heuristic_average"},
+        "mixture": None,
+    }
     (tmp_path / "glue.yaml").write_text(yaml.safe_dump(recipe))
     report = glue.run_glue(glue.load_recipe(tmp_path / "glue.yaml"), tmp_path / "out", tmp_path)
     assert [c["members"] for c in report["clusters"]] == [list(realzoo.FULL_TASKS)]

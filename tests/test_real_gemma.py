@@ -80,7 +80,9 @@ def test_training_free_routing_sends_held_out_prompts_to_their_expert(built, gem
 
 @pytest.mark.parametrize("name", ["twin-block", "sparse-model"])
 def test_the_cache_changes_nothing_across_sliding_window_layers(built, gemma_zoo, tok, name):
-    assert_cache_changes_nothing(AutoModelForCausalLM.from_pretrained(built[name]), tok, _experts(gemma_zoo, RECIPES[name][0]))
+    assert_cache_changes_nothing(
+        AutoModelForCausalLM.from_pretrained(built[name]), tok, _experts(gemma_zoo, RECIPES[name][0])
+    )
 
 
 def test_a_stock_moe_of_gemma_is_refused_naming_the_dynamic_methods(gemma_zoo, tmp_path):

@@ -20,9 +20,9 @@ from transformers import AutoModelForCausalLM
 import moe_merge.modeling  # noqa: F401  registers the dynamic model
 from moe_merge import zoo
 from moe_merge.assemble import assemble
+from moe_merge.assemble.report import routing_report
 from moe_merge.cli import main as cli_main
 from moe_merge.config import MergeConfig, load_config
-from moe_merge.assemble.report import routing_report
 from moe_merge.tokens import load_tokenizer
 
 RECIPES = {  # name -> (zoo variant, recipe overrides): recipes where one-hot routing is each expert
@@ -40,8 +40,10 @@ DYNAMIC = [name for name in RECIPES if name != "stock"]
 @pytest.fixture(scope="module")
 def built(realistic_zoo, tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("realistic")
-    return {name: assemble(MergeConfig.model_validate(zoo.zoo_recipe(realistic_zoo, variant, **overrides)), root / name)
-            for name, (variant, overrides) in RECIPES.items()}
+    return {
+        name: assemble(MergeConfig.model_validate(zoo.zoo_recipe(realistic_zoo, variant, **overrides)), root / name)
+        for name, (variant, overrides) in RECIPES.items()
+    }
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +81,9 @@ def test_outputs_ship_in_bf16_with_float32_routers_and_the_tokenizer_untouched(b
 def test_loaded_in_bf16_the_routers_and_merge_weights_stay_float32(built, batch, name):
     model = AutoModelForCausalLM.from_pretrained(built[name])
     assert model.dtype == torch.bfloat16
-    assert {p.dtype for n, p in model.named_parameters() if ".router." in n or n.startswith("model.router.")} == {torch.float32}
+    assert {p.dtype for n, p in model.named_parameters() if ".router." in n or n.startswith("model.router.")} == {
+        torch.float32
+    }
     model.to(torch.float16)  # a later cast moves the routers but does not narrow them
     assert {p.dtype for n, p in model.named_parameters() if "router." in n} == {torch.float32}
     model.to(torch.bfloat16)
@@ -117,9 +121,11 @@ def test_stock_one_hot_routing_reproduces_each_expert(built, batch, realistic_zo
     positions = (enc["attention_mask"].cumsum(-1) - 1).clamp(min=0)
     real = enc["attention_mask"].bool()
     for e, expert in enumerate(zoo.zoo_recipe(realistic_zoo, "mlp")["experts"]):
+
         def one_hot(_m, _a, out, e=e):
             n = out[0].shape[0]
             return out[0], torch.ones(n, 1, dtype=out[1].dtype), torch.full((n, 1), e)
+
         hooks = [layer.mlp.gate.register_forward_hook(one_hot) for layer in model.model.layers]
         with torch.no_grad():
             got = model(**enc, position_ids=positions).logits
@@ -136,10 +142,16 @@ def test_cache_and_left_padding_change_nothing(built, batch, name):
     model = AutoModelForCausalLM.from_pretrained(built[name])
     tok, prompts, enc = batch
     with torch.no_grad():
-        gen = model.generate(**enc, max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id,
-                             output_logits=True, return_dict_in_generate=True)
+        gen = model.generate(
+            **enc,
+            max_new_tokens=8,
+            do_sample=False,
+            pad_token_id=tok.pad_token_id,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
         cached = torch.stack(gen.logits, 1)  # [B, 8, V]
-        new = gen.sequences[:, enc["input_ids"].shape[1]:]
+        new = gen.sequences[:, enc["input_ids"].shape[1] :]
         mask = torch.cat([enc["attention_mask"], torch.ones_like(new)], 1)
         prompt = torch.cat([enc["attention_mask"], torch.zeros_like(new)], 1)  # what the routers read at prefill
         recomputed = model(input_ids=gen.sequences, attention_mask=mask, routing_mask=prompt, use_cache=False).logits
@@ -186,7 +198,9 @@ def test_generate_from_the_command_line(built, capsys):
 def test_bake_writes_a_strict_tied_bf16_model_equal_to_the_mix(built, batch, tmp_path):
     tok, _, enc = batch
     mix = [0.0, 0.0, 1.0, 0.0, 0.0]
-    assert cli_main(["bake", str(built["smear-ffn"]), str(tmp_path / "baked"), "--weights", ",".join(map(str, mix))]) == 0
+    assert (
+        cli_main(["bake", str(built["smear-ffn"]), str(tmp_path / "baked"), "--weights", ",".join(map(str, mix))]) == 0
+    )
     baked, info = AutoModelForCausalLM.from_pretrained(tmp_path / "baked", output_loading_info=True)
     assert not any(info.values()) and baked.dtype == torch.bfloat16 and baked.config.tie_word_embeddings
     dynamic = AutoModelForCausalLM.from_pretrained(built["smear-ffn"])
@@ -215,8 +229,11 @@ def test_export_lora_on_the_tied_bf16_base(built, batch, realistic_zoo, tmp_path
     dynamic = AutoModelForCausalLM.from_pretrained(built["smear-ffn"])
     positions = (enc["attention_mask"].cumsum(-1) - 1).clamp(min=0)
     with torch.no_grad():
-        assert_close_in_bf16(peft(**enc, position_ids=positions).logits, dynamic(**enc, merge_weights=mix).logits,
-                             enc["attention_mask"].bool())
+        assert_close_in_bf16(
+            peft(**enc, position_ids=positions).logits,
+            dynamic(**enc, merge_weights=mix).logits,
+            enc["attention_mask"].bool(),
+        )
 
 
 @pytest.mark.parametrize("name", ["smear-ffn", "stock"])
@@ -227,8 +244,13 @@ def test_train_router_batches_rows_of_different_lengths_without_a_pad_token(buil
 
     rows = tmp_path / "rows.jsonl"
     rows.write_text("".join(json.dumps(r) + "\n" for r in zoo.router_training_rows(8)))
-    summary = train_router(built[name], tmp_path / "run", TrainRouterArgs(
-        data=rows, steps=3, batch_size=8, eval_every=3, save_every=3, objective={"lm": 1.0, "routing": 1.0}))
+    summary = train_router(
+        built[name],
+        tmp_path / "run",
+        TrainRouterArgs(
+            data=rows, steps=3, batch_size=8, eval_every=3, save_every=3, objective={"lm": 1.0, "routing": 1.0}
+        ),
+    )
     # trained as stored: frozen weights in bf16, routers and their Adam moments in float32
     assert summary["frozen_dtype"] == "bfloat16"
     optimizer = torch.load(tmp_path / "run" / "checkpoints" / "step-000003" / "optimizer.bin", weights_only=True)
@@ -240,8 +262,9 @@ def test_train_router_batches_rows_of_different_lengths_without_a_pad_token(buil
     assert all(torch.equal(before[k], after[k]) for k in before if ".router." not in k and ".gate." not in k)
     if name != "stock":  # the refreshed routing report is measured on the export as written (bf16)
         model = AutoModelForCausalLM.from_pretrained(exported)
-        again = routing_report(model, load_tokenizer(exported), load_config(exported / "moe-merge.yaml"),
-                               list(model.config.expert_names))
+        again = routing_report(
+            model, load_tokenizer(exported), load_config(exported / "moe-merge.yaml"), list(model.config.expert_names)
+        )
         assert again["routers"] == json.loads((exported / "routing_report.json").read_text())["routers"]
 
 
@@ -253,8 +276,12 @@ def test_push_to_the_hub_stand_in(built, tmp_path):
     with HubStandIn(TOKEN) as hub:
         env["HF_ENDPOINT"] = hub.url
         for name in ("smear-ffn", "stock"):
-            run = subprocess.run([sys.executable, "-m", "moe_merge.cli", "push", str(built[name]), f"me/{name}"],
-                                 capture_output=True, text=True, env=env)
+            run = subprocess.run(
+                [sys.executable, "-m", "moe_merge.cli", "push", str(built[name]), f"me/{name}"],
+                capture_output=True,
+                text=True,
+                env=env,
+            )
             assert run.returncode == 0, run.stderr
             assert hub.repos[f"me/{name}"].branches["main"] == _files(built[name])
 
@@ -262,7 +289,9 @@ def test_push_to_the_hub_stand_in(built, tmp_path):
 def test_static_parts_stay_the_static_merge_and_a_tied_table_is_kept_whole(realistic_zoo, tmp_path):
     from moe_merge.errors import ConfigError
 
-    recipe = zoo.zoo_recipe(realistic_zoo, "full", method="smear", level="block", static=["embeddings", "norms", "head"])
+    recipe = zoo.zoo_recipe(
+        realistic_zoo, "full", method="smear", level="block", static=["embeddings", "norms", "head"]
+    )
     model = AutoModelForCausalLM.from_pretrained(assemble(MergeConfig.model_validate(recipe), tmp_path / "s"))
     assert model.config.routed_parts == [] and isinstance(model.model.embed_tokens, torch.nn.Embedding)
     recipe["static"] = ["embeddings"]

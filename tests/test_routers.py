@@ -31,7 +31,9 @@ def test_direction_rows_are_centred_unit_vectors():
 def _clusters(n_per=40, dims=16, experts=3, seed=0):
     g = torch.Generator().manual_seed(seed)
     centres = torch.randn(experts, dims, generator=g) * 3 + 10  # large common component
-    return [TokenSet((centres[e] + torch.randn(1, n_per, dims, generator=g)), torch.ones(1, n_per)) for e in range(experts)]
+    return [
+        TokenSet((centres[e] + torch.randn(1, n_per, dims, generator=g)), torch.ones(1, n_per)) for e in range(experts)
+    ]
 
 
 def test_hidden_and_fit_route_separable_prompts_to_their_expert():

@@ -24,8 +24,11 @@ def picos(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("search")
     base = pico_checkpoint(root / "base")
     experts = [pico_checkpoint(root / f"e{i}", seed=i + 1, base=base, perturb="all") for i in range(2)]
-    rows = [{"prompt": zoo.prompt(t, w), "completion": zoo.apply_task(t, w), "expert": t}
-            for t in ("shift", "copy") for w in zoo.random_words(6, 5)]
+    rows = [
+        {"prompt": zoo.prompt(t, w), "completion": zoo.apply_task(t, w), "expert": t}
+        for t in ("shift", "copy")
+        for w in zoo.random_words(6, 5)
+    ]
     (root / "proxy.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return {"root": root, "base": base, "experts": experts, "proxy": root / "proxy.jsonl"}
 
@@ -70,10 +73,12 @@ def test_task_vector_cosine_and_relative_norms_by_hand():
 
 
 def test_a_model_joins_the_first_cluster_whose_first_member_it_matches():
-    sim = [[1.0, 0.96, 0.2, 0.97],
-           [0.96, 1.0, 0.99, 0.5],
-           [0.2, 0.99, 1.0, 0.5],  # matches member 1, not the first member 0: a new cluster
-           [0.97, 0.5, 0.5, 1.0]]
+    sim = [
+        [1.0, 0.96, 0.2, 0.97],
+        [0.96, 1.0, 0.99, 0.5],
+        [0.2, 0.99, 1.0, 0.5],  # matches member 1, not the first member 0: a new cluster
+        [0.97, 0.5, 0.5, 1.0],
+    ]
     assert greedy_clusters(["a"] * 4, sim, 0.95) == [[0, 1, 3], [2]]
     assert greedy_clusters(["a", "a", "a", "b"], sim, 0.95) == [[0, 1], [2], [3]]  # another architecture: alone
 
@@ -90,8 +95,11 @@ def test_heuristic_keeps_a_newcomer_only_if_the_proxy_does_not_drop_and_never_re
     trials = fake_trials(lambda w: float((w * own).sum() - 2 * w[2]))
     best = strategies.heuristic(trials, 4, 4, "average")
     order = [t.note for t in trials.log[4:]]
-    assert order == ["add member 3 to the running average", "add member 0 to the running average",
-                     "add member 2 to the running average"]  # best first; each tried once
+    assert order == [
+        "add member 3 to the running average",
+        "add member 0 to the running average",
+        "add member 2 to the running average",
+    ]  # best first; each tried once
     # 1 alone 0.9; +3 averages to 0.8 (a drop: refused); +0 to 0.7 (refused); +2 refused
     assert best.weights[0] == [0.0, 1.0, 0.0, 0.0] and best.score == pytest.approx(0.9)
     assert [t.accepted for t in trials.log[4:]] == [False, False, False]
@@ -136,7 +144,9 @@ def test_m3_ties_interpolates_only_where_both_survive_with_the_elected_sign():
     # elected signs +, −, +, +: entry 0 both agree (interpolated); 1 and 2 only the first; 3 only the second
     assert torch.allclose(got, torch.tensor([lam * 1 + (1 - lam) * 2, -2, 3, 4]))
     plain = proxy.FixedVectors(base, members, "ties", density=1.0)  # TIES: the disjoint mean at weights 1/E
-    assert torch.allclose(proxy.dense_tensor(name, torch.tensor([[0.5, 0.5]]), base, plain, 1), torch.tensor([1.5, -2, 3, 4]))
+    assert torch.allclose(
+        proxy.dense_tensor(name, torch.tensor([[0.5, 0.5]]), base, plain, 1), torch.tensor([1.5, -2, 3, 4])
+    )
 
 
 # ----------------------------------------------------------------------------------------- the batched proxy
@@ -162,7 +172,9 @@ def test_a_candidate_scored_through_the_dynamic_model_equals_it_built_dense_and_
         assert got.score == pytest.approx(alone.score, abs=1e-5)
         assert got.tasks == pytest.approx(alone.tasks, abs=1e-5)
     assert len({round(s.score, 6) for s in batched}) == 3  # the candidates really differ
-    assert [s.score for s in proxy.score(model, rows, cands, batch_size=7)] == pytest.approx([s.score for s in batched], abs=1e-6)
+    assert [s.score for s in proxy.score(model, rows, cands, batch_size=7)] == pytest.approx(
+        [s.score for s in batched], abs=1e-6
+    )
 
 
 def test_exact_match_needs_completions(picos, tmp_path):
@@ -185,11 +197,17 @@ def test_a_mixture_of_models_with_another_vocab_is_refused_naming_both_and_the_f
     from transformers import AutoModelForCausalLM
 
     other = tmp_path / "other-vocab"
-    AutoModelForCausalLM.from_config(zoo.model_config("llama", 40, hidden_size=32, intermediate_size=64,
-                                                      num_hidden_layers=2)).save_pretrained(other)
+    AutoModelForCausalLM.from_config(
+        zoo.model_config("llama", 40, hidden_size=32, intermediate_size=64, num_hidden_layers=2)
+    ).save_pretrained(other)
     zoo.build_tokenizer().save_pretrained(other)
-    recipe = _recipe([{"name": "a", "path": str(picos["experts"][0])}, {"name": "b", "path": str(other)}], picos["proxy"])
-    with pytest.raises(ConfigError, match="(?s)models 'a' and 'b'.*cannot be mixed: `vocab_size` is 32 in .*e0/config.json but 40 in .*other-vocab"):
+    recipe = _recipe(
+        [{"name": "a", "path": str(picos["experts"][0])}, {"name": "b", "path": str(other)}], picos["proxy"]
+    )
+    with pytest.raises(
+        ConfigError,
+        match="(?s)models 'a' and 'b'.*cannot be mixed: `vocab_size` is 32 in .*e0/config.json but 40 in .*other-vocab",
+    ):
         glue.run_glue(recipe, tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
@@ -213,8 +231,13 @@ def test_recipe_fields_are_checked():
 
 def test_task_vector_mixup_needs_a_common_base(picos, tmp_path):
     models = [{"name": f"e{i}", "path": str(p)} for i, p in enumerate(picos["experts"])]
-    recipe = _recipe(models, picos["proxy"], merge={"strategy": "mixup", "mixup": {"base_method": "ties"}}, mixture=None,
-                     clustering={"threshold": -1.0})
+    recipe = _recipe(
+        models,
+        picos["proxy"],
+        merge={"strategy": "mixup", "mixup": {"base_method": "ties"}},
+        mixture=None,
+        clustering={"threshold": -1.0},
+    )
     with pytest.raises(ConfigError, match="needs the same `base`"):
         glue.run_glue(recipe, tmp_path / "out")
 
@@ -227,13 +250,19 @@ def test_model_glue_on_the_zoo_clusters_by_family_drops_the_harmful_expert_and_m
     path = zoo.glue_recipe(zoo_dir, tmp_path / "recipe", merge={"strategy": "heuristic_average"})
     report = glue.run_glue(glue.load_recipe(path), tmp_path / "out", path.parent)
     clusters = [c["members"] for c in report["clusters"]]
-    assert clusters == [["full-shift", "full-mirror", "full-cipher", "mlp-shift", "mlp-mirror", "mlp-cipher",
-                         "shift-seed1", "harmful"], ["family2-back", "family2-swap"], ["alien"]]
+    assert clusters == [
+        ["full-shift", "full-mirror", "full-cipher", "mlp-shift", "mlp-mirror", "mlp-cipher", "shift-seed1", "harmful"],
+        ["family2-back", "family2-swap"],
+        ["alien"],
+    ]
     first = report["clusters"][0]
     harmful = first["members"].index("harmful")
     assert first["chosen"]["weights"][0][harmful] == 0.0
-    everything = glue.run_glue(glue.load_recipe(path).model_copy(update={"merge": glue.MergeSpec(strategy="all"),
-                                                                         "mixture": None}), tmp_path / "all", path.parent)
+    everything = glue.run_glue(
+        glue.load_recipe(path).model_copy(update={"merge": glue.MergeSpec(strategy="all"), "mixture": None}),
+        tmp_path / "all",
+        path.parent,
+    )
     assert first["held_out"]["mean"] > everything["clusters"][0]["held_out"]["mean"]
     best_single = max(s["mean"] for s in report["members_held_out"].values())
     assert report["mixture"]["held_out"]["mean"] > best_single
@@ -254,5 +283,9 @@ def test_inspect_says_where_each_change_lives_and_what_is_not_a_fine_tune(zoo_di
     assert advice["full/back-lora"].startswith("block")
     assert "another initialisation" in advice["search/family2/back"]
     assert "`model_type` differs" in advice["search/alien"]
-    assert found["clusters"] == [["full/shift", "mlp/shift", "full/back-lora"], ["search/family2/back"], ["search/alien"]]
+    assert found["clusters"] == [
+        ["full/shift", "mlp/shift", "full/back-lora"],
+        ["search/family2/back"],
+        ["search/alien"],
+    ]
     assert (tmp_path / "i" / "inspect.png").stat().st_size > 0

@@ -54,8 +54,12 @@ def _wait_healthy(port: int, seconds: float = 180) -> None:
 
 @pytest.fixture(scope="module")
 def model_dir(real_zoo, tmp_path_factory) -> Path:
-    yield from (built["smear-ffn"] for built in assembled(
-        real_zoo, {"smear-ffn": ("lora", {"method": "smear", "level": "ffn"})}, tmp_path_factory.mktemp("serve")))
+    yield from (
+        built["smear-ffn"]
+        for built in assembled(
+            real_zoo, {"smear-ffn": ("lora", {"method": "smear", "level": "ffn"})}, tmp_path_factory.mktemp("serve")
+        )
+    )
 
 
 def _answers(model_dir: Path, dtype: torch.dtype):
@@ -65,12 +69,14 @@ def _answers(model_dir: Path, dtype: torch.dtype):
 
     def answer(prompt: str | None = None, messages: list | None = None) -> str:
         if messages is not None:
-            ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
+            ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)[
+                "input_ids"
+            ]
         else:
             ids = tok(prompt, return_tensors="pt")["input_ids"]
         with torch.no_grad():
             out = model.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=tok.pad_token_id)
-        return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+        return tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
 
     return answer
 
@@ -101,9 +107,23 @@ def _client(port: int) -> openai.OpenAI:
 def transformers_server(model_dir):
     """`transformers serve OUT --trust-remote-code`, as a user runs it."""
     port = _free_port()
-    server = subprocess.Popen([sys.executable, "-m", "transformers.cli.transformers", "serve", str(model_dir),
-                               "--trust-remote-code", "--host", "127.0.0.1", "--port", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "transformers.cli.transformers",
+            "serve",
+            str(model_dir),
+            "--trust-remote-code",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         _wait_healthy(port)
         yield _client(port), str(model_dir)
@@ -118,8 +138,15 @@ def batching_server(model_dir):
     from moe_merge.server import serve
 
     port = _free_port()
-    server = serve(model_dir, port=port, continuous_batching=True, max_batch_tokens=512, num_blocks=16,
-                   non_blocking=True, dtype="float32")
+    server = serve(
+        model_dir,
+        port=port,
+        continuous_batching=True,
+        max_batch_tokens=512,
+        num_blocks=16,
+        non_blocking=True,
+        dtype="float32",
+    )
     try:
         _wait_healthy(port)
         yield _client(port), str(model_dir), server
@@ -135,14 +162,16 @@ def test_the_output_carries_the_base_chat_template(model_dir, real_zoo):
 def test_completions_and_chat_answer_as_generate(transformers_server, reference, stream):
     client, model = transformers_server
     for row in _rows(1):
-        out = client.completions.create(model=model, prompt=row["prompt"], max_tokens=NEW_TOKENS, temperature=0,
-                                        stream=stream)
+        out = client.completions.create(
+            model=model, prompt=row["prompt"], max_tokens=NEW_TOKENS, temperature=0, stream=stream
+        )
         text = "".join(c.choices[0].text for c in out) if stream else out.choices[0].text
         assert text == reference(row["prompt"]), row
         assert text.strip() == row["completion"].strip()  # the task's own expert answered
     messages = [{"role": "user", "content": "What is the capital of France?"}]
-    out = client.chat.completions.create(model=model, messages=messages, max_tokens=NEW_TOKENS, temperature=0,
-                                         stream=stream)
+    out = client.chat.completions.create(
+        model=model, messages=messages, max_tokens=NEW_TOKENS, temperature=0, stream=stream
+    )
     text = "".join(c.choices[0].delta.content or "" for c in out) if stream else out.choices[0].message.content
     assert text == reference(messages=messages)
 
@@ -151,8 +180,16 @@ def test_concurrent_clients_each_get_their_own_merge(batching_server, reference3
     client, model, _ = batching_server
     rows = _rows(1)
     with ThreadPoolExecutor(len(rows)) as pool:
-        texts = list(pool.map(lambda r: client.completions.create(
-            model=model, prompt=r["prompt"], max_tokens=NEW_TOKENS, temperature=0).choices[0].text, rows))
+        texts = list(
+            pool.map(
+                lambda r: (
+                    client.completions.create(model=model, prompt=r["prompt"], max_tokens=NEW_TOKENS, temperature=0)
+                    .choices[0]
+                    .text
+                ),
+                rows,
+            )
+        )
     assert texts == [reference32(r["prompt"]) for r in rows]
     assert [t.strip() for t in texts] == [r["completion"].strip() for r in rows]
 
@@ -164,28 +201,44 @@ def test_64_requests_of_mixed_tasks_at_concurrency_16_all_complete_correctly(bat
 
     def ask(row, i):
         if i % 2:  # half as chat, streamed
-            out = client.chat.completions.create(model=model, messages=[{"role": "user", "content": row["prompt"]}],
-                                                 max_tokens=NEW_TOKENS, temperature=0, stream=True)
+            out = client.chat.completions.create(
+                model=model,
+                messages=[{"role": "user", "content": row["prompt"]}],
+                max_tokens=NEW_TOKENS,
+                temperature=0,
+                stream=True,
+            )
             return "".join(c.choices[0].delta.content or "" for c in out)
-        return client.completions.create(model=model, prompt=row["prompt"], max_tokens=NEW_TOKENS,
-                                         temperature=0).choices[0].text
+        return (
+            client.completions.create(model=model, prompt=row["prompt"], max_tokens=NEW_TOKENS, temperature=0)
+            .choices[0]
+            .text
+        )
 
     with ThreadPoolExecutor(16) as pool:
         texts = list(pool.map(ask, rows, range(len(rows))))
-    want = [reference32(messages=[{"role": "user", "content": r["prompt"]}]) if i % 2 else reference32(r["prompt"])
-            for i, r in enumerate(rows)]
+    want = [
+        reference32(messages=[{"role": "user", "content": r["prompt"]}]) if i % 2 else reference32(r["prompt"])
+        for i, r in enumerate(rows)
+    ]
     assert texts == want
 
 
-@pytest.mark.parametrize(("request_", "field"), [
-    ({"prompt": ""}, "prompt"),
-    ({"prompt": "word " * 600}, "prompt"),  # longer than a batch holds (512 tokens)
-    ({"prompt": "Hi", "temperature": -0.5}, "temperature"),
-    ({"prompt": "Hi", "top_p": 1.5}, "top_p"),
-    ({"prompt": "Hi", "max_tokens": 0}, "max_tokens"),
-    ({"messages": []}, "messages"),
-], ids=["empty", "over-long", "temperature", "top_p", "max_tokens", "no-messages"])
-def test_a_bad_request_gets_a_400_naming_the_field_and_the_server_goes_on(batching_server, reference32, request_, field):
+@pytest.mark.parametrize(
+    ("request_", "field"),
+    [
+        ({"prompt": ""}, "prompt"),
+        ({"prompt": "word " * 600}, "prompt"),  # longer than a batch holds (512 tokens)
+        ({"prompt": "Hi", "temperature": -0.5}, "temperature"),
+        ({"prompt": "Hi", "top_p": 1.5}, "top_p"),
+        ({"prompt": "Hi", "max_tokens": 0}, "max_tokens"),
+        ({"messages": []}, "messages"),
+    ],
+    ids=["empty", "over-long", "temperature", "top_p", "max_tokens", "no-messages"],
+)
+def test_a_bad_request_gets_a_400_naming_the_field_and_the_server_goes_on(
+    batching_server, reference32, request_, field
+):
     client, model, _ = batching_server
     call = client.chat.completions.create if "messages" in request_ else client.completions.create
     with pytest.raises(openai.BadRequestError) as refused:
@@ -203,10 +256,16 @@ def test_a_client_that_disconnects_mid_stream_frees_its_slot_blocks_and_weights(
     client, model, server = batching_server
     kept = []
     real_keep = serving.Packing.keep
-    monkeypatch.setattr(serving.Packing, "keep", lambda self, w: kept.extend(weakref.ref(s) for s in self.states)
-                        or real_keep(self, w))
-    stream = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "Tell me a long story."}],
-                                            max_tokens=400, temperature=0, stream=True)
+    monkeypatch.setattr(
+        serving.Packing, "keep", lambda self, w: kept.extend(weakref.ref(s) for s in self.states) or real_keep(self, w)
+    )
+    stream = client.chat.completions.create(
+        model=model,
+        messages=[{"role": "user", "content": "Tell me a long story."}],
+        max_tokens=400,
+        temperature=0,
+        stream=True,
+    )
     for i, _ in enumerate(stream):
         if i == 3:
             break

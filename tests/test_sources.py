@@ -43,8 +43,11 @@ def test_lora_delta_matches_peft_merge_and_unload(zoo_dir, variant):
     base = Checkpoint(zoo_dir / "base")
     for name in ("back-lora", "swap-lora"):
         expert = LoraExpert(zoo_dir / variant / name, base)
-        merged = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(zoo_dir / "base"),
-                                           zoo_dir / variant / name).merge_and_unload().state_dict()
+        merged = (
+            PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(zoo_dir / "base"), zoo_dir / variant / name)
+            .merge_and_unload()
+            .state_dict()
+        )
         assert expert.factors, "no LoRA factors read"
         for key in base.keys():
             torch.testing.assert_close(expert.get(key), merged[key], rtol=0, atol=1e-6)

@@ -16,14 +16,14 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import moe_merge.modeling  # noqa: F401
 from moe_merge import zoo
-from moe_merge.train import data as train_data
-from moe_merge.train import objectives
 from moe_merge.assemble import assemble
 from moe_merge.cli import main as cli_main
 from moe_merge.config import MergeConfig
 from moe_merge.errors import DataError, MoEMergeError, OutputExistsError
-from moe_merge.train.loop import TrainRouterArgs, train_router
 from moe_merge.tokens import load_tokenizer
+from moe_merge.train import data as train_data
+from moe_merge.train import objectives
+from moe_merge.train.loop import TrainRouterArgs, train_router
 
 
 def write_rows(path: Path, rows: list[dict]) -> Path:
@@ -68,14 +68,23 @@ def test_routers_are_found_by_module_type_not_by_name(models):
 def test_only_router_tensors_change(models, tmp_path, name):
     """bf16 autocast, accumulation and checkpointing on, so the whole loop runs; the export keeps every
     other tensor bit-identical, and layout and dtype."""
-    args = quick(models["data"], objective={"lm": 1.0, "balance": 0.01}, mixed_precision="bf16", grad_accum=2,
-                 gradient_checkpointing=True, lr=0.05)
+    args = quick(
+        models["data"],
+        objective={"lm": 1.0, "balance": 0.01},
+        mixed_precision="bf16",
+        grad_accum=2,
+        gradient_checkpointing=True,
+        lr=0.05,
+    )
     summary = train_router(models[name], tmp_path / "run", args)
     before, after = tensors(models[name]), tensors(tmp_path / "run" / "model")
     assert before.keys() == after.keys()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
-    routers = {k for k in before if k.endswith(".router.proj.weight") or k.endswith(".router.proj.bias")
-               or k.endswith(".gate.weight")}
+    routers = {
+        k
+        for k in before
+        if k.endswith(".router.proj.weight") or k.endswith(".router.proj.bias") or k.endswith(".gate.weight")
+    }
     assert changed <= routers, changed - routers
     assert all(before[k].dtype == after[k].dtype for k in before)
     # the export holds the best routers on held-out rows; training did move them
@@ -86,8 +95,12 @@ def test_only_router_tensors_change(models, tmp_path, name):
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(models):
-    rows = train_data.encode(train_data.load_rows(models["data"]).select(range(6)),
-                             AutoTokenizer.from_pretrained(models["smear"]), zoo.EXPERT_TASKS, "data")
+    rows = train_data.encode(
+        train_data.load_rows(models["data"]).select(range(6)),
+        AutoTokenizer.from_pretrained(models["smear"]),
+        zoo.EXPERT_TASKS,
+        "data",
+    )
     batch = train_data.collate(rows.rows, zoo.PAD_ID)
     grads = []
     for checkpointing in (False, True):
@@ -109,7 +122,9 @@ def test_gradient_checkpointing_gives_the_same_gradients(models):
 
 def test_held_out_loss_decreases_and_routers_reload(models, tmp_path):
     run = tmp_path / "run"
-    summary = train_router(models["mixtral"], run, quick(models["data"], steps=60, eval_every=20, save_every=60, lr=0.03))
+    summary = train_router(
+        models["mixtral"], run, quick(models["data"], steps=60, eval_every=20, save_every=60, lr=0.03)
+    )
     evals = [json.loads(line)["eval"] for line in (run / "log.jsonl").read_text().splitlines() if "eval" in line]
     assert len(evals) == 4
     assert evals[-1]["lm"] < 0.9 * evals[0]["lm"]
@@ -151,18 +166,63 @@ def test_resume_refuses_other_settings_and_an_existing_run_needs_a_flag(models, 
 def test_two_cpu_processes_see_the_same_batches_and_reach_the_same_routers_as_one(models, tmp_path):
     """accelerate's multi-process launcher on CPU (gloo DDP). Each process trains on its half of the same global
     batch, and the losses are shares of the global batch's means, so DDP's averaged gradient is one process's."""
-    flags = ["--steps", "4", "--batch-size", "8", "--eval-every", "4", "--save-every", "4", "--lr", "0.05",
-             "--objective", "lm=1,routing=0.5"]
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29533",
-           "-m", "moe_merge.cli", "train-router", str(models["smear"]), "--data", str(models["data"]),
-           "--out", str(tmp_path / "two"), *flags]
+    flags = [
+        "--steps",
+        "4",
+        "--batch-size",
+        "8",
+        "--eval-every",
+        "4",
+        "--save-every",
+        "4",
+        "--lr",
+        "0.05",
+        "--objective",
+        "lm=1,routing=0.5",
+    ]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        "29533",
+        "-m",
+        "moe_merge.cli",
+        "train-router",
+        str(models["smear"]),
+        "--data",
+        str(models["data"]),
+        "--out",
+        str(tmp_path / "two"),
+        *flags,
+    ]
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads((tmp_path / "two" / "summary.json").read_text())["processes"] == 2
-    assert cli_main(["train-router", str(models["smear"]), "--data", str(models["data"]), "--out", str(tmp_path / "one"),
-                     *flags]) == 0
+    assert (
+        cli_main(
+            [
+                "train-router",
+                str(models["smear"]),
+                "--data",
+                str(models["data"]),
+                "--out",
+                str(tmp_path / "one"),
+                *flags,
+            ]
+        )
+        == 0
+    )
 
     def trained_rows(run):
         return [e["rows"] for e in map(json.loads, (run / "log.jsonl").read_text().splitlines()) if "rows" in e]
@@ -181,8 +241,15 @@ def test_two_cpu_processes_see_the_same_batches_and_reach_the_same_routers_as_on
 
 def test_prompt_completion_rows_learn_the_completion_and_route_on_the_prompt(models):
     tok = AutoTokenizer.from_pretrained(models["smear"])
-    row = train_data.encode_row({"prompt": "mirror abc=", "completion": "cba", "expert": "mirror"}, "prompt", tok,
-                                list(zoo.EXPERT_TASKS), "data", 0, 64)
+    row = train_data.encode_row(
+        {"prompt": "mirror abc=", "completion": "cba", "expert": "mirror"},
+        "prompt",
+        tok,
+        list(zoo.EXPERT_TASKS),
+        "data",
+        0,
+        64,
+    )
     n_prompt = len(tok("mirror abc=")["input_ids"])
     assert row["input_ids"][-1] == tok.eos_token_id
     assert row["labels"] == [-100] * n_prompt + row["input_ids"][n_prompt:]
@@ -192,14 +259,19 @@ def test_prompt_completion_rows_learn_the_completion_and_route_on_the_prompt(mod
 
 BAD_DATA = {
     "missing field": ('{"prompt": "shift ab="}\n', "prompt.*completion|no `completion`"),
-    "missing in one row": ('{"prompt": "shift ab=", "completion": "bc"}\n{"prompt": "shift cd="}\n', "row 1 has no `completion`"),
+    "missing in one row": (
+        '{"prompt": "shift ab=", "completion": "bc"}\n{"prompt": "shift cd="}\n',
+        "row 1 has no `completion`",
+    ),
     "empty file": ("", "is empty"),
     "wrong type": ('{"text": 5}\n', "`text` must be a string"),
     "unknown expert": ('{"prompt": "shift ab=", "completion": "bc", "expert": "poetry"}\n', "'poetry' is not one of"),
     "index out of range": ('{"prompt": "shift ab=", "completion": "bc", "expert": 9}\n', "out of range"),
     "no usable field": ('{"question": "shift ab="}\n', "need a `text` field"),
-    "chat without a template": ('{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}\n',
-                                "no chat template"),
+    "chat without a template": (
+        '{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}\n',
+        "no chat template",
+    ),
 }
 
 
@@ -244,7 +316,8 @@ def test_routing_loss_and_hits_read_only_labelled_rows():
     logits = torch.tensor([[5.0, 0.0], [0.0, 5.0], [5.0, 0.0]]).view(3, 1, 1, 2)
     expert = torch.tensor([0, 1, -1])
     assert objectives.routing_loss(logits, torch.ones(3, 1), expert).item() == pytest.approx(
-        torch.nn.functional.cross_entropy(torch.tensor([[5.0, 0.0]]), torch.tensor([0])).item())
+        torch.nn.functional.cross_entropy(torch.tensor([[5.0, 0.0]]), torch.tensor([0])).item()
+    )
     assert objectives.routing_hits(logits, torch.ones(3, 1), expert) == (2, 2)
 
 
@@ -268,16 +341,29 @@ def test_qwen_moe_routers_train_alone(family):
     from transformers import AutoConfig
 
     extra = {"shared_expert_intermediate_size": 16} if family == "qwen2_moe" else {}
-    config = AutoConfig.for_model(family, vocab_size=40, hidden_size=16, intermediate_size=32, moe_intermediate_size=8,
-                                  num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, num_experts=4,
-                                  num_experts_per_tok=2, decoder_sparse_step=1, **extra)
+    config = AutoConfig.for_model(
+        family,
+        vocab_size=40,
+        hidden_size=16,
+        intermediate_size=32,
+        moe_intermediate_size=8,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        num_experts=4,
+        num_experts_per_tok=2,
+        decoder_sparse_step=1,
+        **extra,
+    )
     model = AutoModelForCausalLM.from_config(config)
     names = objectives.freeze_all_but_routers(model)
     assert names == [f"model.layers.{i}.mlp.gate.weight" for i in range(2)]  # shared_expert_gate stays frozen
-    batch = train_data.collate([{"input_ids": [1, 5, 6, 7], "labels": [-100, -100, 6, 7], "routing_mask": [1, 1, 0, 0],
-                                 "expert": 2}] * 2, 0)
-    loss, terms, _ = objectives.objective(model, batch, {"lm": 1.0, "routing": 1.0, "balance": 0.1}, stock=True,
-                                          k=objectives.top_k(model))
+    batch = train_data.collate(
+        [{"input_ids": [1, 5, 6, 7], "labels": [-100, -100, 6, 7], "routing_mask": [1, 1, 0, 0], "expert": 2}] * 2, 0
+    )
+    loss, terms, _ = objectives.objective(
+        model, batch, {"lm": 1.0, "routing": 1.0, "balance": 0.1}, stock=True, k=objectives.top_k(model)
+    )
     loss.backward()
     assert set(terms) == {"lm", "routing", "balance"}
     assert all((p.grad is not None) == (n in names) for n, p in model.named_parameters())
@@ -300,8 +386,9 @@ def test_training_corrects_a_misinitialised_router(zoo_dir, models, tmp_path):
     """Prompt-fitted routers with their experts rotated (each sends `shift` prompts to `mirror`, `mirror` ones to
     `cipher`, ..., `swap` ones to `shift`) route held-out rows wrongly; router training undoes it, on rows it never
     fits nor stops on. Measured on held-out prompts here, not read from the run's log."""
-    model_dir = assemble(MergeConfig.model_validate(zoo.zoo_recipe(zoo_dir, "mlp", method="smear", level="ffn")),
-                         tmp_path / "fitted")
+    model_dir = assemble(
+        MergeConfig.model_validate(zoo.zoo_recipe(zoo_dir, "mlp", method="smear", level="ffn")), tmp_path / "fitted"
+    )
     state = tensors(model_dir)
     for name in [k for k in state if ".router.proj." in k]:
         state[name] = state[name][[1, 2, 3, 4, 0]]
@@ -309,8 +396,13 @@ def test_training_corrects_a_misinitialised_router(zoo_dir, models, tmp_path):
 
     save_file(state, model_dir / "model.safetensors", metadata={"format": "pt"})
     before = _routed_right(model_dir)
-    train_router(model_dir, tmp_path / "run", TrainRouterArgs(data=models["data"], steps=300, lr=0.05, batch_size=16,
-                                                             objective={"lm": 1.0, "routing": 1.0}, eval_every=20))
+    train_router(
+        model_dir,
+        tmp_path / "run",
+        TrainRouterArgs(
+            data=models["data"], steps=300, lr=0.05, batch_size=16, objective={"lm": 1.0, "routing": 1.0}, eval_every=20
+        ),
+    )
     after = _routed_right(tmp_path / "run" / "model")
     # measured here: 20 % before, 97.5 % after 300 steps (95 % after 200, 89 % after 100: too close to a bar)
     assert before <= 0.5 and after >= 0.9, (before, after)
@@ -338,14 +430,40 @@ def test_per_token_routing_accuracy_counts_every_token():
 @pytest.mark.slow
 def test_adamerging_is_wemoe_with_constant_routers_trained_on_entropy_then_baked(zoo_dir, tmp_path):
     """configs/zoo-adamerging.yaml's three commands: one coefficient per expert and layer, learned without labels."""
-    recipe = zoo.zoo_recipe(zoo_dir, "full", method="wemoe", level="block",
-                            router={"kind": "constant", "init": "random", "normalize": "none"})
+    recipe = zoo.zoo_recipe(
+        zoo_dir,
+        "full",
+        method="wemoe",
+        level="block",
+        router={"kind": "constant", "init": "random", "normalize": "none"},
+    )
     recipe["experts"] = [{"source_model": e["source_model"]} for e in recipe["experts"][:3]]
     model_dir = assemble(MergeConfig.model_validate(recipe), tmp_path / "ada")
     data = write_rows(tmp_path / "unlabeled.jsonl", [{"text": r["prompt"]} for r in zoo.router_training_rows(40)])
     run = tmp_path / "run"
-    assert cli_main(["train-router", str(model_dir), "--data", str(data), "--objective", "entropy", "--out", str(run),
-                     "--steps", "60", "--lr", "0.01", "--eval-every", "60", "--save-every", "60"]) == 0
+    assert (
+        cli_main(
+            [
+                "train-router",
+                str(model_dir),
+                "--data",
+                str(data),
+                "--objective",
+                "entropy",
+                "--out",
+                str(run),
+                "--steps",
+                "60",
+                "--lr",
+                "0.01",
+                "--eval-every",
+                "60",
+                "--save-every",
+                "60",
+            ]
+        )
+        == 0
+    )
     summary = json.loads((run / "summary.json").read_text())
     assert summary["trainable_parameters"] == 4 * 3  # layers x experts
     start = json.loads((run / "log.jsonl").read_text().splitlines()[0])["eval"]["objective"]

@@ -8,7 +8,6 @@ import sys
 import warnings
 from pathlib import Path
 
-
 from moe_merge import versions
 
 ROOT = Path(__file__).parent.parent
@@ -18,8 +17,11 @@ def test_every_dependency_whose_internals_we_use_has_both_bounds():
     """Read from the installed package's metadata, which is what the import-time check reads."""
     from packaging.requirements import Requirement
 
-    ranged = {Requirement(r).name.replace("_", "-") for r in importlib.metadata.requires("moe-merge")
-              if ">=" in r and "<" in r}
+    ranged = {
+        Requirement(r).name.replace("_", "-")
+        for r in importlib.metadata.requires("moe-merge")
+        if ">=" in r and "<" in r
+    }
     assert set(versions.CHECKED) <= ranged
 
 
@@ -83,13 +85,15 @@ def test_the_dynamic_model_takes_the_cache_under_either_name(pico):
     """`cache` is transformers 5.24's name, `past_key_values` 5.23's; callers of either release work."""
     import torch
 
-    from moe_merge.recipe import open_recipe
-    from moe_merge.config import MergeConfig
     from moe_merge.assemble.dynamic import build_model
+    from moe_merge.config import MergeConfig
     from moe_merge.modeling import CACHE
+    from moe_merge.recipe import open_recipe
     from tests.conftest import pico_recipe
 
-    model = build_model(open_recipe(MergeConfig.model_validate(pico_recipe(pico, method="smear", gate_mode="random"))), 0)
+    model = build_model(
+        open_recipe(MergeConfig.model_validate(pico_recipe(pico, method="smear", gate_mode="random"))), 0
+    )
     with torch.no_grad():
         whole = model(input_ids=torch.tensor([[1, 5, 6, 7]]), use_cache=False).logits[0, -1]
         steps = []

@@ -57,8 +57,11 @@ def test_a_missed_target_fails_the_build_naming_the_model_and_caches_nothing(tmp
 
 
 def _digest(root):
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*"))
-            if p.is_file()}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def test_a_build_is_deterministic_for_a_seed_and_thread_count(tmp_path):
@@ -86,10 +89,14 @@ def test_the_cache_key_covers_code_settings_and_versions(monkeypatch, tmp_path):
 
 def test_prompts_and_eval_words_do_not_depend_on_global_state():
     here = {t: zoo.task_prompts(t) for t in zoo.EXPERT_TASKS}
-    script = ("import json, torch; torch.manual_seed(123); torch.set_num_threads(1); torch.rand(7)\n"
-              "from moe_merge import zoo\n"
-              "print(json.dumps({t: zoo.task_prompts(t) for t in zoo.EXPERT_TASKS}))")
-    there = json.loads(subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout)
+    script = (
+        "import json, torch; torch.manual_seed(123); torch.set_num_threads(1); torch.rand(7)\n"
+        "from moe_merge import zoo\n"
+        "print(json.dumps({t: zoo.task_prompts(t) for t in zoo.EXPERT_TASKS}))"
+    )
+    there = json.loads(
+        subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
+    )
     assert here == there
     words = [set(here[t]["eval_words"]) for t in zoo.EXPERT_TASKS]
     assert all(len(w) == 64 for w in words) and len(set.union(*words)) == 64 * len(words)

@@ -48,7 +48,10 @@ def test_fitted_routers_beat_prompt_mean_directions(mlp_moes):
     print("token routing accuracy, fit:", fit, "hidden:", hidden)  # measured: fit 0.80-0.90, hidden 0.35-0.68
     assert min(fit) >= 0.7 and all(f >= h + 0.1 for f, h in zip(fit, hidden))
     scores = {k: evaluate(v) for k, v in mlp_moes.items()}
-    mean = lambda s: sum(s.values()) / len(s)
+
+    def mean(s):
+        return sum(s.values()) / len(s)
+
     assert mean(scores["fit"]) >= mean(scores["hidden"]) + 0.03, scores
 
 

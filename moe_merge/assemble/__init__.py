@@ -48,7 +48,9 @@ def assemble(
     try:
         torch.empty(0, device=device)
     except (RuntimeError, AssertionError, ValueError) as e:  # torch's word for a missing or unknown device varies
-        raise ConfigError(f"--device {device}: {str(e).splitlines()[0]}; give a device this machine has, e.g. cpu") from None
+        raise ConfigError(
+            f"--device {device}: {str(e).splitlines()[0]}; give a device this machine has, e.g. cpu"
+        ) from None
     if dtype:
         config = config.model_copy(update={"dtype": dtype})
     recipe = open_recipe(config, recipe_dir)
@@ -63,5 +65,14 @@ def assemble(
         from moe_merge.assemble.dynamic import assemble_dynamic as run
     else:
         from moe_merge.assemble.stock import assemble_stock as run
-    return run(recipe, Path(out_dir), shown=shown, tokenizer=tokenizer, force=force, shard_size=shard_size,
-               seed=seed, device=device, eval_data=quality)
+    return run(
+        recipe,
+        Path(out_dir),
+        shown=shown,
+        tokenizer=tokenizer,
+        force=force,
+        shard_size=shard_size,
+        seed=seed,
+        device=device,
+        eval_data=quality,
+    )

@@ -83,8 +83,13 @@ class DryRun:
 
     def format(self) -> str:
         width = max(len(r.output) for r in self.rows)
-        lines = [self.title, "experts:", *(f"  {e}" for e in self.experts), "",
-                 f"{'tensors':>7}  {'bytes':>10}  {'output':<{width}}  {'shape':<18}  from"]
+        lines = [
+            self.title,
+            "experts:",
+            *(f"  {e}" for e in self.experts),
+            "",
+            f"{'tensors':>7}  {'bytes':>10}  {'output':<{width}}  {'shape':<18}  from",
+        ]
         for r in self.rows:
             shape = "x".join(map(str, r.shape))
             lines.append(f"{r.count:>7}  {_size(r.nbytes):>10}  {r.output:<{width}}  {shape:<18}  {r.source}")
@@ -120,8 +125,9 @@ def _describe_experts(recipe: Recipe) -> list[str]:
     return out
 
 
-def dry_run(config: MergeConfig, *, recipe_dir: Path | None = None, dtype: str | None = None,
-            shard_size: int = 5 * 2**30) -> DryRun:
+def dry_run(
+    config: MergeConfig, *, recipe_dir: Path | None = None, dtype: str | None = None, shard_size: int = 5 * 2**30
+) -> DryRun:
     """The plan of `assemble(config, ...)` with its sizes, from configs, indexes and headers only."""
     if dtype:
         config = config.model_copy(update={"dtype": dtype})
@@ -135,16 +141,25 @@ def dry_run(config: MergeConfig, *, recipe_dir: Path | None = None, dtype: str |
 def _dry_run_stock(recipe: Recipe, dtype: torch.dtype, shard_size: int) -> DryRun:
     cfg, base = recipe.config, recipe.base
     E = len(recipe.experts)
-    run = DryRun(f"plan: {recipe.fmt.architecture} from {E} experts of {base.path} ({base.family})",
-                 _describe_experts(recipe), dtype, shard_size)
+    run = DryRun(
+        f"plan: {recipe.fmt.architecture} from {E} experts of {base.path} ({base.family})",
+        _describe_experts(recipe),
+        dtype,
+        shard_size,
+    )
     static = f"{cfg.static_summary} of the base and {E} experts"
     # Working set of each step beyond the shard buffer: per global tensor, and per layer (its outputs,
     # their float32 copy for the router's fit, and the largest static merge's float32 base + E deltas + result).
     global_work, layer_out, layer_fp32, layer_merge = 0, {}, {}, {}
     for p in stock.plan(recipe):
-        source = {"base": f"base: {p.tensor}", "static": f"{static}: {p.tensor}", "expert": f"expert {p.expert}: {p.tensor}",
-                  "shared": f"shared expert: {p.tensor}", "router": f"router, `{cfg.router_init}` on the prompts",
-                  "shared_router": "shared-expert gate, from its prompts"}[p.source]
+        source = {
+            "base": f"base: {p.tensor}",
+            "static": f"{static}: {p.tensor}",
+            "expert": f"expert {p.expert}: {p.tensor}",
+            "shared": f"shared expert: {p.tensor}",
+            "router": f"router, `{cfg.router_init}` on the prompts",
+            "shared_router": "shared-expert gate, from its prompts",
+        }[p.source]
         run.add(p.name, source, p.shape)
         n = math.prod(p.shape)
         if p.tensor is not None:
@@ -158,8 +173,11 @@ def _dry_run_stock(recipe: Recipe, dtype: torch.dtype, shard_size: int) -> DryRu
             layer_fp32[layer] = layer_fp32.get(layer, 0) + 2 * n * FLOAT32  # the copy and the stacking
             layer_merge[layer] = max(layer_merge.get(layer, 0), merge)
     busiest = max(layer_out[k] + layer_fp32[k] + layer_merge[k] for k in layer_out)
-    run.peak_parts = {"runtime": RUNTIME_BYTES, "shard buffer": min(shard_size, run.output_bytes),
-                      "busiest step": max(busiest, global_work)}
+    run.peak_parts = {
+        "runtime": RUNTIME_BYTES,
+        "shard buffer": min(shard_size, run.output_bytes),
+        "busiest step": max(busiest, global_work),
+    }
     return run
 
 
@@ -170,9 +188,17 @@ def _describe_dynamic(p: TensorPlan, recipe: Recipe) -> str:
     static = "base" if cfg.static_method == "base" else f"{cfg.static_summary} of the base and {E} experts"
     if p.source == "router":
         return f"router, `{cfg.router_init}` on the prompts"
-    what = {"static": static, "base": "base", "expert": f"expert {p.expert}", "experts": "experts",
-            "deltas": f"experts − {w0}", "svd_A": f"SVD of experts − {w0}", "svd_B": f"SVD of experts − {w0}",
-            "lora_A": "experts' LoRA A", "lora_B": "experts' LoRA B · scaling"}[p.source]
+    what = {
+        "static": static,
+        "base": "base",
+        "expert": f"expert {p.expert}",
+        "experts": "experts",
+        "deltas": f"experts − {w0}",
+        "svd_A": f"SVD of experts − {w0}",
+        "svd_B": f"SVD of experts − {w0}",
+        "lora_A": "experts' LoRA A",
+        "lora_B": "experts' LoRA B · scaling",
+    }[p.source]
     return f"{what}: {p.tensor}"
 
 
@@ -180,16 +206,28 @@ def _dry_run_dynamic(recipe: Recipe, dtype: torch.dtype, shard_size: int) -> Dry
     cfg, base = recipe.config, recipe.base
     config = dynamic.model_config(recipe, base.text_config(), read=False)
     E = len(recipe.experts)
-    energy = f"; twin ranks by energy {cfg.twin.energy}, decided per matrix when built: low-rank sizes here are " \
-             "at full rank, an upper bound" if cfg.merging.svd and cfg.twin.energy is not None else ""
-    run = DryRun(f"plan: moe_merge {cfg.method} / {cfg.level} dynamic model from {E} experts of {base.path} "
-                 f"({base.family}); forms {config.delta_forms or 'none'}; also routed where the experts may differ: "
-                 f"{', '.join(config.routed_parts) or 'nothing'}; the first router reads the static pre-pass at layer "
-                 f"{config.prepass_layers}{energy}", _describe_experts(recipe), dtype, shard_size)
+    by_energy = cfg.merging.energy(cfg.settings)
+    energy = (
+        f"; {cfg.method} ranks by energy {by_energy}, decided per matrix when built: low-rank sizes here are "
+        "at full rank, an upper bound"
+        if by_energy is not None
+        else ""
+    )
+    run = DryRun(
+        f"plan: moe_merge {cfg.method} / {cfg.level} dynamic model from {E} experts of {base.path} "
+        f"({base.family}); forms {config.delta_forms or 'none'}; also routed where the experts may differ: "
+        f"{', '.join(config.routed_parts) or 'nothing'}; the first router reads the static pre-pass at layer "
+        f"{config.prepass_layers}{energy}",
+        _describe_experts(recipe),
+        dtype,
+        shard_size,
+    )
     reads: dict[str, int] = {}  # base tensor -> sources read for it: the base alone, or the base and every expert
     build_step, blocks = 0, {}
     for p in dynamic.plan(recipe, config):
-        shape = p.shape if None not in p.shape else tuple(min(base.shape(p.tensor)) if s is None else s for s in p.shape)
+        shape = (
+            p.shape if None not in p.shape else tuple(min(base.shape(p.tensor)) if s is None else s for s in p.shape)
+        )
         run.add(p.name, _describe_dynamic(p, recipe), shape)
         block = _block(p.name)
         blocks[block] = blocks.get(block, 0) + math.prod(shape) * dtype.itemsize
@@ -201,8 +239,11 @@ def _dry_run_dynamic(recipe: Recipe, dtype: torch.dtype, shard_size: int) -> Dry
     # Streamed (dynamic.assemble_dynamic): built one tensor at a time into the shard buffer; then the prompts run
     # through one block at a time, read back, with one merged float32 matrix beside it.
     largest = max(math.prod(base.shape(n)) for n in base.keys()) * FLOAT32
-    run.peak_parts = {"runtime": RUNTIME_BYTES, "shard buffer": min(shard_size, run.output_bytes),
-                      "busiest step": max(build_step, max(blocks.values()) + largest)}
+    run.peak_parts = {
+        "runtime": RUNTIME_BYTES,
+        "shard buffer": min(shard_size, run.output_bytes),
+        "busiest step": max(build_step, max(blocks.values()) + largest),
+    }
     return run
 
 

@@ -50,8 +50,10 @@ except ImportError as e:
         "pip install moe-merge"
     ) from e
 '''
-AUTO_MAP = {"AutoConfig": "modeling_moe_merge.MoEMergeConfig",
-            "AutoModelForCausalLM": "modeling_moe_merge.MoEMergeForCausalLM"}
+AUTO_MAP = {
+    "AutoConfig": "modeling_moe_merge.MoEMergeConfig",
+    "AutoModelForCausalLM": "modeling_moe_merge.MoEMergeForCausalLM",
+}
 
 
 # ----------------------------------------------------------------------------------------- planning
@@ -74,8 +76,9 @@ def _routed_norm(name: str, family: str, level: str, merges: str) -> bool:
     if level == "model":
         return False
     paths = FAMILIES[family].layer_norms(level) if merges == "parameters" else ()
-    return name == "model.norm.weight" or (layer_of(name) is not None
-                                           and name.split(".", 3)[3].removesuffix(".weight") in paths)
+    return name == "model.norm.weight" or (
+        layer_of(name) is not None and name.split(".", 3)[3].removesuffix(".weight") in paths
+    )
 
 
 def routed_parts(recipe: Recipe, tied: bool, read: bool = True) -> list[str]:
@@ -85,12 +88,16 @@ def routed_parts(recipe: Recipe, tied: bool, read: bool = True) -> list[str]:
     cfg, base = recipe.config, recipe.base
     static = cfg.static_parts(tied)
     if tied and ("embeddings" in static) != ("head" in static):
-        raise ConfigError(f"the base {base.path} ties its head to its embeddings, so they are one table: list both "
-                          "`embeddings` and `head` in `static`, or neither")
+        raise ConfigError(
+            f"the base {base.path} ties its head to its embeddings, so they are one table: list both "
+            "`embeddings` and `head` in `static`, or neither"
+        )
     names = list(base.keys())
-    candidates = {"embeddings": ["model.embed_tokens.weight"],
-                  "norms": [n for n in names if _routed_norm(n, base.family, cfg.level, cfg.merging.merges)],
-                  "head": ["lm_head.weight"] if cfg.level != "model" and not tied and "lm_head.weight" in names else []}
+    candidates = {
+        "embeddings": ["model.embed_tokens.weight"],
+        "norms": [n for n in names if _routed_norm(n, base.family, cfg.level, cfg.merging.merges)],
+        "head": ["lm_head.weight"] if cfg.level != "model" and not tied and "lm_head.weight" in names else [],
+    }
     if tied and cfg.level != "model":
         candidates["head"] = candidates["embeddings"]
 
@@ -107,7 +114,7 @@ def lora_exclusive(recipe: Recipe) -> float | None:
     """Twin's λ where its exclusive parts are the LoRA adapters' own factors, exactly (merged_linear.py): every
     expert an adapter and the shared merge task arithmetic, so each θ_e − shared is in their span; else None."""
     cfg = recipe.config
-    spec = cfg.merging.static(cfg)
+    spec = cfg.static_merge
     if not (cfg.merging.svd and spec.method == "task_arithmetic" and spec.weights is None):
         return None
     if not all(isinstance(e, LoraExpert) and not e.fan_in_fan_out for e in recipe.experts):
@@ -127,18 +134,22 @@ def plan_forms(recipe: Recipe, parts: list[str], tied: bool) -> tuple[dict[str, 
     for name, part in (("embed_tokens", "embeddings"), ("lm_head", "head")):
         if part in parts and not (name == "lm_head" and tied):  # a tied head is the embeddings' table
             forms[name] = "lowrank" if svd else method.part_form
-            if svd and (rank := method.rank(cfg, vocab, hidden)) is not None:
+            if svd and (rank := method.rank(cfg.settings, vocab, hidden)) is not None:
                 ranks[name] = rank
     all_lora = all(isinstance(e, LoraExpert) and not e.fan_in_fan_out for e in recipe.experts)
     for proj in routed_projections(method, cfg.level):
         if svd:
             out_f, in_f = recipe.base.shape(f"model.layers.0.{_owner(proj)}.{proj}.weight")
             forms[proj] = "lowrank"
-            if (rank := method.rank(cfg, out_f, in_f)) is not None:
+            if (rank := method.rank(cfg.settings, out_f, in_f)) is not None:
                 ranks[proj] = rank
         elif all_lora:
-            factor_ranks = [A.shape[0] for e in recipe.experts for n, (A, _, _) in e.factors.items()
-                            if n.endswith(f".{proj}.weight")]
+            factor_ranks = [
+                A.shape[0]
+                for e in recipe.experts
+                for n, (A, _, _) in e.factors.items()
+                if n.endswith(f".{proj}.weight")
+            ]
             forms[proj], ranks[proj] = "lowrank", max(factor_ranks, default=1)
         else:  # softmax weights sum to one, so SMEAR needs no W0: Σ_e p_e θ_e
             forms[proj] = method.form
@@ -150,11 +161,15 @@ def model_config(recipe: Recipe, text_config, read: bool = True) -> MoEMergeConf
     cfg, method = recipe.config, recipe.config.merging
     layers = text_config.num_hidden_layers
     explicit_prepass = cfg.router_spec.prepass is not None
-    for field, value, used in (("router.prepass", cfg.prepass, explicit_prepass),
-                               ("dense_layers", cfg.dense_layers, cfg.level == "model")):
+    for field, value, used in (
+        ("router.prepass", cfg.prepass, explicit_prepass),
+        ("dense_layers", cfg.dense_layers, cfg.level == "model"),
+    ):
         if used and value >= layers:
-            raise ConfigError(f"`{field}: {value}` is past the last layer: the base {recipe.base.path} has {layers} "
-                              f"layers, so it must be at most {layers - 1}")
+            raise ConfigError(
+                f"`{field}: {value}` is past the last layer: the base {recipe.base.path} has {layers} "
+                f"layers, so it must be at most {layers - 1}"
+            )
     tied = bool(text_config.tie_word_embeddings)
     parts = routed_parts(recipe, tied, read)
     forms, ranks = plan_forms(recipe, parts, tied)
@@ -176,7 +191,7 @@ def model_config(recipe: Recipe, text_config, read: bool = True) -> MoEMergeConf
         router_temperature=spec.temperature,
         routed_parts=parts,
         prepass_layers=min(cfg.prepass, layers - 1),
-        prepass_weights=method.prepass_weights(cfg, len(recipe.experts)),
+        prepass_weights=method.prepass_weights(cfg.settings, len(recipe.experts)),
         dense_layers=cfg.dense_layers,
         architectures=["MoEMergeForCausalLM"],
         auto_map=AUTO_MAP,
@@ -194,7 +209,9 @@ def plan(recipe: Recipe, config: MoEMergeConfig) -> list[TensorPlan]:
         out += _plan_tensor(name, base.shape(name), config, E)
     if config.level == "model" and config.tie_word_embeddings:  # each expert's head is its own (tied) embedding
         embed = "model.embed_tokens.weight"
-        out += [TensorPlan(f"model.experts.{e}.lm_head.weight", "expert", base.shape(embed), embed, e) for e in range(E)]
+        out += [
+            TensorPlan(f"model.experts.{e}.lm_head.weight", "expert", base.shape(embed), embed, e) for e in range(E)
+        ]
     out += _plan_routers(config)
     return out
 
@@ -228,21 +245,35 @@ def _plan_tensor(name: str, shape: tuple[int, ...], config: MoEMergeConfig, E: i
     return _plan_merged(name, name, shape, config, E, proj, layer)
 
 
-def _plan_merged(target: str, name: str, shape: tuple[int, ...], config: MoEMergeConfig, E: int, proj: str | None,
-                 layer: int | None = None) -> list[TensorPlan]:
+def _plan_merged(
+    target: str,
+    name: str,
+    shape: tuple[int, ...],
+    config: MoEMergeConfig,
+    E: int,
+    proj: str | None,
+    layer: int | None = None,
+) -> list[TensorPlan]:
     """A routed tensor `target` (`{prefix}.weight` or `.bias`) from base tensor `name`, in the form of projection
     `proj` (a norm: the method's form for vectors): E expert tensors, or W0 plus dense or low-rank task vectors."""
     prefix, kind = target.rsplit(".", 1)
     form = config.delta_forms[proj] if proj else config.merging.part_form
     if form == "full":
         return [TensorPlan(f"{prefix}.expert_{kind}", "experts", (E, *shape), name)]
-    on_static = config.merging.w0 == "static" and config.lowrank_offset is None  # twin over LoRA: the base (merged_linear.py)
+    on_static = (
+        config.merging.w0 == "static" and config.lowrank_offset is None
+    )  # twin over LoRA: the base (merged_linear.py)
     w0 = [TensorPlan(target, "static" if on_static else "base", shape, name)]
     if len(shape) == 1 or form == "dense":
         return w0 + [TensorPlan(f"{prefix}.delta_{kind}", "deltas", (E, *shape), name)]
-    rank, factors = config.rank_of(layer, proj), "svd" if config.merging.svd and config.lowrank_offset is None else "lora"
-    return w0 + [TensorPlan(f"{prefix}.lora_A", f"{factors}_A", (E, rank, shape[1]), name),
-                 TensorPlan(f"{prefix}.lora_B", f"{factors}_B", (E, shape[0], rank), name)]
+    rank, factors = (
+        config.rank_of(layer, proj),
+        "svd" if config.merging.svd and config.lowrank_offset is None else "lora",
+    )
+    return w0 + [
+        TensorPlan(f"{prefix}.lora_A", f"{factors}_A", (E, rank, shape[1]), name),
+        TensorPlan(f"{prefix}.lora_B", f"{factors}_B", (E, shape[0], rank), name),
+    ]
 
 
 def _plan_routers(config: MoEMergeConfig) -> list[TensorPlan]:
@@ -263,15 +294,16 @@ class StaticMerge:
 
     def __init__(self, recipe: Recipe, seed: int, dtype: torch.dtype):
         self.recipe, self.seed, self.dtype = recipe, seed, dtype
-        self.spec = recipe.config.merging.static(recipe.config)
+        self.spec = recipe.config.static_merge
         self._last: tuple[str, torch.Tensor] | None = None
 
     def __call__(self, name: str) -> torch.Tensor:
         if self._last is not None and self._last[0] == name:
             return self._last[1]
         base = self.recipe.base.get(name).to(self.dtype)
-        if self.spec.method == "base" or all(isinstance(e, LoraExpert) and name not in e.factors
-                                             for e in self.recipe.experts):
+        if self.spec.method == "base" or all(
+            isinstance(e, LoraExpert) and name not in e.factors for e in self.recipe.experts
+        ):
             t = base  # no expert changes it (adapters that leave it out): every merge of zero task vectors is the base
         else:
             deltas = [expert_tensor(e, name, base.shape, self.dtype) - base for e in self.recipe.experts]
@@ -288,7 +320,9 @@ def expert_tensor(expert, name: str, shape, dtype: torch.dtype = torch.float32) 
     else:
         t = expert.get(name).to(dtype)
     if t.shape != shape:
-        raise CompatibilityError(f"tensor {name!r} has shape {tuple(t.shape)} in {expert.path} but {tuple(shape)} in the base")
+        raise CompatibilityError(
+            f"tensor {name!r} has shape {tuple(t.shape)} in {expert.path} but {tuple(shape)} in the base"
+        )
     return t
 
 
@@ -317,8 +351,9 @@ def energy_rank(S: torch.Tensor, total: torch.Tensor, energy: float) -> int:
     return min(int(torch.searchsorted(held, torch.tensor(energy, dtype=held.dtype) - 1e-12)) + 1, S.numel())
 
 
-def svd_factors(delta: torch.Tensor, rank: int | None = None, energy: float | None = None,
-                full_svd_up_to: int = FULL_SVD_UP_TO) -> tuple[torch.Tensor, torch.Tensor]:
+def svd_factors(
+    delta: torch.Tensor, rank: int | None = None, energy: float | None = None, full_svd_up_to: int = FULL_SVD_UP_TO
+) -> tuple[torch.Tensor, torch.Tensor]:
     """A [r, K], B [N, r] with B @ A the best rank-r approximation of `delta` [N, K], in float64 arithmetic, on
     `delta`'s device.
 
@@ -361,8 +396,15 @@ class TensorBuilder:
     """Executes plan entries: each tensor from the sources, computed in `dtype` (float32; float64 in tests) and
     returned in `out_dtype` (default `dtype`); SVDs run on `device`."""
 
-    def __init__(self, recipe: Recipe, config: MoEMergeConfig, seed: int, dtype: torch.dtype,
-                 device: str | torch.device = "cpu", out_dtype: torch.dtype | None = None):
+    def __init__(
+        self,
+        recipe: Recipe,
+        config: MoEMergeConfig,
+        seed: int,
+        dtype: torch.dtype,
+        device: str | torch.device = "cpu",
+        out_dtype: torch.dtype | None = None,
+    ):
         self.recipe, self.config, self.dtype, self.device = recipe, config, dtype, device
         self.out_dtype = out_dtype or dtype
         self.static = StaticMerge(recipe, seed, dtype)
@@ -411,13 +453,21 @@ class TensorBuilder:
             rank = p.shape[1] if p.source.endswith("_A") else p.shape[2]
             if p.source.startswith("svd"):
                 w0 = self._w0(p.tensor)
-                energy = self.recipe.config.twin.energy if rank is None else None
-                factors = [tuple(f.cpu() for f in svd_factors((t - w0).to(self.device), rank, energy))
-                           for t in self._thetas(p.tensor)]
+                cfg = self.recipe.config
+                energy = cfg.merging.energy(cfg.settings) if rank is None else None
+                factors = [
+                    tuple(f.cpu() for f in svd_factors((t - w0).to(self.device), rank, energy))
+                    for t in self._thetas(p.tensor)
+                ]
                 if rank is None:
                     rank = max(a.shape[0] for a, _ in factors)
-                    factors = [(nn.functional.pad(a, (0, 0, 0, rank - a.shape[0])),
-                                nn.functional.pad(b, (0, rank - b.shape[1]))) for a, b in factors]
+                    factors = [
+                        (
+                            nn.functional.pad(a, (0, 0, 0, rank - a.shape[0])),
+                            nn.functional.pad(b, (0, rank - b.shape[1])),
+                        )
+                        for a, b in factors
+                    ]
                     self.config.delta_ranks[_rank_key(p.tensor)] = rank
             else:
                 shape = self.recipe.base.shape(p.tensor)
@@ -434,9 +484,14 @@ def _rank_key(base_tensor: str) -> str:
     return module if layer is None else f"{layer}.{module}"
 
 
-def built_tensors(recipe: Recipe, config: MoEMergeConfig, seed: int, dtype: torch.dtype,
-                  device: str | torch.device = "cpu", out_dtype: torch.dtype | None = None
-                  ) -> Iterator[tuple[str, torch.Tensor]]:
+def built_tensors(
+    recipe: Recipe,
+    config: MoEMergeConfig,
+    seed: int,
+    dtype: torch.dtype,
+    device: str | torch.device = "cpu",
+    out_dtype: torch.dtype | None = None,
+) -> Iterator[tuple[str, torch.Tensor]]:
     """Every tensor of the dynamic model but the routers, executed from `plan` one tensor at a time, computed in
     `dtype` and given in `out_dtype` (default `dtype`). Ranks chosen by energy are written into `config.delta_ranks`
     as they are decided."""
@@ -450,10 +505,17 @@ def model_from_state(config: MoEMergeConfig, state: dict[str, torch.Tensor]) -> 
     """The model holding `state`'s tensors themselves (no copy), its routers at zero (uniform routing)."""
     model = empty_model(config)
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
-    missing = [k for k in missing if ".router." not in k and not k.startswith("model.router.")
-               and not (k.startswith("lm_head.") and config.tie_word_embeddings)]
+    missing = [
+        k
+        for k in missing
+        if ".router." not in k
+        and not k.startswith("model.router.")
+        and not (k.startswith("lm_head.") and config.tie_word_embeddings)
+    ]
     if missing or unexpected:
-        raise RuntimeError(f"internal error: built tensors do not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        raise RuntimeError(
+            f"internal error: built tensors do not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}"
+        )
     if config.tie_word_embeddings:
         model.tie_weights()
     return model
@@ -486,6 +548,7 @@ def router_inputs(model, tokenizer, groups: list[tuple[list[str], int]]) -> list
         def grab(_module, args):
             x = args[0].float()
             captured[i] = (masked_mean(x, mask) if x.dim() == 3 else x).cpu()
+
         return grab
 
     handles = [r.register_forward_pre_hook(hook(i)) for i, r in enumerate(model.routers())]
@@ -519,8 +582,8 @@ def init_routers(model: MoEMergeForCausalLM, tokenizer, config: MergeConfig, see
         return [None] * len(rs)
     if spec.init == "random":
         for r in rs:
-            if config.normalize == "none":  # WEMoE: start at task arithmetic, lambda for every expert
-                r.set_constant(config.wemoe.scale, generator=g)
+            if config.normalize == "none":  # raw weights start where the pre-pass runs (WEMoE: task arithmetic)
+                r.set_constant(config.merging.prepass_weights(config.settings, 1)[0], generator=g)
             else:
                 r.set_random(spec.random_std, generator=g)
         return [None] * len(rs)
@@ -558,8 +621,18 @@ def _save_config(model: MoEMergeForCausalLM, out: Path, dtype: torch.dtype) -> N
     (Path(out) / "modeling_moe_merge.py").write_text(REMOTE_CODE)
 
 
-def assemble_dynamic(recipe: Recipe, out_dir: Path, *, shown: Recipe, tokenizer, force: bool, shard_size: int,
-                     seed: int, device: str, eval_data: tuple[Path, list[dict]] | None) -> Path:
+def assemble_dynamic(
+    recipe: Recipe,
+    out_dir: Path,
+    *,
+    shown: Recipe,
+    tokenizer,
+    force: bool,
+    shard_size: int,
+    seed: int,
+    device: str,
+    eval_data: tuple[Path, list[dict]] | None,
+) -> Path:
     """Stream the dynamic model into `out_dir` in bounded memory, atomically:
     1. build every tensor from the sources, one at a time (SVDs on `device`), into the shard writer;
     2. run the recipe's prompts through the model, one block in memory at a time, read back from the writer

@@ -58,13 +58,14 @@ def _stored_name(model: MoEMergeForCausalLM, name: str) -> str:
     """Where tensor `name` is stored: a tied head's tensors are the embeddings'."""
     for target, source in (model._tied_weights_keys or {}).items() if model.config.tie_word_embeddings else ():
         if name == target or name.startswith(target + "."):
-            return source + name[len(target):]
+            return source + name[len(target) :]
     return name
 
 
 @contextlib.contextmanager
-def lazy(model: MoEMergeForCausalLM, load: Callable[[str], torch.Tensor], device: str | torch.device = "cpu"
-         ) -> Iterator[MoEMergeForCausalLM]:
+def lazy(
+    model: MoEMergeForCausalLM, load: Callable[[str], torch.Tensor], device: str | torch.device = "cpu"
+) -> Iterator[MoEMergeForCausalLM]:
     """Within the block, `model` loads each block's tensors with `load(name)` (to `device`) as it is called and
     frees them when it returns; routers stay as they are."""
     handles = []
@@ -77,7 +78,9 @@ def lazy(model: MoEMergeForCausalLM, load: Callable[[str], torch.Tensor], device
 
         def free(mod, *_, names=names):
             state = dict(mod.state_dict())
-            mod.load_state_dict({n: torch.empty_like(state[n], device="meta") for n in names}, strict=False, assign=True)
+            mod.load_state_dict(
+                {n: torch.empty_like(state[n], device="meta") for n in names}, strict=False, assign=True
+            )
 
         handles += [module.register_forward_pre_hook(fill), module.register_forward_hook(free)]
     try:

@@ -72,7 +72,11 @@ class LayerRunner:
             captured["logits"] = out[0]
             if stream.force:
                 n, dev = out[0].shape[0], out[0].device
-                return out[0], torch.ones(n, 1, dtype=out[1].dtype, device=dev), torch.full((n, 1), stream.expert, device=dev)
+                return (
+                    out[0],
+                    torch.ones(n, 1, dtype=out[1].dtype, device=dev),
+                    torch.full((n, 1), stream.expert, device=dev),
+                )
             return out
 
         hooks = [layer.mlp.register_forward_pre_hook(grab_input), layer.mlp.gate.register_forward_hook(route)]
@@ -82,8 +86,9 @@ class LayerRunner:
             position_ids = torch.arange(t, device=self.device).unsqueeze(0).expand(b, t)
             position_embeddings = self.rotary(stream.hidden, position_ids)
             # Right padding and a causal mask: real tokens never see padding, so no mask is needed.
-            stream.hidden = layer(stream.hidden, attention_mask=None, position_ids=position_ids,
-                                  position_embeddings=position_embeddings)
+            stream.hidden = layer(
+                stream.hidden, attention_mask=None, position_ids=position_ids, position_embeddings=position_embeddings
+            )
         finally:
             for h in hooks:
                 h.remove()

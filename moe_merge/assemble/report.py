@@ -85,8 +85,12 @@ def summarise(layers: list[dict], labels: list[str], config: MergeConfig) -> dic
     routers = [{k: v for k, v in lay.items() if not k.startswith("_")} for lay in layers]
     warnings = _warnings(routers, labels)
     rep = _report(config, labels, routers, prompts_ok)
-    return {**rep, "experts_per_token": config.experts_per_token, "tokens_routed_right_everywhere": tokens_ok,
-            "warnings": warnings}
+    return {
+        **rep,
+        "experts_per_token": config.experts_per_token,
+        "tokens_routed_right_everywhere": tokens_ok,
+        "warnings": warnings,
+    }
 
 
 def _warnings(routers: list[dict], labels: list[str]) -> list[str]:
@@ -97,13 +101,17 @@ def _warnings(routers: list[dict], labels: list[str]) -> list[str]:
             continue
         total = torch.tensor(shares).mean(0)
         if total.max() > COLLAPSE_SHARE:
-            warnings.append(f"layer {r['layer']}: router collapsed, expert {labels[total.argmax()]!r} "
-                            f"takes {total.max():.0%} of all eval tokens")
+            warnings.append(
+                f"layer {r['layer']}: router collapsed, expert {labels[total.argmax()]!r} "
+                f"takes {total.max():.0%} of all eval tokens"
+            )
         for e in (total < DEAD_SHARE).nonzero().flatten().tolist():
             warnings.append(f"layer {r['layer']}: expert {labels[e]!r} gets {total[e]:.1%} of eval tokens (dead)")
         if r["max_router_cosine"] is not None and r["max_router_cosine"] > PARALLEL_COSINE:
-            warnings.append(f"layer {r['layer']}: two router rows have cosine {r['max_router_cosine']:.3f}; "
-                            "their experts' prompts look alike at this layer")
+            warnings.append(
+                f"layer {r['layer']}: two router rows have cosine {r['max_router_cosine']:.3f}; "
+                "their experts' prompts look alike at this layer"
+            )
     for w in warnings:
         logger.warning("routing report: %s", w)
     return warnings
@@ -113,8 +121,9 @@ def _warnings(routers: list[dict], labels: list[str]) -> list[str]:
 
 
 @torch.no_grad()
-def routing_report(model, tokenizer, config: MergeConfig, labels: list[str],
-                   scales: list[float | None] | None = None) -> dict:
+def routing_report(
+    model, tokenizer, config: MergeConfig, labels: list[str], scales: list[float | None] | None = None
+) -> dict:
     """How each router of a dynamic model sends every expert's held-out prompts (`eval_prompts`, else
     `positive_prompts`); `scales` are the routers' calibration scales, if known."""
     from moe_merge.assemble.lazy import compute_device
@@ -123,8 +132,9 @@ def routing_report(model, tokenizer, config: MergeConfig, labels: list[str],
     prompts = [(e.eval_prompts if e.eval_prompts is not None else e.positive_prompts) or [] for e in config.experts]
     per_expert: list[torch.Tensor | None] = [None] * len(prompts)
     if any(prompts):  # one forward pass for every expert's prompts: a model streamed from disk reads itself once
-        enc = tokenizer([p for ps in prompts for p in ps], return_tensors="pt", padding=True,
-                        padding_side="left").to(compute_device(model))
+        enc = tokenizer([p for ps in prompts for p in ps], return_tensors="pt", padding=True, padding_side="left").to(
+            compute_device(model)
+        )
         w = model.model(**enc, use_cache=False).merge_weights  # [B, R, E] or [B, R, T, E]; no logits needed
         if w.dim() == 4:
             w = masked_mean(w.permute(0, 2, 1, 3).flatten(2), enc["attention_mask"]).view(w.shape[0], w.shape[1], -1)
@@ -135,10 +145,15 @@ def routing_report(model, tokenizer, config: MergeConfig, labels: list[str],
         return [None if w is None else f(i, w) for i, w in enumerate(per_expert)]
 
     scales = scales or [None] * R
-    routers = [{"layer": _router_layer(model.config, k),
-                "accuracy": each(lambda i, w: (w[:, k].argmax(-1) == i).float().mean().item()),
-                "sent_to": each(lambda i, w: w[:, k].mean(0).tolist()),
-                "scale": scales[k]} for k in range(R)]
+    routers = [
+        {
+            "layer": _router_layer(model.config, k),
+            "accuracy": each(lambda i, w, k=k: (w[:, k].argmax(-1) == i).float().mean().item()),
+            "sent_to": each(lambda i, w, k=k: w[:, k].mean(0).tolist()),
+            "scale": scales[k],
+        }
+        for k in range(R)
+    ]
     everywhere = each(lambda i, w: (w.argmax(-1) == i).all(-1).float().mean().item())
     return {**_report(config, labels, routers, everywhere), "warnings": []}
 
@@ -193,16 +208,24 @@ def plot(rep: dict, path: Path) -> None:
 
     labels, routers = rep["experts"], rep["routers"]
     n, R = len(labels), len(routers)
-    picks = sorted({round(j * (R - 1) / (MAX_PLOTTED - 1)) for j in range(MAX_PLOTTED)}) if R > MAX_PLOTTED else range(R)
+    picks = (
+        sorted({round(j * (R - 1) / (MAX_PLOTTED - 1)) for j in range(MAX_PLOTTED)}) if R > MAX_PLOTTED else range(R)
+    )
     fig, axes = plt.subplots(1, len(picks), figsize=(2.2 + 1.9 * len(picks), 1.2 + 0.35 * n), squeeze=False)
     for ax, k in zip(axes[0], picks):
         r = routers[k]
         im = ax.imshow([[float("nan")] * n if s is None else s for s in r["sent_to"]], vmin=0, vmax=1, cmap="viridis")
-        ax.set_title("router" if R == 1 else f"layer {r['layer']}" if r["layer"] is not None else f"router {k}", fontsize=9)
+        ax.set_title(
+            "router" if R == 1 else f"layer {r['layer']}" if r["layer"] is not None else f"router {k}", fontsize=9
+        )
         ax.set_xticks(range(n), labels, rotation=90, fontsize=7)
         ax.set_yticks(range(n), labels if ax is axes[0][0] else [""] * n, fontsize=7)
-    fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="top-1 share of tokens" if "experts_per_token" in rep
-                 else "mean merge weight")
+    fig.colorbar(
+        im,
+        ax=axes[0].tolist(),
+        shrink=0.8,
+        label="top-1 share of tokens" if "experts_per_token" in rep else "mean merge weight",
+    )
     fig.suptitle(f"{rep['method']} / {rep['level']}: where each expert's held-out prompts (rows) go", fontsize=9)
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)

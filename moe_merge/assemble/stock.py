@@ -33,8 +33,16 @@ from moe_merge.writer import ShardWriter
 logger = logging.getLogger(__name__)
 
 # Dense-only config fields the MoE configs do not have.
-DENSE_ONLY_FIELDS = ("architectures", "model_type", "transformers_version", "_name_or_path", "auto_map",
-                     "mlp_bias", "pretraining_tp", "torch_dtype")
+DENSE_ONLY_FIELDS = (
+    "architectures",
+    "model_type",
+    "transformers_version",
+    "_name_or_path",
+    "auto_map",
+    "mlp_bias",
+    "pretraining_tp",
+    "torch_dtype",
+)
 
 
 def moe_config(recipe: Recipe):
@@ -48,8 +56,14 @@ def moe_config(recipe: Recipe):
         fields.pop("attention_bias", None)
         fields.update(num_local_experts=n, num_experts_per_tok=cfg.experts_per_token)
     else:
-        fields.update(num_experts=n, num_experts_per_tok=cfg.experts_per_token, moe_intermediate_size=inter,
-                      norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[])
+        fields.update(
+            num_experts=n,
+            num_experts_per_tok=cfg.experts_per_token,
+            moe_intermediate_size=inter,
+            norm_topk_prob=True,
+            decoder_sparse_step=1,
+            mlp_only_layers=[],
+        )
         if recipe.fmt.model_type == "qwen2_moe":
             fields["qkv_bias"] = recipe.base.family == "qwen2"
             fields.pop("attention_bias", None)
@@ -83,7 +97,9 @@ def plan(recipe: Recipe) -> list[TensorPlan]:
         if recipe.shared is not None:
             for proj in MLP_PROJS:
                 src = MLP_KEY.format(layer=layer, proj=proj)
-                out.append(TensorPlan(fmt.shared_expert_key.format(layer=layer, proj=proj), "shared", base.shape(src), src))
+                out.append(
+                    TensorPlan(fmt.shared_expert_key.format(layer=layer, proj=proj), "shared", base.shape(src), src)
+                )
             out.append(TensorPlan(fmt.shared_router_key.format(layer=layer), "shared_router", (1, hidden)))
         out.append(TensorPlan(fmt.router_key.format(layer=layer), "router", (E, hidden)))
     return out
@@ -94,7 +110,7 @@ class TensorReader:
 
     def __init__(self, recipe: Recipe, dtype: torch.dtype | None, seed: int):
         self.recipe, self.dtype, self.seed = recipe, dtype, seed
-        self.spec = recipe.config.merging.static(recipe.config)
+        self.spec = recipe.config.static_merge
 
     def __call__(self, p: TensorPlan) -> torch.Tensor:
         cfg = self.recipe.config
@@ -126,16 +142,27 @@ class TensorReader:
         return t
 
 
-def assemble_stock(recipe: Recipe, out_dir: Path, *, shown: Recipe, tokenizer, force: bool, shard_size: int,
-                   seed: int, device: str, eval_data: tuple[Path, list[dict]] | None) -> Path:
+def assemble_stock(
+    recipe: Recipe,
+    out_dir: Path,
+    *,
+    shown: Recipe,
+    tokenizer,
+    force: bool,
+    shard_size: int,
+    seed: int,
+    device: str,
+    eval_data: tuple[Path, list[dict]] | None,
+) -> Path:
     """Stream the stock MoE into `out_dir` layer by layer, fitting each layer's router as it passes."""
     out_dtype = recipe.output_dtype
     out_config = moe_config(recipe)
     entries = plan(recipe)
     read = TensorReader(recipe, out_dtype, seed)
     layers = out_config.num_hidden_layers
-    logger.info("assembling %d experts x %d layers into %s (%s)", len(recipe.experts), layers,
-                recipe.fmt.architecture, out_dir)
+    logger.info(
+        "assembling %d experts x %d layers into %s (%s)", len(recipe.experts), layers, recipe.fmt.architecture, out_dir
+    )
 
     with atomic_output_dir(out_dir, force=force) as tmp:
         writer = ShardWriter(tmp, shard_size)
@@ -152,7 +179,10 @@ def assemble_stock(recipe: Recipe, out_dir: Path, *, shown: Recipe, tokenizer, f
             tensors = {p.name: read(p) for p in by_layer[layer] if p.tensor is not None}
             routers = fitter.layer(layer, tensors)
             for p in by_layer[layer]:
-                writer.add(p.name, tensors[p.name] if p.tensor is not None else routers[p.source].to(out_dtype or torch.float32))
+                writer.add(
+                    p.name,
+                    tensors[p.name] if p.tensor is not None else routers[p.source].to(out_dtype or torch.float32),
+                )
             del tensors
         writer.finalize()
         _write_config(out_config, tmp)
@@ -207,7 +237,9 @@ class RouterFitter:
         self.negative = make_streams(self.tokenizer, embed, [e.negative_prompts for e in experts], force=True)
         self.examples = make_streams(self.tokenizer, embed, [e.examples for e in experts], force=True)
         shared = self.recipe.config.shared_experts
-        self.shared_calib = make_streams(self.tokenizer, embed, [shared[0].positive_prompts], force=True)[0] if shared else None
+        self.shared_calib = (
+            make_streams(self.tokenizer, embed, [shared[0].positive_prompts], force=True)[0] if shared else None
+        )
         evals = [e.eval_prompts if e.eval_prompts is not None else e.positive_prompts for e in experts]
         self.evals = make_streams(self.tokenizer, embed, evals, force=False)
         self.embed_means = [
@@ -268,7 +300,9 @@ class RouterFitter:
         others = torch.cat([p.prompt_means() for p in positive if p is not None])
         return prompt_init.direction_rows([shared_features.prompt_means()], [others])
 
-    def _layer_state(self, layer: int, tensors: dict[str, torch.Tensor], router: torch.Tensor) -> dict[str, torch.Tensor]:
+    def _layer_state(
+        self, layer: int, tensors: dict[str, torch.Tensor], router: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
         """The stock decoder layer's in-memory state dict (transformers 5 fused experts) from output tensors."""
         fmt, prefix = self.recipe.fmt, f"model.layers.{layer}."
         state = {}
@@ -278,14 +312,18 @@ class RouterFitter:
         for name, t in tensors.items():
             if name not in expert_names and not (fmt.shared_expert_key and ".shared_expert." in name):
                 state[name.removeprefix(prefix)] = t
+
         def stack(proj):
             return torch.stack([tensors[fmt.expert_tensor(layer, e, proj)] for e in range(len(self.recipe.experts))])
+
         state["mlp.experts.gate_up_proj"] = torch.cat([stack("gate_proj"), stack("up_proj")], dim=1)
         state["mlp.experts.down_proj"] = stack("down_proj")
         state["mlp.gate.weight"] = router
         if self.recipe.shared is not None:
             for proj in MLP_PROJS:
-                state[f"mlp.shared_expert.{proj}.weight"] = tensors[fmt.shared_expert_key.format(layer=layer, proj=proj)]
+                state[f"mlp.shared_expert.{proj}.weight"] = tensors[
+                    fmt.shared_expert_key.format(layer=layer, proj=proj)
+                ]
             state["mlp.shared_expert_gate.weight"] = torch.zeros(1, self.config.hidden_size)
         return state
 
@@ -298,7 +336,12 @@ def _join(a: prompt_init.TokenSet | None, b: prompt_init.TokenSet | None) -> pro
     if len(parts) == 1:
         return parts[0]
     width = max(s.states.shape[1] for s in parts)
-    pad = lambda s: (torch.nn.functional.pad(s.states, (0, 0, 0, width - s.states.shape[1])),
-                     torch.nn.functional.pad(s.mask, (0, width - s.mask.shape[1])))
+
+    def pad(s):
+        return (
+            torch.nn.functional.pad(s.states, (0, 0, 0, width - s.states.shape[1])),
+            torch.nn.functional.pad(s.mask, (0, width - s.mask.shape[1])),
+        )
+
     (xa, ma), (xb, mb) = pad(parts[0]), pad(parts[1])
     return prompt_init.TokenSet(torch.cat([xa, xb]), torch.cat([ma, mb]))

@@ -25,7 +25,9 @@ from moe_merge.sources import check_model_dir
 def weights_for_prompt(model: MoEMergeForCausalLM, tokenizer, prompt: str) -> torch.Tensor:
     """The merge weights [R, E] the model's routers give `prompt`."""
     if model.config.router_granularity != "sequence":
-        raise ConfigError("this model routes each token, so a prompt gives no single set of merge weights; bake it with --weights")
+        raise ConfigError(
+            "this model routes each token, so a prompt gives no single set of merge weights; bake it with --weights"
+        )
     with torch.no_grad():
         return model.model(**tokenizer(prompt, return_tensors="pt"), use_cache=False).merge_weights[0]
 
@@ -33,8 +35,10 @@ def weights_for_prompt(model: MoEMergeForCausalLM, tokenizer, prompt: str) -> to
 def _expert_of(w: torch.Tensor, where: str) -> int:
     e = int(w.argmax())
     if not torch.allclose(w, torch.nn.functional.one_hot(torch.tensor(e), len(w)).to(w)):
-        raise ConfigError(f"sparse output mixing cannot be baked into one dense model: {where} mixes "
-                          f"{[round(x, 3) for x in w.tolist()]}; give one-hot weights (e.g. --weights 0,1,0)")
+        raise ConfigError(
+            f"sparse output mixing cannot be baked into one dense model: {where} mixes "
+            f"{[round(x, 3) for x in w.tolist()]}; give one-hot weights (e.g. --weights 0,1,0)"
+        )
     return e
 
 
@@ -117,8 +121,9 @@ def load_dynamic(model_dir: Path, allow_nonfinite: bool = False, **kwargs) -> Mo
     return model
 
 
-def fixed_merge_weights(model: MoEMergeForCausalLM, model_dir: Path, weights: list[float] | torch.Tensor | None,
-                        prompt: str | None) -> torch.Tensor:
+def fixed_merge_weights(
+    model: MoEMergeForCausalLM, model_dir: Path, weights: list[float] | torch.Tensor | None, prompt: str | None
+) -> torch.Tensor:
     """The merge weights the user asked for: `weights` ([E] for every router, or [R, E]) or the routers' for
     `prompt` [R, E]."""
     from moe_merge.tokens import load_tokenizer
@@ -130,10 +135,13 @@ def fixed_merge_weights(model: MoEMergeForCausalLM, model_dir: Path, weights: li
     cfg = model.config
     w = torch.as_tensor(weights, dtype=torch.float32 if isinstance(weights, list) else None)
     if w.shape not in ((cfg.num_experts,), (cfg.num_routers, cfg.num_experts)):
-        raise ConfigError(f"--weights has {w.shape[-1] if w.dim() else 1} values but {model_dir} has {cfg.num_experts} "
-                          f"experts ({', '.join(cfg.expert_names or [])})" if w.dim() < 2 else
-                          f"merge weights of shape {tuple(w.shape)}; {model_dir} needs [{cfg.num_experts}] or "
-                          f"[{cfg.num_routers}, {cfg.num_experts}]")
+        raise ConfigError(
+            f"--weights has {w.shape[-1] if w.dim() else 1} values but {model_dir} has {cfg.num_experts} "
+            f"experts ({', '.join(cfg.expert_names or [])})"
+            if w.dim() < 2
+            else f"merge weights of shape {tuple(w.shape)}; {model_dir} needs [{cfg.num_experts}] or "
+            f"[{cfg.num_routers}, {cfg.num_experts}]"
+        )
     try:
         cfg.check_merge_weights(w)
     except ValueError as e:
@@ -141,8 +149,15 @@ def fixed_merge_weights(model: MoEMergeForCausalLM, model_dir: Path, weights: li
     return w
 
 
-def bake(model_dir: Path | str, out_dir: Path | str, *, weights: list[float] | None = None, prompt: str | None = None,
-         force: bool = False, allow_nonfinite: bool = False) -> Path:
+def bake(
+    model_dir: Path | str,
+    out_dir: Path | str,
+    *,
+    weights: list[float] | None = None,
+    prompt: str | None = None,
+    force: bool = False,
+    allow_nonfinite: bool = False,
+) -> Path:
     """Write the dense checkpoint for fixed merge weights (`weights`, one per expert) or those the routers give `prompt`."""
     from moe_merge.export.card import write_baked_card
 
@@ -154,6 +169,11 @@ def bake(model_dir: Path | str, out_dir: Path | str, *, weights: list[float] | N
     with atomic_output_dir(out_dir, force=force) as tmp:
         dense.save_pretrained(tmp)
         copy_companions(model_dir, tmp, make_generation_config=False)
-        write_baked_card(tmp, model_dir=model_dir, expert_names=list(model.config.expert_names or []), weights=w,
-                         architecture=type(dense).__name__)
+        write_baked_card(
+            tmp,
+            model_dir=model_dir,
+            expert_names=list(model.config.expert_names or []),
+            weights=w,
+            architecture=type(dense).__name__,
+        )
     return Path(out_dir)

@@ -29,10 +29,16 @@ def _card_data(recipe: Recipe, tags: list[str], library_name: str = "transformer
     from huggingface_hub import ModelCardData
 
     cfg = recipe.config
-    refs = [(cfg.base_model, recipe.base.path)] + [(e.source_model, x.path) for e, x in zip(cfg.experts, recipe.experts)]
+    refs = [(cfg.base_model, recipe.base.path)] + [
+        (e.source_model, x.path) for e, x in zip(cfg.experts, recipe.experts)
+    ]
     ids = list(dict.fromkeys(i for i in (hub_id(ref, path) for ref, path in refs) if i))
-    data = ModelCardData(base_model=ids or None, library_name=library_name, pipeline_tag="text-generation",
-                         tags=["moe", "merge", "moe-merge", *tags])
+    data = ModelCardData(
+        base_model=ids or None,
+        library_name=library_name,
+        pipeline_tag="text-generation",
+        tags=["moe", "merge", "moe-merge", *tags],
+    )
     if ids:
         data.base_model_relation = "merge"
     return data
@@ -61,9 +67,11 @@ def _quality(quality: dict | None) -> str:
     oracle = quality.get("oracle")
     if oracle:
         cells = [f"{oracle[t][0]:.0%}" if t in oracle else "n/a" for t in tasks]
-        text += (f"| oracle (merge weights one-hot to the task's expert) | {' | '.join(cells)} | |\n\n"
-                 "Where this model falls short of the oracle, its routers are to blame; where the oracle falls short "
-                 "of the expert itself, the merge is.\n")
+        text += (
+            f"| oracle (merge weights one-hot to the task's expert) | {' | '.join(cells)} | |\n\n"
+            "Where this model falls short of the oracle, its routers are to blame; where the oracle falls short "
+            "of the expert itself, the merge is.\n"
+        )
     return text
 
 
@@ -83,9 +91,17 @@ def write_card(out_dir: Path, recipe: Recipe, rep: dict, quality: dict | None = 
         for i, (label, e) in enumerate(zip(rep["experts"], cfg.experts))
     )
     warnings = "\n".join(f"- {w}" for w in rep["warnings"]) or "- none"
-    report = (f"Where each expert's held-out prompts are routed, layer by layer (`routing_report.json`). Warnings:\n\n"
-              f"{warnings}\n\n![routing report](routing_report.png)" if rep["measured"] else rep["note"].capitalize() + ".")
-    start = "initialised from each expert's prompts without training" if cfg.router_init in PROMPT_INITS else "no prompts read"
+    report = (
+        f"Where each expert's held-out prompts are routed, layer by layer (`routing_report.json`). Warnings:\n\n"
+        f"{warnings}\n\n![routing report](routing_report.png)"
+        if rep["measured"]
+        else rep["note"].capitalize() + "."
+    )
+    start = (
+        "initialised from each expert's prompts without training"
+        if cfg.router_init in PROMPT_INITS
+        else "no prompts read"
+    )
     text = f"""---
 {data.to_yaml()}
 ---
@@ -134,8 +150,9 @@ The resolved recipe (`moe-merge.yaml`), every default spelled out:
     ModelCard(text).save(Path(out_dir) / "README.md")
 
 
-def write_dynamic_card(out_dir: Path, recipe: Recipe, rep: dict, quality: dict | None = None,
-                       model_config=None) -> None:
+def write_dynamic_card(
+    out_dir: Path, recipe: Recipe, rep: dict, quality: dict | None = None, model_config=None
+) -> None:
     """The card of a moe_merge dynamic model (remote code; `trust_remote_code=True` or `import moe_merge`), whose
     `model_config` says what is routed beside the linear layers. The card is one template read top to bottom,
     hence its length."""
@@ -146,17 +163,27 @@ def write_dynamic_card(out_dir: Path, recipe: Recipe, rep: dict, quality: dict |
     measured = rep["measured"]
     rows = "\n".join(
         f"| {i} | {label} | `{e.source_model}` | "
-        + (f"{_pct(rep['accuracy_worst'][i])} | {_pct(rep['routed_right_everywhere'][i])} |"
-           if measured and rep["accuracy_worst"][i] is not None else "not measured | not measured |")
+        + (
+            f"{_pct(rep['accuracy_worst'][i])} | {_pct(rep['routed_right_everywhere'][i])} |"
+            if measured and rep["accuracy_worst"][i] is not None
+            else "not measured | not measured |"
+        )
         for i, (label, e) in enumerate(zip(rep["experts"], cfg.experts))
     )
-    report = ("Mean merge weights of each expert's held-out prompts, per router (`routing_report.json`):\n\n"
-              "![routing report](routing_report.png)" if measured else rep["note"].capitalize() + ".")
+    report = (
+        "Mean merge weights of each expert's held-out prompts, per router (`routing_report.json`):\n\n"
+        "![routing report](routing_report.png)"
+        if measured
+        else rep["note"].capitalize() + "."
+    )
     spec = cfg.router_spec
     parts = ", ".join(getattr(model_config, "routed_parts", None) or []) or "nothing (the experts do not differ there)"
-    prepass = ("" if spec.granularity != "sequence" or model_config is None else
-               f"; the first router reads the prompt's states entering layer {model_config.prepass_layers} of the "
-               "static merge, in a pass run once at prefill")
+    prepass = (
+        ""
+        if spec.granularity != "sequence" or model_config is None
+        else f"; the first router reads the prompt's states entering layer {model_config.prepass_layers} of the "
+        "static merge, in a pass run once at prefill"
+    )
     text = f"""---
 {data.to_yaml()}
 ---
@@ -214,8 +241,14 @@ def _merge_weights_table(expert_names: list[str], weights) -> str:
     """One row per router ([R, E]), or one row for all ([E])."""
     rows = weights.reshape(-1, weights.shape[-1]).tolist()
     header = "| router | " + " | ".join(expert_names) + " |\n|---|" + "---|" * len(expert_names)
-    return header + "\n" + "\n".join(f"| {'all' if len(rows) == 1 else k} | " + " | ".join(f"{x:.4g}" for x in row)
-                                      + " |" for k, row in enumerate(rows))
+    return (
+        header
+        + "\n"
+        + "\n".join(
+            f"| {'all' if len(rows) == 1 else k} | " + " | ".join(f"{x:.4g}" for x in row) + " |"
+            for k, row in enumerate(rows)
+        )
+    )
 
 
 def write_baked_card(out_dir: Path, *, model_dir: Path, expert_names: list[str], weights, architecture: str) -> None:
@@ -224,8 +257,9 @@ def write_baked_card(out_dir: Path, *, model_dir: Path, expert_names: list[str],
 
     source = Path(model_dir) / "README.md"
     base_model = ModelCard.load(source).data.base_model if source.is_file() else None
-    data = ModelCardData(base_model=base_model, library_name="transformers", pipeline_tag="text-generation",
-                         tags=["merge", "moe-merge"])
+    data = ModelCardData(
+        base_model=base_model, library_name="transformers", pipeline_tag="text-generation", tags=["merge", "moe-merge"]
+    )
     if base_model:
         data.base_model_relation = "merge"
     text = f"""---
@@ -255,19 +289,31 @@ model = AutoModelForCausalLM.from_pretrained("<this directory or repo id>")
 def _vllm_serving(base: str, rank: int) -> str:
 
     if (serve := vllm_max_lora_rank(rank)) is None:
-        return (f"vLLM cannot serve this adapter: its rank, {rank}, is above the largest `--max-lora-rank` vLLM accepts "
-                f"({max(VLLM_MAX_LORA_RANKS)}). Serve the dense model instead: `moe-merge bake` with the same merge "
-                "weights writes it.")
+        return (
+            f"vLLM cannot serve this adapter: its rank, {rank}, is above the largest `--max-lora-rank` vLLM accepts "
+            f"({max(VLLM_MAX_LORA_RANKS)}). Serve the dense model instead: `moe-merge bake` with the same merge "
+            "weights writes it."
+        )
     return f"vLLM: `vllm serve {base} --enable-lora --max-lora-rank {serve} --lora-modules merged=<this directory>`."
 
 
-def write_adapter_card(out_dir: Path, *, base: str, hub_id: str | None, model_dir: Path, expert_names: list[str],
-                       weights, rank: int, modules: int) -> None:
+def write_adapter_card(
+    out_dir: Path,
+    *,
+    base: str,
+    hub_id: str | None,
+    model_dir: Path,
+    expert_names: list[str],
+    weights,
+    rank: int,
+    modules: int,
+) -> None:
     """The card of an `export-lora` adapter: the merge weights it holds and how to serve it."""
     from huggingface_hub import ModelCard, ModelCardData
 
-    data = ModelCardData(base_model=hub_id, library_name="peft", pipeline_tag="text-generation",
-                         tags=["lora", "merge", "moe-merge"])
+    data = ModelCardData(
+        base_model=hub_id, library_name="peft", pipeline_tag="text-generation", tags=["lora", "merge", "moe-merge"]
+    )
     if hub_id:
         data.base_model_relation = "adapter"
     text = f"""---

@@ -58,8 +58,10 @@ class _Base:
             raise CompatibilityError(f"the base {self.checkpoint.path} has no tensor {name!r}; is it the model's base?")
         t = self.checkpoint.get(name)
         if tuple(t.shape) != tuple(shape):
-            raise CompatibilityError(f"tensor {name!r} is {tuple(t.shape)} in the base {self.checkpoint.path} but "
-                                     f"{tuple(shape)} in the model; is it the model's base?")
+            raise CompatibilityError(
+                f"tensor {name!r} is {tuple(t.shape)} in the base {self.checkpoint.path} but "
+                f"{tuple(shape)} in the model; is it the model's base?"
+            )
         return t.to(dtype).double()
 
     def like(self, name: str, t: torch.Tensor) -> torch.Tensor:
@@ -81,8 +83,10 @@ def _merged_factors(m: MergedLinear, w: torch.Tensor, name: str, base: _Base) ->
     for t in terms[1:]:
         dense = dense + t
     if bias is not None and not torch.equal(bias, base.like(f"{name}.bias", bias)):
-        raise ConfigError(f"{name}.bias differs from the base's for these merge weights; LoRA adapters for serving carry no bias: "
-                          "write a dense model with `moe-merge bake`")
+        raise ConfigError(
+            f"{name}.bias differs from the base's for these merge weights; LoRA adapters for serving carry no bias: "
+            "write a dense model with `moe-merge bake`"
+        )
     return ([dense_factors(dense)] if dense.any() else []) + factors
 
 
@@ -92,16 +96,19 @@ def delta_factors(model: MoEMergeForCausalLM, weights: torch.Tensor, base: Check
     weights [E] (every router) or [R, E]. Modules equal to the base are left out."""
     cfg = model.config
     if cfg.merging.merges == "outputs":
-        raise ConfigError(f"`method: {cfg.method}` at {cfg.level} level mixes whole layers' outputs, which no LoRA on one "
-                          "model computes; for one expert's layers use `moe-merge bake --weights` with one-hot weights")
+        raise ConfigError(
+            f"`method: {cfg.method}` at {cfg.level} level mixes whole layers' outputs, which no LoRA on one "
+            "model computes; for one expert's layers use `moe-merge bake --weights` with one-hot weights"
+        )
     w = weights.double().expand(cfg.num_routers, cfg.num_experts)
     ref = _Base(base)
     inner = model.model
     ref.require_equal("model.embed_tokens.weight", fixed(inner.embed_tokens, w[0]))
     ref.require_equal("model.norm.weight", fixed(inner.norm, w[-1]))
     if not cfg.tie_word_embeddings or isinstance(model.lm_head, MergedLinear):  # merged: the last router's weights
-        ref.require_equal("model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight",
-                          fixed(model.lm_head, w[-1]))
+        ref.require_equal(
+            "model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight", fixed(model.lm_head, w[-1])
+        )
     out: dict[str, Factors] = {}
     for i, layer in enumerate(inner.layers):
         wi = w[cfg.router_of_layer(i)]
@@ -155,9 +162,17 @@ def recipe_base(model_dir: Path) -> str:
     return yaml.safe_load(recipe.read_text())["base_model"]
 
 
-def export_lora(model_dir: Path | str, out_dir: Path | str, *, weights: list[float] | torch.Tensor | None = None,
-                prompt: str | None = None, base: str | None = None, dtype: torch.dtype | None = None,
-                force: bool = False, allow_nonfinite: bool = False) -> Path:
+def export_lora(
+    model_dir: Path | str,
+    out_dir: Path | str,
+    *,
+    weights: list[float] | torch.Tensor | None = None,
+    prompt: str | None = None,
+    base: str | None = None,
+    dtype: torch.dtype | None = None,
+    force: bool = False,
+    allow_nonfinite: bool = False,
+) -> Path:
     """Write the PEFT LoRA adapter (on the base) that reproduces `model_dir` under fixed merge weights.
 
     The merge weights are `weights` ([E] for every router, or [R, E]) or the routers' weights for `prompt`. `base` (a
@@ -181,19 +196,39 @@ def export_lora(model_dir: Path | str, out_dir: Path | str, *, weights: list[flo
         raise SourceError(f"{e}; or pass the base's directory with --base") from None
     factors = delta_factors(model, w, Checkpoint(base_path))
     if not factors:
-        raise ConfigError(f"for these merge weights {model_dir} equals its base {base_path}: there is no delta to export")
+        raise ConfigError(
+            f"for these merge weights {model_dir} equals its base {base_path}: there is no delta to export"
+        )
     tensors, rank = adapter_tensors(factors, dtype or model.dtype)
     if vllm_max_lora_rank(rank) is None:
-        logger.warning("the adapter's rank, %d, is above vLLM's largest --max-lora-rank (%d): PEFT loads it, multi-LoRA "
-                       "servers will not; `moe-merge bake` writes the dense model instead", rank, max(VLLM_MAX_LORA_RANKS))
+        logger.warning(
+            "the adapter's rank, %d, is above vLLM's largest --max-lora-rank (%d): PEFT loads it, multi-LoRA "
+            "servers will not; `moe-merge bake` writes the dense model instead",
+            rank,
+            max(VLLM_MAX_LORA_RANKS),
+        )
     base_hub_id = hub_id(base_ref, base_path)  # the Hub's name for the base, when it came from there
-    config = LoraConfig(r=rank, lora_alpha=rank, target_modules=sorted(factors), lora_dropout=0.0, bias="none",
-                        task_type="CAUSAL_LM", base_model_name_or_path=base_hub_id or str(base_path))
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=rank,
+        target_modules=sorted(factors),
+        lora_dropout=0.0,
+        bias="none",
+        task_type="CAUSAL_LM",
+        base_model_name_or_path=base_hub_id or str(base_path),
+    )
     with atomic_output_dir(out_dir, force=force) as tmp:
         config.save_pretrained(tmp)
         _sort_target_modules(tmp / "adapter_config.json")
         save_tensors(tensors, tmp / "adapter_model.safetensors", metadata={"format": "pt"})
-        card.write_adapter_card(tmp, base=base_hub_id or str(base_path), hub_id=base_hub_id, model_dir=model_dir,
-                                expert_names=list(model.config.expert_names or []), weights=w.float(), rank=rank,
-                                modules=len(factors))
+        card.write_adapter_card(
+            tmp,
+            base=base_hub_id or str(base_path),
+            hub_id=base_hub_id,
+            model_dir=model_dir,
+            expert_names=list(model.config.expert_names or []),
+            weights=w.float(),
+            rank=rank,
+            modules=len(factors),
+        )
     return Path(out_dir)

@@ -44,18 +44,24 @@ def _check_card(folder: Path) -> None:
 
     path = folder / "README.md"
     if not path.is_file():
-        raise PushError(f"{folder} has no README.md; the Hub needs a model card (moe-merge writes one with every output)")
+        raise PushError(
+            f"{folder} has no README.md; the Hub needs a model card (moe-merge writes one with every output)"
+        )
     try:
         data = ModelCard.load(path).data
     except Exception as e:  # yaml and huggingface_hub raise several types; the message is what matters
-        raise PushError(f"the metadata block of {path} does not parse ({e}); fix the YAML between the --- lines") from None
+        raise PushError(
+            f"the metadata block of {path} does not parse ({e}); fix the YAML between the --- lines"
+        ) from None
     base_model = data.base_model
     for ref in [base_model] if isinstance(base_model, str) else base_model or []:
         try:
             validate_repo_id(ref)
         except HFValidationError:
-            raise PushError(f"{path}: `base_model` lists {ref!r}, which is not a Hub repo id (the Hub refuses local "
-                            "paths); replace it with the repo id or remove it") from None
+            raise PushError(
+                f"{path}: `base_model` lists {ref!r}, which is not a Hub repo id (the Hub refuses local "
+                "paths); replace it with the repo id or remove it"
+            ) from None
 
 
 def _check_recipe(folder: Path) -> None:
@@ -76,8 +82,10 @@ def _check_recipe(folder: Path) -> None:
     refs = [recipe.get("base_model")] + [e.get("source_model") for e in entries if isinstance(e, dict)]
     local = [r for r in refs if isinstance(r, str) and any(Path(part).is_absolute() for part in r.split("+"))]
     if local:
-        raise PushError(f"{path} names sources by absolute local path ({local[0]}): write them as Hub ids or as paths "
-                        "relative to the folder (moe-merge assemble does), then push")
+        raise PushError(
+            f"{path} names sources by absolute local path ({local[0]}): write them as Hub ids or as paths "
+            "relative to the folder (moe-merge assemble does), then push"
+        )
 
 
 def _check_index(folder: Path) -> None:
@@ -98,17 +106,21 @@ def _check_index(folder: Path) -> None:
             held = set(read_safetensors_header(folder / file))
             if held != tensors:
                 extra, missing = sorted(held - tensors), sorted(tensors - held)
-                raise PushError(f"{index_path.name} and the header of {file} disagree: "
-                                + (f"{file} holds {extra[:3]} that the index does not list; " if extra else "")
-                                + (f"the index puts {missing[:3]} in {file}, which lacks them; " if missing else "")
-                                + "re-save the model")
+                raise PushError(
+                    f"{index_path.name} and the header of {file} disagree: "
+                    + (f"{file} holds {extra[:3]} that the index does not list; " if extra else "")
+                    + (f"the index puts {missing[:3]} in {file}, which lacks them; " if missing else "")
+                    + "re-save the model"
+                )
         indexed |= set(by_file)
     stray = sorted(files - indexed)
     if indexed and stray:
         raise PushError(f"{folder}: {', '.join(stray)} is in no index file; remove it or re-save the model")
     if not indexed and len(stray) > 1:
-        raise PushError(f"{folder} holds {len(stray)} safetensors files ({', '.join(stray)}) but no index naming "
-                        "their tensors; re-save the model")
+        raise PushError(
+            f"{folder} holds {len(stray)} safetensors files ({', '.join(stray)}) but no index naming "
+            "their tensors; re-save the model"
+        )
     for file in stray:  # a lone file: its header at least must read
         read_safetensors_header(folder / file)
 
@@ -124,12 +136,15 @@ def _check_model_loads(folder: Path) -> None:
         ref = ref[0] if isinstance(ref, list) else ref
         module = ref.rsplit(".", 1)[0]
         if ref and "--" not in ref and not (folder / f"{module}.py").is_file():  # `repo--module.Class` lives elsewhere
-            raise PushError(f"config.json's auto_map names {module}.py, which {folder} lacks: the model could not "
-                            "load with trust_remote_code; copy it back or re-save the model")
+            raise PushError(
+                f"config.json's auto_map names {module}.py, which {folder} lacks: the model could not "
+                "load with trust_remote_code; copy it back or re-save the model"
+            )
     try:
         AutoConfig.from_pretrained(folder)
-        _, info = AutoModelForCausalLM.from_pretrained(folder, device_map="meta", output_loading_info=True,
-                                                       ignore_mismatched_sizes=True)
+        _, info = AutoModelForCausalLM.from_pretrained(
+            folder, device_map="meta", output_loading_info=True, ignore_mismatched_sizes=True
+        )
     except Exception as e:  # transformers raises many types for a bad folder; the message is what matters
         raise PushError(f"{folder} does not load with transformers: {e}") from None
     problems = {k: sorted(info[k])[:3] for k in ("missing_keys", "unexpected_keys", "mismatched_keys") if info[k]}
@@ -168,8 +183,14 @@ def _transport_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
-def push(folder: Path | str, repo_id: str, *, private: bool = False, revision: str | None = None,
-         commit_message: str | None = None) -> str:
+def push(
+    folder: Path | str,
+    repo_id: str,
+    *,
+    private: bool = False,
+    revision: str | None = None,
+    commit_message: str | None = None,
+) -> str:
     """Validate `folder`, create `repo_id` if needed (and the `revision` branch), upload; returns the commit URL."""
     from huggingface_hub import HfApi, get_token
     from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
@@ -184,17 +205,25 @@ def push(folder: Path | str, repo_id: str, *, private: bool = False, revision: s
         api.create_repo(repo_id, private=private, exist_ok=True)
         if revision and revision != "main":
             api.create_branch(repo_id, branch=revision, exist_ok=True)
-        info = api.upload_folder(repo_id=repo_id, folder_path=folder, revision=revision,
-                                 commit_message=commit_message or f"Upload {folder.name} with moe-merge")
+        info = api.upload_folder(
+            repo_id=repo_id,
+            folder_path=folder,
+            revision=revision,
+            commit_message=commit_message or f"Upload {folder.name} with moe-merge",
+        )
     except OfflineModeIsEnabled:
         raise PushError("HF_HUB_OFFLINE is set, so huggingface_hub will not connect; unset it to push") from None
     except _transport_errors() as e:
-        raise PushError(f"cannot reach the Hub at {api.endpoint} ({e}); check the network connection "
-                        "(or HF_ENDPOINT, if it points at a mirror)") from None
+        raise PushError(
+            f"cannot reach the Hub at {api.endpoint} ({e}); check the network connection "
+            "(or HF_ENDPOINT, if it points at a mirror)"
+        ) from None
     except HfHubHTTPError as e:
         status = e.response.status_code if e.response is not None else "?"
-        hint = {401: "the token is invalid: set HF_TOKEN or run `hf auth login`",
-                403: f"the token may not write to {repo_id}: use a write token"}.get(status, "see the message")
+        hint = {
+            401: "the token is invalid: set HF_TOKEN or run `hf auth login`",
+            403: f"the token may not write to {repo_id}: use a write token",
+        }.get(status, "see the message")
         said = (e.server_message or str(e)).strip().replace("\n", " ")
         raise PushError(f"the Hub at {api.endpoint} refused the upload (HTTP {status}: {said}); {hint}") from None
     return info.commit_url

@@ -83,7 +83,9 @@ class MixtureSpec(_Strict):
 class GlueRecipe(_Strict):
     models: list[GlueModel] = Field(min_length=1)
     proxy: ProxySpec
-    held_out: str | None = Field(None, description="eval rows (prompt, completion, expert) scored but never used to choose")
+    held_out: str | None = Field(
+        None, description="eval rows (prompt, completion, expert) scored but never used to choose"
+    )
     clustering: ClusteringSpec = ClusteringSpec()
     merge: MergeSpec = MergeSpec()
     per_cluster: dict[str, MergeSpec] = Field({}, description="a cluster holding this model merges this way")
@@ -94,9 +96,13 @@ class GlueRecipe(_Strict):
     def _names(self):
         names = [m.name for m in self.models]
         if len(set(names)) != len(names):
-            raise ValueError(f"model names must be unique; repeated: {sorted({n for n in names if names.count(n) > 1})}")
-        for where, given in (("per_cluster", list(self.per_cluster)),
-                             ("mixture.leave_out", self.mixture.leave_out if self.mixture else [])):
+            raise ValueError(
+                f"model names must be unique; repeated: {sorted({n for n in names if names.count(n) > 1})}"
+            )
+        for where, given in (
+            ("per_cluster", list(self.per_cluster)),
+            ("mixture.leave_out", self.mixture.leave_out if self.mixture else []),
+        ):
             unknown = [n for n in given if n not in names]
             if unknown:
                 raise ValueError(f"`{where}` names {unknown}, which are not in `models`")
@@ -123,14 +129,23 @@ def _vectors(spec: MergeSpec, has_base: bool, names: list[str]) -> tuple[str, bo
     if spec.strategy != "mixup" or spec.mixup.base_method == "average":
         return "linear", False
     if not has_base:
-        raise ConfigError(f"cluster {names}: `mixup.base_method: {spec.mixup.base_method}` merges task vectors, so every "
-                          "member needs the same `base` in `models`; or use `base_method: average`")
+        raise ConfigError(
+            f"cluster {names}: `mixup.base_method: {spec.mixup.base_method}` merges task vectors, so every "
+            "member needs the same `base` in `models`; or use `base_method: average`"
+        )
     method = "linear" if spec.mixup.base_method == "task_arithmetic" else spec.mixup.base_method
     return method, method.endswith("ties")
 
 
-def merge_cluster(members: list[GlueModel], spec: MergeSpec, proxy_path: Path, proxy_spec: ProxySpec, mlp: list[list],
-                  recipe_dir: Path | None, seed: int):
+def merge_cluster(
+    members: list[GlueModel],
+    spec: MergeSpec,
+    proxy_path: Path,
+    proxy_spec: ProxySpec,
+    mlp: list[list],
+    recipe_dir: Path | None,
+    seed: int,
+):
     """Search one cluster; returns (every trial, the chosen one, a function writing it into a directory)."""
     from moe_merge.tokens import load_tokenizer
 
@@ -146,8 +161,10 @@ def merge_cluster(members: list[GlueModel], spec: MergeSpec, proxy_path: Path, p
     model = proxies.candidate_model(reference, paths, vectors, density, seed, split)
     L = model.config.num_routers
     G = min(spec.groups, L)
-    trials = strategies.Trials(lambda ws: proxies.score(model, proxy, ws, proxy_spec.batch_size, tokenizer.pad_token_id),
-                               [i * G // L for i in range(L)])
+    trials = strategies.Trials(
+        lambda ws: proxies.score(model, proxy, ws, proxy_spec.batch_size, tokenizer.pad_token_id),
+        [i * G // L for i in range(L)],
+    )
     E, V = len(members), model.config.num_experts
     if spec.strategy == "all":
         best = strategies.uniform_all(trials, E, V)
@@ -181,8 +198,16 @@ def _alone(path: Path, proxy: proxies.Proxy, proxy_spec: ProxySpec, tokenizer):
     return [best], best, write
 
 
-def _write_dense(reference: Path, paths: list[Path], vectors: str, density: float, seed: int, split: bool,
-                 weights: torch.Tensor, out: Path) -> None:
+def _write_dense(
+    reference: Path,
+    paths: list[Path],
+    vectors: str,
+    density: float,
+    seed: int,
+    split: bool,
+    weights: torch.Tensor,
+    out: Path,
+) -> None:
     """The chosen candidate as a plain checkpoint in the reference's dtype, its config and tokenizer."""
     from moe_merge.recipe import copy_companions
     from moe_merge.sources import open_expert
@@ -233,14 +258,20 @@ def run_glue(recipe: GlueRecipe, out_dir: Path | str, recipe_dir: Path | None = 
 
     held = load_eval_rows(_file(recipe.held_out, recipe_dir)) if recipe.held_out else None
     proxy_path = _file(recipe.proxy.path, recipe_dir)
-    models = [open_model(m.name, m.path, Checkpoint(resolve_path(m.base, recipe_dir)) if m.base else None, recipe_dir)
-              for m in recipe.models]
+    models = [
+        open_model(m.name, m.path, Checkpoint(resolve_path(m.base, recipe_dir)) if m.base else None, recipe_dir)
+        for m in recipe.models
+    ]
     sims = pairwise(models)
     clusters = greedy_clusters([m.key for m in models], sims["glue"], recipe.clustering.threshold)
     if recipe.mixture is not None:
         check_mixture(recipe, models, clusters)
-    report = {"threshold": recipe.clustering.threshold, "models": [m.name for m in models],
-              "similarity": sims["glue"], "clusters": []}
+    report = {
+        "threshold": recipe.clustering.threshold,
+        "models": [m.name for m in models],
+        "similarity": sims["glue"],
+        "clusters": [],
+    }
     with atomic_output_dir(out_dir, force=force) as tmp:
         for k, idx in enumerate(clusters):
             members = [recipe.models[i] for i in idx]
@@ -250,15 +281,22 @@ def run_glue(recipe: GlueRecipe, out_dir: Path | str, recipe_dir: Path | None = 
             trials, best, write = merge_cluster(members, spec, proxy_path, recipe.proxy, mlp, recipe_dir, recipe.seed)
             where = tmp / "clusters" / f"{k + 1}-{members[0].name}"
             write(where)
-            report["clusters"].append({
-                "members": [m.name for m in members], "strategy": spec.strategy if len(idx) > 1 else "none (one model)",
-                "path": str(where.relative_to(tmp)), "chosen": best.__dict__,
-                "trials": [t.__dict__ for t in trials],
-                "held_out": held_out_scores(where, held) if held else None,
-            })
+            report["clusters"].append(
+                {
+                    "members": [m.name for m in members],
+                    "strategy": spec.strategy if len(idx) > 1 else "none (one model)",
+                    "path": str(where.relative_to(tmp)),
+                    "chosen": best.__dict__,
+                    "trials": [t.__dict__ for t in trials],
+                    "held_out": held_out_scores(where, held) if held else None,
+                }
+            )
         if held:
-            report["members_held_out"] = {m.name: held_out_scores(resolve_path(m.path, recipe_dir), held)
-                                          for m in recipe.models if m.name not in (recipe.mixture.leave_out if recipe.mixture else [])}
+            report["members_held_out"] = {
+                m.name: held_out_scores(resolve_path(m.path, recipe_dir), held)
+                for m in recipe.models
+                if m.name not in (recipe.mixture.leave_out if recipe.mixture else [])
+            }
         if recipe.mixture is not None:
             report["mixture"] = _mix(recipe, report, tmp, proxy_path, held)
         _write_report(report, tmp)
@@ -272,23 +310,31 @@ def check_mixture(recipe: GlueRecipe, models: list[Model], clusters: list[list[i
     left = set(recipe.mixture.leave_out)
     mixed = [c for c in clusters if not left & {models[i].name for i in c}]
     if len(mixed) < 2:
-        raise ConfigError(f"`mixture` needs at least two clusters to mix; clustering at threshold "
-                          f"{recipe.clustering.threshold} gave {[[models[i].name for i in c] for c in clusters]}, "
-                          f"{len(mixed)} of them mixed after `mixture.leave_out`: lower `clustering.threshold`, or set "
-                          "`mixture: null`")
+        raise ConfigError(
+            f"`mixture` needs at least two clusters to mix; clustering at threshold "
+            f"{recipe.clustering.threshold} gave {[[models[i].name for i in c] for c in clusters]}, "
+            f"{len(mixed)} of them mixed after `mixture.leave_out`: lower `clustering.threshold`, or set "
+            "`mixture: null`"
+        )
     a = models[mixed[0][0]]
     for c in mixed[1:]:
         b = models[c[0]]
         ca, cb = a.source.config, b.source.config
         fields = [f for f in ("architectures", *MATCHING_FIELDS) if ca.get(f) != cb.get(f)]
-        why = (f"`{fields[0]}` is {ca.get(fields[0])!r} in {a.path}/config.json but {cb.get(fields[0])!r} in "
-               f"{b.path}/config.json" if fields else
-               f"their tokenizers differ ({a.path}/tokenizer.json, {b.path}/tokenizer.json)"
-               if _tokenizer_vocab(a.path) != _tokenizer_vocab(b.path) else None)
+        why = (
+            f"`{fields[0]}` is {ca.get(fields[0])!r} in {a.path}/config.json but {cb.get(fields[0])!r} in "
+            f"{b.path}/config.json"
+            if fields
+            else f"their tokenizers differ ({a.path}/tokenizer.json, {b.path}/tokenizer.json)"
+            if _tokenizer_vocab(a.path) != _tokenizer_vocab(b.path)
+            else None
+        )
         if why:
-            raise ConfigError(f"`mixture`: models {a.name!r} and {b.name!r} (of two clusters) cannot be mixed: {why}. "
-                              "The mixture needs one architecture, hidden size, vocab and tokenizer; leave one out with "
-                              "`mixture.leave_out`")
+            raise ConfigError(
+                f"`mixture`: models {a.name!r} and {b.name!r} (of two clusters) cannot be mixed: {why}. "
+                "The mixture needs one architecture, hidden size, vocab and tokenizer; leave one out with "
+                "`mixture.leave_out`"
+            )
 
 
 def _mix(recipe: GlueRecipe, report: dict, tmp: Path, proxy_path: Path, held: list[dict] | None) -> dict:
@@ -305,17 +351,34 @@ def _mix(recipe: GlueRecipe, report: dict, tmp: Path, proxy_path: Path, held: li
     for k, c in enumerate(mixed):
         own = [p for t in tasks if owner[t] == k for p in prompts.get(t, [])[: recipe.mixture.prompts_per_model]]
         if own:
-            experts.append({"name": c["members"][0], "source_model": str(tmp / c["path"]), "positive_prompts": own,
-                            "tasks": [t for t in tasks if owner[t] == k]})
+            experts.append(
+                {
+                    "name": c["members"][0],
+                    "source_model": str(tmp / c["path"]),
+                    "positive_prompts": own,
+                    "tasks": [t for t in tasks if owner[t] == k],
+                }
+            )
     if len(experts) < 2:
-        raise ConfigError("`mixture`: one cluster model is best on every proxy task, so there is nothing to mix; "
-                          "set `mixture: null`")
-    config = MergeConfig.model_validate({
-        "base_model": experts[0]["source_model"], "method": "sparse", "level": "model", "experts_per_token": 1,
-        "seed": recipe.seed, "experts": [{k: v for k, v in e.items() if k != "tasks"} for e in experts]})
+        raise ConfigError(
+            "`mixture`: one cluster model is best on every proxy task, so there is nothing to mix; set `mixture: null`"
+        )
+    config = MergeConfig.model_validate(
+        {
+            "base_model": experts[0]["source_model"],
+            "method": "sparse",
+            "level": "model",
+            "experts_per_token": 1,
+            "seed": recipe.seed,
+            "experts": [{k: v for k, v in e.items() if k != "tasks"} for e in experts],
+        }
+    )
     out = assemble(config, tmp / "mixture")
-    return {"experts": [{"name": e["name"], "tasks": e["tasks"]} for e in experts], "path": "mixture",
-            "held_out": held_out_scores(out, held) if held else None}
+    return {
+        "experts": [{"name": e["name"], "tasks": e["tasks"]} for e in experts],
+        "path": "mixture",
+        "held_out": held_out_scores(out, held) if held else None,
+    }
 
 
 def _proxy_prompts(path: Path) -> dict[str, list[str]]:
@@ -339,24 +402,37 @@ def markdown(report: dict) -> str:
     def pct(x):
         return "–" if x is None else f"{x:.3f}"
 
-    lines = ["# Model-GLUE search", "", f"Clusters at similarity threshold {report['threshold']}:", "",
-             "| cluster | members | strategy | trials | kept weights | proxy | held-out mean |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        "# Model-GLUE search",
+        "",
+        f"Clusters at similarity threshold {report['threshold']}:",
+        "",
+        "| cluster | members | strategy | trials | kept weights | proxy | held-out mean |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for k, c in enumerate(report["clusters"]):
         w = ", ".join(f"{x:.2f}" for x in c["chosen"]["weights"][0][: len(c["members"])])
         held = c["held_out"]["mean"] if c["held_out"] else None
-        lines.append(f"| {k + 1} | {', '.join(c['members'])} | {c['strategy']} | {len(c['trials'])} | {w} | "
-                     f"{pct(c['chosen']['score'])} | {pct(held)} |")
+        lines.append(
+            f"| {k + 1} | {', '.join(c['members'])} | {c['strategy']} | {len(c['trials'])} | {w} | "
+            f"{pct(c['chosen']['score'])} | {pct(held)} |"
+        )
     if report.get("members_held_out"):
         lines += ["", "Held-out mean of each model alone:", ""]
         lines += [f"- {n}: {pct(s['mean'])}" for n, s in report["members_held_out"].items()]
     if report.get("mixture"):
         m = report["mixture"]
-        lines += ["", "Mixture (model level, top-1 per sequence): " + ", ".join(f"{e['name']} ← {'/'.join(e['tasks'])}"
-                                                                              for e in m["experts"])]
+        lines += [
+            "",
+            "Mixture (model level, top-1 per sequence): "
+            + ", ".join(f"{e['name']} ← {'/'.join(e['tasks'])}" for e in m["experts"]),
+        ]
         if m["held_out"]:
             best = max(s["mean"] for s in report["members_held_out"].values())
-            lines.append(f"held-out mean {pct(m['held_out']['mean'])} against the best single model's {pct(best)} "
-                         f"(margin {m['held_out']['mean'] - best:+.3f})")
+            lines.append(
+                f"held-out mean {pct(m['held_out']['mean'])} against the best single model's {pct(best)} "
+                f"(margin {m['held_out']['mean'] - best:+.3f})"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -370,7 +446,7 @@ def plot(report: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 3.5))
     for k, c in enumerate(report["clusters"]):
         scores = [t["score"] for t in c["trials"]]
-        line, = ax.plot(range(1, len(scores) + 1), scores, ".", alpha=0.5, label=f"cluster {k + 1} ({c['strategy']})")
+        (line,) = ax.plot(range(1, len(scores) + 1), scores, ".", alpha=0.5, label=f"cluster {k + 1} ({c['strategy']})")
         kept = [(i + 1, t["score"]) for i, t in enumerate(c["trials"]) if t["accepted"]]
         if kept:
             ax.plot(*zip(*kept), "-o", color=line.get_color(), markersize=4)

@@ -94,8 +94,9 @@ def pairwise(models: list[Model], base: Model | None = None) -> dict[str, list[l
         groups.setdefault(m.key, []).append(i)
     for key, idx in groups.items():
         with_base = base is not None and key == base.key
-        s: Similarities = similarities([models[i].source for i in idx], models[idx[0]].names,
-                                       base.source if with_base else None)
+        s: Similarities = similarities(
+            [models[i].source for i in idx], models[idx[0]].names, base.source if with_base else None
+        )
         for a, i in enumerate(idx):
             for b, j in enumerate(idx):
                 out["glue"][i][j], out["mlp"][i][j] = s.glue[a][b], s.mlp[a][b]
@@ -111,8 +112,10 @@ def advise(relative: dict[str, float]) -> str:
     mlp, attn = relative.get("mlp", 0.0), relative.get("attention", 0.0)
     if attn <= FFN_SHARE * mlp:
         return "ffn: its change is in the MLPs, so FFN-level routing can recover it"
-    return (f"block or model: its attention changed too ({attn:.3g} against {mlp:.3g} in the MLPs), which FFN-level "
-            "assembly keeps merged")
+    return (
+        f"block or model: its attention changed too ({attn:.3g} against {mlp:.3g} in the MLPs), which FFN-level "
+        "assembly keeps merged"
+    )
 
 
 def inspect(base_ref: str, expert_refs: list[str], threshold: float = DEFAULT_THRESHOLD) -> Inspection:
@@ -128,25 +131,42 @@ def inspect(base_ref: str, expert_refs: list[str], threshold: float = DEFAULT_TH
         if i in relative:
             rel[m.name] = relative[i]
             if relative[i].get("linear", 0.0) >= FINE_TUNE_LIMIT:
-                m.problem = (f"not a fine-tune of the base: another initialisation (its attention and MLP matrices differ "
-                             f"from the base's by {relative[i]['linear']:.2f} of their norm; independent initialisations "
-                             "sit at about 1.41)")
+                m.problem = (
+                    f"not a fine-tune of the base: another initialisation (its attention and MLP matrices differ "
+                    f"from the base's by {relative[i]['linear']:.2f} of their norm; independent initialisations "
+                    "sit at about 1.41)"
+                )
         advice[m.name] = f"not merged: {m.problem}" if m.problem else advise(relative[i])
-    return Inspection(names, str(base.path), threshold, glue, tv, rel, [[names[i] for i in c] for c in clusters], advice)
+    return Inspection(
+        names, str(base.path), threshold, glue, tv, rel, [[names[i] for i in c] for c in clusters], advice
+    )
 
 
 def markdown(ins: Inspection) -> str:
     def fmt(x):
         return "–" if x is None else f"{x:.3f}"
 
-    lines = [f"# Zoo inspection against `{ins.base}`", "", "## Where each model's change lives", "",
-             "Relative task-vector norm ‖θ − θ0‖ / ‖θ0‖ per module type, and the level that can recover it.", "",
-             "| model | " + " | ".join(MODULE_TYPES) + " | all | matrices | advice |", "|---" * (len(MODULE_TYPES) + 4) + "|"]
+    lines = [
+        f"# Zoo inspection against `{ins.base}`",
+        "",
+        "## Where each model's change lives",
+        "",
+        "Relative task-vector norm ‖θ − θ0‖ / ‖θ0‖ per module type, and the level that can recover it.",
+        "",
+        "| model | " + " | ".join(MODULE_TYPES) + " | all | matrices | advice |",
+        "|---" * (len(MODULE_TYPES) + 4) + "|",
+    ]
     for name in ins.models:
         r = ins.relative_norm.get(name, {})
-        lines.append(f"| {name} | " + " | ".join(fmt(r.get(t)) for t in (*MODULE_TYPES, "all", "linear")) + f" | {ins.advice[name]} |")
-    for title, matrix in (("Model-GLUE similarity (raw weights, per column, attention and MLP)", ins.glue),
-                          ("Task-vector cosine", ins.task_vector)):
+        lines.append(
+            f"| {name} | "
+            + " | ".join(fmt(r.get(t)) for t in (*MODULE_TYPES, "all", "linear"))
+            + f" | {ins.advice[name]} |"
+        )
+    for title, matrix in (
+        ("Model-GLUE similarity (raw weights, per column, attention and MLP)", ins.glue),
+        ("Task-vector cosine", ins.task_vector),
+    ):
         if matrix is None:
             continue
         lines += ["", f"## {title}", "", "| | " + " | ".join(ins.models) + " |", "|---" * (len(ins.models) + 1) + "|"]
@@ -163,12 +183,18 @@ def plot(ins: Inspection, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [("Model-GLUE similarity", ins.glue)] + ([("task-vector cosine", ins.task_vector)] if ins.task_vector else [])
+    panels = [("Model-GLUE similarity", ins.glue)] + (
+        [("task-vector cosine", ins.task_vector)] if ins.task_vector else []
+    )
     n = len(ins.models)
     fig, axes = plt.subplots(1, len(panels), figsize=(2 + 4 * len(panels), 1.5 + 0.35 * n), squeeze=False)
     for ax, (title, m) in zip(axes[0], panels):
-        im = ax.imshow([[float("nan") if x is None else x for x in row] for row in m], vmin=-1 if "task" in title else 0,
-                       vmax=1, cmap="viridis")
+        im = ax.imshow(
+            [[float("nan") if x is None else x for x in row] for row in m],
+            vmin=-1 if "task" in title else 0,
+            vmax=1,
+            cmap="viridis",
+        )
         ax.set_title(title, fontsize=9)
         ax.set_xticks(range(n), ins.models, rotation=90, fontsize=7)
         ax.set_yticks(range(n), ins.models, fontsize=7)

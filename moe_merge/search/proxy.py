@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from moe_merge.arch import layer_of
 from moe_merge import merge
+from moe_merge.arch import layer_of
 from moe_merge.errors import DataError
 
 METRICS = ("exact_match", "nll")
@@ -52,8 +52,10 @@ def load_proxy(path: Path | str, tokenizer, metric: str = "exact_match", max_len
         raise DataError(f"proxy data {path} has no rows")
     kind = row_kind(list(data.column_names), str(path))
     if metric in NEEDS_COMPLETION and kind == "text":
-        raise DataError(f"proxy data {path} has `text` rows, which carry no answer to check; metric `{metric}` needs "
-                        "`prompt`+`completion` (or `messages`) rows, or use `metric: nll`")
+        raise DataError(
+            f"proxy data {path} has `text` rows, which carry no answer to check; metric `{metric}` needs "
+            "`prompt`+`completion` (or `messages`) rows, or use `metric: nll`"
+        )
     labels = [r.get("expert") for r in data] if "expert" in data.column_names else [None] * len(data)
     tasks = sorted({str(t) for t in labels if t is not None}) or ["all"]
     if any(t is None for t in labels) and "all" not in tasks:
@@ -90,8 +92,9 @@ def _summarise(values: torch.Tensor, proxy: Proxy) -> Score:
 
 
 @torch.no_grad()
-def score(model, proxy: Proxy, weights: list[torch.Tensor] | None = None, batch_size: int = 64,
-          pad_id: int = 0) -> list[Score]:
+def score(
+    model, proxy: Proxy, weights: list[torch.Tensor] | None = None, batch_size: int = 64, pad_id: int = 0
+) -> list[Score]:
     """The proxy score of each candidate: `weights` [R, E] each through a dynamic model, or, with None, `model`
     itself (a plain checkpoint) as one candidate. Rows of every candidate share batches."""
     from moe_merge.train.data import collate
@@ -106,8 +109,12 @@ def score(model, proxy: Proxy, weights: list[torch.Tensor] | None = None, batch_
         kwargs = {}
         if weights is not None:
             kwargs["merge_weights"] = torch.stack([cands[c] for c, _ in chunk]).float()
-        out = model(input_ids=batch["input_ids"].to(model.device), attention_mask=batch["attention_mask"].to(model.device),
-                    use_cache=False, **kwargs)
+        out = model(
+            input_ids=batch["input_ids"].to(model.device),
+            attention_mask=batch["attention_mask"].to(model.device),
+            use_cache=False,
+            **kwargs,
+        )
         values[start : start + len(chunk)] = _row_scores(out.logits.cpu(), batch["labels"], proxy.metric)
     return [_summarise(values[c * n : (c + 1) * n], proxy) for c in range(len(cands))]
 
@@ -120,8 +127,15 @@ class FixedVectors:
     their weights apply (`merge.trimmed`). With `split_alone` (M³'s TIES) the entries one member holds alone are
     an extra vector whose weight is always 1, so that the merge stays linear in the weights."""
 
-    def __init__(self, base, members: list, method: str = "linear", density: float = 0.5, seed: int = 0,
-                 split_alone: bool = False):
+    def __init__(
+        self,
+        base,
+        members: list,
+        method: str = "linear",
+        density: float = 0.5,
+        seed: int = 0,
+        split_alone: bool = False,
+    ):
         self.base, self.members, self.method, self.density, self.seed = base, members, method, density, seed
         self.split_alone = split_alone and method.endswith("ties")
         self._last: tuple[str, torch.Tensor] | None = None
@@ -149,8 +163,14 @@ class _Member:
         return self.vectors.base.get(name).float() + self.vectors(name)[self.e]
 
 
-def candidate_model(reference: Path, members: list[Path], vectors: str = "linear", density: float = 0.5,
-                    seed: int = 0, split_alone: bool = False):
+def candidate_model(
+    reference: Path,
+    members: list[Path],
+    vectors: str = "linear",
+    density: float = 0.5,
+    seed: int = 0,
+    split_alone: bool = False,
+):
     """The dynamic model whose merge weights are candidates: θ0 = `reference` (the cluster's base, or a member:
     weights summing to one make the choice immaterial) plus each member's fixed task vector, in every part
     (and, with `split_alone`, the lone entries' vector as one more expert)."""
@@ -158,11 +178,18 @@ def candidate_model(reference: Path, members: list[Path], vectors: str = "linear
     from moe_merge.config import MergeConfig
     from moe_merge.recipe import open_recipe
 
-    cfg = MergeConfig.model_validate({
-        "base_model": str(reference), "method": "wemoe", "level": "block", "experts_per_token": 1,
-        "router": {"init": "uniform", "kind": "constant", "normalize": "none", "prepass": 0},
-        "experts": [{"source_model": str(p), "name": f"m{i}"} for i, p in enumerate(members + members[:split_alone])],
-    })
+    cfg = MergeConfig.model_validate(
+        {
+            "base_model": str(reference),
+            "method": "wemoe",
+            "level": "block",
+            "experts_per_token": 1,
+            "router": {"init": "uniform", "kind": "constant", "normalize": "none", "prepass": 0},
+            "experts": [
+                {"source_model": str(p), "name": f"m{i}"} for i, p in enumerate(members + members[:split_alone])
+            ],
+        }
+    )
     recipe = open_recipe(cfg)
     if vectors != "linear":
         fixed = FixedVectors(recipe.base, recipe.experts[: len(members)], vectors, density, seed, split_alone)

@@ -61,8 +61,10 @@ class Trials:
     def run(self, strategy: str, weights: list[torch.Tensor], notes: list[str] | None = None) -> list[Trial]:
         scores = self.scorer([self.expand(w) for w in weights])
         step = 1 + max((t.step for t in self.log if t.strategy == strategy), default=-1)
-        out = [Trial(strategy, step, w.tolist(), s.score, s.tasks, note=(notes or [""] * len(weights))[i])
-               for i, (w, s) in enumerate(zip(weights, scores))]
+        out = [
+            Trial(strategy, step, w.tolist(), s.score, s.tasks, note=(notes or [""] * len(weights))[i])
+            for i, (w, s) in enumerate(zip(weights, scores))
+        ]
         self.log += out
         return out
 
@@ -87,8 +89,11 @@ def uniform_all(trials: Trials, E: int, V: int) -> Trial:
 def heuristic(trials: Trials, E: int, V: int, kind: str, mlp_similarity: list[list[float]] | None = None) -> Trial:
     """Model-GLUE's heuristic merging with the monotone acceptance rule; returns the final candidate's trial."""
     G = trials.num_groups
-    alone = trials.run(f"heuristic_{kind}", [_row([float(i == e) for i in range(E)], G, V) for e in range(E)],
-                       [f"member {e} alone" for e in range(E)])
+    alone = trials.run(
+        f"heuristic_{kind}",
+        [_row([float(i == e) for i in range(E)], G, V) for e in range(E)],
+        [f"member {e} alone" for e in range(E)],
+    )
     order = sorted(range(E), key=lambda e: -alone[e].score)  # stable: ties keep the members' order
     if kind == "similarity":
         if mlp_similarity is None:
@@ -125,8 +130,9 @@ def evolutionary(trials: Trials, E: int, V: int, budget: int, seed: int) -> Tria
     G = trials.num_groups
     n = G * E
     lam = popsize(n)
-    es = cma.CMAEvolutionStrategy([0.5] * n, SIGMA0, {"bounds": [0, 1], "popsize": lam, "seed": seed + 1,
-                                                       "verbose": -9, "CMA_diagonal": False})
+    es = cma.CMAEvolutionStrategy(
+        [0.5] * n, SIGMA0, {"bounds": [0, 1], "popsize": lam, "seed": seed + 1, "verbose": -9, "CMA_diagonal": False}
+    )
     done, best = 0, None
     while done < budget:
         xs = es.ask()[: budget - done]

@@ -31,7 +31,9 @@ def load_rows(path: Path | str, split: str = "train"):
 
     path = Path(path)
     if not path.exists():
-        raise DataError(f"data {path} does not exist; give a .jsonl, .json, .csv or .parquet file or a saved datasets directory")
+        raise DataError(
+            f"data {path} does not exist; give a .jsonl, .json, .csv or .parquet file or a saved datasets directory"
+        )
     if path.is_dir():
         try:
             data = datasets.load_from_disk(str(path))
@@ -73,10 +75,14 @@ def expert_index(label, expert_names: list[str], source: str, row: int) -> int:
         raise DataError(f"{source} row {row}: `expert` must be an expert name or index, got {type(label).__name__}")
     if isinstance(label, int):
         if not 0 <= label < len(expert_names):
-            raise DataError(f"{source} row {row}: `expert` {label} is out of range; the model has {len(expert_names)} experts")
+            raise DataError(
+                f"{source} row {row}: `expert` {label} is out of range; the model has {len(expert_names)} experts"
+            )
         return label
     if label not in expert_names:
-        raise DataError(f"{source} row {row}: `expert` {label!r} is not one of the model's experts: {', '.join(expert_names)}")
+        raise DataError(
+            f"{source} row {row}: `expert` {label!r} is not one of the model's experts: {', '.join(expert_names)}"
+        )
     return expert_names.index(label)
 
 
@@ -92,8 +98,9 @@ def _ids(tokenizer, text: str, special: bool) -> list[int]:
     return tokenizer(text, add_special_tokens=special)["input_ids"]
 
 
-def encode_row(row: dict, kind: str, tokenizer, expert_names: list[str], source: str, index: int,
-               max_length: int) -> dict:
+def encode_row(
+    row: dict, kind: str, tokenizer, expert_names: list[str], source: str, index: int, max_length: int
+) -> dict:
     """input_ids, labels (-100 where there is no loss), routing_mask (1 = a token the routers read), expert."""
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     if kind == "text":
@@ -121,16 +128,24 @@ def encode_row(row: dict, kind: str, tokenizer, expert_names: list[str], source:
 
 def _chat(tokenizer, messages, source: str, index: int) -> tuple[list[int], list[int]]:
     if not getattr(tokenizer, "chat_template", None):
-        raise DataError(f"{source}: rows have `messages` but the model's tokenizer has no chat template; "
-                        "write them as `prompt` + `completion` instead")
-    if not isinstance(messages, list) or len(messages) < 2 or not all(
-            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in messages):
+        raise DataError(
+            f"{source}: rows have `messages` but the model's tokenizer has no chat template; "
+            "write them as `prompt` + `completion` instead"
+        )
+    if (
+        not isinstance(messages, list)
+        or len(messages) < 2
+        or not all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in messages
+        )
+    ):
         raise DataError(f"{source} row {index}: `messages` must be a list of at least two {{role, content}} turns")
     prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
     full = tokenizer.apply_chat_template(messages, tokenize=False)
     if not full.startswith(prompt):
         raise DataError(f"{source} row {index}: the chat template does not render the last turn after the others")
-    return _ids(tokenizer, prompt, False), _ids(tokenizer, full[len(prompt):], False)
+    return _ids(tokenizer, prompt, False), _ids(tokenizer, full[len(prompt) :], False)
 
 
 @dataclass

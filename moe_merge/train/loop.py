@@ -49,8 +49,22 @@ WEIGHT_SUFFIXES = (".safetensors", ".safetensors.index.json", ".bin", ".bin.inde
 BETTER_BY, BETTER_BY_AT_LEAST = 0.01, 1e-3  # a later step must lower the best held-out objective by this share
 # of it, and by at least this much, to replace it
 # Settings that change the result: --resume refuses a run directory written with other values.
-RESUME_KEYS = ("model_dir", "data", "eval_data", "eval_fraction", "steps", "lr", "batch_size", "grad_accum",
-               "objective", "warmup", "weight_decay", "max_grad_norm", "seed", "max_length")
+RESUME_KEYS = (
+    "model_dir",
+    "data",
+    "eval_data",
+    "eval_fraction",
+    "steps",
+    "lr",
+    "batch_size",
+    "grad_accum",
+    "objective",
+    "warmup",
+    "weight_decay",
+    "max_grad_norm",
+    "seed",
+    "max_length",
+)
 
 
 @dataclass
@@ -105,9 +119,9 @@ def load_model(model_dir: Path, trust_remote_code: bool, dtype: str = "auto", al
     """The model with its frozen weights in `dtype` (auto: the checkpoint's, bf16 stays bf16) and its routers in
     float32, its tokenizer, and the dtype it was saved in (the export keeps it). Checked first
     (`sources.check_model_dir`)."""
-    import moe_merge.modeling  # noqa: F401  registers model_type `moe_merge`
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    import moe_merge.modeling  # noqa: F401  registers model_type `moe_merge`
     from moe_merge.recipe import DTYPES
     from moe_merge.sources import check_model_dir
     from moe_merge.tokens import load_tokenizer
@@ -152,8 +166,10 @@ def split_data(args: TrainRouterArgs, tokenizer, names: list[str]):
             raise DataError(f"{args.data} has {len(rows)} row(s); at least 2 are needed to hold some out")
         parts = rows.train_test_split(test_size=args.eval_fraction, seed=args.seed)
         train, held, held_source = parts["train"], parts["test"], f"{args.data} (held-out part)"
-    return (train_data.encode(train, tokenizer, names, str(args.data), args.max_length),
-            train_data.encode(held, tokenizer, names, held_source, args.max_length))
+    return (
+        train_data.encode(train, tokenizer, names, str(args.data), args.max_length),
+        train_data.encode(held, tokenizer, names, held_source, args.max_length),
+    )
 
 
 def router_state(model, names: list[str]) -> dict[str, torch.Tensor]:
@@ -174,13 +190,16 @@ def load_router_state(model, path: Path) -> None:
 
 
 @torch.no_grad()
-def evaluate(model, held: train_data.Encoded, args: TrainRouterArgs, stock: bool, k: int, raw: bool, accelerator,
-             pad_id: int) -> dict[str, float]:
+def evaluate(
+    model, held: train_data.Encoded, args: TrainRouterArgs, stock: bool, k: int, raw: bool, accelerator, pad_id: int
+) -> dict[str, float]:
     """Held-out objective (every term, weighted as in training), LM loss and routing accuracy, over all processes."""
     model.eval()
     weights = dict(args.objective, lm=args.objective.get("lm", 0.0))
     sums = torch.zeros(len(weights) + 3, dtype=torch.float64, device=accelerator.device)
-    for start in range(accelerator.process_index * args.batch_size, len(held), args.batch_size * accelerator.num_processes):
+    for start in range(
+        accelerator.process_index * args.batch_size, len(held), args.batch_size * accelerator.num_processes
+    ):
         batch = _to(train_data.collate(held.rows[start : start + args.batch_size], pad_id), accelerator.device)
         _, terms, out = objectives.objective(model, batch, weights, stock, k, raw=raw)
         n = batch["input_ids"].shape[0]
@@ -219,13 +238,17 @@ def _prepare_run_dir(run_dir: Path, args: TrainRouterArgs, model_dir: Path, acce
         before = json.loads((run_dir / "args.json").read_text())
         changed = [k for k in RESUME_KEYS if before.get(k) != record.get(k)]
         if changed:
-            raise MoEMergeError(f"--resume: {run_dir} was trained with other settings ({', '.join(changed)}); "
-                                "resume with the same ones, or start a new run directory")
+            raise MoEMergeError(
+                f"--resume: {run_dir} was trained with other settings ({', '.join(changed)}); "
+                "resume with the same ones, or start a new run directory"
+            )
         steps = sorted((run_dir / "checkpoints").glob("step-[0-9]*[0-9]"))
         latest = json.loads((steps[-1] / STATE_FILE).read_text()) | {"dir": str(steps[-1])} if steps else None
     elif run_dir.exists() and any(run_dir.iterdir()) and not args.resume:  # --resume of a run killed before its
-        if not args.force:                                                 # settings were written: start it afresh
-            raise OutputExistsError(f"run directory {run_dir} already exists; pass --resume to continue it or --force to start over")
+        if not args.force:  # settings were written: start it afresh
+            raise OutputExistsError(
+                f"run directory {run_dir} already exists; pass --resume to continue it or --force to start over"
+            )
         if accelerator.is_main_process:
             shutil.rmtree(run_dir)
     accelerator.wait_for_everyone()
@@ -260,8 +283,13 @@ def _truncate_log(log: Path, step: int) -> None:
 def _check_launcher() -> None:
     """`accelerate launch --cpu --num_processes N` starts N processes only through mpirun; without it one
     process runs and thinks it is alone. Say so instead of training on 1/N of the intended setup."""
-    if os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true") and "MASTER_ADDR" in os.environ \
-            and "WORLD_SIZE" not in os.environ and "PMI_SIZE" not in os.environ and "OMPI_COMM_WORLD_SIZE" not in os.environ:
+    if (
+        os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true")
+        and "MASTER_ADDR" in os.environ
+        and "WORLD_SIZE" not in os.environ
+        and "PMI_SIZE" not in os.environ
+        and "OMPI_COMM_WORLD_SIZE" not in os.environ
+    ):
         raise MoEMergeError(
             "`accelerate launch --cpu --num_processes N` started a single process (accelerate needs mpirun for "
             "several CPU processes); on CPU run `accelerate launch --multi_gpu --num_processes N ...` (gloo) or "
@@ -297,7 +325,9 @@ def _train(accelerator, model_dir: Path, run_dir: Path, args: TrainRouterArgs) -
     from accelerate.utils import set_seed
 
     if args.batch_size % accelerator.num_processes:
-        raise MoEMergeError(f"--batch-size {args.batch_size} must be a multiple of the {accelerator.num_processes} processes")
+        raise MoEMergeError(
+            f"--batch-size {args.batch_size} must be a multiple of the {accelerator.num_processes} processes"
+        )
     set_seed(args.seed)
     model, tokenizer, saved_dtype = load_model(model_dir, args.trust_remote_code, args.dtype, args.allow_nonfinite)
     train, held = split_data(args, tokenizer, expert_names(model, model_dir))
@@ -305,12 +335,19 @@ def _train(accelerator, model_dir: Path, run_dir: Path, args: TrainRouterArgs) -
         raise DataError(f"objective `routing` needs an `expert` label on every row of {args.data}")
     latest = _prepare_run_dir(run_dir, args, model_dir, accelerator)
     run = Run(accelerator, model, args, run_dir, held, tokenizer.pad_token_id)
-    accelerator.print(f"trainable parameters: {run.n_train:,} of {run.n_total:,} "
-                      f"({100 * run.n_train / run.n_total:.3f} %), in {len(run.trainable)} router tensors; "
-                      f"{len(train)} training rows, {len(held)} held out")
+    accelerator.print(
+        f"trainable parameters: {run.n_train:,} of {run.n_total:,} "
+        f"({100 * run.n_train / run.n_total:.3f} %), in {len(run.trainable)} router tensors; "
+        f"{len(train)} training rows, {len(held)} held out"
+    )
     start = run.resume(latest) if latest is not None else run.consider(0)
-    bar = tqdm(range(start, args.steps), desc="training routers", disable=not accelerator.is_local_main_process or None,
-               initial=start, total=args.steps)
+    bar = tqdm(
+        range(start, args.steps),
+        desc="training routers",
+        disable=not accelerator.is_local_main_process or None,
+        initial=start,
+        total=args.steps,
+    )
     for step in bar:
         loss = run.step(train, step)
         bar.set_postfix(loss=f"{loss:.4f}")
@@ -328,7 +365,11 @@ class Run:
 
     def __init__(self, accelerator, model, args: TrainRouterArgs, run_dir: Path, held: train_data.Encoded, pad_id: int):
         self.accelerator, self.args, self.run_dir, self.held, self.pad_id = accelerator, args, run_dir, held, pad_id
-        self.stock, self.k, self.raw = objectives.is_stock(model), objectives.top_k(model), objectives.raw_weights(model)
+        self.stock, self.k, self.raw = (
+            objectives.is_stock(model),
+            objectives.top_k(model),
+            objectives.raw_weights(model),
+        )
         self.trainable = objectives.freeze_all_but_routers(model)
         self.frozen_dtype = next(p.dtype for p in model.parameters() if not p.requires_grad)
         self.n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -364,7 +405,9 @@ class Run:
         """Evaluate on the held-out rows; keep the routers if they beat the best so far by more than `BETTER_BY` of
         its objective and `BETTER_BY_AT_LEAST` (less is noise on a few dozen rows: the routers there first stay).
         Returns `step`."""
-        metrics = evaluate(self.model, self.held, self.args, self.stock, self.k, self.raw, self.accelerator, self.pad_id)
+        metrics = evaluate(
+            self.model, self.held, self.args, self.stock, self.k, self.raw, self.accelerator, self.pad_id
+        )
         self.log({"step": step, "eval": metrics})
         margin = max(BETTER_BY * abs(self.best["objective"]), BETTER_BY_AT_LEAST) if self.best is not None else 0.0
         if self.best is None or metrics["objective"] < self.best["objective"] - margin:
@@ -417,9 +460,16 @@ class Run:
             seen += mine
             batch = _to(train_data.collate([train.rows[i] for i in mine], self.pad_id), acc.device)
             with acc.accumulate(self.model):
-                loss, terms, _ = objectives.objective(self.model, batch, args.objective, self.stock, self.k,
-                                                      objectives.totals([train.rows[i] for i in global_rows]),
-                                                      acc.num_processes, self.raw)
+                loss, terms, _ = objectives.objective(
+                    self.model,
+                    batch,
+                    args.objective,
+                    self.stock,
+                    self.k,
+                    objectives.totals([train.rows[i] for i in global_rows]),
+                    acc.num_processes,
+                    self.raw,
+                )
                 acc.backward(loss)
                 if acc.sync_gradients and args.max_grad_norm > 0:
                     acc.clip_grad_norm_(self.params, args.max_grad_norm)
@@ -430,8 +480,14 @@ class Run:
         # each process's terms are its share of the global batch's means, N x its sum over the global count:
         # their mean over processes is the global batch's value
         values = acc.reduce(torch.stack([loss.detach(), *terms.values()]), reduction="mean").tolist()
-        self.log({"step": step + 1, "lr": lr, **dict(zip(["loss", *terms], values)),
-                  "rows": hashlib.sha256(str(sorted(trained)).encode()).hexdigest()[:16]})
+        self.log(
+            {
+                "step": step + 1,
+                "lr": lr,
+                **dict(zip(["loss", *terms], values)),
+                "rows": hashlib.sha256(str(sorted(trained)).encode()).hexdigest()[:16],
+            }
+        )
         return values[0]
 
     def finish(self, tokenizer, model_dir: Path, saved_dtype: torch.dtype) -> dict:
@@ -453,8 +509,10 @@ class Run:
             export(self.unwrapped, tokenizer, model_dir, self.run_dir / "model", saved_dtype, summary)
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         acc.wait_for_everyone()
-        acc.print(f"{summary['seconds_per_step']:.3f} s per step, {summary['train_minutes']:.2f} min of training; "
-                  f"best held-out objective {best['objective']:.4f} at step {best['step']}; wrote {self.run_dir / 'model'}")
+        acc.print(
+            f"{summary['seconds_per_step']:.3f} s per step, {summary['train_minutes']:.2f} min of training; "
+            f"best held-out objective {best['objective']:.4f} at step {best['step']}; wrote {self.run_dir / 'model'}"
+        )
         return summary
 
 
@@ -479,8 +537,8 @@ def export(model, tokenizer, model_dir: Path, out: Path, dtype: torch.dtype, sum
 
     from moe_merge.assemble import report
     from moe_merge.config import load_config
-    from moe_merge.recipe import portable
     from moe_merge.outdir import atomic_output_dir
+    from moe_merge.recipe import portable
 
     model.eval()
     with atomic_output_dir(out, force=True) as tmp:
@@ -495,8 +553,9 @@ def export(model, tokenizer, model_dir: Path, out: Path, dtype: torch.dtype, sum
             config = load_config(model_dir / "moe-merge.yaml")
             recipe = portable(config, model_dir, out)
         except MoEMergeError as e:  # written by another release, or its sources moved: keep it as it was
-            logger.warning("%s copied unchanged and its routing report not measured again: %s",
-                           model_dir / "moe-merge.yaml", e)
+            logger.warning(
+                "%s copied unchanged and its routing report not measured again: %s", model_dir / "moe-merge.yaml", e
+            )
             return
         (tmp / "moe-merge.yaml").write_text(yaml.safe_dump(recipe.resolved(), sort_keys=False))
         if not objectives.is_stock(model):

@@ -129,8 +129,10 @@ def routing_logits(out, batch: dict, stock: bool) -> tuple[torch.Tensor, torch.T
 
 def totals(rows: list[dict]) -> dict[str, int]:
     """What the mean of each term divides by, counted over rows (the global batch): target tokens, labelled rows."""
-    return {"tokens": sum(sum(t != -100 for t in r["labels"][1:]) for r in rows),
-            "labelled": sum(r["expert"] >= 0 for r in rows)}
+    return {
+        "tokens": sum(sum(t != -100 for t in r["labels"][1:]) for r in rows),
+        "labelled": sum(r["expert"] >= 0 for r in rows),
+    }
 
 
 def _mean(total: torch.Tensor, count: torch.Tensor, over: tuple[int, int] | None) -> torch.Tensor:
@@ -154,8 +156,13 @@ def entropy_loss(logits: torch.Tensor, labels: torch.Tensor, over: tuple[int, in
     return _mean((entropy * where).sum(), where.sum(), over)
 
 
-def routing_loss(router_logits: torch.Tensor, mask: torch.Tensor, expert: torch.Tensor,
-                 over: tuple[int, int] | None = None, raw: bool = False) -> torch.Tensor:
+def routing_loss(
+    router_logits: torch.Tensor,
+    mask: torch.Tensor,
+    expert: torch.Tensor,
+    over: tuple[int, int] | None = None,
+    raw: bool = False,
+) -> torch.Tensor:
     """Cross-entropy of every router's logits against the row's expert (`raw`: the squared distance of the raw
     weights to its one-hot vector): per labelled row, the mean over its routers and routed units, then the mean
     over labelled rows."""
@@ -195,12 +202,20 @@ def routing_hits(router_logits: torch.Tensor, mask: torch.Tensor, expert: torch.
     return int(right.sum()), int(m.sum() * lg.shape[1])
 
 
-def objective(model: nn.Module, batch: dict, weights: dict[str, float], stock: bool, k: int,
-              global_totals: dict[str, int] | None = None, processes: int = 1, raw: bool = False,
-              ) -> tuple[torch.Tensor, dict[str, torch.Tensor], object]:
+def objective(
+    model: nn.Module,
+    batch: dict,
+    weights: dict[str, float],
+    stock: bool,
+    k: int,
+    global_totals: dict[str, int] | None = None,
+    processes: int = 1,
+    raw: bool = False,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor], object]:
     """The weighted loss, each term (detached) and the model's output. `model` may be wrapped (DDP), so
     whether it is a stock MoE, its top-k and whether its weights are raw come from the caller. With `global_totals` (`totals` of the whole
     global batch) the means are this process's share of the global batch's, for DDP."""
+
     def over(key):
         return None if global_totals is None else (global_totals[key], processes)
 

@@ -19,8 +19,17 @@ from llama_cpp import Llama
 def main(request_path: str, result_path: str) -> None:
     request = json.loads(open(request_path).read())
     # the KV cache in float32 too (llama.cpp's default is f16): the comparison is float32 against float32
-    llm = Llama(model_path=request["model"], lora_path=request.get("lora"), n_ctx=64, n_batch=64, n_threads=2,
-                type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32, logits_all=True, verbose=False)
+    llm = Llama(
+        model_path=request["model"],
+        lora_path=request.get("lora"),
+        n_ctx=64,
+        n_batch=64,
+        n_threads=2,
+        type_k=llama_cpp.GGML_TYPE_F32,
+        type_v=llama_cpp.GGML_TYPE_F32,
+        logits_all=True,
+        verbose=False,
+    )
     generations = []
     for ids in request["prompts"]:
         llm.reset()

@@ -24,11 +24,18 @@ def main(request_path: str, result_path: str) -> None:
     generations = []
     with torch.no_grad():
         for ids in request["prompts"]:
-            out = model.generate(torch.tensor([ids]), max_new_tokens=request["max_new_tokens"], do_sample=False,
-                                 eos_token_id=request["eos_token_id"], pad_token_id=request["eos_token_id"],
-                                 output_logits=True, return_dict_in_generate=True)
-            generations.append({"tokens": out.sequences[0, len(ids):].tolist(),
-                                "logits": torch.cat(out.logits).tolist()})
+            out = model.generate(
+                torch.tensor([ids]),
+                max_new_tokens=request["max_new_tokens"],
+                do_sample=False,
+                eos_token_id=request["eos_token_id"],
+                pad_token_id=request["eos_token_id"],
+                output_logits=True,
+                return_dict_in_generate=True,
+            )
+            generations.append(
+                {"tokens": out.sequences[0, len(ids) :].tolist(), "logits": torch.cat(out.logits).tolist()}
+            )
     # tied tensors share storage, which save_file refuses: each is written as its own copy
     save_file({k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}, request["state_dict"])
     result = {
