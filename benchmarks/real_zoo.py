@@ -1,4 +1,4 @@
-"""Every figure the README gives for the real-model zoo, measured in one run on this machine.
+"""Every figure docs/measured.md gives for the real-model zoo, measured in one run on this machine.
 
     python benchmarks/real_zoo.py                       # SmolLM2-135M's zoo: quality, routing, decode, assembly
     python benchmarks/real_zoo.py --base gemma3 --only quality,routing

@@ -3,7 +3,7 @@
 Why: x·(W0 + Σ_e w_e Δ_e)ᵀ = [x, w_1·x, …, w_E·x]·[W0; Δ_1; …; Δ_E]ᵀ, one GEMM over a reduction of
 (E+1)·K whose left operand is x scaled row by row. Each weight byte is read once for the whole batch,
 so decode (B flop per weight byte) runs at the floor of reading the E+1 matrices once, where forming a
-weight per token reads (E+1+2B) of them (README, "Kernels"). The concatenated left operand is
+weight per token reads (E+1+2B) of them (docs/kernels.md). The concatenated left operand is
 never formed: each x tile is scaled by w[:, e] in fp32 as it is loaded, and one fp32 accumulator
 takes every segment. When the output has too few tiles to fill the GPU (decode of a narrow layer),
 the experts are split over programs and their partial sums added afterwards.

@@ -98,7 +98,7 @@ def _assemble_parser(sub, verbose: argparse.ArgumentParser) -> None:
         "Writes sharded safetensors, config, tokenizer, the resolved recipe, a routing report (JSON + PNG) and "
         "a model card. Methods: " + "; ".join(f"{m.name}, {m.summary}" for m in METHODS.values()) + ".",
     )
-    p.add_argument("config", type=Path, help="recipe YAML (see the YAML reference in README.md)")
+    p.add_argument("config", type=Path, help="recipe YAML (every field: docs/recipe.md)")
     p.add_argument("out_dir", type=Path, help="output directory; written to a temporary sibling and renamed")
     p.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists")
     p.add_argument(
@@ -291,7 +291,7 @@ def _glue_parser(sub, verbose: argparse.ArgumentParser) -> None:
         parents=[verbose],
         help="Model-GLUE merge search over a zoo: cluster, merge selectively, mix the clusters",
         description="Run Model-GLUE's recipe from a YAML (`models`, `proxy`, `clustering`, `merge`, `per_cluster`, "
-        "`mixture`, `held_out`; see README): cluster the models by similarity, search each cluster's merge "
+        "`mixture`, `held_out`; see docs/search.md): cluster the models by similarity, search each cluster's merge "
         "(strategies: all, heuristic_average, heuristic_coefficient, heuristic_similarity, evolutionary (CMA-ES, "
         "needs the `cma` package), mixup (M³)) with every candidate scored on the proxy rows in batches through a "
         "dynamic model, write each cluster's merge as a plain checkpoint, mix them into one model-level dynamic "

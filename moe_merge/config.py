@@ -29,7 +29,7 @@ from moe_merge.methods import LEVELS, METHODS, PARTS, Method, TwinSpec, WemoeSpe
 RouterInit = Literal["hidden", "fit", "hidden_last", "cheap_embed", "random", "uniform"]
 PROMPT_INITS = ("hidden", "fit", "hidden_last", "cheap_embed")  # the modes that read prompts
 DYNAMIC_INITS = ("hidden", "random", "uniform")  # what the dynamic model's routers accept
-PREPASS_DEFAULT = 1  # measured on both zoos: see README, "Routing from a pre-pass"
+PREPASS_DEFAULT = 1  # measured on both zoos: docs/dynamic-models.md, "The routing pre-pass"
 # mergekit-moe's gate_mode spellings and what each becomes here.
 GATE_MODE_ALIASES = {"hidden_avg": "hidden", "uniform_random": "uniform"}
 
@@ -361,7 +361,7 @@ def _describe(error: ValidationError, path: Path, node: yaml.Node | None) -> str
         where = f" (line {line})" if line else ""
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
-            msg = "unknown field; check its spelling against the YAML reference in README.md"
+            msg = "unknown field; check its spelling against the YAML reference in docs/recipe.md"
         lines.append(f"  `{field}`{where}: {msg}")
     return "\n".join(lines)
 

@@ -154,7 +154,7 @@ def refuse_gguf(path: Path) -> None:
                 raise SourceError(
                     f"{f} is a GGUF file (llama.cpp's format); moe-merge reads Hugging Face checkpoint directories "
                     "(config.json + safetensors). Convert it first: `moe_merge.gguf.convert(GGUF_FILE, OUT_DIR)` "
-                    "dequantizes it with transformers and saves a checkpoint (see README, Real models)"
+                    "dequantizes it with transformers and saves a checkpoint (docs/recipe.md, Inputs)"
                 )
 
 

@@ -30,7 +30,7 @@ def test_a_mergekit_moe_yaml_is_a_valid_recipe(tmp_path):
     assert config.router_init == "hidden"  # hidden_avg is our masked mean
     assert config.experts[1].residual_scale == 0.5
     # what no expert routes is averaged over the experts, where mergekit-moe takes the base's (`non_expert: base`):
-    # with LoRA experts the base's attention loses what the adapters learned there (README, "Measured on a real model")
+    # with LoRA experts the base's attention loses what the adapters learned there (docs/measured.md, "Measured on a real model")
     assert (config.level, config.method, config.static_method) == ("ffn", "sparse", "average")
 
 

@@ -1,6 +1,6 @@
 """Faults: kill -9 at seeded points, a full disk, two writers at once, a push that dies, sources holding NaN.
 
-Each test proves a row of README's reliability table. The kills run the real CLI in a child process
+Each test proves a row of docs/reliability.md's table. The kills run the real CLI in a child process
 (`tests/crash.py`), killed with SIGKILL at its N-th write, N drawn with a fixed seed from the writes an
 uninterrupted run makes.
 """
