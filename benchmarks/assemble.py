@@ -29,6 +29,9 @@ import yaml
 from moe_merge import zoo
 from moe_merge.demo import evaluate
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for tests/fixtures.py
+from tests.fixtures import pico_checkpoint
+
 RESULTS = Path(__file__).parent / "results"
 MEASURE = (
     "import resource, subprocess, sys, time\n"
@@ -73,10 +76,10 @@ def zoo_recipe(work: Path, experts_per_token: int) -> dict:
 
 def wide_recipe(work: Path, experts_per_token: int) -> dict:
     sizes = {"hidden": 256, "intermediate": 2048, "layers": 8}  # 50 MB of MLP weights per expert
-    base = zoo.pico_checkpoint(work / "wide-base", **sizes)
+    base = pico_checkpoint(work / "wide-base", **sizes)
     experts = [
         {
-            "source_model": str(zoo.pico_checkpoint(work / f"wide-{i}", seed=i + 1, base=base, **sizes)),
+            "source_model": str(pico_checkpoint(work / f"wide-{i}", seed=i + 1, base=base, **sizes)),
             "positive_prompts": zoo.task_prompts(zoo.EXPERT_TASKS[i % 5])["positive_prompts"][:2] + [f"expert {i}="],
         }
         for i in range(8)

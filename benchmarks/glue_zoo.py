@@ -1,7 +1,7 @@
 """Merge search on the tiny zoo: every selection strategy, evolutionary against heuristic at the same budget,
 and M³ against its base method, scored on held-out rows the search never saw.
 
-- Strategies: `moe-merge glue` on `zoo.glue_recipe` (threshold 0.5, proxy 8 rows per task), one run per
+- Strategies: `moe-merge glue` on `tests/fixtures.py`'s `glue_recipe` (threshold 0.5, proxy 8 rows per task), one run per
   strategy; the held-out mean is greedy exact match on 64 eval words per task (five tasks).
 - Same budget: CMA-ES given exactly the trials each heuristic used.
 - M³: on pairs of models, each base method at equal weights (λ = 0.5, which is the base method itself: for TIES
@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import sys
 import tempfile
 from pathlib import Path
 
@@ -24,6 +25,9 @@ from moe_merge import zoo
 from moe_merge.merge import mixup_draws
 from moe_merge.search import glue, proxy
 from moe_merge.tokens import load_tokenizer
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for tests/fixtures.py
+from tests.fixtures import glue_recipe
 
 ALPHAS, SAMPLES = (0.4, 0.5, 1.0, 2.0), 8
 PAIRS = {
@@ -35,7 +39,7 @@ BASE_METHODS = ("average", "task_arithmetic", "ties", "dare_ties")
 
 
 def strategies(zoo_dir: Path, work: Path) -> list[dict]:
-    path = zoo.glue_recipe(zoo_dir, work / "recipe")
+    path = glue_recipe(zoo_dir, work / "recipe")
     recipe = glue.load_recipe(path).model_copy(update={"mixture": None})
     rows = []
     for strategy in glue.STRATEGIES:

@@ -18,6 +18,7 @@ import argparse
 import datetime
 import json
 import platform
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -29,6 +30,9 @@ from moe_merge.search import glue, proxy
 from moe_merge.sources import Checkpoint
 from moe_merge.tokens import load_tokenizer
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for tests/fixtures.py
+from tests.fixtures import glue_recipe
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -39,7 +43,7 @@ def main() -> None:
     from transformers import AutoModelForCausalLM
 
     zoo_dir = zoo.ensure_zoo("llama")
-    recipe_path = zoo.glue_recipe(zoo_dir, Path(tempfile.mkdtemp()))
+    recipe_path = glue_recipe(zoo_dir, Path(tempfile.mkdtemp()))
     recipe = glue.load_recipe(recipe_path)
     members = [glue.resolve_path(m.path) for m in recipe.models if m.base == str(zoo_dir / "base")]
     base_dir = zoo_dir / "base"

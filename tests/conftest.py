@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from moe_merge import zoo
-from moe_merge.zoo import pico_checkpoint
+from tests.fixtures import pico_checkpoint
 
 
 def write_recipe(path: Path, recipe: dict) -> Path:

@@ -13,8 +13,8 @@ from safetensors import safe_open
 from moe_merge.assemble import assemble
 from moe_merge.cli import main as cli_main
 from moe_merge.config import MergeConfig
-from moe_merge.zoo import pico_checkpoint as make_pico
 from tests.conftest import pico_recipe, prompts_for, read_json, write_recipe
+from tests.fixtures import pico_checkpoint as make_pico
 
 
 def _assemble(recipe: dict, out, **kw):

@@ -12,8 +12,9 @@ from moe_merge.arch import FAMILIES as FAMILY_TABLE
 from moe_merge.assemble import assemble
 from moe_merge.cli import main as cli_main
 from moe_merge.config import MergeConfig
-from moe_merge.zoo import build_tokenizer, pico_checkpoint
+from moe_merge.zoo import build_tokenizer
 from tests.conftest import pico_recipe, write_recipe
+from tests.fixtures import pico_checkpoint
 from tests.test_dynamic import _build, _enc, _expert_model, _positions
 
 FAMILIES = ["mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text"]

@@ -18,8 +18,8 @@ from moe_merge.merge import StaticSpec
 from moe_merge.methods import METHODS, Method
 from moe_merge.modeling import MoEMergeConfig
 from moe_merge.recipe import open_recipe
-from moe_merge.zoo import pico_checkpoint
 from tests.conftest import pico_recipe
+from tests.fixtures import pico_checkpoint
 
 
 def test_a_recipe_names_a_registered_method_or_is_refused_with_the_choices(pico):

@@ -16,7 +16,7 @@ from moe_merge.search import glue, proxy, strategies
 from moe_merge.search.similarity import greedy_clusters, similarities
 from moe_merge.sources import Checkpoint
 from moe_merge.tokens import load_tokenizer
-from moe_merge.zoo import pico_checkpoint
+from tests.fixtures import glue_recipe, pico_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -247,7 +247,7 @@ def test_task_vector_mixup_needs_a_common_base(picos, tmp_path):
 
 @pytest.mark.slow
 def test_model_glue_on_the_zoo_clusters_by_family_drops_the_harmful_expert_and_mixes(zoo_dir, tmp_path):
-    path = zoo.glue_recipe(zoo_dir, tmp_path / "recipe", merge={"strategy": "heuristic_average"})
+    path = glue_recipe(zoo_dir, tmp_path / "recipe", merge={"strategy": "heuristic_average"})
     report = glue.run_glue(glue.load_recipe(path), tmp_path / "out", path.parent)
     clusters = [c["members"] for c in report["clusters"]]
     assert clusters == [

@@ -9,7 +9,7 @@ from safetensors.torch import load_file, save_file
 
 from moe_merge.errors import CompatibilityError, SourceError
 from moe_merge.sources import Checkpoint, LoraExpert, check_compatible, open_expert
-from moe_merge.zoo import pico_checkpoint as make_pico
+from tests.fixtures import pico_checkpoint as make_pico
 
 
 def test_sharded_and_bin_checkpoints_read_like_the_single_file(pico, tmp_path):

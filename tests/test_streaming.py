@@ -7,8 +7,8 @@ import textwrap
 
 import pytest
 
-from moe_merge.zoo import pico_checkpoint as make_pico
 from tests.conftest import pico_recipe, write_recipe
+from tests.fixtures import pico_checkpoint as make_pico
 
 HIDDEN, INTER, LAYERS = 128, 1024, 16  # 24 MiB of fp32 MLP weights per expert, 1.5 MiB per layer
 

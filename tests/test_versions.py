@@ -59,13 +59,13 @@ class Keep(logging.Handler):
 hf_logging.get_logger().addHandler(Keep())
 from pathlib import Path
 import tempfile
-from moe_merge import zoo
+from tests.fixtures import pico_checkpoint
 from moe_merge.recipe import open_recipe
 from moe_merge.config import MergeConfig
 from moe_merge.assemble.dynamic import build_model
 root = Path(tempfile.mkdtemp())
-base = zoo.pico_checkpoint(root / "base")
-experts = [zoo.pico_checkpoint(root / f"e{i}", seed=i + 1, base=base, perturb="linear") for i in range(2)]
+base = pico_checkpoint(root / "base")
+experts = [pico_checkpoint(root / f"e{i}", seed=i + 1, base=base, perturb="linear") for i in range(2)]
 for method, level in [("smear", "ffn"), ("twin", "block"), ("sparse", "block"), ("sparse", "model")]:
     recipe = {"base_model": str(base), "method": method, "level": level, "gate_mode": "random",
               "experts_per_token": 1, "experts": [{"source_model": str(e)} for e in experts]}
