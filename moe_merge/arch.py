@@ -19,6 +19,7 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from moe_merge.errors import CompatibilityError, ConfigError
 
@@ -27,7 +28,7 @@ MLP_PROJS = ("gate_proj", "up_proj", "down_proj")
 MLP_KEY = "model.layers.{layer}.mlp.{proj}.weight"
 
 
-def transformers_class(module: str, prefix: str, name: str) -> type:
+def transformers_class(module: str, prefix: str, name: str) -> type[Any]:
     """transformers' `{prefix}{name}` from its modeling module `module` (a model type), e.g. LlamaDecoderLayer."""
     return getattr(importlib.import_module(f"transformers.models.{module}.modeling_{module}"), prefix + name)
 
@@ -49,7 +50,14 @@ class MoEFormat:
     def expert_tensor(self, layer: int, expert: int, proj: str) -> str:
         return self.expert_key.format(layer=layer, expert=expert, proj=self.proj_names[proj])
 
-    def cls(self, name: str) -> type:
+    def shared_tensor(self, layer: int, proj: str | None = None) -> str:
+        """The shared expert's `proj` weight in `layer`, or its gate's (no `proj`): Qwen2-MoE's only."""
+        key = self.shared_router_key if proj is None else self.shared_expert_key
+        if key is None:
+            raise ConfigError(f"{self.architecture} has no shared expert")
+        return key.format(layer=layer, proj=proj)
+
+    def cls(self, name: str) -> type[Any]:
         return transformers_class(self.model_type, self.prefix, name)
 
 
@@ -109,7 +117,7 @@ class Family:
     rope_per_layer_type: bool = False  # sliding-window and full layers have RoPEs of their own (Gemma 3)
     module: str | None = None  # transformers' modeling module, where it is not the model type's
 
-    def cls(self, name: str) -> type:
+    def cls(self, name: str) -> type[Any]:
         return transformers_class(self.module or self.model_type, self.prefix, name)
 
     def fn(self, name: str):
@@ -130,7 +138,7 @@ class Family:
         return self.mlp_norms if level == "ffn" else self.attention_norms + self.mlp_norms
 
 
-_GEMMA_SANDWICH = dict(
+_GEMMA_SANDWICH: dict[str, Any] = dict(
     attention_norms=("input_layernorm", "self_attn.q_norm", "self_attn.k_norm", "post_attention_layernorm"),
     mlp_norms=("pre_feedforward_layernorm", "post_feedforward_layernorm"),
     sandwich_norms=True,
@@ -180,6 +188,9 @@ def choose_format(config, family: str, base_config: dict, base_path: Path) -> Mo
             "`method: smear | wemoe | twin` at `level: ffn | block`, or `method: sparse` at `level: block | model` "
             "(each a moe-merge dynamic model)"
         )
+    shared_error = (
+        f"`shared_experts` needs an output with a shared expert (Qwen2-MoE), which a {family} base cannot become"
+    )
     if config.architecture is not None:
         key = ARCHITECTURE_NAMES.get(config.architecture.lower())
         if key is None:
@@ -190,11 +201,12 @@ def choose_format(config, family: str, base_config: dict, base_path: Path) -> Mo
         if fmt not in (fam.moe, fam.moe_with_shared):
             raise ConfigError(f"`architecture: {config.architecture}` cannot be built from a {family} base")
     else:
-        fmt = fam.moe_with_shared if config.shared_experts else fam.moe
+        found = fam.moe_with_shared if config.shared_experts else fam.moe
+        if found is None:
+            raise ConfigError(shared_error)
+        fmt = found
     if config.shared_experts and fmt.shared_expert_key is None:
-        raise ConfigError(
-            f"`shared_experts` needs an output with a shared expert (Qwen2-MoE), which a {family} base cannot become"
-        )
+        raise ConfigError(shared_error)
     if fmt.shared_expert_key is not None and not config.shared_experts:
         raise ConfigError(
             "Qwen2-MoE output needs exactly one entry in `shared_experts` (e.g. the base: "

@@ -23,8 +23,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from moe_merge.errors import ConfigError
-from moe_merge.merge import MIXUP_BASES, StaticSpec, mixup_draws
-from moe_merge.methods import LEVELS, METHODS, PARTS, Method, TwinSpec, WemoeSpec
+from moe_merge.merge import MixupBase, StaticSpec, mixup_draws
+from moe_merge.methods import METHODS, Level, Method, Part, TwinSpec, WemoeSpec
 
 RouterInit = Literal["hidden", "fit", "hidden_last", "cheap_embed", "random", "uniform"]
 PROMPT_INITS = ("hidden", "fit", "hidden_last", "cheap_embed")  # the modes that read prompts
@@ -100,7 +100,7 @@ class MixupDraw(_Strict):
     """`non_expert: mixup` (M³): one seeded draw of interpolation weights, applied through a base method. (Merge
     search keeps the best of many draws on a proxy: `moe-merge glue`.)"""
 
-    base_method: Literal[MIXUP_BASES] = "average"
+    base_method: MixupBase = "average"
     alpha: float = Field(0.5, gt=0.0, description="Beta(alpha, alpha) for two experts, Dirichlet(alpha) for more")
     seed: int = 0
 
@@ -126,7 +126,7 @@ class MergeConfig(_Strict):
     gate_mode: RouterInit = "hidden"  # mergekit-moe's name for `router.init`
     dtype: Literal["float32", "float16", "bfloat16"] | None = None
     experts_per_token: int = Field(2, ge=1)
-    level: Literal[LEVELS] = "ffn"
+    level: Level = "ffn"
     method: str = Field("sparse", description="a record of methods.METHODS: " + " | ".join(METHODS))
     non_expert: Literal["base", "average", "task_arithmetic", "ties", "dare_linear", "dare_ties", "mixup"] | None = (
         Field(
@@ -142,7 +142,7 @@ class MergeConfig(_Strict):
     dense_layers: int = Field(
         0, ge=0, description="model level: leading layers shared (statically merged) by all experts"
     )
-    static: list[Literal[PARTS]] | None = Field(
+    static: list[Part] | None = Field(
         None,
         description="dynamic models: parts kept as the static merge even where the experts differ (embeddings, "
         "norms, head); default none with per-sequence routing (everything that differs is routed); with per-token "
@@ -215,8 +215,9 @@ class MergeConfig(_Strict):
             or self.router.normalize not in (None, "topk")
         ):
             raise ValueError(
-                "sparse FFN-level output is a stock Mixtral/Qwen-MoE: its routers are linear, per token "
-                "and top-k; `router.kind/granularity/normalize` apply to dynamic models"
+                f"`method: {self.method}` at `level: {self.level}` (the defaults, where not given) writes a stock "
+                "Mixtral/Qwen-MoE: its routers are linear, per token and top-k; `router.kind/granularity/normalize` "
+                "apply to dynamic models (another `method` or `level`)"
             )
         if self.router and "gate_mode" in self.model_fields_set and self.router.init != self.gate_mode:
             raise ValueError(f"`gate_mode: {self.gate_mode}` and `router.init: {self.router.init}` disagree; give one")
@@ -281,7 +282,7 @@ class MergeConfig(_Strict):
         if spec.method != "mixup":
             return spec.method
         m = self.merge.mixup
-        lam = ", ".join(f"{x:.4f}" for x in spec.weights)
+        lam = ", ".join(f"{x:.4f}" for x in spec.weights or ())
         return f"mixup ({m.base_method}, alpha {m.alpha}, seed {m.seed}: lambda = {lam})"
 
     @property

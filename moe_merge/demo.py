@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -191,7 +192,7 @@ def run_demo(out: Path) -> dict:
     data.write_text("".join(json.dumps(r) + "\n" for r in zoo.router_training_rows(80)))
     tasks = " | ".join(zoo.EXPERT_TASKS)
     header = f"| model | {tasks} | worst task vs its expert |\n|---|" + "---|" * (len(zoo.EXPERT_TASKS) + 1)
-    results: dict[str, dict] = {}
+    results: dict[str, Any] = {}
     for variant in zoo.VARIANTS:
         experts = expert_scores(zoo_dir, variant)
         base = zoo.scores(zoo.load_checkpoint(zoo_dir / "base"), load_tokenizer(zoo_dir / "base"))
@@ -330,7 +331,7 @@ def run_real_demo(out: Path, base: str) -> dict:
 
     print(f"\n## LoRA experts on every linear layer ({', '.join(tasks)}): exact match on 24 held-out prompts each\n")
     print(f"| model | {' | '.join(tasks)} | worst vs its expert |\n|---|" + "---|" * (len(tasks) + 1))
-    results = {"experts": experts, "base": score(load(zoo_dir / "base")[0])}
+    results: dict[str, Any] = {"experts": experts, "base": score(load(zoo_dir / "base")[0])}
     row("base", results["base"])
     row("experts (each on its own task)", experts)
     smear = assemble(

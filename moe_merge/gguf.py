@@ -170,7 +170,7 @@ def convert(gguf_file: Path | str, out_dir: Path | str, dtype: torch.dtype | Non
         model = type(loaded)(config)
     model.load_state_dict(loaded.state_dict(), assign=True)
     model.tie_weights()
-    model.to(dtype).eval()
+    model.to(dtype).eval()  # type: ignore[arg-type]  # transformers wraps .to(); mypy loses its signature
     with atomic_output_dir(out_dir, force=force) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)

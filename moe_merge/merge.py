@@ -17,6 +17,7 @@ import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import torch
 
@@ -29,7 +30,8 @@ DEFAULT_SCALE = {
     "dare_ties": 1.0,
     "mixup": 1.0,
 }
-MIXUP_BASES = ("average", "task_arithmetic", "ties", "dare_linear", "dare_ties")
+MixupBase = Literal["average", "task_arithmetic", "ties", "dare_linear", "dare_ties"]
+MIXUP_BASES: tuple[MixupBase, ...] = get_args(MixupBase)
 
 
 @dataclass(frozen=True)

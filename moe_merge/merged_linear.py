@@ -81,10 +81,8 @@ class MergedLinear(nn.Module):
         else:
             w_tok = w.unsqueeze(1).expand(B, T, -1) if w.dim() == 2 else w  # [B, T, E]
             y = self._per_token(x.reshape(B * T, K), w_tok.reshape(B * T, -1)).view(B, T, -1)
-        if not self.has_bias:
-            return y
         bias = self._merged_bias(w if w.dim() == 3 else w.unsqueeze(1))  # [B, T or 1, N]
-        return y + bias.to(self._w0_or_stack().dtype)
+        return y if bias is None else y + bias.to(self.stored_dtype)
 
     @property
     def has_bias(self) -> bool:
@@ -140,7 +138,11 @@ class MergedLinear(nn.Module):
         )
 
     def _w0_or_stack(self) -> torch.Tensor:
-        return self._w0() if self._w0() is not None else self._stack()
+        w = self._w0()
+        if w is None:
+            w = self._stack()
+        assert w is not None, "every form stores W0 or the stacked expert weights"
+        return w
 
     @property
     def stored_dtype(self) -> torch.dtype:
@@ -235,7 +237,9 @@ class _WithW0(MergedLinear):
         return self._bias(w, w.dtype)
 
     def _bias(self, w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
-        return None if self.bias is None else self.bias.to(dtype) + w @ self.delta_bias.to(dtype)
+        if self.bias is None or self.delta_bias is None:
+            return None
+        return self.bias.to(dtype) + w @ self.delta_bias.to(dtype)
 
 
 class DenseMergedLinear(_WithW0):

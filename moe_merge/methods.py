@@ -22,7 +22,7 @@ the plans, `bake` and `export-lora` all read these records.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -30,9 +30,10 @@ from moe_merge.merge import StaticSpec
 
 Level = Literal["ffn", "block", "model"]
 Form = Literal["full", "dense", "lowrank"]
-LEVELS: tuple[Level, ...] = ("ffn", "block", "model")
-FORMS: tuple[Form, ...] = ("full", "dense", "lowrank")
-PARTS = ("embeddings", "norms", "head")  # what is routed beside the linear layers, where the experts differ
+Part = Literal["embeddings", "norms", "head"]  # what is routed beside the linear layers, where the experts differ
+LEVELS: tuple[Level, ...] = get_args(Level)
+FORMS: tuple[Form, ...] = get_args(Form)
+PARTS: tuple[Part, ...] = get_args(Part)
 
 
 class Settings(BaseModel):
@@ -113,7 +114,9 @@ class TwinSpec(Settings):
         full = min(out_features, in_features)
         if isinstance(self.rank, EnergyRank):
             return None
-        return min(full, self.rank) if self.rank is not None else max(1, round(self.rank_fraction * full))
+        if self.rank is not None:
+            return min(full, self.rank)
+        return max(1, round((self.rank_fraction or 0.0) * full))  # validation sets rank_fraction when rank is None
 
     @property
     def energy(self) -> float | None:
@@ -137,6 +140,10 @@ class Method:
     levels: tuple[Level, ...] = ("ffn", "block")
     default_normalize: str = "softmax"
     settings: type[Settings] | None = None  # the schema of its recipe section, the field named after the method
+
+    def __post_init__(self):
+        if (self.form is None) != (self.merges == "outputs"):
+            raise ValueError(f"method {self.name!r}: a method that merges parameters names its `form`, and only it")
 
     def static(self, recipe: StaticSpec, non_expert: str | None, settings: Any) -> StaticSpec:
         """The static merge of what this method does not route: the experts' average. (mergekit-moe keeps the base's;

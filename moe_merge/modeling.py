@@ -29,7 +29,8 @@ request.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from huggingface_hub.dataclasses import strict
@@ -77,8 +78,8 @@ class MoEMergeConfig(PreTrainedConfig):
     expert_names: list[str] | None = None
     method: str = "smear"
     level: str = "ffn"
-    delta_forms: dict[str, str] | None = None
-    delta_ranks: dict[str, int] | None = None
+    delta_forms: dict[str, str] = field(default_factory=dict)
+    delta_ranks: dict[str, int] = field(default_factory=dict)
     lowrank_offset: float | None = None
     router_kind: str = "linear"
     router_hidden_size: int | None = None
@@ -86,7 +87,7 @@ class MoEMergeConfig(PreTrainedConfig):
     router_normalize: str = "softmax"
     router_top_k: int = 1
     router_temperature: float = 1.0
-    routed_parts: list[str] | None = None
+    routed_parts: list[str] = field(default_factory=list)
     prepass_layers: int = 0
     prepass_weights: list[float] | None = None
     dense_layers: int = 0
@@ -98,9 +99,9 @@ class MoEMergeConfig(PreTrainedConfig):
             raise ModelConfigError(
                 f"`method` {self.method!r} / `level` {self.level!r}: choose from {tuple(METHODS)} / {LEVELS}"
             )
-        if self.text_config.model_type not in FAMILIES:
-            raise ModelConfigError(family_error(self.text_config.model_type, "`text_config`"))
-        if getattr(self.text_config, "use_bidirectional_attention", False):
+        if self.get_text_config().model_type not in FAMILIES:
+            raise ModelConfigError(family_error(self.get_text_config().model_type, "`text_config`"))
+        if getattr(self.get_text_config(), "use_bidirectional_attention", False):
             raise ModelConfigError(
                 "`text_config.use_bidirectional_attention` is set: that is an encoder (embedding "
                 "model), not a causal LM; moe-merge merges causal LMs"
@@ -112,10 +113,7 @@ class MoEMergeConfig(PreTrainedConfig):
         problems = self.merging.problems(self.level, self.router_granularity, self.router_normalize)
         if problems:
             raise ModelConfigError(problems[0])
-        self.tie_word_embeddings = bool(self.text_config.tie_word_embeddings)
-        self.delta_forms = self.delta_forms or {}
-        self.delta_ranks = self.delta_ranks or {}
-        self.routed_parts = self.routed_parts or []
+        self.tie_word_embeddings = bool(self.get_text_config().tie_word_embeddings)
         if unknown := set(self.routed_parts) - set(PARTS):
             raise ModelConfigError(f"`routed_parts` {sorted(unknown)}: choose from {PARTS}")
         if self.router_granularity == "token" and "embeddings" in self.routed_parts:
@@ -135,12 +133,12 @@ class MoEMergeConfig(PreTrainedConfig):
     @property
     def family(self) -> Family:
         """The base family's record (arch.py): its classes and where its norms sit."""
-        return FAMILIES[self.text_config.model_type]
+        return FAMILIES[self.get_text_config().model_type]
 
     @property
     def num_routers(self) -> int:
         """R: routers whose weights `merge_weights` [B, R, E] holds."""
-        return 1 if self.merging.shared_router or self.level == "model" else self.text_config.num_hidden_layers
+        return 1 if self.merging.shared_router or self.level == "model" else self.get_text_config().num_hidden_layers
 
     def router_of_layer(self, layer: int) -> int:
         """The router (index into R) whose merge weights decoder layer `layer` uses."""
@@ -177,16 +175,16 @@ class MoEMergeModelOutput(BaseModelOutputWithPast):
     """The decoder's output (its cache under `CACHE`) plus the routing: merge weights [B, R, E] per sequence or
     [B, R, T, E] per token, and the router logits of the same shape (None where forced)."""
 
-    merge_weights: torch.FloatTensor | None = None
-    router_logits: torch.FloatTensor | None = None
+    merge_weights: torch.Tensor | None = None
+    router_logits: torch.Tensor | None = None
 
 
 @dataclass
 class MoEMergeOutput(CausalLMOutputWithPast):
     """The causal-LM output (its cache under the installed transformers' name, `CACHE`) plus the routing."""
 
-    merge_weights: torch.FloatTensor | None = None  # [B, R, E] per sequence, [B, R, T, E] per token
-    router_logits: torch.FloatTensor | None = None  # same shape, before normalization; None where forced
+    merge_weights: torch.Tensor | None = None  # [B, R, E] per sequence, [B, R, T, E] per token
+    router_logits: torch.Tensor | None = None  # same shape, before normalization; None where forced
 
 
 def _stock(text_config, name: str):
@@ -251,6 +249,7 @@ class Routing:
         if isinstance(routing_mask, Packing):
             logits = routing_mask.pool(router(states)) if self.pool_outputs else router(routing_mask.pool(states))
             weights = normalize(logits, self.mode, self.temperature, self.top_k)
+            assert given is not None, "a packed batch gives every request's kept weights (zeros for new ones)"
             return torch.where(routing_mask.new.unsqueeze(-1), weights, given), logits
         mask = routing_mask if routing_mask is not None else torch.ones(states.shape[:2], device=states.device)
         weights, logits = self(router, states, mask)
@@ -278,9 +277,12 @@ class MoEMergeDecoderLayer(GradientCheckpointingLayer):
     too. Without one (twin), or when the pre-pass already routed it, weights come from the model.
     """
 
+    self_attn: Any  # the family's own attention and MLP modules, whatever their class
+    mlp: Any
+
     def __init__(self, config: MoEMergeConfig, layer_idx: int, routed: bool):
         super().__init__()
-        text, family = config.text_config, config.family
+        text, family = config.get_text_config(), config.family
         for name, module in stock_layer(text, layer_idx).named_children():  # attention, MLP, norms, in its order
             setattr(self, name, module)
         self.attention_norm, self.mlp_norm = family.attention_norms[0], family.mlp_norms[0]  # each part's input norm
@@ -309,15 +311,16 @@ class MoEMergeDecoderLayer(GradientCheckpointingLayer):
         for path in family.layer_norms(self.level) if config.routes("norms") else ():
             owner_name, _, name = path.rpartition(".")
             owner = self.get_submodule(owner_name) if owner_name else self
-            if isinstance(old := getattr(owner, name, None), nn.Module):
-                new = MergedNorm(
-                    old.weight.shape[0],
+            own: Any = getattr(owner, name, None)  # the family's own norm, if this layer has one there
+            if own is not None:
+                norm = MergedNorm(
+                    own.weight.shape[0],
                     config.num_experts,
                     config.merging.part_form,
-                    old.variance_epsilon if hasattr(old, "variance_epsilon") else old.eps,
+                    own.variance_epsilon if hasattr(own, "variance_epsilon") else own.eps,
                     unit_offset=family.unit_offset_norms,
                 )
-                setattr(owner, name, new)
+                setattr(owner, name, norm)
                 (self.mlp_merged if path in family.mlp_norms else self.attn_merged).append(new)
         self.router = (
             Router(text.hidden_size, config.num_experts, config.router_kind, config.router_hidden_size)
@@ -423,7 +426,7 @@ class MoEMergeSparseBlock(GradientCheckpointingLayer):
 
     def __init__(self, config: MoEMergeConfig, layer_idx: int):
         super().__init__()
-        text = config.text_config
+        text = config.get_text_config()
         L = text.num_hidden_layers
         self.experts = nn.ModuleList(stock_layer(text, layer_idx, layer_idx + e * L) for e in range(config.num_experts))
         self.router = Router(text.hidden_size, config.num_experts, config.router_kind, config.router_hidden_size)
@@ -441,7 +444,7 @@ class MoEMergeExpertStack(nn.Module):
 
     def __init__(self, config: MoEMergeConfig, expert: int):
         super().__init__()
-        text = config.text_config
+        text = config.get_text_config()
         L = text.num_hidden_layers
         self.layers = nn.ModuleList(stock_layer(text, i, i + expert * L) for i in range(config.dense_layers, L))
         self.norm = stock_norm(text)
@@ -468,7 +471,7 @@ class MoEMergePreTrainedModel(PreTrainedModel):
     def _init_weights(self, module):
         """Random weights for `from_config`, and the buffers no checkpoint holds (RoPE tables, Gemma's embedding
         scale); loading and building overwrite every weight."""
-        std = self.config.text_config.initializer_range
+        std = self.config.get_text_config().initializer_range
         unit_offset = self.config.family.unit_offset_norms  # Gemma's gains are 1 + w: w = 0 is the identity
         if isinstance(module, MergedLinear):
             for name, p in module.named_parameters(recurse=False):
@@ -495,7 +498,7 @@ class MoEMergePreTrainedModel(PreTrainedModel):
 
 def merged_table(config: MoEMergeConfig, name: str) -> MergedLinear:
     """The experts' embedding tables or heads (`name`: embed_tokens | lm_head) as a merged linear H -> V."""
-    text = config.text_config
+    text = config.get_text_config()
     return merged_linear(
         text.hidden_size, text.vocab_size, config.num_experts, config.delta_forms[name], config.rank_of(None, name)
     )
@@ -504,7 +507,7 @@ def merged_table(config: MoEMergeConfig, name: str) -> MergedLinear:
 class MoEMergeModel(MoEMergePreTrainedModel):
     def __init__(self, config: MoEMergeConfig):
         super().__init__(config)
-        text = config.text_config
+        text = config.get_text_config()
         if text._attn_implementation is None:  # as the family's own model would choose (Gemma 2: eager, for softcap)
             attn = config._attn_implementation or "sdpa"
             text._attn_implementation = (
@@ -514,6 +517,7 @@ class MoEMergeModel(MoEMergePreTrainedModel):
         if not 0 <= config.prepass_layers < L:
             raise ValueError(f"`prepass_layers` is {config.prepass_layers}; it must be in [0, {L})")
         scale = embed_scale(text)
+        self.embed_tokens: nn.Module
         if config.routes("embeddings"):
             self.embed_tokens = MergedEmbedding(merged_table(config, "embed_tokens"), scale)
         elif scale is not None:
@@ -539,6 +543,7 @@ class MoEMergeModel(MoEMergePreTrainedModel):
         else:
             self.layers = nn.ModuleList(MoEMergeDecoderLayer(config, i, routed=True) for i in range(L))
         if config.level != "model":
+            self.norm: nn.Module
             if config.routes("norms"):
                 self.norm = MergedNorm(
                     text.hidden_size,
@@ -579,7 +584,7 @@ class MoEMergeModel(MoEMergePreTrainedModel):
     # ------------------------------------------------------------------------------------ helpers
 
     def _layer_types(self) -> list[str]:
-        text = self.config.text_config
+        text = self.config.get_text_config()
         types = getattr(text, "layer_types", None)
         if types is None:
             kind = "sliding_attention" if getattr(text, "sliding_window", None) else "full_attention"
@@ -598,7 +603,7 @@ class MoEMergeModel(MoEMergePreTrainedModel):
                 f"{type(cache).__name__} cannot hold: pass a DynamicCache or none (in `generate`, leave "
                 "`cache_implementation` unset)"
             )
-        text = self.config.text_config
+        text = self.config.get_text_config()
         types = self._layer_types()
         needed = text.num_hidden_layers * self.config.num_experts
         attention = [layer for layer in cache.layers if not isinstance(layer, RoutingState)]
@@ -615,7 +620,7 @@ class MoEMergeModel(MoEMergePreTrainedModel):
         if isinstance(attention_mask, dict):  # continuous batching's masks, made per layer type
             return attention_mask
         kwargs = dict(
-            config=self.config.text_config,
+            config=self.config.get_text_config(),
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
             position_ids=position_ids,
@@ -700,10 +705,10 @@ class MoEMergeModel(MoEMergePreTrainedModel):
         cache = past_key_values if cache is None else cache
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
-        use_cache = getattr(self.config.text_config, "use_cache", True) if use_cache is None else use_cache
+        use_cache = getattr(self.config.get_text_config(), "use_cache", True) if use_cache is None else use_cache
         packing = self._packing(cache, position_ids, kwargs)
         if use_cache and cache is None:
-            cache = DynamicCache(config=self.config.text_config)
+            cache = DynamicCache(config=self.config.get_text_config())
         if cache is not None and packing is None:
             self._ensure_cache_layers(cache)
         past = cache.get_seq_length() if cache is not None and packing is None else 0
@@ -772,6 +777,7 @@ class MoEMergeModel(MoEMergePreTrainedModel):
         if state is not None and prefill:
             state.weights, state.forming = weights, False
         if packing is not None:
+            assert weights is not None, "a packed batch's requests always have merge weights"
             if packing.routes:
                 packing.keep(weights)
             weights = weights[packing.segment].transpose(0, 1).unsqueeze(0)  # [1, R, T, E]
@@ -863,6 +869,7 @@ class MoEMergeModel(MoEMergePreTrainedModel):
         """Model level: each expert model's layers and final norm above the dense layers, [E, B, T, H]."""
         types, outs = self._layer_types(), []
         for expert in self.experts:
+            assert isinstance(expert, MoEMergeExpertStack)
             x = h
             for j, layer in enumerate(expert.layers):
                 x = layer(x, **by_type[types[self.config.dense_layers + j]], **common, **kwargs)
@@ -911,7 +918,8 @@ class Routes:
         if which == "used" and self.given is not None and all(x is None for x in self.used):
             return self.given
         xs = [self.weights(k) for k in range(len(self.used))] if which == "used" else self.logits
-        return None if any(x is None for x in xs) else torch.stack([x.to(xs[0].device) for x in xs], 1)
+        present = [x for x in xs if x is not None]
+        return torch.stack([x.to(present[0].device) for x in present], 1) if len(present) == len(xs) else None
 
 
 class MoEMergeForCausalLM(MoEMergePreTrainedModel, GenerationMixin):
@@ -920,9 +928,9 @@ class MoEMergeForCausalLM(MoEMergePreTrainedModel, GenerationMixin):
     def __init__(self, config: MoEMergeConfig):
         super().__init__(config)
         self.model = MoEMergeModel(config)
-        text = config.text_config
+        text = config.get_text_config()
         if config.level == "model":  # no shared head: each expert's head is its own (its tied embedding, if tied)
-            self._tied_weights_keys = None
+            self._tied_weights_keys = {}
         elif config.routes("head"):  # a tied head is the embeddings' very table: merged with the same weights
             self.lm_head = merged_table(config, "lm_head" if "lm_head" in config.delta_forms else "embed_tokens")
             self._tied_weights_keys = {"lm_head": "model.embed_tokens.table"}
@@ -975,7 +983,7 @@ class MoEMergeForCausalLM(MoEMergePreTrainedModel, GenerationMixin):
         # contiguous: torch multiplies a strided [B, 1, H] slice by a frozen weight as B copies of the weight (a
         # 262,144-row head: gigabytes per step); a contiguous one folds into one GEMM
         last = out.last_hidden_state[..., keep, :].contiguous()
-        cap = getattr(self.config.text_config, "final_logit_softcapping", None)  # Gemma 2
+        cap = getattr(self.config.get_text_config(), "final_logit_softcapping", None)  # Gemma 2
         if self.config.level == "model":  # each expert's output (soft-capped as it would be alone), mixed in float32
             w = weights[:, 0]  # [B, E]
             logits = sum(

@@ -37,6 +37,7 @@ import logging
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -186,7 +187,7 @@ def task_rows(seed: int = 0) -> dict[str, dict[str, list[dict]]]:
     out = {}
     for task in TASKS:
         if task.answers:
-            names = []
+            names: list[str] = []
             while len(names) < ROUTER + HELD_OUT:
                 k = int(torch.randint(2, 4, (1,), generator=g))
                 name = "".join(SYLLABLES[int(i)] for i in torch.randint(0, len(SYLLABLES), (k,), generator=g))
@@ -349,7 +350,7 @@ def _build(tmp: Path, out_dir: Path, settings: RealZooSettings) -> dict[str, dic
     del base
     for k, task in enumerate(TASKS):
         torch.manual_seed(settings.seed + k)
-        model = AutoModelForCausalLM.from_pretrained(tmp / "base", dtype=torch.float32)
+        model: Any = AutoModelForCausalLM.from_pretrained(tmp / "base", dtype=torch.float32)  # or its PEFT wrapper
         if task.kind == "lora":
             from peft import LoraConfig, get_peft_model
 

@@ -40,8 +40,15 @@ class Recipe:
     base: Checkpoint
     experts: list[Expert]
     shared: Expert | None
-    fmt: MoEFormat | None
+    stock_format: MoEFormat | None
     labels: list[str] = field(default_factory=list)
+
+    @property
+    def fmt(self) -> MoEFormat:
+        """The stock MoE format this recipe writes; a dynamic recipe has none."""
+        if self.stock_format is None:
+            raise TypeError(f"`method: {self.config.method}` at `level: {self.config.level}` writes no stock MoE")
+        return self.stock_format
 
     @property
     def output_dtype(self) -> torch.dtype | None:
@@ -120,6 +127,6 @@ class TensorPlan:
 
     name: str
     source: str
-    shape: tuple[int, ...]
+    shape: tuple[int | None, ...]  # None: a rank decided by energy as the tensor is built
     tensor: str | None = None
     expert: int | None = None

@@ -149,9 +149,9 @@ class Packing:
         sums = x.new_zeros(len(self.counts), x.shape[-1]).index_add_(0, self.segment, x)
         return sums / self.counts.clamp(min=1).unsqueeze(-1).to(x.dtype)
 
-    def spread(self, w: torch.Tensor) -> torch.Tensor:
+    def spread(self, w: torch.Tensor | None) -> torch.Tensor | None:
         """Per-request weights [S, E] -> per-token [1, T, E]."""
-        return w[self.segment].unsqueeze(0)
+        return None if w is None else w[self.segment].unsqueeze(0)
 
     def keep(self, weights: torch.Tensor) -> None:
         """Keep each newly routed request's weights [R, E] on its request state."""

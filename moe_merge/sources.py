@@ -456,8 +456,8 @@ def _tensors(src: Expert):
             yield f"{module}.lora_A", file, lambda A=A: A
             yield f"{module}.lora_B", file, lambda B=B: B
         return
-    for name, file in src.weight_map.items():
-        yield name, src.path / file, lambda name=name: src.get(name)
+    for name, shard in src.weight_map.items():
+        yield name, src.path / shard, lambda name=name: src.get(name)
 
 
 def is_adapter(path: Path) -> bool:

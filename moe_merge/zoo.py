@@ -38,6 +38,7 @@ import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -246,7 +247,7 @@ def model_config(arch: str, vocab_size: int, **overrides):
 
     if arch not in ARCHS:
         raise ValueError(f"unknown zoo arch {arch!r}; choose one of {', '.join(ARCHS)}")
-    common = dict(
+    common: dict[str, Any] = dict(
         vocab_size=vocab_size,
         hidden_size=64,
         intermediate_size=192,
@@ -273,7 +274,7 @@ def model_config(arch: str, vocab_size: int, **overrides):
 # What a tiny config of each family must set beyond the common fields. Gemma 2 and 3 get a sliding window shorter
 # than the prompts, so that their sliding-window layers differ from their full ones.
 _GEMMA_WINDOW = {"head_dim": 16, "sliding_window": 4, "query_pre_attn_scalar": 16}
-FAMILY_FIELDS = {
+FAMILY_FIELDS: dict[str, dict[str, Any]] = {
     "qwen3": {"head_dim": 16},
     "mistral": {"sliding_window": None},
     "gemma": {"head_dim": 16},
@@ -478,7 +479,7 @@ def search_models(settings: ZooSettings) -> dict[str, dict]:
     """The models merge search reads (`search/`), each with its family and task; empty for the realistic zoo."""
     if settings.realistic:
         return {}
-    models = {
+    models: dict[str, dict] = {
         "full/shift": {"family": "base", "task": "shift"},
         "search/shift-seed1": {"family": "base", "task": "shift"},
         "search/harmful": {"family": "base", "task": None},

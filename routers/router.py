@@ -31,6 +31,9 @@ NORMALIZATIONS = ("softmax", "topk", "none")
 
 
 class Router(nn.Module):
+    input_center: torch.Tensor
+    input_scale: torch.Tensor
+
     def __init__(self, hidden_size: int, num_experts: int, kind: str = "linear", mlp_hidden_size: int | None = None):
         super().__init__()
         if kind not in KINDS:

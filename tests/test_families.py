@@ -102,6 +102,17 @@ def test_a_gemma_base_has_no_stock_moe_and_says_which_methods_run_on_it(tmp_path
     assert "`method: smear | wemoe | twin`" in err and not (tmp_path / "out").exists()
 
 
+def test_a_qwen3_base_cannot_take_a_shared_expert_and_says_so(tmp_path, capsys):
+    """Qwen2-MoE is the only stock MoE with a shared expert, and it has no q/k norms for a Qwen3 base."""
+    sources = _family_sources("qwen3", tmp_path, "mlp", "mlp")
+    recipe = pico_recipe({"base": sources["base"], "experts": sources["x"]})
+    recipe["shared_experts"] = [{"source_model": str(sources["base"])}]
+    assert cli_main(["assemble", str(write_recipe(tmp_path / "r.yaml", recipe)), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "`shared_experts` needs an output with a shared expert (Qwen2-MoE), which a qwen3 base" in err
+    assert not (tmp_path / "out").exists()
+
+
 def _gemma3_multimodal(path, seed: int, base=None):
     """A tiny Gemma 3 with a vision tower (Gemma3ForConditionalGeneration), saved as transformers saves it: the text
     model under `language_model.model.`; with `base`, a copy with every weight perturbed."""

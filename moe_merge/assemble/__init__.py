@@ -43,6 +43,7 @@ def assemble(
     refused before anything is built, unless `allow_nonfinite`."""
     from moe_merge.quality import load_eval_rows
 
+    out_dir = Path(out_dir)
     refuse_existing(out_dir, force)
     eval_rows = load_eval_rows(eval_data) if eval_data else None  # a bad file fails before any work
     try:
@@ -60,14 +61,14 @@ def assemble(
     seed = config.seed if seed is None else seed
     shown = replace(recipe, config=portable(config, recipe_dir, out_dir))  # as the output names its sources
     tokenizer = load_tokenizer(recipe.base.path)
-    quality = (eval_data, eval_rows) if eval_rows else None
+    quality = (eval_data, eval_rows) if eval_data and eval_rows else None
     if config.dynamic:
         from moe_merge.assemble.dynamic import assemble_dynamic as run
     else:
         from moe_merge.assemble.stock import assemble_stock as run
     return run(
         recipe,
-        Path(out_dir),
+        out_dir,
         shown=shown,
         tokenizer=tokenizer,
         force=force,

@@ -18,7 +18,7 @@ from moe_merge.arch import layer_of
 from moe_merge.assemble import dynamic, stock
 from moe_merge.config import MergeConfig
 from moe_merge.recipe import Recipe, TensorPlan, open_recipe
-from moe_merge.sources import LoraExpert
+from moe_merge.sources import Checkpoint, LoraExpert
 
 # Importing torch, transformers and matplotlib (measured: about 0.4-0.5 GiB before any tensor).
 RUNTIME_BYTES = 512 * 2**20
@@ -150,7 +150,10 @@ def _dry_run_stock(recipe: Recipe, dtype: torch.dtype, shard_size: int) -> DryRu
     static = f"{cfg.static_summary} of the base and {E} experts"
     # Working set of each step beyond the shard buffer: per global tensor, and per layer (its outputs,
     # their float32 copy for the router's fit, and the largest static merge's float32 base + E deltas + result).
-    global_work, layer_out, layer_fp32, layer_merge = 0, {}, {}, {}
+    global_work = 0
+    layer_out: dict[int, int] = {}
+    layer_fp32: dict[int, int] = {}
+    layer_merge: dict[int, int] = {}
     for p in stock.plan(recipe):
         source = {
             "base": f"base: {p.tensor}",
@@ -160,8 +163,9 @@ def _dry_run_stock(recipe: Recipe, dtype: torch.dtype, shard_size: int) -> DryRu
             "router": f"router, `{cfg.router_init}` on the prompts",
             "shared_router": "shared-expert gate, from its prompts",
         }[p.source]
-        run.add(p.name, source, p.shape)
-        n = math.prod(p.shape)
+        shape = _sized(p, base)
+        run.add(p.name, source, shape)
+        n = math.prod(shape)
         if p.tensor is not None:
             run.read_bytes += (E + 1 if p.source == "static" else 1) * base.nbytes(p.tensor)
         merge = (E + 2) * n * FLOAT32 if p.source == "static" else 0
@@ -216,18 +220,17 @@ def _dry_run_dynamic(recipe: Recipe, dtype: torch.dtype, shard_size: int) -> Dry
     run = DryRun(
         f"plan: moe_merge {cfg.method} / {cfg.level} dynamic model from {E} experts of {base.path} "
         f"({base.family}); forms {config.delta_forms or 'none'}; also routed where the experts may differ: "
-        f"{', '.join(config.routed_parts) or 'nothing'}; the first router reads the static pre-pass at layer "
+        f"{', '.join(config.routed_parts or []) or 'nothing'}; the first router reads the static pre-pass at layer "
         f"{config.prepass_layers}{energy}",
         _describe_experts(recipe),
         dtype,
         shard_size,
     )
     reads: dict[str, int] = {}  # base tensor -> sources read for it: the base alone, or the base and every expert
-    build_step, blocks = 0, {}
+    build_step = 0
+    blocks: dict[str, int] = {}
     for p in dynamic.plan(recipe, config):
-        shape = (
-            p.shape if None not in p.shape else tuple(min(base.shape(p.tensor)) if s is None else s for s in p.shape)
-        )
+        shape = _sized(p, base)
         run.add(p.name, _describe_dynamic(p, recipe), shape)
         block = _block(p.name)
         blocks[block] = blocks.get(block, 0) + math.prod(shape) * dtype.itemsize
@@ -245,6 +248,12 @@ def _dry_run_dynamic(recipe: Recipe, dtype: torch.dtype, shard_size: int) -> Dry
         "busiest step": max(build_step, max(blocks.values()) + largest),
     }
     return run
+
+
+def _sized(p: TensorPlan, base: Checkpoint) -> tuple[int, ...]:
+    """The planned shape, a rank left to energy at its largest: full rank."""
+    full = min(base.shape(p.tensor)) if p.tensor is not None else 0
+    return tuple(full if s is None else s for s in p.shape)
 
 
 def _block(name: str) -> str:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 import yaml
@@ -129,14 +130,16 @@ def plan_forms(recipe: Recipe, parts: list[str], tied: bool) -> tuple[dict[str, 
     energy is left out: the build decides it per matrix."""
     cfg, method = recipe.config, recipe.config.merging
     svd = method.svd and lora_exclusive(recipe) is None
-    forms, ranks = {}, {}
+    forms: dict[str, str] = {}
+    ranks: dict[str, int] = {}
     vocab, hidden = recipe.base.shape("model.embed_tokens.weight")
     for name, part in (("embed_tokens", "embeddings"), ("lm_head", "head")):
         if part in parts and not (name == "lm_head" and tied):  # a tied head is the embeddings' table
             forms[name] = "lowrank" if svd else method.part_form
             if svd and (rank := method.rank(cfg.settings, vocab, hidden)) is not None:
                 ranks[name] = rank
-    all_lora = all(isinstance(e, LoraExpert) and not e.fan_in_fan_out for e in recipe.experts)
+    adapters = [e for e in recipe.experts if isinstance(e, LoraExpert) and not e.fan_in_fan_out]
+    all_lora = len(adapters) == len(recipe.experts)
     for proj in routed_projections(method, cfg.level):
         if svd:
             out_f, in_f = recipe.base.shape(f"model.layers.0.{_owner(proj)}.{proj}.weight")
@@ -145,13 +148,11 @@ def plan_forms(recipe: Recipe, parts: list[str], tied: bool) -> tuple[dict[str, 
                 ranks[proj] = rank
         elif all_lora:
             factor_ranks = [
-                A.shape[0]
-                for e in recipe.experts
-                for n, (A, _, _) in e.factors.items()
-                if n.endswith(f".{proj}.weight")
+                A.shape[0] for e in adapters for n, (A, _, _) in e.factors.items() if n.endswith(f".{proj}.weight")
             ]
             forms[proj], ranks[proj] = "lowrank", max(factor_ranks, default=1)
         else:  # softmax weights sum to one, so SMEAR needs no W0: Σ_e p_e θ_e
+            assert method.form is not None, "a method that merges parameters names its form (Method)"
             forms[proj] = method.form
     return forms, ranks
 
@@ -174,6 +175,13 @@ def model_config(recipe: Recipe, text_config, read: bool = True) -> MoEMergeConf
     parts = routed_parts(recipe, tied, read)
     forms, ranks = plan_forms(recipe, parts, tied)
     spec = cfg.router_spec
+    common: dict[str, Any] = dict(  # PreTrainedConfig's own fields
+        architectures=["MoEMergeForCausalLM"],
+        auto_map=AUTO_MAP,
+        bos_token_id=text_config.bos_token_id,
+        eos_token_id=text_config.eos_token_id,
+        pad_token_id=text_config.pad_token_id,
+    )
     return MoEMergeConfig(
         text_config=text_config.to_dict(),
         num_experts=len(recipe.experts),
@@ -193,11 +201,7 @@ def model_config(recipe: Recipe, text_config, read: bool = True) -> MoEMergeConf
         prepass_layers=min(cfg.prepass, layers - 1),
         prepass_weights=method.prepass_weights(cfg.settings, len(recipe.experts)),
         dense_layers=cfg.dense_layers,
-        architectures=["MoEMergeForCausalLM"],
-        auto_map=AUTO_MAP,
-        bos_token_id=text_config.bos_token_id,
-        eos_token_id=text_config.eos_token_id,
-        pad_token_id=text_config.pad_token_id,
+        **common,
     )
 
 
@@ -235,7 +239,7 @@ def _plan_tensor(name: str, shape: tuple[int, ...], config: MoEMergeConfig, E: i
         return each(f"model.experts.{{e}}.layers.{layer - config.dense_layers}.{rel}")
     if name == "lm_head.weight" and config.routes("head"):
         return [] if config.tie_word_embeddings else _plan_merged(name, name, shape, config, E, "lm_head")
-    if config.routes("norms") and _routed_norm(name, config.text_config.model_type, config.level, method.merges):
+    if config.routes("norms") and _routed_norm(name, config.get_text_config().model_type, config.level, method.merges):
         return _plan_merged(name, name, shape, config, E, None, layer)
     if method.merges == "outputs":
         return each(f"model.layers.{layer}.experts.{{e}}.{rel}") if layer is not None else static
@@ -266,6 +270,7 @@ def _plan_merged(
     w0 = [TensorPlan(target, "static" if on_static else "base", shape, name)]
     if len(shape) == 1 or form == "dense":
         return w0 + [TensorPlan(f"{prefix}.delta_{kind}", "deltas", (E, *shape), name)]
+    assert proj is not None, "only a projection is low rank; a vector or table is full or dense"
     rank, factors = (
         config.rank_of(layer, proj),
         "svd" if config.merging.svd and config.lowrank_offset is None else "lora",
@@ -277,7 +282,7 @@ def _plan_merged(
 
 
 def _plan_routers(config: MoEMergeConfig) -> list[TensorPlan]:
-    text = config.text_config
+    text = config.get_text_config()
     with torch.device("meta"):
         router = Router(text.hidden_size, config.num_experts, config.router_kind, config.router_hidden_size)
     shapes = [(n, tuple(p.shape)) for n, p in (*router.named_parameters(), *router.named_buffers())]
@@ -365,6 +370,8 @@ def svd_factors(
     d = delta.double()
     small = min(d.shape) <= full_svd_up_to
     if energy is None:
+        if rank is None:
+            raise ValueError("svd_factors needs a rank or an energy")
         q = None if small or rank + OVERSAMPLE >= min(d.shape) else rank + OVERSAMPLE
         U, S, Vh = _svd(d, q)
         r = min(rank, S.numel())
@@ -411,18 +418,21 @@ class TensorBuilder:
         self._factors: tuple[str, torch.Tensor, torch.Tensor] | None = None  # A and B are planned in turn
 
     def __call__(self, p: TensorPlan) -> torch.Tensor:
+        name = p.tensor
+        assert name is not None, f"{p.name} is computed, not read"
         if p.source == "static":
-            return self.static(p.tensor)
+            return self.static(name)
         if p.source == "base":
-            return self.recipe.base.get(p.tensor).to(self.dtype)
+            return self.recipe.base.get(name).to(self.dtype)
         if p.source == "expert":
-            return expert_tensor(self.recipe.experts[p.expert], p.tensor, self.recipe.base.shape(p.tensor), self.dtype)
+            assert p.expert is not None, f"{p.name} names no expert"
+            return expert_tensor(self.recipe.experts[p.expert], name, self.recipe.base.shape(name), self.dtype)
         if p.source == "experts":
-            return self._stacked(p.tensor)
+            return self._stacked(name)
         if p.source == "deltas":
-            return self._stacked(p.tensor, self._w0(p.tensor))
+            return self._stacked(name, self._w0(name))
         if p.source in ("svd_A", "svd_B", "lora_A", "lora_B"):
-            return self._factor(p)
+            return self._factor(p, name)
         raise ValueError(f"internal error: no tensor source {p.source!r} for {p.name}")
 
     def _stacked(self, name: str, minus: torch.Tensor | None = None) -> torch.Tensor:
@@ -445,19 +455,19 @@ class TensorBuilder:
             return self.static(name)
         return self.recipe.base.get(name).to(self.dtype)
 
-    def _factor(self, p: TensorPlan) -> torch.Tensor:
+    def _factor(self, p: TensorPlan, name: str) -> torch.Tensor:
         """svd_A/B or lora_A/B [E, r, K] / [E, N, r]; both come from one computation. A rank left open (by energy)
         is each expert's energy rank, the largest of them for the module (the others zero-padded), and goes into
         the model config's `delta_ranks`."""
-        if self._factors is None or self._factors[0] != p.tensor:
+        if self._factors is None or self._factors[0] != name:
             rank = p.shape[1] if p.source.endswith("_A") else p.shape[2]
             if p.source.startswith("svd"):
-                w0 = self._w0(p.tensor)
+                w0 = self._w0(name)
                 cfg = self.recipe.config
                 energy = cfg.merging.energy(cfg.settings) if rank is None else None
                 factors = [
                     tuple(f.cpu() for f in svd_factors((t - w0).to(self.device), rank, energy))
-                    for t in self._thetas(p.tensor)
+                    for t in self._thetas(name)
                 ]
                 if rank is None:
                     rank = max(a.shape[0] for a, _ in factors)
@@ -468,11 +478,14 @@ class TensorBuilder:
                         )
                         for a, b in factors
                     ]
-                    self.config.delta_ranks[_rank_key(p.tensor)] = rank
+                    self.config.delta_ranks[_rank_key(name)] = rank
             else:
-                shape = self.recipe.base.shape(p.tensor)
-                factors = [lora_factors(e, p.tensor, rank, shape, self.dtype) for e in self.recipe.experts]
-            self._factors = (p.tensor, torch.stack([a for a, _ in factors]), torch.stack([b for _, b in factors]))
+                assert rank is not None, "an adapter's rank is planned (plan_forms)"
+                shape = self.recipe.base.shape(name)
+                adapters = [e for e in self.recipe.experts if isinstance(e, LoraExpert)]
+                assert len(adapters) == len(self.recipe.experts), "LoRA factors are planned only when all are adapters"
+                factors = [lora_factors(e, name, rank, shape, self.dtype) for e in adapters]
+            self._factors = (name, torch.stack([a for a, _ in factors]), torch.stack([b for _, b in factors]))
         return self._factors[1] if p.source.endswith("_A") else self._factors[2]
 
 
@@ -525,7 +538,7 @@ def build_model(recipe: Recipe, seed: int, dtype: torch.dtype = torch.float32) -
     """The whole dynamic model in memory (tests, search), its routers at zero (see `init_routers`)."""
     config = model_config(recipe, recipe.base.text_config())
     state = dict(built_tensors(recipe, config, seed, dtype))
-    return model_from_state(config, state).to(dtype).eval()
+    return model_from_state(config, state).to(dtype).eval()  # type: ignore[arg-type]  # transformers wraps .to()
 
 
 # ----------------------------------------------------------------------------------------- routers
@@ -558,7 +571,10 @@ def router_inputs(model, tokenizer, groups: list[tuple[list[str], int]]) -> list
         for h in handles:
             h.remove()
     sizes = [len(ps) for ps, _ in groups]
-    return [list(per_router) for per_router in zip(*(c.split(sizes) for c in captured))]
+    inputs = [c for c in captured if c is not None]
+    if len(inputs) != len(captured):
+        raise RuntimeError("a router did not run on the prompts")
+    return [list(per_router) for per_router in zip(*(c.split(sizes) for c in inputs))]
 
 
 def init_routers(model: MoEMergeForCausalLM, tokenizer, config: MergeConfig, seed: int) -> list[float | None]:
@@ -587,6 +603,8 @@ def init_routers(model: MoEMergeForCausalLM, tokenizer, config: MergeConfig, see
             else:
                 r.set_random(spec.random_std, generator=g)
         return [None] * len(rs)
+    if positive is None or negative is None:
+        raise ConfigError(f"`router.init: {spec.init}` needs `positive_prompts` for every expert")
     scales = []
     for k, r in enumerate(rs):
         pos = [r.standardize(p[k]) for p in positive]
@@ -672,7 +690,7 @@ def assemble_dynamic(
         if eval_data is not None:
             from moe_merge.quality import quality_table
 
-            shipped = MoEMergeForCausalLM.from_pretrained(tmp).to(device).eval()
+            shipped = MoEMergeForCausalLM.from_pretrained(tmp).to(device).eval()  # type: ignore[arg-type]  # as above
             quality = quality_table(shipped, tokenizer, *eval_data)
             del shipped
         copy_companions(recipe.base.path, tmp)

@@ -22,7 +22,7 @@ def empty_model(config: MoEMergeConfig) -> MoEMergeForCausalLM:
     embedding scale and the routers (at zero: uniform routing, until they are set)."""
     with torch.device("meta"):
         model = MoEMergeForCausalLM(config)
-    text = config.text_config
+    text = config.get_text_config()
     model.model.rotary_emb = _stock(text, "RotaryEmbedding")(config=text)
     for module in model.modules():
         if hasattr(module, "scalar_embed_scale"):  # Gemma's scaled embedding keeps its scale in a buffer

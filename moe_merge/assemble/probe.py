@@ -13,6 +13,7 @@ Two kinds of prompt batch ("streams") flow through:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -79,7 +80,8 @@ class LayerRunner:
                 )
             return out
 
-        hooks = [layer.mlp.register_forward_pre_hook(grab_input), layer.mlp.gate.register_forward_hook(route)]
+        mlp: Any = layer.mlp  # a stock sparse MoE block
+        hooks = [mlp.register_forward_pre_hook(grab_input), mlp.gate.register_forward_hook(route)]
         try:
             b, t = stream.ids.shape
             stream.hidden = stream.hidden.to(self.device, next(layer.parameters()).dtype)

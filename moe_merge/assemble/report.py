@@ -45,7 +45,8 @@ NO_PROMPTS = "no prompts to measure: give experts `eval_prompts` (or `positive_p
 def layer_stats(layer: int, logits: list, streams: list, weight: torch.Tensor, scale: float | None) -> dict:
     """Routing of every eval stream by one stock layer's router; `logits[i]` is [B, T, E] for expert i's prompts."""
     num_experts = weight.shape[0]
-    share, correct = [], []
+    share: list[list[float] | None] = []
+    correct: list[torch.Tensor | None] = []
     for i, (lg, s) in enumerate(zip(logits, streams)):
         if lg is None:
             share.append(None)
@@ -71,7 +72,8 @@ def layer_stats(layer: int, logits: list, streams: list, weight: torch.Tensor, s
 
 def summarise(layers: list[dict], labels: list[str], config: MergeConfig) -> dict:
     """The stock report from every layer's `layer_stats`, with its warnings (also logged)."""
-    tokens_ok, prompts_ok = [], []
+    tokens_ok: list[float | None] = []
+    prompts_ok: list[float | None] = []
     for i in range(len(labels)):
         per_layer = [lay["_correct"][i] for lay in layers]
         if per_layer[0] is None:

@@ -12,6 +12,7 @@ import json
 import logging
 import zlib
 from pathlib import Path
+from typing import Any
 
 import torch
 import yaml
@@ -97,10 +98,8 @@ def plan(recipe: Recipe) -> list[TensorPlan]:
         if recipe.shared is not None:
             for proj in MLP_PROJS:
                 src = MLP_KEY.format(layer=layer, proj=proj)
-                out.append(
-                    TensorPlan(fmt.shared_expert_key.format(layer=layer, proj=proj), "shared", base.shape(src), src)
-                )
-            out.append(TensorPlan(fmt.shared_router_key.format(layer=layer), "shared_router", (1, hidden)))
+                out.append(TensorPlan(fmt.shared_tensor(layer, proj), "shared", base.shape(src), src))
+            out.append(TensorPlan(fmt.shared_tensor(layer), "shared_router", (1, hidden)))
         out.append(TensorPlan(fmt.router_key.format(layer=layer), "router", (E, hidden)))
     return out
 
@@ -113,21 +112,26 @@ class TensorReader:
         self.spec = recipe.config.static_merge
 
     def __call__(self, p: TensorPlan) -> torch.Tensor:
-        cfg = self.recipe.config
+        cfg, name = self.recipe.config, p.tensor
+        assert name is not None, f"{p.name} is computed, not read"
         if p.source == "base":
-            t = self.recipe.base.get(p.tensor)
+            t = self.recipe.base.get(name)
         elif p.source == "static":
-            base = self.recipe.base.get(p.tensor)
-            deltas = [self._checked(e, p.tensor, base).float() - base.float() for e in self.recipe.experts]
-            t = merge_by_spec(self.spec, base, deltas, self.seed, p.tensor)
+            base = self.recipe.base.get(name)
+            deltas = [self._checked(e, name, base).float() - base.float() for e in self.recipe.experts]
+            t = merge_by_spec(self.spec, base, deltas, self.seed, name)
         else:
-            expert = self.recipe.shared if p.source == "shared" else self.recipe.experts[p.expert]
-            spec = cfg.shared_experts[0] if p.source == "shared" else cfg.experts[p.expert]
-            t = self._checked(expert, p.tensor, None)
+            if p.source == "shared":
+                expert, spec = self.recipe.shared, cfg.shared_experts[0]
+            else:
+                assert p.expert is not None, f"{p.name} names no expert"
+                expert, spec = self.recipe.experts[p.expert], cfg.experts[p.expert]
+            assert expert is not None, "a shared plan needs the recipe's shared expert"
+            t = self._checked(expert, name, None)
             if spec.noise_scale:
                 g = torch.Generator().manual_seed(self.seed ^ zlib.crc32(p.name.encode()))
                 t = t + torch.randn(t.shape, generator=g).to(t.dtype) * spec.noise_scale
-            if spec.residual_scale is not None and p.tensor.endswith("down_proj.weight"):
+            if spec.residual_scale is not None and name.endswith("down_proj.weight"):
                 t = t * spec.residual_scale
         return t.to(self.dtype) if self.dtype else t
 
@@ -252,6 +256,7 @@ class RouterFitter:
         num_experts, hidden = len(self.recipe.experts), self.config.hidden_size
         state = self._layer_state(layer, tensors, torch.zeros(num_experts, hidden))
         module = self.runner.build(layer, state)
+        mlp: Any = module.mlp  # the stock sparse MoE block
         positive = self._features(module, self.calib)
         negative = self._features(module, self.negative)
         examples = self._features(module, self.examples)
@@ -264,10 +269,10 @@ class RouterFitter:
         routers = {"router": weight}
         if self.recipe.shared is not None:
             routers["shared_router"] = self._shared_router(shared_features, positive)
-            module.mlp.shared_expert_gate.weight.data = routers["shared_router"].float()
+            mlp.shared_expert_gate.weight.data = routers["shared_router"].float()
         # The report measures the layer as it ships: in the output dtype, its router rounded to it too (a stock
         # MoE's router computes in the model's dtype).
-        module.mlp.gate.weight.data = weight.float()
+        mlp.gate.weight.data = weight.float()
         module.to(self.dtype)
         stats = [self.runner.step(module, s)[1].float() if s is not None else None for s in self.evals]
         self.layers.append(report.layer_stats(layer, stats, self.evals, weight, scale))
@@ -306,7 +311,7 @@ class RouterFitter:
         """The stock decoder layer's in-memory state dict (transformers 5 fused experts) from output tensors."""
         fmt, prefix = self.recipe.fmt, f"model.layers.{layer}."
         state = {}
-        expert_names = set()
+        expert_names: set[str] = set()
         for e in range(len(self.recipe.experts)):
             expert_names.update(fmt.expert_tensor(layer, e, p) for p in MLP_PROJS)
         for name, t in tensors.items():
@@ -321,9 +326,7 @@ class RouterFitter:
         state["mlp.gate.weight"] = router
         if self.recipe.shared is not None:
             for proj in MLP_PROJS:
-                state[f"mlp.shared_expert.{proj}.weight"] = tensors[
-                    fmt.shared_expert_key.format(layer=layer, proj=proj)
-                ]
+                state[f"mlp.shared_expert.{proj}.weight"] = tensors[fmt.shared_tensor(layer, proj)]
             state["mlp.shared_expert_gate.weight"] = torch.zeros(1, self.config.hidden_size)
         return state
 

@@ -49,7 +49,12 @@ def fixed(module: torch.nn.Module, w: torch.Tensor) -> torch.Tensor:
     """A merged module's weight (a norm's gain, an embedding's table) for fixed weights w [E]; a plain one's own."""
     if isinstance(module, MergedEmbedding):
         module = module.table
-    return module.merged(w)[0] if isinstance(module, MERGED) else module.weight
+    if isinstance(module, MERGED):
+        return module.merged(w)[0]
+    weight = module.weight
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"{type(module).__name__} has no weight tensor")
+    return weight
 
 
 @torch.no_grad()
@@ -101,7 +106,7 @@ def baked_model(model: MoEMergeForCausalLM, weights: torch.Tensor):
     the chosen expert's own embedding, the embedding the merged one): then the dense model is untied."""
     from transformers import AutoModelForCausalLM
 
-    text = copy.deepcopy(model.config.text_config)
+    text = copy.deepcopy(model.config.get_text_config())
     state = baked_state(model, weights)
     if text.tie_word_embeddings and not torch.equal(state["lm_head.weight"], state["model.embed_tokens.weight"]):
         text.tie_word_embeddings = False
@@ -130,7 +135,7 @@ def fixed_merge_weights(
 
     if (weights is None) == (prompt is None):
         raise ConfigError("give exactly one of --weights and --prompt")
-    if weights is None:
+    if prompt is not None:
         return weights_for_prompt(model, load_tokenizer(model_dir), prompt)
     cfg = model.config
     w = torch.as_tensor(weights, dtype=torch.float32 if isinstance(weights, list) else None)

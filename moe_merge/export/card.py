@@ -38,9 +38,8 @@ def _card_data(recipe: Recipe, tags: list[str], library_name: str = "transformer
         library_name=library_name,
         pipeline_tag="text-generation",
         tags=["moe", "merge", "moe-merge", *tags],
+        base_model_relation="merge" if ids else None,
     )
-    if ids:
-        data.base_model_relation = "merge"
     return data
 
 
@@ -258,10 +257,12 @@ def write_baked_card(out_dir: Path, *, model_dir: Path, expert_names: list[str],
     source = Path(model_dir) / "README.md"
     base_model = ModelCard.load(source).data.base_model if source.is_file() else None
     data = ModelCardData(
-        base_model=base_model, library_name="transformers", pipeline_tag="text-generation", tags=["merge", "moe-merge"]
+        base_model=base_model,
+        library_name="transformers",
+        pipeline_tag="text-generation",
+        tags=["merge", "moe-merge"],
+        base_model_relation="merge" if base_model else None,
     )
-    if base_model:
-        data.base_model_relation = "merge"
     text = f"""---
 {data.to_yaml()}
 ---
@@ -312,10 +313,12 @@ def write_adapter_card(
     from huggingface_hub import ModelCard, ModelCardData
 
     data = ModelCardData(
-        base_model=hub_id, library_name="peft", pipeline_tag="text-generation", tags=["lora", "merge", "moe-merge"]
+        base_model=hub_id,
+        library_name="peft",
+        pipeline_tag="text-generation",
+        tags=["lora", "merge", "moe-merge"],
+        base_model_relation="adapter" if hub_id else None,
     )
-    if hub_id:
-        data.base_model_relation = "adapter"
     text = f"""---
 {data.to_yaml()}
 ---

@@ -218,7 +218,7 @@ def export_lora(
         base_model_name_or_path=base_hub_id or str(base_path),
     )
     with atomic_output_dir(out_dir, force=force) as tmp:
-        config.save_pretrained(tmp)
+        config.save_pretrained(str(tmp))
         _sort_target_modules(tmp / "adapter_config.json")
         save_tensors(tensors, tmp / "adapter_model.safetensors", metadata={"format": "pt"})
         card.write_adapter_card(

@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib
 import json
 from pathlib import Path
+from typing import Any
 
 from moe_merge.errors import PushError
 from moe_merge.sources import read_safetensors_header
@@ -142,9 +143,10 @@ def _check_model_loads(folder: Path) -> None:
             )
     try:
         AutoConfig.from_pretrained(folder)
-        _, info = AutoModelForCausalLM.from_pretrained(
+        loaded: Any = AutoModelForCausalLM.from_pretrained(  # (model, loading info) with output_loading_info
             folder, device_map="meta", output_loading_info=True, ignore_mismatched_sizes=True
         )
+        info = loaded[1]
     except Exception as e:  # transformers raises many types for a bad folder; the message is what matters
         raise PushError(f"{folder} does not load with transformers: {e}") from None
     problems = {k: sorted(info[k])[:3] for k in ("missing_keys", "unexpected_keys", "mismatched_keys") if info[k]}

@@ -19,14 +19,14 @@ import json
 import logging
 import shutil
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal, get_args
 
 import torch
 from pydantic import Field, model_validator
 
 from moe_merge.config import _Strict, load_yaml
 from moe_merge.errors import ConfigError
-from moe_merge.merge import MIXUP_BASES
+from moe_merge.merge import MixupBase
 from moe_merge.search import proxy as proxies
 from moe_merge.search import strategies
 from moe_merge.search.inspect import DEFAULT_THRESHOLD, Model, open_model, pairwise
@@ -35,7 +35,8 @@ from moe_merge.sources import Checkpoint, resolve_path
 
 logger = logging.getLogger(__name__)
 
-STRATEGIES = ("all", "heuristic_average", "heuristic_coefficient", "heuristic_similarity", "evolutionary", "mixup")
+Strategy = Literal["all", "heuristic_average", "heuristic_coefficient", "heuristic_similarity", "evolutionary", "mixup"]
+STRATEGIES: tuple[Strategy, ...] = get_args(Strategy)
 
 
 class GlueModel(_Strict):
@@ -55,7 +56,7 @@ class ClusteringSpec(_Strict):
 
 
 class MixupSpec(_Strict):
-    base_method: Literal[MIXUP_BASES] = "average"
+    base_method: MixupBase = "average"
     alpha: list[float] = Field([0.5, 1.0, 2.0], min_length=1)
     samples: int = Field(8, ge=1, description="draws per alpha")
     scale: float = Field(1.0, gt=0.0, description="s in θ0 + s·Σ λ_e τ_e (task-vector base methods)")
@@ -69,7 +70,7 @@ class MixupSpec(_Strict):
 
 
 class MergeSpec(_Strict):
-    strategy: Literal[STRATEGIES] = "heuristic_coefficient"
+    strategy: Strategy = "heuristic_coefficient"
     budget: int = Field(200, ge=1, description="evolutionary: trials")
     groups: int = Field(1, ge=1, description="contiguous layer groups with their own weights (evolutionary, all)")
     mixup: MixupSpec = MixupSpec()
@@ -118,9 +119,9 @@ def load_recipe(path: Path | str) -> GlueRecipe:
 
 def _reference(members: list[GlueModel], recipe_dir: Path | None) -> tuple[Path, bool]:
     """θ0 of a cluster: the members' common base if they declare one, else the first member."""
-    bases = {m.base for m in members}
-    if len(bases) == 1 and None not in bases:
-        return resolve_path(members[0].base, recipe_dir), True
+    base = members[0].base
+    if base is not None and all(m.base == base for m in members):
+        return resolve_path(base, recipe_dir), True
     return resolve_path(members[0].path, recipe_dir), False
 
 
@@ -239,14 +240,12 @@ def held_out_scores(path: Path, rows: list[dict]) -> dict[str, float]:
     """Greedy exact match per task on the held-out rows, and their mean (`mean`), of a saved model."""
     from transformers import AutoModelForCausalLM
 
+    from moe_merge.modeling import MoEMergeForCausalLM
     from moe_merge.quality import exact_match
     from moe_merge.tokens import load_tokenizer
 
-    if (path / "modeling_moe_merge.py").is_file():
-        from moe_merge.modeling import MoEMergeForCausalLM as cls
-    else:
-        cls = AutoModelForCausalLM
-    model = cls.from_pretrained(path).eval()
+    dynamic = (path / "modeling_moe_merge.py").is_file()
+    model = (MoEMergeForCausalLM if dynamic else AutoModelForCausalLM).from_pretrained(path).eval()
     got = {t: s for t, (s, _) in exact_match(model, load_tokenizer(path), rows).items()}
     got["mean"] = sum(got.values()) / len(got)
     return got
@@ -263,20 +262,20 @@ def run_glue(recipe: GlueRecipe, out_dir: Path | str, recipe_dir: Path | None = 
         for m in recipe.models
     ]
     sims = pairwise(models)
-    clusters = greedy_clusters([m.key for m in models], sims["glue"], recipe.clustering.threshold)
+    clusters = greedy_clusters([m.key for m in models], sims.glue, recipe.clustering.threshold)
     if recipe.mixture is not None:
-        check_mixture(recipe, models, clusters)
-    report = {
+        check_mixture(recipe, recipe.mixture, models, clusters)
+    report: dict[str, Any] = {
         "threshold": recipe.clustering.threshold,
         "models": [m.name for m in models],
-        "similarity": sims["glue"],
+        "similarity": sims.glue,
         "clusters": [],
     }
     with atomic_output_dir(out_dir, force=force) as tmp:
         for k, idx in enumerate(clusters):
             members = [recipe.models[i] for i in idx]
             spec = next((recipe.per_cluster[m.name] for m in members if m.name in recipe.per_cluster), recipe.merge)
-            mlp = [[sims["mlp"][i][j] for j in idx] for i in idx]
+            mlp = [[sims.mlp[i][j] for j in idx] for i in idx]
             logger.info("cluster %d: %s, %s", k + 1, [m.name for m in members], spec.strategy)
             trials, best, write = merge_cluster(members, spec, proxy_path, recipe.proxy, mlp, recipe_dir, recipe.seed)
             where = tmp / "clusters" / f"{k + 1}-{members[0].name}"
@@ -298,16 +297,16 @@ def run_glue(recipe: GlueRecipe, out_dir: Path | str, recipe_dir: Path | None = 
                 if m.name not in (recipe.mixture.leave_out if recipe.mixture else [])
             }
         if recipe.mixture is not None:
-            report["mixture"] = _mix(recipe, report, tmp, proxy_path, held)
+            report["mixture"] = _mix(recipe, recipe.mixture, report, tmp, proxy_path, held)
         _write_report(report, tmp)
     return report
 
 
-def check_mixture(recipe: GlueRecipe, models: list[Model], clusters: list[list[int]]) -> None:
+def check_mixture(recipe: GlueRecipe, mixture: MixtureSpec, models: list[Model], clusters: list[list[int]]) -> None:
     """Before any work: at least two clusters to mix, whose models share architecture, sizes, vocab and tokenizer."""
     from moe_merge.sources import MATCHING_FIELDS, _tokenizer_vocab
 
-    left = set(recipe.mixture.leave_out)
+    left = set(mixture.leave_out)
     mixed = [c for c in clusters if not left & {models[i].name for i in c}]
     if len(mixed) < 2:
         raise ConfigError(
@@ -337,19 +336,21 @@ def check_mixture(recipe: GlueRecipe, models: list[Model], clusters: list[list[i
             )
 
 
-def _mix(recipe: GlueRecipe, report: dict, tmp: Path, proxy_path: Path, held: list[dict] | None) -> dict:
+def _mix(
+    recipe: GlueRecipe, mixture: MixtureSpec, report: dict, tmp: Path, proxy_path: Path, held: list[dict] | None
+) -> dict:
     """The clusters' models as one model-level dynamic model; each proxy task routed to its best cluster model."""
     from moe_merge.assemble import assemble
     from moe_merge.config import MergeConfig
 
-    left = set(recipe.mixture.leave_out)
+    left = set(mixture.leave_out)
     mixed = [c for c in report["clusters"] if not left & set(c["members"])]
     tasks = list(mixed[0]["chosen"]["tasks"])
     owner = {t: max(range(len(mixed)), key=lambda k: mixed[k]["chosen"]["tasks"].get(t, float("-inf"))) for t in tasks}
     prompts = _proxy_prompts(proxy_path)
     experts = []
     for k, c in enumerate(mixed):
-        own = [p for t in tasks if owner[t] == k for p in prompts.get(t, [])[: recipe.mixture.prompts_per_model]]
+        own = [p for t in tasks if owner[t] == k for p in prompts.get(t, [])[: mixture.prompts_per_model]]
         if own:
             experts.append(
                 {

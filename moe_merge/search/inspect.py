@@ -16,7 +16,7 @@ from pathlib import Path
 
 from moe_merge.errors import MoEMergeError
 from moe_merge.search.similarity import MODULE_TYPES, Similarities, greedy_clusters, similarities
-from moe_merge.sources import Checkpoint, is_adapter, open_expert, resolve_path
+from moe_merge.sources import Checkpoint, Expert, is_adapter, open_expert, resolve_path
 
 FINE_TUNE_LIMIT = 1.0  # relative task-vector norm at or above which a model is not a fine-tune of the base
 FFN_SHARE = 0.01  # attention's relative change, as a share of the MLPs', below which FFN level recovers a model
@@ -29,7 +29,7 @@ class Model:
 
     name: str
     path: Path
-    source: object  # answers get(name)
+    source: Expert  # answers get(name)
     names: list[str]  # its tensors
     key: tuple  # architecture and tensor shapes: models cluster only with models of the same key
     problem: str | None = None  # why it is not a fine-tune of the base, if it is not
@@ -81,29 +81,38 @@ class Inspection:
         return self.__dict__.copy()
 
 
-def pairwise(models: list[Model], base: Model | None = None) -> dict[str, list[list] | None]:
-    """N x N matrices `glue`, `mlp` (Model-GLUE similarity over all matrices, over MLP matrices) and, with a base,
-    `task_vector`, within each group of models of one key (None between groups), plus `relative`: model index ->
+@dataclass
+class Pairwise:
+    """N x N matrices within each group of models of one key (None between groups): `glue` and `mlp` (Model-GLUE
+    similarity over all matrices, over MLP matrices) and, with a base, `task_vector`; `relative`: model index ->
     its relative norms (models of the base's key)."""
+
+    glue: list[list[float | None]]
+    mlp: list[list[float | None]]
+    task_vector: list[list[float | None]] | None
+    relative: dict[int, dict[str, float]]
+
+
+def pairwise(models: list[Model], base: Model | None = None) -> Pairwise:
     n = len(models)
-    out: dict = {k: [[None] * n for _ in range(n)] for k in ("glue", "mlp")}
-    out["task_vector"] = [[None] * n for _ in range(n)] if base is not None else None
-    out["relative"] = {}
+
+    def empty() -> list[list[float | None]]:
+        return [[None] * n for _ in range(n)]
+
+    out = Pairwise(empty(), empty(), empty() if base is not None else None, {})
     groups: dict[tuple, list[int]] = {}
     for i, m in enumerate(models):
         groups.setdefault(m.key, []).append(i)
     for key, idx in groups.items():
-        with_base = base is not None and key == base.key
-        s: Similarities = similarities(
-            [models[i].source for i in idx], models[idx[0]].names, base.source if with_base else None
-        )
+        reference = base.source if base is not None and key == base.key else None
+        s: Similarities = similarities([models[i].source for i in idx], models[idx[0]].names, reference)
         for a, i in enumerate(idx):
             for b, j in enumerate(idx):
-                out["glue"][i][j], out["mlp"][i][j] = s.glue[a][b], s.mlp[a][b]
-                if with_base:
-                    out["task_vector"][i][j] = s.task_vector[a][b]
-            if with_base:
-                out["relative"][i] = s.relative_norm[a]
+                out.glue[i][j], out.mlp[i][j] = s.glue[a][b], s.mlp[a][b]
+                if out.task_vector is not None and s.task_vector is not None:
+                    out.task_vector[i][j] = s.task_vector[a][b]
+            if s.relative_norm is not None:
+                out.relative[i] = s.relative_norm[a]
     return out
 
 
@@ -124,7 +133,7 @@ def inspect(base_ref: str, expert_refs: list[str], threshold: float = DEFAULT_TH
     models = [open_model(n, r, base_ckpt) for n, r in zip(short_names(expert_refs), expert_refs)]
     names = [m.name for m in models]
     sims = pairwise(models, base)
-    glue, tv, relative = sims["glue"], sims["task_vector"], sims["relative"]
+    glue, tv, relative = sims.glue, sims.task_vector, sims.relative
     clusters = greedy_clusters([m.key for m in models], glue, threshold)
     advice, rel = {}, {}
     for i, m in enumerate(models):

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -100,15 +101,15 @@ def score(
     from moe_merge.train.data import collate
 
     model.eval()
-    n, cands = len(proxy.rows), weights if weights is not None else [None]
-    pairs = [(c, i) for c in range(len(cands)) for i in range(n)]
+    n, candidates = len(proxy.rows), len(weights) if weights is not None else 1
+    pairs = [(c, i) for c in range(candidates) for i in range(n)]
     values = torch.empty(len(pairs), dtype=torch.float64)
     for start in range(0, len(pairs), batch_size):
         chunk = pairs[start : start + batch_size]
         batch = collate([proxy.rows[i] for _, i in chunk], pad_id)
         kwargs = {}
         if weights is not None:
-            kwargs["merge_weights"] = torch.stack([cands[c] for c, _ in chunk]).float()
+            kwargs["merge_weights"] = torch.stack([weights[c] for c, _ in chunk]).float()
         out = model(
             input_ids=batch["input_ids"].to(model.device),
             attention_mask=batch["attention_mask"].to(model.device),
@@ -116,7 +117,7 @@ def score(
             **kwargs,
         )
         values[start : start + len(chunk)] = _row_scores(out.logits.cpu(), batch["labels"], proxy.metric)
-    return [_summarise(values[c * n : (c + 1) * n], proxy) for c in range(len(cands))]
+    return [_summarise(values[c * n : (c + 1) * n], proxy) for c in range(candidates)]
 
 
 # ----------------------------------------------------------------------------------------- the cluster's models
@@ -177,6 +178,7 @@ def candidate_model(
     from moe_merge.assemble.dynamic import build_model
     from moe_merge.config import MergeConfig
     from moe_merge.recipe import open_recipe
+    from moe_merge.sources import Expert
 
     cfg = MergeConfig.model_validate(
         {
@@ -193,7 +195,8 @@ def candidate_model(
     recipe = open_recipe(cfg)
     if vectors != "linear":
         fixed = FixedVectors(recipe.base, recipe.experts[: len(members)], vectors, density, seed, split_alone)
-        recipe = replace(recipe, experts=[_Member(fixed, e, x) for e, x in enumerate(recipe.experts)])
+        seen = [_Member(fixed, e, x) for e, x in enumerate(recipe.experts)]
+        recipe = replace(recipe, experts=cast(list[Expert], seen))  # a member reads like the expert it wraps
     return build_model(recipe, seed)
 
 

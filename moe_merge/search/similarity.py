@@ -96,13 +96,13 @@ def similarities(models: list, names: list[str], base=None) -> Similarities:
     return Similarities((glue_sum / glue_count).tolist(), mlp, task_vector, relative)
 
 
-def greedy_clusters(keys: list, similarity: list[list[float]], threshold: float) -> list[list[int]]:
+def greedy_clusters(keys: list, similarity: list[list[float | None]], threshold: float) -> list[list[int]]:
     """Model-GLUE's clustering: models grouped by `keys` (architecture and shapes), then in order each joins the
     first cluster of its key whose first member it matches at `threshold` or above, else starts one."""
     clusters: list[list[int]] = []
     for i, key in enumerate(keys):
         for c in clusters:
-            if keys[c[0]] == key and similarity[i][c[0]] >= threshold:
+            if keys[c[0]] == key and (s := similarity[i][c[0]]) is not None and s >= threshold:
                 c.append(i)
                 break
         else:

@@ -149,6 +149,8 @@ def evolutionary(trials: Trials, E: int, V: int, budget: int, seed: int) -> Tria
         for t in tried:
             if best is None or t.score > best.score:
                 best = t
+    if best is None:
+        raise ValueError("the CMA-ES search tried no candidate (budget 0)")
     best.accepted = True
     return best
 

@@ -212,8 +212,8 @@ def evaluate(
             sums[-1] += total
     sums = accelerator.reduce(sums, reduction="sum")
     model.train()
-    terms = {t: float(sums[i] / sums[-3]) for i, t in enumerate(weights)}
-    result = {"objective": sum(args.objective[t] * terms[t] for t in args.objective), "lm": terms["lm"]}
+    means = {t: float(sums[i] / sums[-3]) for i, t in enumerate(weights)}
+    result = {"objective": sum(args.objective[t] * means[t] for t in args.objective), "lm": means["lm"]}
     if held.labelled:
         result["routing_accuracy"] = float(sums[-2] / sums[-1])
     return result
@@ -493,6 +493,7 @@ class Run:
     def finish(self, tokenizer, model_dir: Path, saved_dtype: torch.dtype) -> dict:
         """Load the best routers, export the model and the summary; return the summary."""
         acc, args, best = self.accelerator, self.args, self.best
+        assert best is not None, "step 0 (or the resumed checkpoint) is always evaluated"
         load_router_state(self.unwrapped, self.run_dir / "best" / ROUTERS_FILE)
         summary = {
             "steps": args.steps,

@@ -25,6 +25,10 @@ processes, so the average DDP takes of the processes' gradients is the single-pr
 
 from __future__ import annotations
 
+import functools
+import operator
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -105,11 +109,12 @@ def is_stock(model: nn.Module) -> bool:
 
 def raw_weights(model: nn.Module) -> bool:
     """Whether the router logits are the merge weights themselves (`normalize: none`)."""
-    return not is_stock(model) and model.config.router_normalize == "none"
+    config: Any = model.config  # a transformers config: its fields are attributes mypy cannot see
+    return not is_stock(model) and config.router_normalize == "none"
 
 
 def top_k(model: nn.Module) -> int:
-    config = model.config
+    config: Any = model.config
     if is_stock(model):
         return config.num_experts_per_tok
     return config.router_top_k if config.router_normalize == "topk" else 1
@@ -222,7 +227,7 @@ def objective(
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
     inputs.update({"output_router_logits": True} if stock else {"routing_mask": batch["routing_mask"]})
     out = model(**inputs)
-    terms = {}
+    terms: dict[str, torch.Tensor] = {}
     if "lm" in weights:
         terms["lm"] = lm_loss(out.logits, batch["labels"], over("tokens"))
     if "entropy" in weights:
@@ -233,5 +238,5 @@ def objective(
             terms["routing"] = routing_loss(logits, mask, batch["expert"], over("labelled"), raw)
         if "balance" in weights:
             terms["balance"] = balance_loss(logits, mask, k)
-    loss = sum(weights[k] * v for k, v in terms.items())
+    loss = functools.reduce(operator.add, [weights[k] * v for k, v in terms.items()])
     return loss, {k: v.detach() for k, v in terms.items()}, out
