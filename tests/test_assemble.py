@@ -140,6 +140,89 @@ def test_non_expert_mixup_interpolates_attention_with_its_seeded_draw(tmp_path, 
     assert f"lambda = {lam:.4f}" in (out / "README.md").read_text()
 
 
+@pytest.mark.parametrize("method, both", [("dare_linear", 2.0), ("dare_ties", 1.0)])
+def test_non_expert_dare_drops_and_rescales_each_task_vector_entry(tmp_path, pico, method, both):
+    """DARE at density p = 0.5 keeps each entry of each task vector τ_e with probability p and rescales it by 1/p,
+    then sums them with weight 1 (dare_linear) or averages those of the elected sign (dare_ties): every entry of the
+    merged attention is the base's plus one of 0, 2τ_0, 2τ_1 or both·(τ_0 + τ_1), about a quarter of them untouched."""
+    full = [make_pico(tmp_path / f"full{i}", seed=10 + i, base=pico["base"], perturb="all") for i in range(2)]
+    recipe = pico_recipe({"base": pico["base"], "experts": full}, non_expert=method, merge={"density": 0.5})
+    out = _assemble(recipe, tmp_path / "moe")
+    merged, base, *experts = (_attention_q(path) for path in (out, pico["base"], *full))
+    t0, t1 = experts[0] - base, experts[1] - base
+    options = torch.stack([torch.zeros_like(t0), 2 * t0, 2 * t1, both * (t0 + t1)])  # [4, N, K]
+    nearest = (merged - base - options).abs().min(0)
+    assert nearest.values.max() <= 1e-5, nearest.values.max()
+    shares = torch.bincount(nearest.indices.flatten(), minlength=4).float() / t0.numel()
+    assert 0.15 <= shares[0] <= 0.35 and 0.15 <= shares[1] + shares[2] <= 0.85, shares
+    again = _assemble({**recipe, "seed": 1}, tmp_path / "seed1")
+    assert not torch.equal(_attention_q(again), merged)  # the drop is seeded
+
+
+def test_expert_noise_and_residual_scale_touch_only_their_expert(tmp_path, pico):
+    """mergekit-moe's `noise_scale` (seeded Gaussian noise on the expert's MLP) and `residual_scale` (its
+    down_proj, which writes the residual stream, scaled); the other experts' tensors are their own."""
+    recipe = pico_recipe(pico)
+    recipe["experts"][1]["residual_scale"] = 0.5
+    recipe["experts"][2]["noise_scale"] = 0.01
+    out = _assemble(recipe, tmp_path / "moe")
+    key = "model.layers.1.block_sparse_moe.experts.{e}.{proj}.weight"
+    with safe_open(out / "model.safetensors", framework="pt") as f:
+        got = {(e, p): f.get_tensor(key.format(e=e, proj=p)) for e in range(3) for p in ("w1", "w2")}
+    src = {}
+    for e in range(3):
+        with safe_open(pico["experts"][e] / "model.safetensors", framework="pt") as f:
+            src[e, "w1"] = f.get_tensor("model.layers.1.mlp.gate_proj.weight")
+            src[e, "w2"] = f.get_tensor("model.layers.1.mlp.down_proj.weight")
+    assert torch.equal(got[0, "w1"], src[0, "w1"]) and torch.equal(got[0, "w2"], src[0, "w2"])
+    assert torch.equal(got[1, "w1"], src[1, "w1"]) and torch.equal(got[1, "w2"], 0.5 * src[1, "w2"])
+    for proj in ("w1", "w2"):
+        noise = got[2, proj] - src[2, proj]
+        assert 0.007 <= noise.std().item() <= 0.013 and noise.mean().abs() <= 0.003, noise.std()
+    again = _assemble(recipe, tmp_path / "again")
+    with safe_open(again / "model.safetensors", framework="pt") as f:
+        assert torch.equal(f.get_tensor(key.format(e=2, proj="w1")), got[2, "w1"])  # seeded
+
+
+def _gates(out: Path) -> list[torch.Tensor]:
+    with safe_open(out / "model.safetensors", framework="pt") as f:
+        return [f.get_tensor(f"model.layers.{i}.block_sparse_moe.gate.weight") for i in range(2)]
+
+
+def test_stock_router_inits_read_what_they_say(tmp_path, pico):
+    """mergekit-moe's gate modes: `hidden` (each prompt's mean MLP input), `hidden_last` (its last token's) and
+    `cheap_embed` (its mean token embedding, no forward pass: the same rows in every layer)."""
+    gates = {
+        init: _gates(_assemble(pico_recipe(pico, router={"init": init}), tmp_path / init))
+        for init in ("hidden", "hidden_last", "cheap_embed")
+    }
+    unit = torch.nn.functional.normalize  # each layer's calibration scales its rows by one factor
+    torch.testing.assert_close(unit(gates["cheap_embed"][0], dim=-1), unit(gates["cheap_embed"][1], dim=-1))
+    assert not torch.allclose(unit(gates["hidden_last"][0], dim=-1), unit(gates["hidden_last"][1], dim=-1))
+    # layer 0's MLP input is the base's (its attention is the base's): read it here, mean or last token per prompt
+    from transformers import AutoModelForCausalLM
+
+    from moe_merge.routers.prompt_init import direction_rows
+    from moe_merge.tokens import load_tokenizer
+
+    base, tok = AutoModelForCausalLM.from_pretrained(pico["base"]), load_tokenizer(pico["base"])
+    seen = []
+    base.model.layers[0].mlp.register_forward_pre_hook(lambda _m, args: seen.append(args[0][0]))
+    states = {"hidden": [], "hidden_last": [], "cheap_embed": []}
+    with torch.no_grad():
+        for e in range(3):
+            ids = [tok(p, return_tensors="pt")["input_ids"] for p in prompts_for(e)]
+            for x in ids:
+                base(input_ids=x)
+            mlp_inputs = seen[-len(ids) :]
+            states["hidden"].append(torch.stack([s.mean(0) for s in mlp_inputs]))
+            states["hidden_last"].append(torch.stack([s[-1] for s in mlp_inputs]))
+            states["cheap_embed"].append(torch.stack([base.model.embed_tokens(x)[0].mean(0) for x in ids]))
+    for init, per_expert in states.items():  # up to the calibration's one scale per router
+        want, got = unit(direction_rows(per_expert, [None] * 3), dim=-1), unit(gates[init][0], dim=-1)
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-4, msg=init)
+
+
 def test_lora_experts_and_qwen2_moe_with_shared_expert(zoo_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 

@@ -27,7 +27,6 @@ def _help(verb: str) -> str:
 def test_train_router_help_suggests_a_launch_that_is_not_refused(monkeypatch):
     text = _help("train-router")
     assert "accelerate launch --multi_gpu --num_processes N" in text
-    assert "--num_processes 2 --cpu" not in text.replace("`--cpu --num_processes N` is refused", "")
     # what the help calls refused, is: `--cpu` makes accelerate set these and start a single process
     monkeypatch.setenv("ACCELERATE_USE_CPU", "true")
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
@@ -38,12 +37,28 @@ def test_train_router_help_suggests_a_launch_that_is_not_refused(monkeypatch):
 def test_learning_rate_help_says_it_is_relative():
     text = _help("train-router")
     assert "relative learning rate: each router's step is lr times the RMS of its own parameters" in text
-    assert "peak learning rate" not in text and TrainRouterArgs.lr == 3e-3 and "(default 3e-3)" in text
+    assert TrainRouterArgs.lr == 3e-3 and "(default 3e-3)" in text
 
 
-def test_push_help_promises_one_commit():
-    text = _help("push")
-    assert "in one commit" in text and "several" not in text
+def test_every_default_the_help_states_is_the_parsers():
+    """A `(default X)` in any verb's help, where X is a value, is the default the parser gives (the words after a
+    comma or colon explain it); defaults that depend on the recipe or the model are described, not valued."""
+    import re
+
+    verbs = build_parser()._subparsers._group_actions[0].choices
+    stated = 0
+    for verb, parser in verbs.items():
+        for action in parser._actions:
+            found = re.search(r"\(default:? ([^,:)]*)", action.help or "")
+            if found is None or action.default is None:
+                continue
+            said = found.group(1).strip()
+            try:
+                assert float(said) == float(action.default), (verb, action.dest)
+            except ValueError:
+                assert said == str(action.default), (verb, action.dest, said)
+            stated += 1
+    assert stated >= 15
 
 
 def test_generate_passes_a_pad_id_of_zero(pico, tmp_path, monkeypatch):

@@ -182,3 +182,25 @@ def test_a_too_narrow_mlp_router_is_a_recipe_error(tmp_path):
     )
     with pytest.raises(ConfigError, match=r"`router.hidden_size: 4` is too narrow for 3 experts.*2 x experts = 6"):
         load_config(path)
+
+
+@pytest.mark.slow
+def test_every_shipped_config_assembles_on_the_tiny_zoo_and_generates(zoo_dir, tmp_path):
+    """configs/ as a user runs it after `moe-merge zoo zoo`: each recipe (its sources at ../zoo) assembles through
+    the command line and loads back as a model that generates."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    from moe_merge.cli import main as cli_main
+    from moe_merge.tokens import load_tokenizer
+
+    shutil.copytree(Path(__file__).parent.parent / "configs", tmp_path / "configs")
+    (tmp_path / "zoo").symlink_to(zoo_dir)
+    for path in sorted((tmp_path / "configs").glob("*.yaml")):
+        out = tmp_path / "out" / path.stem
+        assert cli_main(["assemble", str(path), str(out)]) == 0, path.name
+        model, tok = AutoModelForCausalLM.from_pretrained(out), load_tokenizer(out)
+        enc = tok(["shift abcd="], return_tensors="pt")
+        new = model.generate(**enc, max_new_tokens=4, do_sample=False, pad_token_id=tok.eos_token_id)
+        assert new.shape[1] > enc["input_ids"].shape[1] and (out / "routing_report.json").is_file(), path.name

@@ -12,6 +12,7 @@ import torch
 from pydantic import ValidationError
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from moe_merge.arch import layer_of
 from moe_merge.assemble import assemble
 from moe_merge.assemble.dynamic import build_model, init_routers, svd_factors
 from moe_merge.cli import main as cli_main
@@ -99,20 +100,41 @@ def test_one_hot_weights_reproduce_each_expert(built):
         torch.testing.assert_close(got[real], want[real], rtol=0, atol=1e-9)
 
 
+def _mixed_experts(recipe, model, w: torch.Tensor):
+    """The base architecture with every tensor θ0 + Σ_e w_e (θ_e − θ0), from the experts' own tensors: each decoder
+    layer with its router's weights w [R, E], the embeddings with the first router's, the final norm and head with
+    the last's. That is each method's merge: SMEAR's Σ_e w_e θ_e and twin's shared + Σ_e w_e (θ_e − shared) when the
+    weights sum to one, WEMoE's base plus routed task vectors always, and one expert's layers for one-hot weights."""
+    E, R = len(recipe.experts), model.config.num_routers
+    if model.config.method in ("smear", "twin"):
+        torch.testing.assert_close(w.sum(-1), torch.ones(R, dtype=w.dtype), rtol=0, atol=1e-12)
+    dense = AutoModelForCausalLM.from_pretrained(recipe.base.path).to(torch.float64).eval()
+    experts = [_expert_model(recipe, e).state_dict() for e in range(E)]
+    state = dense.state_dict()
+    for name, t0 in state.items():
+        layer = layer_of(name)
+        k = model.config.router_of_layer(layer) if layer is not None else 0 if "embed_tokens" in name else R - 1
+        state[name] = t0 + sum(w[k, e] * (experts[e][name] - t0) for e in range(E))
+    dense.load_state_dict(state)
+    return dense
+
+
 @torch.no_grad()
-def test_batched_routing_equals_each_sequence_baked_and_run_alone(built):
-    """Per-sample reference: bake each sequence's own merge weights into a dense model, run it alone."""
+def test_batched_routing_equals_each_sequence_merged_from_the_experts_and_run_alone(built):
+    """Per-sample reference: each sequence's own merge weights applied to the experts' tensors, a dense model run
+    alone (sparse mixes outputs, which one-hot weights make one expert's layers: it runs top-1)."""
     model, tok, recipe = built
     out = model(**_enc(tok))
     for b, prompt in enumerate(PROMPTS):
-        w = out.merge_weights[b]
-        if model.config.method == "sparse":  # output mixing bakes only one-hot: route this sample top-1
+        w = out.merge_weights[b].expand(model.config.num_routers, -1)
+        if model.config.method == "sparse":
             w = torch.nn.functional.one_hot(w.argmax(-1), len(recipe.experts)).double()
             got = model(**tok([prompt], return_tensors="pt"), merge_weights=w[None]).logits[0]
         else:
             got = out.logits[b, -len(tok(prompt)["input_ids"]) :]
-        want = baked_model(model, w)(**tok([prompt], return_tensors="pt")).logits[0]
+        want = _mixed_experts(recipe, model, w)(**tok([prompt], return_tensors="pt")).logits[0]
         torch.testing.assert_close(got, want, rtol=0, atol=1e-9)
+        torch.testing.assert_close(baked_model(model, w)(**tok([prompt], return_tensors="pt")).logits[0], want)
 
 
 @torch.no_grad()
@@ -433,8 +455,11 @@ def test_the_prepass_runs_once_at_prefill_and_never_while_decoding(sources, monk
     calls = []
     real = MoEMergeModel._prepass
     monkeypatch.setattr(MoEMergeModel, "_prepass", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
-    out = model.generate(**_enc(tok), max_new_tokens=6, do_sample=False, pad_token_id=0)
+    kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    out = model.generate(**_enc(tok), **kw)
     assert out.shape[1] == _enc(tok)["input_ids"].shape[1] + 6 and len(calls) == 1
+    assert torch.equal(out, model.generate(**_enc(tok), use_cache=False, **kw))  # each step recomputed from scratch
+    assert len(calls) > 2
 
 
 def test_the_first_router_reads_the_static_prepass_whatever_the_weights(sources):
@@ -488,3 +513,60 @@ def test_twin_rank_by_energy_is_chosen_per_matrix_and_loads_back(sources, tmp_pa
     assert ranks["1.down_proj"] == max(
         factors_of(m.lora_B[e].double() @ m.lora_A[e].double(), energy=1.0)[0].shape[0] for e in range(3)
     )
+
+
+@torch.no_grad()
+def test_an_mlp_router_starts_as_the_linear_router_its_prompts_fit(sources, tmp_path):
+    """`router.kind: mlp` starts at exactly the prompt-fitted linear router's logits (ReLU(z) − ReLU(−z) = z), its
+    extra hidden units off; it saves and loads back as an MLP."""
+    linear, tok, _ = _build(sources, "smear", "block", "linear", {})
+    mlp, _, _ = _build(sources, "smear", "block", "linear", {"router": {"kind": "mlp", "hidden_size": 16}})
+    assert {r.kind for r in mlp.routers()} == {"mlp"} and mlp.routers()[0].fc1.out_features == 16
+    a, b = linear(**_enc(tok)), mlp(**_enc(tok))
+    torch.testing.assert_close(b.router_logits, a.router_logits, rtol=0, atol=1e-9)
+    torch.testing.assert_close(b.logits, a.logits, rtol=0, atol=1e-9)
+    assert a.merge_weights.argmax(-1).unique().numel() > 1  # the prompts route apart: the logits carry the fit
+    mlp.save_pretrained(tmp_path / "mlp")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "mlp", dtype=torch.float64, trust_remote_code=False)
+    torch.testing.assert_close(loaded(**_enc(tok)).logits, b.logits, rtol=0, atol=1e-9)
+
+
+def test_per_token_smear_is_causal_and_batch_exact_and_twin_refuses_it(sources):
+    """Each token merges with its own weights, read from its own prefix: a left-padded batch equals each prompt
+    alone, and generating with the cache equals recomputing every step. Twin's one router reads the pre-pass once
+    per sequence: per token is a recipe error naming the field."""
+    with pytest.raises(ValidationError, match="twin at ffn level routes once per sequence; `router.granularity`"):
+        _recipe(sources, "mlp", method="twin", level="ffn", router={"granularity": "token"})
+    model, tok, _ = _build(sources, "smear", "ffn", "mlp", {"router": {"granularity": "token"}})
+    with torch.no_grad():
+        out = model(**_enc(tok))
+        assert out.merge_weights.dim() == 4  # [B, R, T, E]
+        for b, prompt in enumerate(PROMPTS):
+            alone = model(**tok([prompt], return_tensors="pt"))
+            n = alone.logits.shape[1]
+            torch.testing.assert_close(out.logits[b, -n:], alone.logits[0], rtol=0, atol=1e-10)
+            torch.testing.assert_close(out.merge_weights[b, :, -n:], alone.merge_weights[0], rtol=0, atol=1e-10)
+        assert out.merge_weights[0, 0, -1].ne(out.merge_weights[0, 0, -2]).any()  # the tokens' weights differ
+    kw = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
+    assert torch.equal(model.generate(**_enc(tok), **kw), model.generate(**_enc(tok), use_cache=False, **kw))
+
+
+@torch.no_grad()
+def test_model_level_with_dense_layers_shares_the_first_layers(sources):
+    """`dense_layers: 1`: the first decoder layer is the static merge, shared below every expert's own upper
+    layers; one-hot weights then give that layer under the expert's others, merged from the experts' tensors."""
+    model, tok, recipe = _build(sources, "sparse", "model", "linear", {"dense_layers": 1})
+    assert len(model.model.layers) == 1 and all(len(x.layers) == 1 for x in model.model.experts)
+    enc = _enc(tok)
+    real = enc["attention_mask"].bool()
+    experts = [_expert_model(recipe, e).state_dict() for e in range(3)]
+    for e in range(3):
+        dense = AutoModelForCausalLM.from_pretrained(recipe.base.path).to(torch.float64).eval()
+        state = dict(experts[e])
+        for name in state:
+            if layer_of(name) == 0:  # the shared first layer: the experts' average (the static merge)
+                state[name] = sum(x[name] for x in experts) / 3
+        dense.load_state_dict(state)
+        got = model(**enc, merge_weights=torch.nn.functional.one_hot(torch.tensor(e), 3).double()).logits
+        want = dense(**enc, position_ids=_positions(enc)).logits
+        torch.testing.assert_close(got[real], want[real], rtol=0, atol=1e-9)

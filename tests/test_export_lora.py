@@ -153,3 +153,39 @@ def test_the_card_gives_a_max_lora_rank_vllm_accepts_or_says_to_bake(tmp_path):
         )
         card = (tmp_path / "README.md").read_text()
         assert says in card and ("moe-merge bake" in card) == (rank > max(VLLM_MAX_LORA_RANKS))
+
+
+def test_cli_dtype_and_base_options(zoo_dir, tmp_path_factory, tmp_path, capsys):
+    """`--dtype` writes the adapter's tensors in that dtype (bf16 here, the same adapter rounded); `--base`
+    names the base in the adapter's config instead of the recipe's `base_model`, and is checked against the model."""
+    model_dir = _dynamic_dir(zoo_dir, tmp_path_factory, "mlp", ["back", "swap"], {"method": "smear"})
+    assert cli_main(["export-lora", str(model_dir), str(tmp_path / "f32"), "--weights", "1,0"]) == 0
+    assert (
+        cli_main(["export-lora", str(model_dir), str(tmp_path / "bf16"), "--weights", "1,0", "--dtype", "bfloat16"])
+        == 0
+    )
+    with (
+        safe_open(tmp_path / "f32" / "adapter_model.safetensors", "pt") as a,
+        safe_open(tmp_path / "bf16" / "adapter_model.safetensors", "pt") as b,
+    ):
+        assert a.keys() == b.keys() and {a.get_tensor(k).dtype for k in a.keys()} == {torch.float32}
+        for k in a.keys():
+            assert b.get_tensor(k).dtype == torch.bfloat16 and torch.equal(b.get_tensor(k), a.get_tensor(k).bfloat16())
+    import shutil
+
+    other_base = shutil.copytree(zoo_dir / "base", tmp_path / "my-base")
+    args = ["export-lora", str(model_dir), str(tmp_path / "based"), "--weights", "1,0", "--base", str(other_base)]
+    assert cli_main(args) == 0
+    config = json.loads((tmp_path / "based" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(other_base)
+    wrong = [
+        "export-lora",
+        str(model_dir),
+        str(tmp_path / "wrong"),
+        "--weights",
+        "1,0",
+        "--base",
+        str(zoo_dir / "search" / "alien"),
+    ]
+    assert cli_main(wrong) == 2 and not (tmp_path / "wrong").exists()
+    assert "alien" in capsys.readouterr().err

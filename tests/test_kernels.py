@@ -90,12 +90,15 @@ def test_merged_linear_matches_float64_reference(dtype, shape, has_base):
     )
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("split", [2, 3])
-def test_merged_linear_split_over_experts_adds_up(split):
-    x, w, deltas, base = dense_inputs(*SHAPES["odd"], torch.float32, True)
+def test_merged_linear_split_over_experts_adds_up(split, dtype):
+    """fp32 partial sums added, then cast: the path a GPU takes for decode (the interpreter splits only when told)."""
+    x, w, deltas, base = dense_inputs(*SHAPES["odd"], dtype, True)
     y = merged_linear_op._merged_linear(x, w, deltas, base, experts_split=split)
+    assert y.dtype == dtype
     torch.testing.assert_close(
-        y.double(), reference.merged_linear(f64(x), f64(w), f64(deltas), f64(base)), **TOL[torch.float32]
+        y.double(), reference.merged_linear(f64(x), f64(w), f64(deltas), f64(base)), **TOL[dtype]
     )
 
 
@@ -188,13 +191,23 @@ def test_half_precision_off_cuda_runs_the_native_lowrank_path(env, dtype, expect
     assert calls == [expected]
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("k_split", [2, 5])
-def test_lowrank_split_over_k_adds_up(k_split):
-    x, w, A, B, base = lowrank_inputs(*LOWRANK_SHAPES["odd"], torch.float32, True)
+def test_lowrank_split_over_k_adds_up(k_split, dtype):
+    x, w, A, B, base = lowrank_inputs(*LOWRANK_SHAPES["odd"], dtype, True)
     y = lowrank_op._lowrank_merged_linear(x, w, A, B, base, k_split=k_split)
+    assert y.dtype == dtype
     torch.testing.assert_close(
-        y.double(), reference.lowrank_merged_linear(f64(x), f64(w), f64(A), f64(B), f64(base)), **TOL[torch.float32]
+        y.double(), reference.lowrank_merged_linear(f64(x), f64(w), f64(A), f64(B), f64(base)), **TOL[dtype]
     )
+
+
+def test_the_interpreter_takes_the_gpu_dot_for_fp16_and_upcasts_only_bf16():
+    """Which tl.dot a launch uses: fp16 operands as on a GPU (covered by every fp16 test above), bf16 upcast to fp32
+    under the interpreter only (its bf16 dot is wrong); on a GPU only fp32 upcasts."""
+    assert kernel_utils.fp32_dot(torch.float32)
+    assert not kernel_utils.fp32_dot(torch.float16)
+    assert kernel_utils.fp32_dot(torch.bfloat16) == kernel_utils.INTERPRETER
 
 
 def test_lowrank_takes_any_strides():

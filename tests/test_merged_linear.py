@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import pytest
 import torch
 
@@ -12,21 +14,66 @@ from moe_merge.merged_linear import MergedLinear, merged_linear
 E, N, K, R = 3, 5, 7, 2
 
 
+@dataclass
+class Experts:
+    """E expert linear layers (W_e, b_e) fine-tuned from a base (W0, b0): what every form must merge."""
+
+    W0: torch.Tensor
+    b0: torch.Tensor
+    W: torch.Tensor  # [E, N, K]
+    b: torch.Tensor  # [E, N]
+
+
+def _experts(form: str) -> Experts:
+    g = torch.Generator().manual_seed(0)
+    W0, b0 = torch.randn(N, K, generator=g, dtype=torch.float64), torch.randn(N, generator=g, dtype=torch.float64)
+    if form == "lowrank":  # task vectors of rank R, which R factors hold exactly
+        deltas = torch.randn(E, N, R, generator=g, dtype=torch.float64) @ torch.randn(
+            E, R, K, generator=g, dtype=torch.float64
+        )
+    else:
+        deltas = torch.randn(E, N, K, generator=g, dtype=torch.float64)
+    return Experts(W0, b0, W0 + deltas, b0 + torch.randn(E, N, generator=g, dtype=torch.float64))
+
+
 def _layer(form: str, bias: bool) -> MergedLinear:
-    torch.manual_seed(0)
+    """The merged layer holding `_experts(form)`: E weights (full), W0 and E task vectors (dense), W0 and E factor
+    pairs (lowrank)."""
+    ex = _experts(form)
     layer = merged_linear(K, N, E, form, rank=R if form == "lowrank" else None, bias=bias).double()
-    for p in layer.parameters():
-        torch.nn.init.normal_(p)
+    with torch.no_grad():
+        if form == "full":
+            layer.expert_weight.copy_(ex.W)
+            if bias:
+                layer.expert_bias.copy_(ex.b)
+            return layer
+        layer.weight.copy_(ex.W0)
+        if bias:
+            layer.bias.copy_(ex.b0)
+            layer.delta_bias.copy_(ex.b - ex.b0)
+        if form == "dense":
+            layer.delta_weight.copy_(ex.W - ex.W0)
+        else:
+            U, S, Vh = torch.linalg.svd(ex.W - ex.W0)
+            layer.lora_B.copy_(U[..., :R] * S[:, None, :R])
+            layer.lora_A.copy_(Vh[:, :R])
     return layer
 
 
-def _reference(layer: MergedLinear, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """A Python loop over samples (and tokens), each with its own dense weight."""
+def _reference(form: str, bias: bool, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """A Python loop over samples (and tokens), each with its own dense weight formed from the experts themselves:
+    Σ_e w_e W_e for full (no base), W0 + Σ_e w_e (W_e − W0) for the forms with a base."""
+    ex = _experts(form)
     out = torch.empty(*x.shape[:2], N, dtype=x.dtype)
     for b in range(x.shape[0]):
         for t in range(x.shape[1]):
-            weight, bias = layer.merged(w[b] if w.dim() == 2 else w[b, t])
-            out[b, t] = x[b, t] @ weight.T + (bias if bias is not None else 0)
+            mix = w[b] if w.dim() == 2 else w[b, t]
+            if form == "full":
+                weight, shift = sum(m * W for m, W in zip(mix, ex.W)), sum(m * v for m, v in zip(mix, ex.b))
+            else:
+                weight = ex.W0 + sum(m * (W - ex.W0) for m, W in zip(mix, ex.W))
+                shift = ex.b0 + sum(m * (v - ex.b0) for m, v in zip(mix, ex.b))
+            out[b, t] = x[b, t] @ weight.T + (shift if bias else 0)
     return out
 
 
@@ -38,7 +85,7 @@ def test_batched_merging_equals_a_per_sample_loop(form, bias, per_token, tokens)
     layer = _layer(form, bias)
     x = torch.randn(4, tokens, K, dtype=torch.float64)
     w = torch.randn(4, tokens, E, dtype=torch.float64) if per_token else torch.randn(4, E, dtype=torch.float64)
-    torch.testing.assert_close(layer(x, w), _reference(layer, x, w), rtol=0, atol=1e-12)
+    torch.testing.assert_close(layer(x, w), _reference(form, bias, x, w), rtol=0, atol=1e-12)
 
 
 def test_materialized_and_k_concatenated_paths_agree(monkeypatch):
@@ -58,7 +105,7 @@ def test_runs_of_sequences_sharing_their_weights_share_one_materialized_weight(m
     rows = torch.randn(2, E, dtype=torch.float64)
     w = rows[torch.tensor([0, 0, 1, 1, 0])]  # three runs of two distinct vectors over five sequences
     x = torch.randn(5, 3, K, dtype=torch.float64)
-    torch.testing.assert_close(layer(x, w), _reference(layer, x, w), rtol=0, atol=1e-12)
+    torch.testing.assert_close(layer(x, w), _reference(form, True, x, w), rtol=0, atol=1e-12)
     calls = []
     real = ml.kernels.merge_weights_into
     monkeypatch.setattr(ml.kernels, "merge_weights_into", lambda w0, s, v: calls.append(len(v)) or real(w0, s, v))

@@ -12,6 +12,7 @@ import torch
 from moe_merge import zoo
 from moe_merge.errors import ConfigError, DataError
 from moe_merge.merge import mixup_draws
+from moe_merge.quality import load_eval_rows
 from moe_merge.search import glue, proxy, strategies
 from moe_merge.search.similarity import greedy_clusters, similarities
 from moe_merge.sources import Checkpoint
@@ -245,6 +246,23 @@ def test_task_vector_mixup_needs_a_common_base(picos, tmp_path):
 # ----------------------------------------------------------------------------------------- on the zoo
 
 
+def held_out_mean(model_dir: Path, rows: list[dict]) -> float:
+    """Exact match on the held-out rows, measured here: each prompt alone, greedy, its text up to the end-of-sequence
+    token against the completion; the mean over tasks."""
+    from transformers import AutoModelForCausalLM
+
+    model, tok = AutoModelForCausalLM.from_pretrained(model_dir).eval(), load_tokenizer(model_dir)
+    hits: dict[str, list[bool]] = {}
+    for row in rows:
+        ids = tok(row["prompt"], return_tensors="pt")["input_ids"]
+        n = len(tok(row["completion"], add_special_tokens=False)["input_ids"]) + 1
+        with torch.no_grad():
+            out = model.generate(input_ids=ids, max_new_tokens=n, do_sample=False, pad_token_id=tok.eos_token_id)
+        text = tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+        hits.setdefault(row["task"], []).append(text.strip() == row["completion"].strip())
+    return sum(sum(h) / len(h) for h in hits.values()) / len(hits)
+
+
 @pytest.mark.slow
 def test_model_glue_on_the_zoo_clusters_by_family_drops_the_harmful_expert_and_mixes(zoo_dir, tmp_path):
     path = glue_recipe(zoo_dir, tmp_path / "recipe", merge={"strategy": "heuristic_average"})
@@ -263,9 +281,19 @@ def test_model_glue_on_the_zoo_clusters_by_family_drops_the_harmful_expert_and_m
         tmp_path / "all",
         path.parent,
     )
-    assert first["held_out"]["mean"] > everything["clusters"][0]["held_out"]["mean"]
-    best_single = max(s["mean"] for s in report["members_held_out"].values())
-    assert report["mixture"]["held_out"]["mean"] > best_single
+    rows = load_eval_rows(path.parent / "held-out.jsonl")  # rows of {prompt, completion, task}
+    mine = {
+        "cluster": held_out_mean(tmp_path / "out" / first["path"], rows),
+        "everything": held_out_mean(tmp_path / "all" / everything["clusters"][0]["path"], rows),
+        "mixture": held_out_mean(tmp_path / "out" / "mixture", rows),
+    }
+    said = (first["held_out"], everything["clusters"][0]["held_out"], report["mixture"]["held_out"])
+    assert [s["mean"] for s in said] == pytest.approx(list(mine.values()), abs=0.03), mine  # the report tells it
+    assert mine["cluster"] > mine["everything"]  # leaving the harmful expert out helps
+    best_member = max(report["members_held_out"], key=lambda m: report["members_held_out"][m]["mean"])
+    member_path = next(m.path for m in glue.load_recipe(path).models if m.name == best_member)
+    best_single = held_out_mean(path.parent / member_path, rows)
+    assert mine["mixture"] > best_single, (mine, best_member, best_single)
     for name in ("glue-report.json", "glue-report.md", "glue-trials.png", "mixture/config.json"):
         assert (tmp_path / "out" / name).is_file()
 

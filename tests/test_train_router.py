@@ -91,7 +91,13 @@ def test_only_router_tensors_change(models, tmp_path, name):
     trained = load_file(tmp_path / "run" / "checkpoints" / "step-000004" / "routers.safetensors")
     start = AutoModelForCausalLM.from_pretrained(models[name]).state_dict()
     assert any(not torch.equal(start[k], v) for k, v in trained.items())
-    assert summary["best"]["step"] in (0, 2, 4)
+    # the export holds the routers of the best held-out step: the start's, or those checkpointed at that step
+    best = summary["best"]["step"]
+    kept = (
+        start if best == 0 else load_file(tmp_path / "run" / "checkpoints" / f"step-{best:06d}" / "routers.safetensors")
+    )
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "model").state_dict()  # in-memory names
+    assert all(torch.equal(exported[k], kept[k].to(exported[k].dtype)) for k in trained)
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(models):
@@ -255,6 +261,32 @@ def test_prompt_completion_rows_learn_the_completion_and_route_on_the_prompt(mod
     assert row["labels"] == [-100] * n_prompt + row["input_ids"][n_prompt:]
     assert row["routing_mask"] == [1] * n_prompt + [0] * 4
     assert row["expert"] == zoo.EXPERT_TASKS.index("mirror")
+
+
+def test_csv_parquet_and_jsonl_rows_encode_alike_and_chat_rows_learn_the_assistant_turns(models, tmp_path):
+    """The same prompt/completion rows from each file format datasets reads give the same encoded rows; a chat
+    row (`messages`, through the tokenizer's chat template) learns its assistant turns only."""
+    import datasets
+
+    tok = AutoTokenizer.from_pretrained(models["smear"])
+    rows = [{"prompt": f"shift {w}=", "completion": w, "expert": "shift"} for w in ("abc", "hello", "xy")]
+    datasets.Dataset.from_list(rows).to_csv(tmp_path / "d.csv", index=False)
+    datasets.Dataset.from_list(rows).to_parquet(tmp_path / "d.parquet")
+    encoded = {
+        path.suffix: train_data.encode(train_data.load_rows(path), tok, list(zoo.EXPERT_TASKS), str(path), 64)
+        for path in (write_rows(tmp_path / "d.jsonl", rows), tmp_path / "d.csv", tmp_path / "d.parquet")
+    }
+    assert encoded[".jsonl"].rows == encoded[".csv"].rows == encoded[".parquet"].rows
+    assert len(encoded[".jsonl"].rows) == 3
+
+    tok.chat_template = (
+        "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}assistant: {% endif %}"
+    )
+    chat = {"messages": [{"role": "user", "content": "shift abc="}, {"role": "assistant", "content": "bcd"}]}
+    row = train_data.encode_row(chat, "messages", tok, list(zoo.EXPERT_TASKS), "data", 0, 64)
+    learned = tok.decode([t for t, label in zip(row["input_ids"], row["labels"]) if label != -100])
+    assert learned.strip().startswith("bcd") and "shift" not in learned and "user" not in learned
 
 
 BAD_DATA = {
