@@ -99,9 +99,10 @@ class MoEMergeConfig(PreTrainedConfig):
             raise ModelConfigError(
                 f"`method` {self.method!r} / `level` {self.level!r}: choose from {tuple(METHODS)} / {LEVELS}"
             )
-        if self.get_text_config().model_type not in FAMILIES:
-            raise ModelConfigError(family_error(self.get_text_config().model_type, "`text_config`"))
-        if getattr(self.get_text_config(), "use_bidirectional_attention", False):
+        text = self.get_text_config()
+        if text.model_type not in FAMILIES:
+            raise ModelConfigError(family_error(text.model_type, "`text_config`"))
+        if getattr(text, "use_bidirectional_attention", False):
             raise ModelConfigError(
                 "`text_config.use_bidirectional_attention` is set: that is an encoder (embedding "
                 "model), not a causal LM; moe-merge merges causal LMs"
@@ -113,7 +114,7 @@ class MoEMergeConfig(PreTrainedConfig):
         problems = self.merging.problems(self.level, self.router_granularity, self.router_normalize)
         if problems:
             raise ModelConfigError(problems[0])
-        self.tie_word_embeddings = bool(self.get_text_config().tie_word_embeddings)
+        self.tie_word_embeddings = bool(text.tie_word_embeddings)
         if unknown := set(self.routed_parts) - set(PARTS):
             raise ModelConfigError(f"`routed_parts` {sorted(unknown)}: choose from {PARTS}")
         if self.router_granularity == "token" and "embeddings" in self.routed_parts:
