@@ -133,9 +133,9 @@ class Family:
     def post_mlp_norm(self) -> str | None:
         return "post_feedforward_layernorm" if self.sandwich_norms else None
 
-    def layer_norms(self, level: str) -> tuple[str, ...]:
-        """The norms a level routes with its projections: the MLP's at ffn level, every norm at block level."""
-        return self.mlp_norms if level == "ffn" else self.attention_norms + self.mlp_norms
+    def layer_norms(self, kinds: tuple[str, ...]) -> tuple[str, ...]:
+        """The layer norms of `kinds` ("attention", "mlp"): those a level routes with its projections."""
+        return (self.attention_norms if "attention" in kinds else ()) + (self.mlp_norms if "mlp" in kinds else ())
 
 
 _GEMMA_SANDWICH: dict[str, Any] = dict(

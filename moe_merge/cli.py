@@ -117,8 +117,8 @@ def _assemble_parser(sub, verbose: argparse.ArgumentParser) -> None:
         "--dry-run",
         action="store_true",
         help="print the plan (each output tensor's source, bytes, output size, estimated peak memory) "
-        "from config.json, the index files and safetensors headers, without reading tensor data; "
-        "writes nothing",
+        "from config.json, the index files and safetensors headers; of the tensor data only what decides the "
+        "plan (a dynamic model's embeddings, norms and head, compared with the base's); writes nothing",
     )
     p.add_argument(
         "--eval-data",

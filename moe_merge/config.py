@@ -17,19 +17,26 @@ A mergekit-moe YAML is a valid recipe as it is; our keys extend it. Vocabulary u
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from moe_merge.errors import ConfigError
 from moe_merge.merge import MixupBase, StaticSpec, mixup_draws
-from moe_merge.methods import METHODS, Level, Method, Part, TwinSpec, WemoeSpec
+from moe_merge.methods import LEVEL_RECORDS, METHODS, Level, LevelRecord, Method, Part, TwinSpec, WemoeSpec
 
 RouterInit = Literal["hidden", "fit", "hidden_last", "cheap_embed", "random", "uniform"]
 PROMPT_INITS = ("hidden", "fit", "hidden_last", "cheap_embed")  # the modes that read prompts
 DYNAMIC_INITS = ("hidden", "random", "uniform")  # what the dynamic model's routers accept
 PREPASS_DEFAULT = 1  # measured on both zoos: docs/dynamic-models.md, "The routing pre-pass"
+# What `auto` router settings become, by the router: a stock sparse MoE's top-k gate (fitted by ridge regression
+# under `fit`, calibrated so the mean top probability on the prompts is 0.9), or a dynamic model's router started
+# from a discriminant of the prompts, whose own scale is kept (docs/dynamic-models.md measures both).
+ROUTER_DEFAULTS: dict[str, dict[str, Any]] = {
+    "stock": {"calibrate": 0.9, "ridge": 1e-3},
+    "dynamic": {"calibrate": None, "ridge": 0.1},
+}
 # mergekit-moe's gate_mode spellings and what each becomes here.
 GATE_MODE_ALIASES = {"hidden_avg": "hidden", "uniform_random": "uniform"}
 
@@ -73,18 +80,15 @@ class RouterSpec(_Strict):
     )
     top_k: int | None = Field(None, ge=1, description="`topk`: experts kept; default `experts_per_token`")
     temperature: float = Field(1.0, gt=0.0, description="logits are divided by this before normalizing")
-    calibrate: float | None = Field(
-        0.9,
-        gt=0.0,
-        lt=1.0,
-        description="scale each router so the mean top probability on the prompts equals this; null keeps raw "
-        "(default 0.9 for sparse FFN routers; dynamic routers keep their discriminant's own scale unless set)",
+    calibrate: Annotated[float, Field(gt=0.0, lt=1.0)] | Literal["auto"] | None = Field(
+        "auto",
+        description="scale each router so the mean top probability on the prompts equals this; null keeps raw; "
+        "auto: 0.9 for a stock sparse MoE's routers, null for a dynamic model's (config.ROUTER_DEFAULTS)",
     )
-    ridge: float = Field(
-        1e-3,
-        gt=0.0,
-        description="ridge strength, relative to the mean feature variance "
-        "(`fit`; dynamic routers' discriminant uses 0.1 unless set)",
+    ridge: Annotated[float, Field(gt=0.0)] | Literal["auto"] = Field(
+        "auto",
+        description="ridge strength, relative to the mean feature variance, of `fit` (stock) and of a dynamic "
+        "router's discriminant; auto: 1e-3 and 0.1 (config.ROUTER_DEFAULTS)",
     )
     random_std: float = Field(0.02, gt=0.0, description="`random`: standard deviation of the router weights")
     prepass: int | None = Field(
@@ -193,6 +197,14 @@ class MergeConfig(_Strict):
         if self.dynamic:
             if self.shared_experts:
                 raise ValueError("`shared_experts` is a Qwen2-MoE feature of sparse FFN-level models only")
+            for i, e in enumerate(self.experts):
+                for field in ("noise_scale", "residual_scale"):
+                    if getattr(e, field) is not None:
+                        raise ValueError(
+                            f"`experts[{i}].{field}` perturbs an expert's MLP in a stock sparse MoE (mergekit-moe); "
+                            f"a dynamic model (`method: {self.method}`, `level: {self.level}`) merges the experts' "
+                            "own weights: remove it"
+                        )
             if self.router_init not in DYNAMIC_INITS:
                 raise ValueError(
                     f"router init `{self.router_init}` is for stock sparse FFN-level routers; dynamic "
@@ -249,9 +261,14 @@ class MergeConfig(_Strict):
         return METHODS[self.method]
 
     @property
+    def level_record(self) -> LevelRecord:
+        """The record of `level` (methods.py): what its merge weights reach."""
+        return LEVEL_RECORDS[self.level]
+
+    @property
     def dynamic(self) -> bool:
         """Whether the output is a moe_merge dynamic model rather than a stock sparse MoE."""
-        return not (self.merging.merges == "outputs" and self.level == "ffn")
+        return not self.merging.writes_stock(self.level)
 
     @property
     def settings(self) -> Any:
@@ -287,15 +304,19 @@ class MergeConfig(_Strict):
 
     @property
     def calibration_target(self) -> float | None:
-        if self.dynamic and not (self.router and "calibrate" in self.router.model_fields_set):
-            return None
-        return self.router_spec.calibrate
+        """`router.calibrate`, `auto` resolved (ROUTER_DEFAULTS)."""
+        value = self.router_spec.calibrate
+        return self._router_defaults["calibrate"] if value == "auto" else value
 
     @property
     def ridge(self) -> float:
-        if self.dynamic and not (self.router and "ridge" in self.router.model_fields_set):
-            return 0.1
-        return self.router_spec.ridge
+        """`router.ridge`, `auto` resolved (ROUTER_DEFAULTS)."""
+        value = self.router_spec.ridge
+        return self._router_defaults["ridge"] if value == "auto" else value
+
+    @property
+    def _router_defaults(self) -> dict[str, Any]:
+        return ROUTER_DEFAULTS["dynamic" if self.dynamic else "stock"]
 
     @property
     def top_k(self) -> int:

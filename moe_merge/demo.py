@@ -166,17 +166,15 @@ def _row(name: str, scores: dict[str, float], experts: dict[str, float], *more: 
 
 def static_scores(zoo_dir: Path, variant: str, method: str) -> dict[str, float]:
     """Exact match of a plain static merge of the variant's experts (the contrast row)."""
-    import torch
     from transformers import AutoModelForCausalLM
 
-    from moe_merge.assemble.dynamic import StaticMerge
+    from moe_merge.assemble.read import static_merge
     from moe_merge.config import MergeConfig
     from moe_merge.recipe import open_recipe
 
     recipe = open_recipe(MergeConfig.model_validate(zoo.zoo_recipe(zoo_dir, variant, non_expert=method)))
-    merge = StaticMerge(recipe, seed=0, dtype=torch.float32)
     model = AutoModelForCausalLM.from_pretrained(recipe.base.path)
-    model.load_state_dict({name: merge(name) for name in recipe.base.keys()}, strict=False)
+    model.load_state_dict({name: static_merge(recipe, name, seed=0) for name in recipe.base.keys()}, strict=False)
     return zoo.scores(model, load_tokenizer(recipe.base.path))
 
 

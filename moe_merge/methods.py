@@ -1,4 +1,7 @@
-"""The merging methods, one small frozen record each, and the registry everything else reads.
+"""The merging methods and the levels, one small frozen record each, and the registries everything else reads.
+
+A level (`LevelRecord`) says what the merge weights reach: the linear layers of each decoder layer a parameter
+merge routes and the norms that go with them (ffn: the MLP's; block: every one), or whole expert models (model).
 
 A method says what its merge weights act on and how the rest of the model is built:
 - `merges`: the experts' `parameters` (one merged linear per routed projection) or their `outputs`
@@ -15,7 +18,7 @@ A method says what its merge weights act on and how the rest of the model is bui
 A method with settings of its own keeps them in a recipe section named after it (`wemoe:`, `twin:`), whose
 schema is defined here beside it; its hooks read that section, never the rest of the recipe.
 
-Adding a method is one entry here and its tests; the recipe's `method` field, the dynamic model,
+Adding a method is one entry here and its tests; the recipe's `method` and `level` fields, the dynamic model,
 the plans, `bake` and `export-lora` all read these records.
 """
 
@@ -26,6 +29,7 @@ from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from moe_merge.arch import ATTN_PROJS, MLP_PROJS
 from moe_merge.merge import StaticSpec
 
 Level = Literal["ffn", "block", "model"]
@@ -34,6 +38,28 @@ Part = Literal["embeddings", "norms", "head"]  # what is routed beside the linea
 LEVELS: tuple[Level, ...] = get_args(Level)
 FORMS: tuple[Form, ...] = get_args(Form)
 PARTS: tuple[Part, ...] = get_args(Part)
+
+
+@dataclass(frozen=True)
+class LevelRecord:
+    """One level: what its merge weights reach. The dynamic model, the plans and the exports read these records."""
+
+    name: Level
+    projections: tuple[str, ...]  # the linear layers of each decoder layer a parameter merge routes
+    norms: tuple[Literal["attention", "mlp"], ...]  # which of a family's layer norms are routed with them
+    whole_models: bool = False  # above `dense_layers`, every expert runs its own layers, final norm and head
+
+    @property
+    def routes_attention(self) -> bool:
+        """Whether the attention is routed too, its router reading the block's input (else the MLP's input)."""
+        return "attention" in self.norms
+
+
+LEVEL_RECORDS: dict[str, LevelRecord] = {
+    "ffn": LevelRecord("ffn", MLP_PROJS, ("mlp",)),
+    "block": LevelRecord("block", ATTN_PROJS + MLP_PROJS, ("attention", "mlp")),
+    "model": LevelRecord("model", (), (), whole_models=True),
+}
 
 
 class Settings(BaseModel):
@@ -142,7 +168,7 @@ class Method:
     settings: type[Settings] | None = None  # the schema of its recipe section, the field named after the method
 
     def __post_init__(self):
-        if (self.form is None) != (self.merges == "outputs"):
+        if (self.form is None) != self.mixes_outputs:
             raise ValueError(f"method {self.name!r}: a method that merges parameters names its `form`, and only it")
 
     def static(self, recipe: StaticSpec, non_expert: str | None, settings: Any) -> StaticSpec:
@@ -168,6 +194,16 @@ class Method:
         return [1.0 / num_experts] * num_experts
 
     @property
+    def mixes_outputs(self) -> bool:
+        """Every expert's layers run and their outputs are mixed (sparse), instead of their parameters merged."""
+        return self.merges == "outputs"
+
+    def writes_stock(self, level: str) -> bool:
+        """Whether this method at `level` is a stock sparse MoE (Mixtral / Qwen-MoE) rather than a dynamic model:
+        outputs mixed at the MLP only."""
+        return self.mixes_outputs and level == "ffn"
+
+    @property
     def part_form(self) -> Form:
         """The form of a routed vector (norm gain, bias) or table: full where the experts are averaged whole."""
         return "full" if self.form in (None, "full") else "dense"
@@ -178,10 +214,10 @@ class Method:
         if level not in self.levels:
             out.append(
                 f"`level: {level}` mixes whole expert models, which is `method: sparse`, not `{self.name}`"
-                if level == "model"
+                if LEVEL_RECORDS[level].whole_models
                 else f"`method: {self.name}` does not run at `level: {level}`"
             )
-        if granularity == "token" and (self.shared_router or level == "model"):
+        if granularity == "token" and (self.shared_router or LEVEL_RECORDS[level].whole_models):
             out.append(
                 f"{self.name} at {level} level routes once per sequence; `router.granularity` must be `sequence`"
             )

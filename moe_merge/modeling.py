@@ -48,7 +48,7 @@ from moe_merge.arch import ATTN_PROJS, FAMILIES, MLP_PROJS, Family, family_error
 from moe_merge.errors import ModelConfigError
 from moe_merge.merged_linear import MergedLinear, merged_linear
 from moe_merge.merged_norm import MergedEmbedding, MergedNorm
-from moe_merge.methods import LEVELS, METHODS, PARTS, Method
+from moe_merge.methods import LEVEL_RECORDS, LEVELS, METHODS, PARTS, LevelRecord, Method
 from moe_merge.routers.router import Router, masked_mean, normalize
 from moe_merge.routing_state import RoutingState
 from moe_merge.serving import Packing, continuous_batching, packing_of, register
@@ -107,7 +107,7 @@ class MoEMergeConfig(PreTrainedConfig):
                 "`text_config.use_bidirectional_attention` is set: that is an encoder (embedding "
                 "model), not a causal LM; moe-merge merges causal LMs"
             )
-        if self.merging.merges == "outputs" and self.level == "ffn":
+        if self.merging.writes_stock(self.level):
             raise ModelConfigError(
                 "sparse FFN-level models are stock Mixtral/Qwen-MoE checkpoints, not moe_merge models"
             )
@@ -132,6 +132,11 @@ class MoEMergeConfig(PreTrainedConfig):
         return METHODS[self.method]
 
     @property
+    def level_record(self) -> LevelRecord:
+        """The record of `level` (methods.py): what its merge weights reach."""
+        return LEVEL_RECORDS[self.level]
+
+    @property
     def family(self) -> Family:
         """The base family's record (arch.py): its classes and where its norms sit."""
         return FAMILIES[self.get_text_config().model_type]
@@ -139,7 +144,8 @@ class MoEMergeConfig(PreTrainedConfig):
     @property
     def num_routers(self) -> int:
         """R: routers whose weights `merge_weights` [B, R, E] holds."""
-        return 1 if self.merging.shared_router or self.level == "model" else self.get_text_config().num_hidden_layers
+        one = self.merging.shared_router or self.level_record.whole_models
+        return 1 if one else self.get_text_config().num_hidden_layers
 
     def router_of_layer(self, layer: int) -> int:
         """The router (index into R) whose merge weights decoder layer `layer` uses."""
@@ -288,7 +294,7 @@ class MoEMergeDecoderLayer(GradientCheckpointingLayer):
             setattr(self, name, module)
         self.attention_norm, self.mlp_norm = family.attention_norms[0], family.mlp_norms[0]  # each part's input norm
         self.post_attention_norm, self.post_mlp_norm = family.post_attention_norm, family.post_mlp_norm
-        self.level = config.level
+        self.level = config.level_record
         self.attn_merged: list[nn.Module] = []  # merged with this layer's weights: the attention's ...
         self.mlp_merged: list[nn.Module] = []  # ... and the MLP's, with their norms
         for owner, names, merged in (
@@ -309,7 +315,7 @@ class MoEMergeDecoderLayer(GradientCheckpointingLayer):
                     )
                     setattr(owner, name, new)
                     merged.append(new)
-        for path in family.layer_norms(self.level) if config.routes("norms") else ():
+        for path in family.layer_norms(self.level.norms) if config.routes("norms") else ():
             owner_name, _, name = path.rpartition(".")
             owner = self.get_submodule(owner_name) if owner_name else self
             own: Any = getattr(owner, name, None)  # the family's own norm, if this layer has one there
@@ -404,14 +410,14 @@ class MoEMergeDecoderLayer(GradientCheckpointingLayer):
         cache = kwargs.pop(CACHE, None)
         residual = hidden_states
         logits = None
-        if self.level == "block":
+        if self.level.routes_attention:  # block level: the router reads the block's input
             merge_weights, logits = self._route(hidden_states, self.attention_norm, routing_mask, merge_weights)
         w = merge_weights if packing is None else packing.spread(merge_weights)
         x = self._norm(self.attention_norm, hidden_states, w)
         x = self.attention(x, w, state, position_embeddings, attention_mask, cache, position_ids=position_ids, **kwargs)
         hidden_states = residual + self._norm(self.post_attention_norm, x, w)
         residual = hidden_states
-        if self.level == "ffn":
+        if not self.level.routes_attention:  # ffn level: the router reads the MLP's input
             merge_weights, logits = self._route(hidden_states, self.mlp_norm, routing_mask, merge_weights)
             w = merge_weights if packing is None else packing.spread(merge_weights)
         x = self.feed_forward(self._norm(self.mlp_norm, hidden_states, w), w, state)
@@ -530,20 +536,20 @@ class MoEMergeModel(MoEMergePreTrainedModel):
         self.rotary_emb = _stock(text, "RotaryEmbedding")(config=text)
         self.router = None  # the model's own router: the shared one (twin), or the one above the dense layers
         method = config.merging
-        if config.level == "model":
+        if config.level_record.whole_models:
             if not 0 <= config.dense_layers < L:
                 raise ValueError(f"`dense_layers` is {config.dense_layers}; it must be in [0, {L})")
             self.layers = nn.ModuleList(stock_layer(text, i) for i in range(config.dense_layers))
             self.router = Router(text.hidden_size, config.num_experts, config.router_kind, config.router_hidden_size)
             self.experts = nn.ModuleList(MoEMergeExpertStack(config, e) for e in range(config.num_experts))
-        elif method.merges == "outputs":
+        elif method.mixes_outputs:
             self.layers = nn.ModuleList(MoEMergeSparseBlock(config, i) for i in range(L))
         elif method.shared_router:
             self.layers = nn.ModuleList(MoEMergeDecoderLayer(config, i, routed=False) for i in range(L))
             self.router = Router(text.hidden_size, config.num_experts, config.router_kind, config.router_hidden_size)
         else:
             self.layers = nn.ModuleList(MoEMergeDecoderLayer(config, i, routed=True) for i in range(L))
-        if config.level != "model":
+        if not config.level_record.whole_models:
             self.norm: nn.Module
             if config.routes("norms"):
                 self.norm = MergedNorm(
@@ -596,7 +602,7 @@ class MoEMergeModel(MoEMergePreTrainedModel):
         """Sparse block and model levels keep one KV cache per expert layer (E x the base's layers), which
         generation's cache, built from the base config, lacks: a DynamicCache gets the missing layers here; a
         cache of fixed size (StaticCache and its kin) is refused for them. Parameter-merging models take any cache."""
-        if self.config.merging.merges != "outputs":
+        if not self.config.merging.mixes_outputs:
             return
         if not isinstance(cache, DynamicCache):
             raise ValueError(
@@ -770,7 +776,7 @@ class MoEMergeModel(MoEMergePreTrainedModel):
                 h = layer(h, **by_type[types[i]], **common, **kwargs)
             if hidden is not None:
                 hidden.append(h)
-        if self.config.level == "model":
+        if self.config.level_record.whole_models:
             last = self._expert_models(h, by_type, common, kwargs)
         else:
             last = apply(self.norm, h, spread(routes.weights(-1)))
@@ -855,7 +861,7 @@ class MoEMergeModel(MoEMergePreTrainedModel):
         common = {"position_ids": position_ids, CACHE: None}
         for i in range(self.config.prepass_layers):
             here = {**by_type[types[i]], **common, **kwargs}
-            if self.config.level == "model" and i >= dense:  # the expert models' layers, their outputs mixed
+            if self.config.level_record.whole_models and i >= dense:  # the expert models' layers, their outputs mixed
                 h = sum(
                     static[:, e, None, None] * expert.layers[i - dense](h, **here)
                     for e, expert in enumerate(self.experts)
@@ -930,7 +936,9 @@ class MoEMergeForCausalLM(MoEMergePreTrainedModel, GenerationMixin):
         super().__init__(config)
         self.model = MoEMergeModel(config)
         text = config.get_text_config()
-        if config.level == "model":  # no shared head: each expert's head is its own (its tied embedding, if tied)
+        if (
+            config.level_record.whole_models
+        ):  # no shared head: each expert's head is its own (its tied embedding, if tied)
             self._tied_weights_keys = {}
         elif config.routes("head"):  # a tied head is the embeddings' very table: merged with the same weights
             self.lm_head = merged_table(config, "lm_head" if "lm_head" in config.delta_forms else "embed_tokens")
@@ -949,7 +957,7 @@ class MoEMergeForCausalLM(MoEMergePreTrainedModel, GenerationMixin):
         return [inner.router] if inner.router is not None else [layer.router for layer in inner.layers]
 
     def get_output_embeddings(self):
-        return None if self.config.level == "model" else self.lm_head
+        return None if self.config.level_record.whole_models else self.lm_head
 
     def forward(
         self,
@@ -985,7 +993,9 @@ class MoEMergeForCausalLM(MoEMergePreTrainedModel, GenerationMixin):
         # 262,144-row head: gigabytes per step); a contiguous one folds into one GEMM
         last = out.last_hidden_state[..., keep, :].contiguous()
         cap = getattr(self.config.get_text_config(), "final_logit_softcapping", None)  # Gemma 2
-        if self.config.level == "model":  # each expert's output (soft-capped as it would be alone), mixed in float32
+        if (
+            self.config.level_record.whole_models
+        ):  # each expert's output (soft-capped as it would be alone), mixed in float32
             w = weights[:, 0]  # [B, E]
             logits = sum(
                 w[:, e, None, None] * softcap(expert.lm_head(last[e]), cap).to(w.device)

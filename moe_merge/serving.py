@@ -88,7 +88,7 @@ def continuous_batching(model, init, generation_config=None, continuous_batching
     from transformers import ContinuousBatchingConfig
 
     config = model.config
-    if config.merging.merges == "outputs":
+    if config.merging.mixes_outputs:
         raise ValueError(
             f"`sparse` at {config.level} level keeps a KV cache per expert layer, which continuous batching's paged "
             "cache cannot hold: serve it without continuous batching (`transformers serve` without "

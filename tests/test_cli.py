@@ -80,3 +80,30 @@ def test_no_message_points_to_a_file_the_package_does_not_ship():
     for folder in ("moe_merge", "kernels", "routers"):
         for path in (ROOT / folder).rglob("*.py"):
             assert "FIELD-NOTES" not in path.read_text(), os.path.relpath(path, ROOT)
+
+
+def test_moe_merge_zoo_and_demo_call_what_they_name(monkeypatch, tmp_path, capsys):
+    """The zoos and the demos take minutes each (the zoos build in the tests' session fixtures through the same
+    functions; the demo is the README's first command): here, that each flag reaches its builder, and that an
+    existing directory is refused before any work."""
+    from moe_merge import demo, realzoo, zoo
+    from moe_merge.cli import main as cli_main
+
+    (tmp_path / "taken").mkdir()
+    assert cli_main(["zoo", str(tmp_path / "taken"), "--arch", "qwen3"]) == 2
+    assert "already exists" in capsys.readouterr().err and not any((tmp_path / "taken").iterdir())
+    calls: list = []
+    monkeypatch.setattr(zoo, "build_zoo", lambda out, settings, force: calls.append((out, settings, force)))
+    assert cli_main(["zoo", str(tmp_path / "z"), "--arch", "qwen3", "--realistic"]) == 0
+    assert calls.pop() == (tmp_path / "z", zoo.ZooSettings(arch="qwen3", realistic=True), False)
+    monkeypatch.setattr(realzoo, "build_real_zoo", lambda out, settings, force: calls.append((out, settings, force)))
+    monkeypatch.setattr(demo, "run_demo", lambda out: calls.append(("demo", out)))
+    monkeypatch.setattr(demo, "run_real_demo", lambda out, real: calls.append(("real demo", out, real)))
+    assert cli_main(["zoo", str(tmp_path / "z"), "--real", "gemma3", "--force"]) == 0
+    assert calls.pop() == (tmp_path / "z", realzoo.RealZooSettings(base="gemma3"), True)
+    assert cli_main(["zoo", str(tmp_path / "z"), "--real", "smollm2", "--arch", "qwen3"]) == 2
+    assert "--arch and --realistic describe the tiny zoo" in capsys.readouterr().err and not calls
+    assert cli_main(["demo", "--out", str(tmp_path / "d")]) == 0
+    assert calls.pop() == ("demo", tmp_path / "d")
+    assert cli_main(["demo", "--real", "smollm2"]) == 0
+    assert calls.pop() == ("real demo", Path("demo-out"), "smollm2")

@@ -67,6 +67,36 @@ def test_more_experts_per_token_than_experts_is_refused():
         )
 
 
+@pytest.mark.parametrize("field", ["noise_scale", "residual_scale"])
+def test_mergekits_expert_perturbations_are_for_stock_moes_only(field):
+    """A dynamic model merges the experts' own weights: a perturbation it would not apply is refused, not dropped."""
+    recipe = {
+        "base_model": "b",
+        "gate_mode": "random",
+        "experts": [{"source_model": "a"}, {"source_model": "c", field: 0.5}],
+    }
+    assert getattr(MergeConfig.model_validate(recipe).experts[1], field) == 0.5  # a stock Mixtral applies it
+    with pytest.raises(ValueError, match=rf"`experts\[1\]\.{field}` .* a dynamic model \(`method: smear`"):
+        MergeConfig.model_validate({**recipe, "method": "smear", "router": {"init": "random"}})
+
+
+def test_router_settings_left_auto_take_the_routers_defaults():
+    """`router.calibrate` and `router.ridge` default to `auto`: one table (config.ROUTER_DEFAULTS) by the router,
+    whatever was written; a value given is kept on either path."""
+    from moe_merge.config import ROUTER_DEFAULTS
+
+    recipe = {"base_model": "b", "gate_mode": "random", "experts": [{"source_model": "a"}, {"source_model": "c"}]}
+    for extra, kind in (({}, "stock"), ({"method": "smear"}, "dynamic")):
+        cfg = MergeConfig.model_validate({**recipe, **extra})
+        assert (cfg.calibration_target, cfg.ridge) == tuple(ROUTER_DEFAULTS[kind][k] for k in ("calibrate", "ridge"))
+        given = MergeConfig.model_validate(
+            {**recipe, **extra, "router": {"init": "random", "calibrate": 0.7, "ridge": 0.5}}
+        )
+        assert (given.calibration_target, given.ridge) == (0.7, 0.5)
+        off = MergeConfig.model_validate({**recipe, **extra, "router": {"init": "random", "calibrate": None}})
+        assert off.calibration_target is None
+
+
 def test_block_level_makes_a_dynamic_model_and_sparse_ffn_keeps_stock_routers():
     config = MergeConfig.model_validate(
         {

@@ -1,4 +1,5 @@
-"""`assemble --dry-run` on 8 × Mistral-7B described by config, index and headers alone: no tensor data exists."""
+"""`assemble --dry-run` on 8 × Mistral-7B described by config, index and headers (sparse files: their tensor data
+reads as zeros), and on pico checkpoints, where it prints the plan `assemble` runs."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from moe_merge.assemble import dryrun
 from moe_merge.assemble.dryrun import dry_run
 from moe_merge.cli import main as cli_main
 from moe_merge.config import MergeConfig
@@ -30,9 +32,12 @@ MISTRAL_7B = dict(
 MIXTRAL_8X7B_PARAMS = 46_702_792_704
 
 
-def fake_checkpoint(path: Path, shapes: dict[str, list[int]], config: dict, shards: int = 2) -> Path:
+def fake_checkpoint(
+    path: Path, shapes: dict[str, list[int]], config: dict, shards: int = 2, marked: tuple[str, ...] = ()
+) -> Path:
     """A sharded bf16 checkpoint whose files hold headers, then a hole as long as their data (sparse files: no disk
-    is used, and every byte of tensor data reads as zero)."""
+    is used, and every byte of tensor data reads as zero), but for the first entry of each tensor whose name holds
+    one of `marked`: 1.0."""
     path.mkdir(parents=True)
     (path / "config.json").write_text(
         json.dumps({"model_type": "mistral", "architectures": ["MistralForCausalLM"], **config})
@@ -51,6 +56,10 @@ def fake_checkpoint(path: Path, shapes: dict[str, list[int]], config: dict, shar
         with open(path / file, "wb") as f:
             f.write(len(raw).to_bytes(8, "little") + raw)
             f.truncate(8 + len(raw) + offset)
+            for name in names[i::shards]:
+                if any(m in name for m in marked):
+                    f.seek(8 + len(raw) + header[name]["data_offsets"][0])
+                    f.write(torch.tensor([1.0], dtype=torch.bfloat16).view(torch.int16).numpy().tobytes())
         total += offset
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (path / "model.safetensors.index.json").write_text(json.dumps(index))
@@ -66,7 +75,9 @@ def seven_b(tmp_path_factory) -> dict:
     shapes = {k: list(v.shape) for k, v in model.state_dict().items()}
     root = tmp_path_factory.mktemp("seven_b")
     base = fake_checkpoint(root / "base", shapes, MISTRAL_7B)
-    experts = [fake_checkpoint(root / f"expert{i}", shapes, MISTRAL_7B) for i in range(8)]
+    # the experts differ from the base in their embeddings, norms and head (and, unread, everywhere else)
+    differ = ("embed_tokens", "norm", "lm_head")
+    experts = [fake_checkpoint(root / f"expert{i}", shapes, MISTRAL_7B, marked=differ) for i in range(8)]
     recipe = {
         "base_model": str(base),
         "experts": [{"source_model": str(p), "positive_prompts": [f"task {i} example"]} for i, p in enumerate(experts)],
@@ -113,10 +124,14 @@ def test_dynamic_plan_of_8x7b(seven_b):
     other = MIXTRAL_8X7B_PARAMS - 32 * (8 * mlp_params + 8 * 4096)
     routers = 32 * (8 * 4096 + 8 + 2 * 4096)  # per layer a linear router: weight, bias, input center and scale
     assert static.output_bytes == 2 * (other + 32 * 8 * mlp_params + routers)
-    # by default full fine-tunes are taken to differ everywhere: 8 embedding tables, 8 heads, 8 gains per routed norm
+    assert static.plan_read_bytes == 0  # nothing left to decide
+    # where the experts differ, as assemble decides it: 8 embedding tables, 8 heads, 8 gains per routed norm
     run = dry_run(MergeConfig.model_validate({**seven_b["recipe"], "method": "smear", "level": "ffn"}))
     assert run.output_bytes - static.output_bytes == 2 * 7 * (2 * 32000 * 4096 + (32 + 1) * 4096)
-    assert "routed where the experts may differ: embeddings, norms, head" in run.title
+    assert "also routed, where the experts differ: embeddings, norms, head" in run.title
+    # to decide it, at most the base's and every expert's embeddings, head and routed norms (the final one and each
+    # layer's post-attention norm) are read; here the first expert already differs
+    assert run.plan_read_bytes == 9 * 2 * (2 * 32000 * 4096 + (32 + 1) * 4096)
     rows = {r.output: r for r in run.rows}
     assert rows["model.layers.*.mlp.gate_proj.expert_weight"].shape == (8, 14336, 4096)
     assert rows["model.layers.*.mlp.gate_proj.expert_weight"].source == "experts: model.layers.*.mlp.gate_proj.weight"
@@ -126,3 +141,40 @@ def test_dynamic_plan_of_8x7b(seven_b):
     assert run.peak_parts["shard buffer"] == 5 * 2**30
     assert run.peak_parts["busiest step"] == 10 * 32000 * 4096 * 4
     assert run.peak_bytes < run.output_bytes / 8
+
+
+@pytest.mark.parametrize(
+    "kind, overrides",
+    [
+        ("mlp", {"method": "smear", "level": "ffn"}),  # experts equal the base outside their MLPs: nothing else routed
+        ("all", {"method": "wemoe", "level": "block"}),
+        ("linear", {"method": "twin", "twin": {"rank": 2}}),
+        ("lora", {"method": "smear", "level": "block"}),
+        ("mlp", {"method": "sparse", "level": "model", "dense_layers": 1}),
+    ],
+)
+def test_the_dry_run_prints_the_plan_assemble_runs(sources, tmp_path, kind, overrides):
+    """Every tensor the dry run lists, with its shape, is in the written model, and nothing else is."""
+    from safetensors import safe_open
+
+    from moe_merge.assemble import assemble
+    from tests.conftest import prompts_for
+
+    recipe = {
+        "base_model": str(sources["base"]),
+        "experts": [{"source_model": str(p), "positive_prompts": prompts_for(i)} for i, p in enumerate(sources[kind])],
+        **overrides,
+    }
+    config = MergeConfig.model_validate(recipe)
+    run = dry_run(config)
+    out = assemble(config, tmp_path / "out")
+    written = {}
+    for file in out.glob("*.safetensors"):
+        with safe_open(file, framework="pt") as f:
+            written.update({k: tuple(f.get_slice(k).get_shape()) for k in f.keys()})
+    planned = {}
+    for name, shape in written.items():
+        key = (dryrun._pattern(name), shape)
+        planned[key] = planned.get(key, 0) + 1
+    assert {(r.output, r.shape): r.count for r in run.rows} == planned
+    assert run.output_bytes == sum(torch.Size(s).numel() for s in written.values()) * 4  # float32 pico checkpoints

@@ -205,7 +205,9 @@ def assert_cache_changes_nothing(model, tok, tasks: list[str]) -> None:
     )
 
 
-@pytest.mark.parametrize("name", EXACT)
+# The adapters-only block and model levels are checked one-hot on the real Gemma (test_real_gemma.py) and on the
+# tiny Llama zoos; here what only this zoo has: full fine-tunes beside adapters (the tied table routed), and SVDs.
+@pytest.mark.parametrize("name", ["twin-block", "smear-block-all", "sparse-model-all"])
 def test_one_hot_weights_reproduce_each_expert(built, real_zoo, tok, name):
     assert_one_hot_is_each_expert(built[name], real_zoo, tok, _experts(real_zoo, RECIPES[name][0]), name in MERGED)
 

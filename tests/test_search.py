@@ -317,3 +317,52 @@ def test_inspect_says_where_each_change_lives_and_what_is_not_a_fine_tune(zoo_di
         ["search/alien"],
     ]
     assert (tmp_path / "i" / "inspect.png").stat().st_size > 0
+
+
+# ----------------------------------------------------------------------------------------- every strategy, end to end
+
+TRIALS = {  # for two members: each alone, then the newcomer added (once, or at each of 9 coefficients)
+    "all": 1,
+    "heuristic_average": 2 + 1,
+    "heuristic_coefficient": 2 + 9,
+    "heuristic_similarity": 2 + 9,
+    "evolutionary": 7,  # the budget
+    "mixup": 2 * 3,  # alphas x samples
+}
+
+
+@pytest.mark.parametrize("strategy", glue.STRATEGIES)
+def test_moe_merge_glue_runs_each_strategy_and_writes_the_merge_it_chose(picos, tmp_path, strategy):
+    """`moe-merge glue` on the pico members: the trials each strategy promises, the chosen candidate the best it
+    may keep, and the written cluster, tensor by tensor, Σ_e w_e θ_e of the members' own tensors."""
+    import yaml
+    from safetensors.torch import load_file
+
+    from moe_merge.cli import main as cli_main
+
+    models = [{"name": f"e{i}", "path": str(p), "base": str(picos["base"])} for i, p in enumerate(picos["experts"])]
+    merge = {"strategy": strategy, "budget": 7, "mixup": {"alpha": [0.5, 2.0], "samples": 3}}
+    recipe = {
+        "models": models,
+        "proxy": {"path": str(picos["proxy"]), "metric": "nll"},
+        "clustering": {"threshold": -1.0},  # one cluster of both
+        "merge": merge,
+        "mixture": None,
+    }
+    (tmp_path / "glue.yaml").write_text(yaml.safe_dump(recipe))
+    assert cli_main(["glue", str(tmp_path / "glue.yaml"), str(tmp_path / "out")]) == 0
+
+    (cluster,) = json.loads((tmp_path / "out" / "glue-report.json").read_text())["clusters"]
+    assert cluster["strategy"] == strategy and len(cluster["trials"]) == TRIALS[strategy]
+    chosen, scores = cluster["chosen"], [t["score"] for t in cluster["trials"]]
+    if strategy.startswith("heuristic_"):  # monotone: never below the best member alone
+        assert chosen["score"] >= max(scores[:2])
+    elif strategy != "all":
+        assert chosen["score"] == max(scores)
+    (w,) = chosen["weights"]  # one layer group
+    assert sum(w) == pytest.approx(1.0, abs=1e-6)
+    written = load_file(next((tmp_path / "out" / cluster["path"]).glob("*.safetensors")))
+    members = [load_file(p / "model.safetensors") for p in picos["experts"]]
+    for name, t in written.items():
+        expected = sum(w[e] * m[name].double() for e, m in enumerate(members))
+        torch.testing.assert_close(t.double(), expected, rtol=0, atol=1e-6, msg=name)

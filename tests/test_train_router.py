@@ -33,11 +33,15 @@ def write_rows(path: Path, rows: list[dict]) -> Path:
 
 @pytest.fixture(scope="module")
 def models(zoo_dir, tmp_path_factory) -> dict[str, Path]:
-    """A dynamic SMEAR model with untrained (uniform) routers and a stock Mixtral (mergekit's `hidden` gates,
-    top-2) from the MLP-only zoo. Prompt-fitted SMEAR routers are saturated: their gradients are ~1e-11."""
+    """Dynamic SMEAR, twin (one shared router) and sparse block-level models with untrained (uniform) routers, and
+    a stock Mixtral (mergekit's `hidden` gates, top-2) from the MLP-only zoo. Prompt-fitted SMEAR routers are
+    saturated: their gradients are ~1e-11."""
     root = tmp_path_factory.mktemp("train-router")
+    uniform = {"router": {"init": "uniform"}}
     recipes = {
-        "smear": zoo.zoo_recipe(zoo_dir, "mlp", method="smear", level="ffn", router={"init": "uniform"}),
+        "smear": zoo.zoo_recipe(zoo_dir, "mlp", method="smear", level="ffn", **uniform),
+        "twin": zoo.zoo_recipe(zoo_dir, "mlp", method="twin", level="ffn", twin={"rank": 4}, **uniform),
+        "sparse-block": zoo.zoo_recipe(zoo_dir, "mlp", method="sparse", level="block", experts_per_token=2, **uniform),
         "mixtral": zoo.zoo_recipe(zoo_dir, "mlp", gate_mode="hidden", experts_per_token=2),
     }
     out = {name: assemble(MergeConfig.model_validate(r), root / name) for name, r in recipes.items()}
@@ -64,7 +68,7 @@ def test_routers_are_found_by_module_type_not_by_name(models):
     assert trainable == names  # gate_proj (the experts' own "gate") stays frozen
 
 
-@pytest.mark.parametrize("name", ["smear", "mixtral"])
+@pytest.mark.parametrize("name", ["smear", "twin", "sparse-block", "mixtral"])
 def test_only_router_tensors_change(models, tmp_path, name):
     """bf16 autocast, accumulation and checkpointing on, so the whole loop runs; the export keeps every
     other tensor bit-identical, and layout and dtype."""

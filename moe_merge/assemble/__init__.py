@@ -1,6 +1,7 @@
 """`moe-merge assemble`: a recipe in, a checkpoint out.
 
-Both paths plan first (`TensorPlan`s: what tensor comes from where, no data read) and then execute:
+Both paths plan first (`TensorPlan`s: what tensor comes from where) and then execute, reading each source tensor
+the same way (`read.py`: an expert's, the static merge) and finishing the output the same way (`output.py`):
 - `stock.py`: sparse FFN level, a stock Mixtral / Qwen-MoE streamed layer by layer, routers fitted as
   the layers pass (`probe.py` runs the prompts through them);
 - `dynamic.py`: every other method and level, a moe_merge dynamic model;

@@ -1,7 +1,9 @@
 """`assemble --dry-run`: what an assembly would write, where each tensor comes from, and what it costs.
 
-It reads config.json, the index files and each safetensors file's header, never tensor data (LoRA
-adapters, a few MB, are read whole), so a recipe of 8 × 7B experts is planned in a second. The
+It reads config.json, the index files and each safetensors file's header (LoRA adapters, a few MB, are read
+whole). Of the tensor data it reads only what decides the plan, as `assemble` does: for a dynamic model, the
+embeddings, norms and head of full checkpoints, to see whether the experts differ from the base there (stopping at
+the first that does). A stock recipe of 8 × 7B experts is planned in a second. The
 peak-memory figure is an estimate of what `assemble` holds at its busiest step, not a measurement.
 """
 
@@ -17,6 +19,7 @@ import torch
 from moe_merge.arch import layer_of
 from moe_merge.assemble import dynamic, stock
 from moe_merge.config import MergeConfig
+from moe_merge.methods import PARTS
 from moe_merge.recipe import Recipe, TensorPlan, open_recipe
 from moe_merge.sources import Checkpoint, LoraExpert
 
@@ -44,6 +47,7 @@ class DryRun:
     shard_size: int
     rows: list[PlanRow] = field(default_factory=list)
     read_bytes: int = 0  # tensor bytes read from the sources
+    plan_read_bytes: int = 0  # besides, at most this much to plan (dynamic models: which parts are routed)
     peak_parts: dict[str, int] = field(default_factory=dict)  # what the estimated peak is made of
     _index: dict[tuple, PlanRow] = field(default_factory=dict, repr=False)
     _sizes: list[int] = field(default_factory=list, repr=False)  # each tensor's bytes, in write order
@@ -98,7 +102,8 @@ class DryRun:
             "",
             f"output: {self.num_tensors} tensors, {_size(self.output_bytes)} in {str(self.dtype).removeprefix('torch.')}, "
             f"{self.num_shards} shard(s) of at most {_size(self.shard_size)}",
-            f"reads: {_size(self.read_bytes)} of tensor data from the sources",
+            f"reads: {_size(self.read_bytes)} of tensor data from the sources"
+            + (f", and at most {_size(self.plan_read_bytes)} to plan" if self.plan_read_bytes else ""),
             f"estimated peak memory: {_size(self.peak_bytes)} ({parts})",
         ]
         return "\n".join(lines)
@@ -208,7 +213,7 @@ def _describe_dynamic(p: TensorPlan, recipe: Recipe) -> str:
 
 def _dry_run_dynamic(recipe: Recipe, dtype: torch.dtype, shard_size: int) -> DryRun:
     cfg, base = recipe.config, recipe.base
-    config = dynamic.model_config(recipe, base.text_config(), read=False)
+    config = dynamic.model_config(recipe, base.text_config())
     E = len(recipe.experts)
     by_energy = cfg.merging.energy(cfg.settings)
     energy = (
@@ -219,7 +224,7 @@ def _dry_run_dynamic(recipe: Recipe, dtype: torch.dtype, shard_size: int) -> Dry
     )
     run = DryRun(
         f"plan: moe_merge {cfg.method} / {cfg.level} dynamic model from {E} experts of {base.path} "
-        f"({base.family}); forms {config.delta_forms or 'none'}; also routed where the experts may differ: "
+        f"({base.family}); forms {config.delta_forms or 'none'}; also routed, where the experts differ: "
         f"{', '.join(config.routed_parts or []) or 'nothing'}; the first router reads the static pre-pass at layer "
         f"{config.prepass_layers}{energy}",
         _describe_experts(recipe),
@@ -239,6 +244,11 @@ def _dry_run_dynamic(recipe: Recipe, dtype: torch.dtype, shard_size: int) -> Dry
             reads[p.tensor] = max(reads.get(p.tensor, 1), 1 if alone else E + 1)
             build_step = max(build_step, _build_bytes(p, math.prod(base.shape(p.tensor)), E))
     run.read_bytes = sum(reads.get(name, 1) * base.nbytes(name) for name in base.keys())
+    tied = bool(config.tie_word_embeddings)
+    deciding = {
+        n for part in PARTS if part not in cfg.static_parts(tied) for n in dynamic.part_tensors(recipe, part, tied)
+    }
+    run.plan_read_bytes = (E + 1) * sum(base.nbytes(n) for n in deciding)
     # Streamed (dynamic.assemble_dynamic): built one tensor at a time into the shard buffer; then the prompts run
     # through one block at a time, read back, with one merged float32 matrix beside it.
     largest = max(math.prod(base.shape(n)) for n in base.keys()) * FLOAT32

@@ -1,9 +1,11 @@
 """Build a dynamic moe_merge model from a recipe: plan every tensor, fill it from the sources, start the
 routers from prompts, write the checkpoint.
 
-`plan()` says where each tensor of the dynamic model comes from, without reading tensor data (the dry run
-prints it); `built_tensors()` executes it, one tensor at a time, and `assemble_dynamic` streams them to disk
-and starts the routers on a model that reads them back one block at a time (lazy.py):
+`model_config()` and `plan()` say where each tensor of the dynamic model comes from (the dry run prints exactly
+that plan); of the tensor data, planning reads only what decides which parts beside the linear layers are routed.
+`built_tensors()` executes the plan one base tensor at a time; the one thing it decides is a rank left to energy,
+which `with_ranks` puts in the config of the model built. `assemble_dynamic` streams the tensors to disk and starts
+the routers on a model that reads them back one block at a time (lazy.py):
 - routed projections (the MLP at ffn level, every linear layer of the block at block level) hold the
   experts in their method's form: E full weights (smear), W0 + task vectors (wemoe), W0 + LoRA factors when
   every expert is a LoRA adapter, or W0 = the shared merge + SVD factors of each expert's exclusive part (twin);
@@ -16,25 +18,27 @@ and starts the routers on a model that reads them back one block at a time (lazy
 
 from __future__ import annotations
 
+import copy
+import functools
+import itertools
 import logging
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from torch import nn
 from tqdm.auto import tqdm
 
-from moe_merge.arch import ATTN_PROJS, FAMILIES, MLP_PROJS, layer_of
-from moe_merge.assemble import report
+from moe_merge.arch import ATTN_PROJS, FAMILIES, layer_of
+from moe_merge.assemble import output, read, report
 from moe_merge.assemble.lazy import compute_device, empty_model, lazy
 from moe_merge.config import MergeConfig
-from moe_merge.errors import CompatibilityError, ConfigError
-from moe_merge.merge import DEFAULT_SCALE, merge_by_spec
-from moe_merge.methods import PARTS, Method
+from moe_merge.errors import ConfigError
+from moe_merge.merge import DEFAULT_SCALE
+from moe_merge.methods import PARTS, LevelRecord, Method
 from moe_merge.modeling import MoEMergeConfig, MoEMergeForCausalLM
-from moe_merge.recipe import Recipe, TensorPlan, copy_companions
+from moe_merge.recipe import Recipe, TensorPlan
 from moe_merge.routers import prompt_init
 from moe_merge.routers.router import Router, masked_mean
 from moe_merge.sources import LoraExpert
@@ -60,32 +64,31 @@ AUTO_MAP = {
 # ----------------------------------------------------------------------------------------- planning
 
 
-def routed_projections(method: Method, level: str) -> tuple[str, ...]:
+def routed_projections(method: Method, level: LevelRecord) -> tuple[str, ...]:
     """The projections a parameter-merging method routes: the MLP's at ffn level, every linear layer's at block."""
-    if method.merges != "parameters":
-        return ()
-    return MLP_PROJS if level == "ffn" else ATTN_PROJS + MLP_PROJS
+    return () if method.mixes_outputs else level.projections
 
 
 def _owner(proj: str) -> str:
     return "self_attn" if proj in ATTN_PROJS else "mlp"
 
 
-def _routed_norm(name: str, family: str, level: str, merges: str) -> bool:
+def _routed_norm(name: str, family: str, level: LevelRecord, method: Method) -> bool:
     """Whether base tensor `name` is a norm routed with the routed parts: a layer's (parameter merges, the
     family's norms of that level) or the final one; at model level each expert model keeps its own."""
-    if level == "model":
+    if level.whole_models:
         return False
-    paths = FAMILIES[family].layer_norms(level) if merges == "parameters" else ()
+    paths = () if method.mixes_outputs else FAMILIES[family].layer_norms(level.norms)
     return name == "model.norm.weight" or (
         layer_of(name) is not None and name.split(".", 3)[3].removesuffix(".weight") in paths
     )
 
 
-def routed_parts(recipe: Recipe, tied: bool, read: bool = True) -> list[str]:
+def routed_parts(recipe: Recipe, tied: bool) -> list[str]:
     """The parts beside the linear layers (embeddings, norms, head) merged per input: where some expert differs
-    from the base, unless the recipe keeps them static. Reads those tensors (the embeddings, head and norms);
-    without `read` (the dry run) a full fine-tune counts as differing and a LoRA adapter where it adapts."""
+    from the base, unless the recipe keeps them static. The one part of planning that reads tensor data (the dry
+    run too, so that it prints the plan `assemble` runs): those tensors, stopping at the first expert that differs;
+    a LoRA adapter differs only where it adapts."""
     cfg, base = recipe.config, recipe.base
     static = cfg.static_parts(tied)
     if tied and ("embeddings" in static) != ("head" in static):
@@ -93,22 +96,22 @@ def routed_parts(recipe: Recipe, tied: bool, read: bool = True) -> list[str]:
             f"the base {base.path} ties its head to its embeddings, so they are one table: list both "
             "`embeddings` and `head` in `static`, or neither"
         )
-    names = list(base.keys())
-    candidates = {
-        "embeddings": ["model.embed_tokens.weight"],
-        "norms": [n for n in names if _routed_norm(n, base.family, cfg.level, cfg.merging.merges)],
-        "head": ["lm_head.weight"] if cfg.level != "model" and not tied and "lm_head.weight" in names else [],
-    }
-    if tied and cfg.level != "model":
-        candidates["head"] = candidates["embeddings"]
+    return [
+        part
+        for part in PARTS
+        if part not in static and any(read.differs(recipe, n) for n in part_tensors(recipe, part, tied))
+    ]
 
-    def differs(name: str) -> bool:
-        if not read:
-            return any(not isinstance(e, LoraExpert) or name in e.factors for e in recipe.experts)
-        theta = base.get(name).float()
-        return any(not torch.equal(expert_tensor(e, name, theta.shape), theta) for e in recipe.experts)
 
-    return [part for part in PARTS if part not in static and any(differs(n) for n in candidates[part])]
+def part_tensors(recipe: Recipe, part: str, tied: bool) -> list[str]:
+    """The base tensors of a routable part beside the linear layers: "embeddings", "norms" or "head"."""
+    cfg, base = recipe.config, recipe.base
+    shared_head = not cfg.level_record.whole_models
+    if part == "embeddings" or part == "head" and tied and shared_head:
+        return ["model.embed_tokens.weight"]
+    if part == "norms":
+        return [n for n in base.keys() if _routed_norm(n, base.family, cfg.level_record, cfg.merging)]
+    return ["lm_head.weight"] if shared_head and not tied and "lm_head.weight" in base.keys() else []
 
 
 def lora_exclusive(recipe: Recipe) -> float | None:
@@ -140,7 +143,7 @@ def plan_forms(recipe: Recipe, parts: list[str], tied: bool) -> tuple[dict[str, 
                 ranks[name] = rank
     adapters = [e for e in recipe.experts if isinstance(e, LoraExpert) and not e.fan_in_fan_out]
     all_lora = len(adapters) == len(recipe.experts)
-    for proj in routed_projections(method, cfg.level):
+    for proj in routed_projections(method, cfg.level_record):
         if svd:
             out_f, in_f = recipe.base.shape(f"model.layers.0.{_owner(proj)}.{proj}.weight")
             forms[proj] = "lowrank"
@@ -157,14 +160,15 @@ def plan_forms(recipe: Recipe, parts: list[str], tied: bool) -> tuple[dict[str, 
     return forms, ranks
 
 
-def model_config(recipe: Recipe, text_config, read: bool = True) -> MoEMergeConfig:
-    """The dynamic model's config; `read=False` (the dry run) decides the routed parts without tensor data."""
+def model_config(recipe: Recipe, text_config) -> MoEMergeConfig:
+    """The dynamic model's config: the whole plan but the ranks left to energy, which the build decides per matrix
+    (`with_ranks`)."""
     cfg, method = recipe.config, recipe.config.merging
     layers = text_config.num_hidden_layers
     explicit_prepass = cfg.router_spec.prepass is not None
     for field, value, used in (
         ("router.prepass", cfg.prepass, explicit_prepass),
-        ("dense_layers", cfg.dense_layers, cfg.level == "model"),
+        ("dense_layers", cfg.dense_layers, cfg.level_record.whole_models),
     ):
         if used and value >= layers:
             raise ConfigError(
@@ -172,7 +176,7 @@ def model_config(recipe: Recipe, text_config, read: bool = True) -> MoEMergeConf
                 f"layers, so it must be at most {layers - 1}"
             )
     tied = bool(text_config.tie_word_embeddings)
-    parts = routed_parts(recipe, tied, read)
+    parts = routed_parts(recipe, tied)
     forms, ranks = plan_forms(recipe, parts, tied)
     spec = cfg.router_spec
     common: dict[str, Any] = dict(  # PreTrainedConfig's own fields
@@ -206,12 +210,15 @@ def model_config(recipe: Recipe, text_config, read: bool = True) -> MoEMergeConf
 
 
 def plan(recipe: Recipe, config: MoEMergeConfig) -> list[TensorPlan]:
-    """Every tensor of the dynamic model, in the base's tensor order, then its routers; reads no tensor data."""
+    """Every tensor of the dynamic model, in the base's tensor order, then its routers, from `config` (which
+    `model_config` decided); reads no tensor data."""
     base, E = recipe.base, len(recipe.experts)
     out: list[TensorPlan] = []
     for name in base.keys():
         out += _plan_tensor(name, base.shape(name), config, E)
-    if config.level == "model" and config.tie_word_embeddings:  # each expert's head is its own (tied) embedding
+    if (
+        config.level_record.whole_models and config.tie_word_embeddings
+    ):  # each expert's head is its own (tied) embedding
         embed = "model.embed_tokens.weight"
         out += [
             TensorPlan(f"model.experts.{e}.lm_head.weight", "expert", base.shape(embed), embed, e) for e in range(E)
@@ -231,7 +238,7 @@ def _plan_tensor(name: str, shape: tuple[int, ...], config: MoEMergeConfig, E: i
 
     if name == "model.embed_tokens.weight" and config.routes("embeddings"):
         return _plan_merged("model.embed_tokens.table.weight", name, shape, config, E, "embed_tokens")
-    if config.level == "model":
+    if config.level_record.whole_models:
         if name in ("model.norm.weight", "lm_head.weight"):
             return each(f"model.experts.{{e}}.{name.split('.')[-2]}.weight")
         if layer is None or layer < config.dense_layers:
@@ -239,9 +246,9 @@ def _plan_tensor(name: str, shape: tuple[int, ...], config: MoEMergeConfig, E: i
         return each(f"model.experts.{{e}}.layers.{layer - config.dense_layers}.{rel}")
     if name == "lm_head.weight" and config.routes("head"):
         return [] if config.tie_word_embeddings else _plan_merged(name, name, shape, config, E, "lm_head")
-    if config.routes("norms") and _routed_norm(name, config.get_text_config().model_type, config.level, method.merges):
+    if config.routes("norms") and _routed_norm(name, config.family.model_type, config.level_record, method):
         return _plan_merged(name, name, shape, config, E, None, layer)
-    if method.merges == "outputs":
+    if method.mixes_outputs:
         return each(f"model.layers.{layer}.experts.{{e}}.{rel}") if layer is not None else static
     proj = rel.split(".")[1] if rel else None
     if proj not in config.delta_forms:
@@ -286,49 +293,12 @@ def _plan_routers(config: MoEMergeConfig) -> list[TensorPlan]:
     with torch.device("meta"):
         router = Router(text.hidden_size, config.num_experts, config.router_kind, config.router_hidden_size)
     shapes = [(n, tuple(p.shape)) for n, p in (*router.named_parameters(), *router.named_buffers())]
-    own = config.merging.shared_router or config.level == "model"  # the model's own router, else one per layer
+    own = config.merging.shared_router or config.level_record.whole_models  # the model's own, else one per layer
     prefixes = ["model.router"] if own else [f"model.layers.{i}.router" for i in range(config.num_routers)]
     return [TensorPlan(f"{prefix}.{n}", "router", shape) for prefix in prefixes for n, shape in shapes]
 
 
 # ----------------------------------------------------------------------------------------- tensors
-
-
-class StaticMerge:
-    """The method's static merge of one tensor over the experts (cached: W0 and the deltas read it in turn)."""
-
-    def __init__(self, recipe: Recipe, seed: int, dtype: torch.dtype):
-        self.recipe, self.seed, self.dtype = recipe, seed, dtype
-        self.spec = recipe.config.static_merge
-        self._last: tuple[str, torch.Tensor] | None = None
-
-    def __call__(self, name: str) -> torch.Tensor:
-        if self._last is not None and self._last[0] == name:
-            return self._last[1]
-        base = self.recipe.base.get(name).to(self.dtype)
-        if self.spec.method == "base" or all(
-            isinstance(e, LoraExpert) and name not in e.factors for e in self.recipe.experts
-        ):
-            t = base  # no expert changes it (adapters that leave it out): every merge of zero task vectors is the base
-        else:
-            deltas = [expert_tensor(e, name, base.shape, self.dtype) - base for e in self.recipe.experts]
-            t = merge_by_spec(self.spec, base, deltas, self.seed, name)
-        self._last = (name, t)
-        return t
-
-
-def expert_tensor(expert, name: str, shape, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """The expert's full weight, widened to `dtype` (a LoRA expert's base + B·A is formed in float32 or wider)."""
-    if isinstance(expert, LoraExpert) and name in expert.factors:
-        A, B, scaling = expert.factors[name]
-        t = expert.base.get(name).to(dtype) + scaling * (B.to(dtype) @ A.to(dtype))
-    else:
-        t = expert.get(name).to(dtype)
-    if t.shape != shape:
-        raise CompatibilityError(
-            f"tensor {name!r} has shape {tuple(t.shape)} in {expert.path} but {tuple(shape)} in the base"
-        )
-    return t
 
 
 FULL_SVD_UP_TO = 1024  # min(out, in) up to which SVDs are exact; above it, randomized when the rank allows
@@ -400,93 +370,83 @@ def lora_factors(expert: LoraExpert, name: str, rank: int, shape, dtype) -> tupl
 
 
 class TensorBuilder:
-    """Executes plan entries: each tensor from the sources, computed in `dtype` (float32; float64 in tests) and
-    returned in `out_dtype` (default `dtype`); SVDs run on `device`."""
+    """Executes the plan one base tensor at a time: its entries (W0 and the deltas, A and B, ...) share one static
+    merge and one factorization, computed once for them and dropped after, so nothing depends on the order of the
+    groups. Tensors are computed in `dtype` (float32; float64 in tests) and returned in `out_dtype` (default
+    `dtype`); SVDs run on `device`."""
 
     def __init__(
         self,
         recipe: Recipe,
-        config: MoEMergeConfig,
         seed: int,
         dtype: torch.dtype,
         device: str | torch.device = "cpu",
         out_dtype: torch.dtype | None = None,
     ):
-        self.recipe, self.config, self.dtype, self.device = recipe, config, dtype, device
+        self.recipe, self.seed, self.dtype, self.device = recipe, seed, dtype, device
         self.out_dtype = out_dtype or dtype
-        self.static = StaticMerge(recipe, seed, dtype)
-        self._factors: tuple[str, torch.Tensor, torch.Tensor] | None = None  # A and B are planned in turn
 
-    def __call__(self, p: TensorPlan) -> torch.Tensor:
-        name = p.tensor
-        assert name is not None, f"{p.name} is computed, not read"
+    def __call__(self, name: str, entries: list[TensorPlan]) -> Iterator[tuple[TensorPlan, torch.Tensor]]:
+        """Each of `entries` (all made from base tensor `name`) with its tensor, in the output dtype."""
+        sources = {p.source for p in entries}
+        w0_static, needs_w0 = self.recipe.config.merging.w0 == "static", bool(sources & {"deltas", "svd_A", "svd_B"})
+        static = None
+        if "static" in sources or w0_static and needs_w0:
+            static = read.static_merge(self.recipe, name, self.seed, self.dtype)
+        w0 = static if w0_static else self.recipe.base.get(name).to(self.dtype) if needs_w0 else None
+        factors = None
+        for p in entries:
+            if p.source in ("svd_A", "svd_B", "lora_A", "lora_B"):
+                factors = factors or self._factors(p, name, w0)
+                t = factors[0] if p.source.endswith("_A") else factors[1]
+            else:
+                t = self._tensor(p, name, static, w0)
+            yield p, t.to(self.out_dtype)
+
+    def _tensor(self, p: TensorPlan, name: str, static: torch.Tensor | None, w0: torch.Tensor | None) -> torch.Tensor:
+        shape = self.recipe.base.shape(name)
         if p.source == "static":
-            return self.static(name)
+            assert static is not None
+            return static
         if p.source == "base":
             return self.recipe.base.get(name).to(self.dtype)
         if p.source == "expert":
             assert p.expert is not None, f"{p.name} names no expert"
-            return expert_tensor(self.recipe.experts[p.expert], name, self.recipe.base.shape(name), self.dtype)
-        if p.source == "experts":
-            return self._stacked(name)
-        if p.source == "deltas":
-            return self._stacked(name, self._w0(name))
-        if p.source in ("svd_A", "svd_B", "lora_A", "lora_B"):
-            return self._factor(p, name)
+            return read.expert_tensor(self.recipe.experts[p.expert], name, shape, self.dtype)
+        if p.source in ("experts", "deltas"):
+            # filled in one expert at a time: the stack and two of its tensors in memory (an embedding table of
+            # 262,144 rows is 670 MB in float32)
+            minus = w0 if p.source == "deltas" else None
+            assert minus is not None or p.source == "experts", "deltas are of the experts less W0"
+            out = torch.empty(len(self.recipe.experts), *shape, dtype=self.out_dtype)
+            for e, expert in enumerate(self.recipe.experts):
+                t = read.expert_tensor(expert, name, shape, self.dtype)
+                out[e] = t if minus is None else t - minus
+            return out
         raise ValueError(f"internal error: no tensor source {p.source!r} for {p.name}")
 
-    def _stacked(self, name: str, minus: torch.Tensor | None = None) -> torch.Tensor:
-        """[E, ...] of every expert's tensor (less `minus`) in the output dtype, each computed in the build's dtype and
-        filled in one at a time: the stack and two of its tensors in memory (an embedding table of 262,144 rows is
-        670 MB in float32)."""
+    def _factors(self, p: TensorPlan, name: str, w0: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """svd_A/B or lora_A/B [E, r, K] / [E, N, r]. A rank left to energy is each expert's energy rank, the
+        largest of them for the module (the others zero-padded); `decided_ranks` reads it from the shapes."""
+        rank = p.shape[1] if p.source.endswith("_A") else p.shape[2]
         shape = self.recipe.base.shape(name)
-        out = torch.empty(len(self.recipe.experts), *shape, dtype=self.out_dtype)
-        for e, expert in enumerate(self.recipe.experts):
-            t = expert_tensor(expert, name, shape, self.dtype)
-            out[e] = t if minus is None else t - minus
-        return out
-
-    def _thetas(self, name: str) -> Iterator[torch.Tensor]:
-        shape = self.recipe.base.shape(name)
-        return (expert_tensor(e, name, shape, self.dtype) for e in self.recipe.experts)
-
-    def _w0(self, name: str) -> torch.Tensor:
-        if self.recipe.config.merging.w0 == "static":
-            return self.static(name)
-        return self.recipe.base.get(name).to(self.dtype)
-
-    def _factor(self, p: TensorPlan, name: str) -> torch.Tensor:
-        """svd_A/B or lora_A/B [E, r, K] / [E, N, r]; both come from one computation. A rank left open (by energy)
-        is each expert's energy rank, the largest of them for the module (the others zero-padded), and goes into
-        the model config's `delta_ranks`."""
-        if self._factors is None or self._factors[0] != name:
-            rank = p.shape[1] if p.source.endswith("_A") else p.shape[2]
-            if p.source.startswith("svd"):
-                w0 = self._w0(name)
-                cfg = self.recipe.config
-                energy = cfg.merging.energy(cfg.settings) if rank is None else None
-                factors = [
-                    tuple(f.cpu() for f in svd_factors((t - w0).to(self.device), rank, energy))
-                    for t in self._thetas(name)
-                ]
-                if rank is None:
-                    rank = max(a.shape[0] for a, _ in factors)
-                    factors = [
-                        (
-                            nn.functional.pad(a, (0, 0, 0, rank - a.shape[0])),
-                            nn.functional.pad(b, (0, rank - b.shape[1])),
-                        )
-                        for a, b in factors
-                    ]
-                    self.config.delta_ranks[_rank_key(name)] = rank
-            else:
-                assert rank is not None, "an adapter's rank is planned (plan_forms)"
-                shape = self.recipe.base.shape(name)
-                adapters = [e for e in self.recipe.experts if isinstance(e, LoraExpert)]
-                assert len(adapters) == len(self.recipe.experts), "LoRA factors are planned only when all are adapters"
-                factors = [lora_factors(e, name, rank, shape, self.dtype) for e in adapters]
-            self._factors = (name, torch.stack([a for a, _ in factors]), torch.stack([b for _, b in factors]))
-        return self._factors[1] if p.source.endswith("_A") else self._factors[2]
+        if p.source.startswith("svd"):
+            cfg = self.recipe.config
+            energy = cfg.merging.energy(cfg.settings) if rank is None else None
+            assert w0 is not None, "SVD factors are of the experts less W0"
+            deltas = (read.expert_tensor(e, name, shape, self.dtype) - w0 for e in self.recipe.experts)
+            factors = [tuple(f.cpu() for f in svd_factors(d.to(self.device), rank, energy)) for d in deltas]
+            width = max(a.shape[0] for a, _ in factors)
+            factors = [
+                (nn.functional.pad(a, (0, 0, 0, width - a.shape[0])), nn.functional.pad(b, (0, width - b.shape[1])))
+                for a, b in factors
+            ]
+        else:
+            assert rank is not None, "an adapter's rank is planned (plan_forms)"
+            adapters = [e for e in self.recipe.experts if isinstance(e, LoraExpert)]
+            assert len(adapters) == len(self.recipe.experts), "LoRA factors are planned only when all are adapters"
+            factors = [lora_factors(e, name, rank, shape, self.dtype) for e in adapters]
+        return torch.stack([a for a, _ in factors]), torch.stack([b for _, b in factors])
 
 
 def _rank_key(base_tensor: str) -> str:
@@ -504,14 +464,35 @@ def built_tensors(
     dtype: torch.dtype,
     device: str | torch.device = "cpu",
     out_dtype: torch.dtype | None = None,
-) -> Iterator[tuple[str, torch.Tensor]]:
-    """Every tensor of the dynamic model but the routers, executed from `plan` one tensor at a time, computed in
-    `dtype` and given in `out_dtype` (default `dtype`). Ranks chosen by energy are written into `config.delta_ranks`
-    as they are decided."""
-    build = TensorBuilder(recipe, config, seed, dtype, device, out_dtype)
+) -> Iterator[tuple[TensorPlan, torch.Tensor]]:
+    """Every tensor of the dynamic model but the routers, with its plan entry, executed from `plan` one base tensor
+    at a time, computed in `dtype` and given in `out_dtype` (default `dtype`)."""
+    build = TensorBuilder(recipe, seed, dtype, device, out_dtype)
     entries = [p for p in plan(recipe, config) if p.source != "router"]
-    for p in tqdm(entries, desc="building", disable=None):
-        yield p.name, build(p).to(build.out_dtype)
+    with tqdm(total=len(entries), desc="building", disable=None) as bar:
+        for name, group in itertools.groupby(entries, key=lambda p: p.tensor):
+            assert name is not None, "only routers are computed, not read"
+            for p, t in build(name, list(group)):
+                yield p, t
+                bar.update()
+
+
+def decided_ranks(built: dict[TensorPlan, tuple[int, ...]]) -> dict[str, int]:
+    """The ranks the build chose by energy (planned as None), from the shapes of the A factors it made."""
+    return {
+        _rank_key(p.tensor): shape[1]
+        for p, shape in built.items()
+        if p.source == "svd_A" and p.shape[1] is None and p.tensor is not None
+    }
+
+
+def with_ranks(config: MoEMergeConfig, ranks: dict[str, int]) -> MoEMergeConfig:
+    """`config` with the ranks decided by energy filled in: the config of the model that was built."""
+    if not ranks:
+        return config
+    done = copy.deepcopy(config)
+    done.delta_ranks = {**config.delta_ranks, **ranks}
+    return done
 
 
 def model_from_state(config: MoEMergeConfig, state: dict[str, torch.Tensor]) -> MoEMergeForCausalLM:
@@ -537,7 +518,9 @@ def model_from_state(config: MoEMergeConfig, state: dict[str, torch.Tensor]) -> 
 def build_model(recipe: Recipe, seed: int, dtype: torch.dtype = torch.float32) -> MoEMergeForCausalLM:
     """The whole dynamic model in memory (tests, search), its routers at zero (see `init_routers`)."""
     config = model_config(recipe, recipe.base.text_config())
-    state = dict(built_tensors(recipe, config, seed, dtype))
+    built = dict(built_tensors(recipe, config, seed, dtype))
+    config = with_ranks(config, decided_ranks({p: tuple(t.shape) for p, t in built.items()}))
+    state = {p.name: t for p, t in built.items()}
     return model_from_state(config, state).to(dtype).eval()  # type: ignore[arg-type]  # transformers wraps .to()
 
 
@@ -669,9 +652,12 @@ def assemble_dynamic(
     config = model_config(recipe, recipe.base.text_config())
     with atomic_output_dir(out_dir, force=force) as tmp:
         writer = ShardWriter(tmp, shard_size)
-        for name, t in built_tensors(recipe, config, seed, torch.float32, device, out_dtype=dtype):
-            writer.add(name, t)
-        model = empty_model(config)  # after the build: ranks chosen by energy are in `config` now
+        shapes = {}
+        for p, t in built_tensors(recipe, config, seed, torch.float32, device, out_dtype=dtype):
+            writer.add(p.name, t)
+            shapes[p] = tuple(t.shape)
+        config = with_ranks(config, decided_ranks(shapes))
+        model = empty_model(config)
         for r in model.routers():
             r.to(device)
         model.model.rotary_emb.to(device)
@@ -686,15 +672,14 @@ def assemble_dynamic(
         with lazy(model, written.get, device):
             rep = report.routing_report(model, tokenizer, cfg, recipe.labels, scales)
         del model
-        quality = None
-        if eval_data is not None:
-            from moe_merge.quality import quality_table
-
-            shipped = MoEMergeForCausalLM.from_pretrained(tmp).to(device).eval()  # type: ignore[arg-type]  # as above
-            quality = quality_table(shipped, tokenizer, *eval_data)
-            del shipped
-        copy_companions(recipe.base.path, tmp)
-        (tmp / "moe-merge.yaml").write_text(yaml.safe_dump(shown.config.resolved(), sort_keys=False))
-        report.write(rep, tmp)
-        card.write_dynamic_card(tmp, shown, rep, quality, config)
+        output.finish(
+            tmp,
+            recipe,
+            shown,
+            rep,
+            tokenizer=tokenizer,
+            eval_data=eval_data,
+            device=device,
+            write_card=functools.partial(card.write_dynamic_card, model_config=config),
+        )
     return Path(out_dir)

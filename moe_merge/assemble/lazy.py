@@ -45,7 +45,7 @@ def blocks(model: MoEMergeForCausalLM) -> list[tuple[str, nn.Module]]:
     inner = model.model
     out = [("model.embed_tokens", inner.embed_tokens)]
     out += [(f"model.layers.{i}", layer) for i, layer in enumerate(inner.layers)]
-    if model.config.level == "model":
+    if model.config.level_record.whole_models:
         for e, expert in enumerate(inner.experts):
             out += [(f"model.experts.{e}.layers.{j}", layer) for j, layer in enumerate(expert.layers)]
             out += [(f"model.experts.{e}.norm", expert.norm), (f"model.experts.{e}.lm_head", expert.lm_head)]

@@ -15,20 +15,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from tqdm.auto import tqdm
 
 from moe_merge.arch import MLP_KEY, MLP_PROJS, is_mlp_tensor, layer_of
-from moe_merge.assemble import report
+from moe_merge.assemble import output, read, report
 from moe_merge.assemble.probe import LayerRunner, Stream, make_streams
 from moe_merge.config import PROMPT_INITS
-from moe_merge.errors import CompatibilityError
 from moe_merge.export import card
-from moe_merge.merge import merge_by_spec
 from moe_merge.outdir import atomic_output_dir
-from moe_merge.recipe import Recipe, TensorPlan, copy_companions
+from moe_merge.recipe import Recipe, TensorPlan
 from moe_merge.routers import prompt_init
-from moe_merge.sources import Expert
 from moe_merge.writer import ShardWriter
 
 logger = logging.getLogger(__name__)
@@ -105,21 +101,18 @@ def plan(recipe: Recipe) -> list[TensorPlan]:
 
 
 class TensorReader:
-    """Produces each planned tensor from the sources, in the output dtype."""
+    """Produces each planned tensor from the sources, in the output dtype (assemble/read.py reads them)."""
 
     def __init__(self, recipe: Recipe, dtype: torch.dtype | None, seed: int):
         self.recipe, self.dtype, self.seed = recipe, dtype, seed
-        self.spec = recipe.config.static_merge
 
     def __call__(self, p: TensorPlan) -> torch.Tensor:
-        cfg, name = self.recipe.config, p.tensor
+        cfg, name, base = self.recipe.config, p.tensor, self.recipe.base
         assert name is not None, f"{p.name} is computed, not read"
         if p.source == "base":
-            t = self.recipe.base.get(name)
+            t = base.get(name)
         elif p.source == "static":
-            base = self.recipe.base.get(name)
-            deltas = [self._checked(e, name, base).float() - base.float() for e in self.recipe.experts]
-            t = merge_by_spec(self.spec, base, deltas, self.seed, name)
+            t = read.static_merge(self.recipe, name, self.seed).to(self.dtype or base.get(name).dtype)
         else:
             if p.source == "shared":
                 expert, spec = self.recipe.shared, cfg.shared_experts[0]
@@ -127,23 +120,13 @@ class TensorReader:
                 assert p.expert is not None, f"{p.name} names no expert"
                 expert, spec = self.recipe.experts[p.expert], cfg.experts[p.expert]
             assert expert is not None, "a shared plan needs the recipe's shared expert"
-            t = self._checked(expert, name, None)
+            t = read.expert_tensor(expert, name, base.shape(name), dtype=None)
             if spec.noise_scale:
                 g = torch.Generator().manual_seed(self.seed ^ zlib.crc32(p.name.encode()))
                 t = t + torch.randn(t.shape, generator=g).to(t.dtype) * spec.noise_scale
             if spec.residual_scale is not None and name.endswith("down_proj.weight"):
                 t = t * spec.residual_scale
         return t.to(self.dtype) if self.dtype else t
-
-    def _checked(self, expert: Expert, name: str, base: torch.Tensor | None) -> torch.Tensor:
-        t = expert.get(name)
-        want = tuple(base.shape) if base is not None else self.recipe.base.shape(name)
-        if tuple(t.shape) != want:
-            raise CompatibilityError(
-                f"tensor {name!r} has shape {tuple(t.shape)} in {expert.path} but {want} in the base "
-                f"{self.recipe.base.path}"
-            )
-        return t
 
 
 def assemble_stock(
@@ -190,18 +173,16 @@ def assemble_stock(
             del tensors
         writer.finalize()
         _write_config(out_config, tmp)
-        copy_companions(recipe.base.path, tmp)
-        (tmp / "moe-merge.yaml").write_text(yaml.safe_dump(shown.config.resolved(), sort_keys=False))
-        rep = fitter.report()
-        report.write(rep, tmp)
-        quality = None
-        if eval_data:
-            from transformers import AutoModelForCausalLM
-
-            from moe_merge.quality import quality_table
-
-            quality = quality_table(AutoModelForCausalLM.from_pretrained(tmp), tokenizer, *eval_data)
-        card.write_card(tmp, shown, rep, quality)
+        output.finish(
+            tmp,
+            recipe,
+            shown,
+            fitter.report(),
+            tokenizer=tokenizer,
+            eval_data=eval_data,
+            device=device,
+            write_card=card.write_card,
+        )
     return Path(out_dir)
 
 
@@ -264,8 +245,9 @@ class RouterFitter:
         weight = self._init(positive, negative, examples)
         scale = None
         calib_tokens = [s.tokens() for s in positive + examples if s is not None]
-        if self.spec.calibrate is not None and self.spec.init in PROMPT_INITS and calib_tokens:
-            weight, scale = prompt_init.calibrate(weight, torch.cat(calib_tokens), self.spec.calibrate)
+        target = self.recipe.config.calibration_target
+        if target is not None and self.spec.init in PROMPT_INITS and calib_tokens:
+            weight, scale = prompt_init.calibrate(weight, torch.cat(calib_tokens), target)
         routers = {"router": weight}
         if self.recipe.shared is not None:
             routers["shared_router"] = self._shared_router(shared_features, positive)
@@ -289,7 +271,7 @@ class RouterFitter:
             return prompt_init.hidden_last(positive, negative)
         if init == "fit":
             sets = [_join(p, x) for p, x in zip(positive, examples)]
-            return prompt_init.fit(sets, self.spec.ridge)
+            return prompt_init.fit(sets, self.recipe.config.ridge)
         if init == "cheap_embed":
             pos, neg = self.embed_means[:num_experts], self.embed_means[num_experts:]
             return prompt_init.cheap_embed(pos, neg)

@@ -88,7 +88,7 @@ def baked_state(model: MoEMergeForCausalLM, weights: torch.Tensor) -> dict[str, 
             put(dst, layer.experts[_expert_of(w[i], f"layer {i}'s router")])
         else:
             put(dst, layer)
-    if cfg.level == "model":
+    if cfg.level_record.whole_models:
         expert = inner.experts[_expert_of(w[0], "the model router")]
         for j, layer in enumerate(expert.layers):
             put(f"model.layers.{cfg.dense_layers + j}.", layer)

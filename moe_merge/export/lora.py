@@ -95,7 +95,7 @@ def delta_factors(model: MoEMergeForCausalLM, weights: torch.Tensor, base: Check
     """Module name -> (A [r, K], B [N, r]) in float64 with B·A = the model's weight minus the base's, for merge
     weights [E] (every router) or [R, E]. Modules equal to the base are left out."""
     cfg = model.config
-    if cfg.merging.merges == "outputs":
+    if cfg.merging.mixes_outputs:
         raise ConfigError(
             f"`method: {cfg.method}` at {cfg.level} level mixes whole layers' outputs, which no LoRA on one "
             "model computes; for one expert's layers use `moe-merge bake --weights` with one-hot weights"
