@@ -30,7 +30,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from moe_merge.arch import ATTN_PROJS, FAMILIES, layer_of
+from moe_merge.arch import ATTN_PROJS, FAMILIES, Family, layer_of
 from moe_merge.assemble import output, read, report
 from moe_merge.assemble.lazy import compute_device, empty_model, lazy
 from moe_merge.config import MergeConfig
@@ -73,12 +73,12 @@ def _owner(proj: str) -> str:
     return "self_attn" if proj in ATTN_PROJS else "mlp"
 
 
-def _routed_norm(name: str, family: str, level: LevelRecord, method: Method) -> bool:
+def _routed_norm(name: str, family: Family, level: LevelRecord, method: Method) -> bool:
     """Whether base tensor `name` is a norm routed with the routed parts: a layer's (parameter merges, the
     family's norms of that level) or the final one; at model level each expert model keeps its own."""
     if level.whole_models:
         return False
-    paths = () if method.mixes_outputs else FAMILIES[family].layer_norms(level.norms)
+    paths = () if method.mixes_outputs else family.layer_norms(level.norms)
     return name == "model.norm.weight" or (
         layer_of(name) is not None and name.split(".", 3)[3].removesuffix(".weight") in paths
     )
@@ -110,7 +110,7 @@ def part_tensors(recipe: Recipe, part: str, tied: bool) -> list[str]:
     if part == "embeddings" or part == "head" and tied and shared_head:
         return ["model.embed_tokens.weight"]
     if part == "norms":
-        return [n for n in base.keys() if _routed_norm(n, base.family, cfg.level_record, cfg.merging)]
+        return [n for n in base.keys() if _routed_norm(n, FAMILIES[base.family], cfg.level_record, cfg.merging)]
     return ["lm_head.weight"] if shared_head and not tied and "lm_head.weight" in base.keys() else []
 
 
@@ -216,9 +216,8 @@ def plan(recipe: Recipe, config: MoEMergeConfig) -> list[TensorPlan]:
     out: list[TensorPlan] = []
     for name in base.keys():
         out += _plan_tensor(name, base.shape(name), config, E)
-    if (
-        config.level_record.whole_models and config.tie_word_embeddings
-    ):  # each expert's head is its own (tied) embedding
+    # at model level with tied embeddings, each expert's head is its own embedding table
+    if config.level_record.whole_models and config.tie_word_embeddings:
         embed = "model.embed_tokens.weight"
         out += [
             TensorPlan(f"model.experts.{e}.lm_head.weight", "expert", base.shape(embed), embed, e) for e in range(E)
@@ -246,7 +245,7 @@ def _plan_tensor(name: str, shape: tuple[int, ...], config: MoEMergeConfig, E: i
         return each(f"model.experts.{{e}}.layers.{layer - config.dense_layers}.{rel}")
     if name == "lm_head.weight" and config.routes("head"):
         return [] if config.tie_word_embeddings else _plan_merged(name, name, shape, config, E, "lm_head")
-    if config.routes("norms") and _routed_norm(name, config.family.model_type, config.level_record, method):
+    if config.routes("norms") and _routed_norm(name, config.family, config.level_record, method):
         return _plan_merged(name, name, shape, config, E, None, layer)
     if method.mixes_outputs:
         return each(f"model.layers.{layer}.experts.{{e}}.{rel}") if layer is not None else static
@@ -393,23 +392,31 @@ class TensorBuilder:
         static = None
         if "static" in sources or w0_static and needs_w0:
             static = read.static_merge(self.recipe, name, self.seed, self.dtype)
-        w0 = static if w0_static else self.recipe.base.get(name).to(self.dtype) if needs_w0 else None
+        base = self.recipe.base.get(name).to(self.dtype) if "base" in sources or needs_w0 and not w0_static else None
+        w0 = static if w0_static else base
         factors = None
         for p in entries:
             if p.source in ("svd_A", "svd_B", "lora_A", "lora_B"):
                 factors = factors or self._factors(p, name, w0)
                 t = factors[0] if p.source.endswith("_A") else factors[1]
             else:
-                t = self._tensor(p, name, static, w0)
+                t = self._tensor(p, name, static, base, w0)
             yield p, t.to(self.out_dtype)
 
-    def _tensor(self, p: TensorPlan, name: str, static: torch.Tensor | None, w0: torch.Tensor | None) -> torch.Tensor:
+    def _tensor(
+        self,
+        p: TensorPlan,
+        name: str,
+        static: torch.Tensor | None,
+        base: torch.Tensor | None,
+        w0: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """One entry from the group's static merge, base tensor and W0 (each read once for the group)."""
         shape = self.recipe.base.shape(name)
-        if p.source == "static":
-            assert static is not None
-            return static
-        if p.source == "base":
-            return self.recipe.base.get(name).to(self.dtype)
+        if p.source in ("static", "base"):
+            held = static if p.source == "static" else base
+            assert held is not None, f"{p.source} is read for {p.name}'s group"
+            return held
         if p.source == "expert":
             assert p.expert is not None, f"{p.name} names no expert"
             return read.expert_tensor(self.recipe.experts[p.expert], name, shape, self.dtype)
