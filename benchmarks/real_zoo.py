@@ -127,13 +127,13 @@ def stock_oracle(model, tok, rows, tasks) -> dict[str, float]:
 
 
 def static_scores(zoo: Path, experts: str, method: str, tok, rows) -> dict[str, float]:
-    from moe_merge.assemble.dynamic import StaticMerge
+    from moe_merge.assemble.read import static_merge
     from moe_merge.recipe import open_recipe
 
     recipe = open_recipe(MergeConfig.model_validate(realzoo.zoo_recipe(zoo, experts, non_expert=method)))
-    merge = StaticMerge(recipe, seed=0, dtype=torch.float32)
     model = load(recipe.base.path)
-    model.load_state_dict({name: merge(name).to(model.dtype) for name in recipe.base.keys()}, strict=False)
+    merged = {name: static_merge(recipe, name, seed=0).to(model.dtype) for name in recipe.base.keys()}
+    model.load_state_dict(merged, strict=False)
     return scores(model, tok, rows)
 
 

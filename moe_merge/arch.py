@@ -10,7 +10,7 @@ norms are `{prefix}RMSNorm`. Families differ in where their norms sit and how th
 The stock output is written in the legacy per-expert layout, which transformers 4.x, 5.x and vLLM all load
 without remote code (transformers 5 fuses the experts itself when loading). Gemma has no MoE architecture in
 transformers, so a Gemma base has no stock output: its `method: sparse` at `level: ffn` is refused (the dynamic
-methods run on it). The dynamic model, the probe, the zoo and the CLI read this table; a new family is one row
+methods run on it). The dynamic model, the stock decoder of assembly, the zoo and the CLI read this table; a new family is one row
 here (and, for the zoo, whatever its tiny config must set).
 """
 

@@ -15,7 +15,7 @@ Six experts, each on a task the base cannot do (it scores 0 % on every one), of 
 
 Four are PEFT LoRA adapters on every linear layer (r 16: `flags` and `diets`, knowledge; `zorb` and `blick`,
 skills), two full fine-tunes of every weight, embeddings, norms and tied head included (`moons`, knowledge;
-`snap`, a skill). The three rules share the prompt format word for word but for their name, and conflict: a
+`snap`, a skill); `kinds` builds one kind alone (the Gemma 3 tests train the four adapters). The three rules share the prompt format word for word but for their name, and conflict: a
 static merge of them answers neither. Each task has 16 rows where routers may look (prompts, worked examples,
 router-training rows) and 24 held out for evaluation (quality tables, routing reports).
 
@@ -264,10 +264,17 @@ class RealZooSettings:
     max_steps: int = 120
     leak: float = 0.3  # the most an expert may score on another task: chance (one of eight answers) is 12.5 %
     base_at_most: float = 0.1  # the most the base may score on any task (measured: 0 % on each)
+    kinds: tuple[str, ...] = ("lora", "full")  # the experts trained: adapters, full fine-tunes or both
 
     def __post_init__(self):
         if self.base not in BASES:
             raise ZooError(f"unknown real base {self.base!r}; choose one of {', '.join(BASES)}")
+        if not self.kinds or set(self.kinds) - {"lora", "full"}:
+            raise ZooError(f"real zoo kinds {self.kinds!r}: give one or both of lora, full")
+
+    @property
+    def tasks(self) -> tuple[Task, ...]:
+        return tuple(t for t in TASKS if t.kind in self.kinds)
 
     def lr(self, kind: str) -> float:
         given = self.lora_lr if kind == "lora" else self.full_lr
@@ -289,9 +296,12 @@ def cache_root() -> Path:
     return Path(os.environ.get("MOE_MERGE_CACHE") or Path.home() / ".cache" / "moe_merge")
 
 
-def ensure_real_zoo(base: str = "smollm2", cache_dir: Path | None = None) -> Path:
-    """The cached real zoo of `base`, built on first use and whenever its code, settings or versions change."""
-    settings = RealZooSettings(base=base)
+def ensure_real_zoo(
+    base: str = "smollm2", cache_dir: Path | None = None, kinds: tuple[str, ...] = ("lora", "full")
+) -> Path:
+    """The cached real zoo of `base` with experts of `kinds`, built on first use and whenever its code, settings or
+    versions change."""
+    settings = RealZooSettings(base=base, kinds=kinds)
     root = Path(cache_dir) if cache_dir else cache_root() / "zoo"
     path = root / f"real-{base}-{settings.key()}"
     if not (path / "zoo.json").exists():
@@ -318,9 +328,9 @@ def build_real_zoo(
                 "base": settings.base,
                 "settings": asdict(settings),
                 "key": settings.key(),
-                "experts": {t.name: t.expert for t in TASKS},
-                "lora": list(LORA_TASKS),
-                "full": list(FULL_TASKS),
+                "experts": {t.name: t.expert for t in settings.tasks},
+                "lora": [t for t in LORA_TASKS if "lora" in settings.kinds],
+                "full": [t for t in FULL_TASKS if "full" in settings.kinds],
                 "training": results,
                 "tasks": {t: task_prompts(t, settings.seed) for t in TASK_NAMES},
             }
@@ -348,7 +358,9 @@ def _build(tmp: Path, out_dir: Path, settings: RealZooSettings) -> dict[str, dic
         )
     results = {"base": {"exact_match": base_scores}}
     del base
-    for k, task in enumerate(TASKS):
+    for k, task in enumerate(TASKS):  # seeded by the task's place among all six, whichever kinds are built
+        if task.kind not in settings.kinds:
+            continue
         torch.manual_seed(settings.seed + k)
         model: Any = AutoModelForCausalLM.from_pretrained(tmp / "base", dtype=torch.float32)  # or its PEFT wrapper
         if task.kind == "lora":

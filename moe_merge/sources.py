@@ -23,6 +23,12 @@ logger = logging.getLogger(__name__)
 SAFE_INDEX, SAFE_SINGLE = "model.safetensors.index.json", "model.safetensors"
 BIN_INDEX, BIN_SINGLE = "pytorch_model.bin.index.json", "pytorch_model.bin"
 MAX_HEADER_BYTES = 100 * 2**20  # safetensors' own limit
+SAFETENSORS_DTYPES = {  # header codes of the float dtypes
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+}
 # Fields that must agree between the base and every expert, with why.
 MATCHING_FIELDS = (
     "model_type",
@@ -293,6 +299,13 @@ class Checkpoint:
             return t.numel() * t.element_size()
         start, end = self._entry(name)["data_offsets"]
         return end - start
+
+    def dtype(self, name: str) -> torch.dtype:
+        """The dtype tensor `name` is stored in, from the safetensors header for the float types."""
+        if self.weight_map[name].endswith(".bin"):
+            return self._load_bin(self.weight_map[name])[self._stored.get(name, name)].dtype
+        code = self._entry(name)["dtype"]
+        return SAFETENSORS_DTYPES[code] if code in SAFETENSORS_DTYPES else self.get(name).dtype
 
     @property
     def family(self) -> str:

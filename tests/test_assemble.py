@@ -223,6 +223,47 @@ def test_stock_router_inits_read_what_they_say(tmp_path, pico):
         torch.testing.assert_close(got, want, rtol=0, atol=1e-4, msg=init)
 
 
+def test_stock_gates_read_the_written_model_with_each_prompt_routed_to_its_expert(tmp_path, pico):
+    """A gate past layer 0 reads what the layers before it compute with the experts in place: the checkpoint as
+    written, loaded by transformers, every token of expert e's prompts routed one-hot to expert e."""
+    from transformers import AutoModelForCausalLM
+
+    from moe_merge.routers.prompt_init import direction_rows
+    from moe_merge.tokens import load_tokenizer
+
+    out = _assemble(pico_recipe(pico, router={"init": "hidden"}), tmp_path / "moe")
+    model, tok = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32), load_tokenizer(out)
+    seen, expert = [], [0]
+
+    def force(_module, _args, o):
+        n = o[0].shape[0]
+        return o[0], torch.ones(n, 1, dtype=o[1].dtype), torch.full((n, 1), expert[0])
+
+    for layer in model.model.layers:
+        layer.mlp.gate.register_forward_hook(force)
+    model.model.layers[1].mlp.register_forward_pre_hook(lambda _m, args: seen.append(args[0][0]))
+    means = []
+    with torch.no_grad():
+        for e in range(3):
+            expert[0] = e
+            for p in prompts_for(e):
+                model(**tok(p, return_tensors="pt"))
+            means.append(torch.stack([s.mean(0) for s in seen[-len(prompts_for(e)) :]]))
+    unit = torch.nn.functional.normalize
+    want = unit(direction_rows(means, [None] * 3), dim=-1)
+    torch.testing.assert_close(unit(_gates(out)[1], dim=-1), want, rtol=0, atol=1e-4)
+    # the experts change what layer 1 reads: the base's own layer 0 gives other rows
+    base_means = []
+    base = AutoModelForCausalLM.from_pretrained(pico["base"])
+    base.model.layers[1].mlp.register_forward_pre_hook(lambda _m, args: seen.append(args[0][0]))
+    with torch.no_grad():
+        for e in range(3):
+            for p in prompts_for(e):
+                base(**tok(p, return_tensors="pt"))
+            base_means.append(torch.stack([s.mean(0) for s in seen[-len(prompts_for(e)) :]]))
+    assert (unit(direction_rows(base_means, [None] * 3), dim=-1) - want).abs().max() > 1e-2
+
+
 def test_lora_experts_and_qwen2_moe_with_shared_expert(zoo_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 

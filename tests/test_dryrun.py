@@ -107,9 +107,10 @@ def test_stock_plan_of_8x7b_reads_no_tensor_data(seven_b, tmp_path, capsys, monk
     assert run.num_shards == 18  # 87 GiB cut greedily into 5 GiB shards
     mlp = 3 * 4096 * 14336 * 2
     assert run.read_bytes == run.output_bytes - 32 * 8 * 4096 * 2  # every tensor read once; routers are computed
-    # streamed: a shard, and one layer of 8 experts in bf16 with its float32 copies (13.5 GiB); never the whole model
+    # streamed: a shard, and one layer of 8 experts read back in float32 (5.5 GiB) for the prompts; never the whole
+    # model
     assert run.peak_parts["shard buffer"] == 5 * 2**30
-    assert 8 * mlp * 5 < run.peak_parts["busiest step"] < 8 * mlp * 6
+    assert 8 * mlp * 2 < run.peak_parts["busiest step"] < 8 * mlp * 2.2
     assert run.peak_bytes < run.output_bytes / 4
     assert f"{run.num_tensors} tensors" in text and "estimated peak memory" in text
 

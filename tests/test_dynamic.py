@@ -14,7 +14,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from moe_merge.arch import layer_of
 from moe_merge.assemble import assemble
-from moe_merge.assemble.dynamic import build_model, init_routers, svd_factors
+from moe_merge.assemble.dynamic import build_model
+from moe_merge.assemble.execute import svd_factors
+from moe_merge.assemble.routing import init_routers
 from moe_merge.cli import main as cli_main
 from moe_merge.config import MergeConfig
 from moe_merge.errors import ConfigError
@@ -493,7 +495,7 @@ def test_energy_rank_is_the_smallest_that_holds_the_energy_full_or_randomized():
 
 
 def test_twin_rank_by_energy_is_chosen_per_matrix_and_loads_back(sources, tmp_path):
-    from moe_merge.assemble.dynamic import svd_factors as factors_of
+    from moe_merge.assemble.execute import svd_factors as factors_of
     from moe_merge.merged_linear import LowRankMergedLinear
 
     out = assemble(

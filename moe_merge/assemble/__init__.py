@@ -1,11 +1,13 @@
 """`moe-merge assemble`: a recipe in, a checkpoint out.
 
-Both paths plan first (`TensorPlan`s: what tensor comes from where) and then execute, reading each source tensor
-the same way (`read.py`: an expert's, the static merge) and finishing the output the same way (`output.py`):
-- `stock.py`: sparse FFN level, a stock Mixtral / Qwen-MoE streamed layer by layer, routers fitted as
-  the layers pass (`probe.py` runs the prompts through them);
-- `dynamic.py`: every other method and level, a moe_merge dynamic model;
-- `dryrun.py` prints either plan with its sizes; `report.py` measures and plots the routing.
+Two outputs, one pipeline. Each path plans (`TensorPlan`s: what tensor comes from where):
+- `stock.py`: sparse FFN level, a stock Mixtral / Qwen-MoE;
+- `dynamic.py`: every other method and level, a moe_merge dynamic model.
+Then both execute alike: `execute.py` streams every planned tensor into shards (`read.py` reads the sources);
+the recipe's prompts run through the model as written, read back one block at a time (`lazy.py`, `prompts.py`);
+the routers start from what they read there (`routing.py`); the routing report is measured on the written
+checkpoint (`report.py`) and `output.py` writes everything beside the weights. `dryrun.py` prints either plan
+with its sizes.
 """
 
 from __future__ import annotations

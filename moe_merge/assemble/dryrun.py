@@ -153,12 +153,10 @@ def _dry_run_stock(recipe: Recipe, dtype: torch.dtype, shard_size: int) -> DryRu
         shard_size,
     )
     static = f"{cfg.static_summary} of the base and {E} experts"
-    # Working set of each step beyond the shard buffer: per global tensor, and per layer (its outputs,
-    # their float32 copy for the router's fit, and the largest static merge's float32 base + E deltas + result).
-    global_work = 0
-    layer_out: dict[int, int] = {}
-    layer_fp32: dict[int, int] = {}
-    layer_merge: dict[int, int] = {}
+    # Streamed as the dynamic model is (stock.assemble_stock): built one tensor at a time into the shard buffer; then
+    # the prompts run through one layer at a time, read back in float32 (its experts fused as they are read).
+    build_step = 0
+    layer_fp32: dict[int | None, int] = {}
     for p in stock.plan(recipe):
         source = {
             "base": f"base: {p.tensor}",
@@ -173,19 +171,13 @@ def _dry_run_stock(recipe: Recipe, dtype: torch.dtype, shard_size: int) -> DryRu
         n = math.prod(shape)
         if p.tensor is not None:
             run.read_bytes += (E + 1 if p.source == "static" else 1) * base.nbytes(p.tensor)
-        merge = (E + 2) * n * FLOAT32 if p.source == "static" else 0
+            build_step = max(build_step, _build_bytes(p, n, E))
         layer = layer_of(p.name)
-        if layer is None:
-            global_work = max(global_work, merge or n * dtype.itemsize)
-        else:
-            layer_out[layer] = layer_out.get(layer, 0) + n * dtype.itemsize
-            layer_fp32[layer] = layer_fp32.get(layer, 0) + 2 * n * FLOAT32  # the copy and the stacking
-            layer_merge[layer] = max(layer_merge.get(layer, 0), merge)
-    busiest = max(layer_out[k] + layer_fp32[k] + layer_merge[k] for k in layer_out)
+        layer_fp32[layer] = layer_fp32.get(layer, 0) + n * FLOAT32  # read back in float32
     run.peak_parts = {
         "runtime": RUNTIME_BYTES,
         "shard buffer": min(shard_size, run.output_bytes),
-        "busiest step": max(busiest, global_work),
+        "busiest step": max(build_step, max(v for k, v in layer_fp32.items() if k is not None)),
     }
     return run
 
@@ -273,7 +265,7 @@ def _block(name: str) -> str:
 
 
 def _build_bytes(p: TensorPlan, numel: int, experts: int) -> int:
-    """What building one planned tensor holds, in float32 (dynamic.TensorBuilder): every expert's tensor stacked
+    """What building one planned tensor holds, in float32 (execute.TensorBuilder): every expert's tensor stacked
     beside W0 and the one being read; an SVD adds its float64 copies; a static merge holds every task vector."""
     if p.source in ("experts", "deltas", "static"):
         return (experts + 2) * numel * FLOAT32

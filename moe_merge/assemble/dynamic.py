@@ -3,7 +3,7 @@ routers from prompts, write the checkpoint.
 
 `model_config()` and `plan()` say where each tensor of the dynamic model comes from (the dry run prints exactly
 that plan); of the tensor data, planning reads only what decides which parts beside the linear layers are routed.
-`built_tensors()` executes the plan one base tensor at a time; the one thing it decides is a rank left to energy,
+`execute.py` executes the plan one base tensor at a time; the one thing it decides is a rank left to energy,
 which `with_ranks` puts in the config of the model built. `assemble_dynamic` streams the tensors to disk and starts
 the routers on a model that reads them back one block at a time (lazy.py):
 - routed projections (the MLP at ffn level, every linear layer of the block at block level) hold the
@@ -20,27 +20,23 @@ from __future__ import annotations
 
 import copy
 import functools
-import itertools
 import logging
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
-from tqdm.auto import tqdm
 
 from moe_merge.arch import ATTN_PROJS, FAMILIES, Family, layer_of
 from moe_merge.assemble import output, read, report
-from moe_merge.assemble.lazy import compute_device, empty_model, lazy
-from moe_merge.config import MergeConfig
+from moe_merge.assemble.execute import execute
+from moe_merge.assemble.lazy import empty_model, lazy
+from moe_merge.assemble.routing import init_routers
 from moe_merge.errors import ConfigError
 from moe_merge.merge import DEFAULT_SCALE
 from moe_merge.methods import PARTS, LevelRecord, Method
 from moe_merge.modeling import MoEMergeConfig, MoEMergeForCausalLM
 from moe_merge.recipe import Recipe, TensorPlan
-from moe_merge.routers import prompt_init
-from moe_merge.routers.router import Router, masked_mean
+from moe_merge.routers.router import Router
 from moe_merge.sources import LoraExpert
 
 logger = logging.getLogger(__name__)
@@ -297,191 +293,12 @@ def _plan_routers(config: MoEMergeConfig) -> list[TensorPlan]:
     return [TensorPlan(f"{prefix}.{n}", "router", shape) for prefix in prefixes for n, shape in shapes]
 
 
-# ----------------------------------------------------------------------------------------- tensors
-
-
-FULL_SVD_UP_TO = 1024  # min(out, in) up to which SVDs are exact; above it, randomized when the rank allows
-OVERSAMPLE = 16  # extra columns of a randomized SVD of fixed rank
-
-
-def _svd(d: torch.Tensor, q: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """U, S, Vh of `d` (float64): exact, or randomized with `q` columns. LAPACK fails to converge on some
-    checkpoints; a randomized SVD stands in then."""
-    if q is None:
-        try:
-            return torch.linalg.svd(d, full_matrices=False)
-        except RuntimeError:
-            logger.warning("SVD did not converge on a %s matrix; using a randomized low-rank SVD", tuple(d.shape))
-            q = min(d.shape)
-    U, S, V = torch.svd_lowrank(d, q=min(q, min(d.shape)), niter=6)
-    return U, S, V.T
-
-
-def energy_rank(S: torch.Tensor, total: torch.Tensor, energy: float) -> int:
-    """The smallest r whose top-r singular values hold `energy` of `total` (= ||Δ||², Σ of every σ²)."""
-    if total == 0:
-        return 1
-    held = torch.cumsum(S.double() ** 2, 0) / total
-    return min(int(torch.searchsorted(held, torch.tensor(energy, dtype=held.dtype) - 1e-12)) + 1, S.numel())
-
-
-def svd_factors(
-    delta: torch.Tensor, rank: int | None = None, energy: float | None = None, full_svd_up_to: int = FULL_SVD_UP_TO
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """A [r, K], B [N, r] with B @ A the best rank-r approximation of `delta` [N, K], in float64 arithmetic, on
-    `delta`'s device.
-
-    `rank` fixes r; `energy` picks the smallest r holding that share of Σ σ². Above `full_svd_up_to` the SVD is
-    randomized: of width r + OVERSAMPLE for a fixed rank below full; for an energy rank, of a width that doubles
-    until its factors hold the energy: B·A = U_r U_rᵀ Δ is a projection, so what it holds is Σ of its σ², exactly,
-    and the rank is at most a little above the optimum.
-    """
-    d = delta.double()
-    small = min(d.shape) <= full_svd_up_to
-    if energy is None:
-        if rank is None:
-            raise ValueError("svd_factors needs a rank or an energy")
-        q = None if small or rank + OVERSAMPLE >= min(d.shape) else rank + OVERSAMPLE
-        U, S, Vh = _svd(d, q)
-        r = min(rank, S.numel())
-    else:
-        total = d.pow(2).sum()
-        q = None if small else 64
-        while True:
-            U, S, Vh = _svd(d, q)
-            if q is None or (S.double() ** 2).sum() >= energy * total or q >= min(d.shape):
-                break
-            q *= 2
-        r = rank = energy_rank(S, total, energy)
-    A = d.new_zeros(rank, d.shape[1])
-    B = d.new_zeros(d.shape[0], rank)
-    A[:r], B[:, :r] = Vh[:r], U[:, :r] * S[:r]
-    return A.to(delta.dtype), B.to(delta.dtype)
-
-
-def lora_factors(expert: LoraExpert, name: str, rank: int, shape, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """The adapter's A [r, K] and scaling·B [N, r] for `name`, zero-padded to `rank` (zeros if not adapted)."""
-    A, B = torch.zeros(rank, shape[1], dtype=dtype), torch.zeros(shape[0], rank, dtype=dtype)
-    if name in expert.factors:
-        a, b, scaling = expert.factors[name]
-        A[: a.shape[0]], B[:, : b.shape[1]] = a.to(dtype), b.to(dtype) * scaling
-    return A, B
-
-
-class TensorBuilder:
-    """Executes the plan one base tensor at a time: its entries (W0 and the deltas, A and B, ...) share one static
-    merge and one factorization, computed once for them and dropped after, so nothing depends on the order of the
-    groups. Tensors are computed in `dtype` (float32; float64 in tests) and returned in `out_dtype` (default
-    `dtype`); SVDs run on `device`."""
-
-    def __init__(
-        self,
-        recipe: Recipe,
-        seed: int,
-        dtype: torch.dtype,
-        device: str | torch.device = "cpu",
-        out_dtype: torch.dtype | None = None,
-    ):
-        self.recipe, self.seed, self.dtype, self.device = recipe, seed, dtype, device
-        self.out_dtype = out_dtype or dtype
-
-    def __call__(self, name: str, entries: list[TensorPlan]) -> Iterator[tuple[TensorPlan, torch.Tensor]]:
-        """Each of `entries` (all made from base tensor `name`) with its tensor, in the output dtype."""
-        sources = {p.source for p in entries}
-        w0_static, needs_w0 = self.recipe.config.merging.w0 == "static", bool(sources & {"deltas", "svd_A", "svd_B"})
-        static = None
-        if "static" in sources or w0_static and needs_w0:
-            static = read.static_merge(self.recipe, name, self.seed, self.dtype)
-        base = self.recipe.base.get(name).to(self.dtype) if "base" in sources or needs_w0 and not w0_static else None
-        w0 = static if w0_static else base
-        factors = None
-        for p in entries:
-            if p.source in ("svd_A", "svd_B", "lora_A", "lora_B"):
-                factors = factors or self._factors(p, name, w0)
-                t = factors[0] if p.source.endswith("_A") else factors[1]
-            else:
-                t = self._tensor(p, name, static, base, w0)
-            yield p, t.to(self.out_dtype)
-
-    def _tensor(
-        self,
-        p: TensorPlan,
-        name: str,
-        static: torch.Tensor | None,
-        base: torch.Tensor | None,
-        w0: torch.Tensor | None,
-    ) -> torch.Tensor:
-        """One entry from the group's static merge, base tensor and W0 (each read once for the group)."""
-        shape = self.recipe.base.shape(name)
-        if p.source in ("static", "base"):
-            held = static if p.source == "static" else base
-            assert held is not None, f"{p.source} is read for {p.name}'s group"
-            return held
-        if p.source == "expert":
-            assert p.expert is not None, f"{p.name} names no expert"
-            return read.expert_tensor(self.recipe.experts[p.expert], name, shape, self.dtype)
-        if p.source in ("experts", "deltas"):
-            # filled in one expert at a time: the stack and two of its tensors in memory (an embedding table of
-            # 262,144 rows is 670 MB in float32)
-            minus = w0 if p.source == "deltas" else None
-            assert minus is not None or p.source == "experts", "deltas are of the experts less W0"
-            out = torch.empty(len(self.recipe.experts), *shape, dtype=self.out_dtype)
-            for e, expert in enumerate(self.recipe.experts):
-                t = read.expert_tensor(expert, name, shape, self.dtype)
-                out[e] = t if minus is None else t - minus
-            return out
-        raise ValueError(f"internal error: no tensor source {p.source!r} for {p.name}")
-
-    def _factors(self, p: TensorPlan, name: str, w0: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """svd_A/B or lora_A/B [E, r, K] / [E, N, r]. A rank left to energy is each expert's energy rank, the
-        largest of them for the module (the others zero-padded); `decided_ranks` reads it from the shapes."""
-        rank = p.shape[1] if p.source.endswith("_A") else p.shape[2]
-        shape = self.recipe.base.shape(name)
-        if p.source.startswith("svd"):
-            cfg = self.recipe.config
-            energy = cfg.merging.energy(cfg.settings) if rank is None else None
-            assert w0 is not None, "SVD factors are of the experts less W0"
-            deltas = (read.expert_tensor(e, name, shape, self.dtype) - w0 for e in self.recipe.experts)
-            factors = [tuple(f.cpu() for f in svd_factors(d.to(self.device), rank, energy)) for d in deltas]
-            width = max(a.shape[0] for a, _ in factors)
-            factors = [
-                (nn.functional.pad(a, (0, 0, 0, width - a.shape[0])), nn.functional.pad(b, (0, width - b.shape[1])))
-                for a, b in factors
-            ]
-        else:
-            assert rank is not None, "an adapter's rank is planned (plan_forms)"
-            adapters = [e for e in self.recipe.experts if isinstance(e, LoraExpert)]
-            assert len(adapters) == len(self.recipe.experts), "LoRA factors are planned only when all are adapters"
-            factors = [lora_factors(e, name, rank, shape, self.dtype) for e in adapters]
-        return torch.stack([a for a, _ in factors]), torch.stack([b for _, b in factors])
-
-
 def _rank_key(base_tensor: str) -> str:
     """`delta_ranks`' key for the low-rank factors of `base_tensor`: "{layer}.{proj}", or "embed_tokens" / "lm_head"
     (`MoEMergeConfig.rank_of` reads it)."""
     module = base_tensor.rsplit(".", 2)[-2]  # e.g. model.layers.3.mlp.gate_proj.weight -> gate_proj
     layer = layer_of(base_tensor)
     return module if layer is None else f"{layer}.{module}"
-
-
-def built_tensors(
-    recipe: Recipe,
-    config: MoEMergeConfig,
-    seed: int,
-    dtype: torch.dtype,
-    device: str | torch.device = "cpu",
-    out_dtype: torch.dtype | None = None,
-) -> Iterator[tuple[TensorPlan, torch.Tensor]]:
-    """Every tensor of the dynamic model but the routers, with its plan entry, executed from `plan` one base tensor
-    at a time, computed in `dtype` and given in `out_dtype` (default `dtype`)."""
-    build = TensorBuilder(recipe, seed, dtype, device, out_dtype)
-    entries = [p for p in plan(recipe, config) if p.source != "router"]
-    with tqdm(total=len(entries), desc="building", disable=None) as bar:
-        for name, group in itertools.groupby(entries, key=lambda p: p.tensor):
-            assert name is not None, "only routers are computed, not read"
-            for p, t in build(name, list(group)):
-                yield p, t
-                bar.update()
 
 
 def decided_ranks(built: dict[TensorPlan, tuple[int, ...]]) -> dict[str, int]:
@@ -525,88 +342,10 @@ def model_from_state(config: MoEMergeConfig, state: dict[str, torch.Tensor]) -> 
 def build_model(recipe: Recipe, seed: int, dtype: torch.dtype = torch.float32) -> MoEMergeForCausalLM:
     """The whole dynamic model in memory (tests, search), its routers at zero (see `init_routers`)."""
     config = model_config(recipe, recipe.base.text_config())
-    built = dict(built_tensors(recipe, config, seed, dtype))
+    built = dict(execute(recipe, plan(recipe, config), seed, dtype, out_dtype=dtype))
     config = with_ranks(config, decided_ranks({p: tuple(t.shape) for p, t in built.items()}))
     state = {p.name: t for p, t in built.items()}
     return model_from_state(config, state).to(dtype).eval()  # type: ignore[arg-type]  # transformers wraps .to()
-
-
-# ----------------------------------------------------------------------------------------- routers
-
-
-@torch.no_grad()
-def router_inputs(model, tokenizer, groups: list[tuple[list[str], int]]) -> list[list[torch.Tensor]]:
-    """Each router's pooled input [n, H] for each group of (prompts, expert), from one forward pass in which each
-    row's routing is forced one-hot to its group's expert (perfect routing: what the router must recognise).
-    Returns [group][router]."""
-    device = compute_device(model)
-    prompts = [p for ps, _ in groups for p in ps]
-    enc = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left").to(device)
-    mask = enc["attention_mask"]
-    experts = torch.tensor([e for ps, e in groups for _ in ps])
-    forced = torch.nn.functional.one_hot(experts, model.config.num_experts).float().to(device)
-    captured: list[torch.Tensor | None] = [None] * len(model.routers())
-
-    def hook(i):
-        def grab(_module, args):
-            x = args[0].float()
-            captured[i] = (masked_mean(x, mask) if x.dim() == 3 else x).cpu()
-
-        return grab
-
-    handles = [r.register_forward_pre_hook(hook(i)) for i, r in enumerate(model.routers())]
-    try:
-        model.model(**enc, merge_weights=forced, use_cache=False)  # the decoder: routers read it, no logits needed
-    finally:
-        for h in handles:
-            h.remove()
-    sizes = [len(ps) for ps, _ in groups]
-    inputs = [c for c in captured if c is not None]
-    if len(inputs) != len(captured):
-        raise RuntimeError("a router did not run on the prompts")
-    return [list(per_router) for per_router in zip(*(c.split(sizes) for c in inputs))]
-
-
-def init_routers(model: MoEMergeForCausalLM, tokenizer, config: MergeConfig, seed: int) -> list[float | None]:
-    """Start every router as the recipe says; returns each router's calibration scale (None if none). Every router
-    with prompts to read first standardizes its input by their spread (routers/router.py), whatever its start."""
-    spec, rs = config.router_spec, model.routers()
-    g = torch.Generator().manual_seed(seed)
-    positive = negative = None
-    if all(e.positive_prompts for e in config.experts):
-        # Worked examples, where given, are more samples of the same task: they steady the discriminant.
-        groups = [(e.positive_prompts + e.examples, i) for i, e in enumerate(config.experts)]
-        groups += [(e.negative_prompts, i) for i, e in enumerate(config.experts) if e.negative_prompts]
-        inputs = iter(router_inputs(model, tokenizer, groups))
-        positive = [next(inputs) for _ in config.experts]
-        negative = [next(inputs) if e.negative_prompts else None for e in config.experts]
-        for k, r in enumerate(rs):
-            r.set_standardization(torch.cat([p[k] for p in positive]))
-    if spec.init == "uniform":
-        for r in rs:
-            r.set_constant(0.0)
-        return [None] * len(rs)
-    if spec.init == "random":
-        for r in rs:
-            if config.normalize == "none":  # raw weights start where the pre-pass runs (WEMoE: task arithmetic)
-                r.set_constant(config.merging.prepass_weights(config.settings, 1)[0], generator=g)
-            else:
-                r.set_random(spec.random_std, generator=g)
-        return [None] * len(rs)
-    if positive is None or negative is None:
-        raise ConfigError(f"`router.init: {spec.init}` needs `positive_prompts` for every expert")
-    scales = []
-    for k, r in enumerate(rs):
-        pos = [r.standardize(p[k]) for p in positive]
-        neg = [r.standardize(n[k]) if n else None for n in negative]
-        weight, bias = prompt_init.lda(pos, neg, config.ridge)
-        scale = None
-        if config.calibration_target is not None and config.normalize != "none":
-            weight, scale = prompt_init.calibrate(weight, torch.cat(pos), config.calibration_target, bias=bias)
-            bias = bias * scale
-        r.set_rows(weight, bias, generator=g)
-        scales.append(scale)
-    return scales
 
 
 # ----------------------------------------------------------------------------------------- writing
@@ -660,7 +399,7 @@ def assemble_dynamic(
     with atomic_output_dir(out_dir, force=force) as tmp:
         writer = ShardWriter(tmp, shard_size)
         shapes = {}
-        for p, t in built_tensors(recipe, config, seed, torch.float32, device, out_dtype=dtype):
+        for p, t in execute(recipe, plan(recipe, config), seed, torch.float32, device, out_dtype=dtype):
             writer.add(p.name, t)
             shapes[p] = tuple(t.shape)
         config = with_ranks(config, decided_ranks(shapes))

@@ -1,7 +1,7 @@
-"""Run a dynamic model whose weights stay on disk: each block (the embeddings, a decoder layer, the final norm,
-the head, an expert model's layer) comes into memory when it is called and goes back to the meta device when
-it returns. Assembly runs its prompts through the model it is writing this way, so that its peak memory is one
-block, not the model.
+"""Run a model whose weights stay on disk: each block (the embeddings, a decoder layer, the final norm, the head,
+an expert model's layer) comes into memory when it is called and goes back to the meta device when it returns.
+Assembly runs its prompts through the model it is writing this way (prompts.py), so that its peak memory is one
+block, not the model: `lazy_blocks` for any modules (the stock decoder, stock.py), `lazy` for the dynamic model.
 
 Routers and RoPE tables are not loaded: they are always in memory (`empty_model`).
 """
@@ -63,28 +63,45 @@ def _stored_name(model: MoEMergeForCausalLM, name: str) -> str:
 
 
 @contextlib.contextmanager
+def lazy_blocks(
+    blocks: list[tuple[nn.Module, Callable[[], dict[str, torch.Tensor]]]], device: str | torch.device = "cpu"
+) -> Iterator[None]:
+    """Within the block, each module of `blocks` loads its tensors with its `state()` (to `device`) as it is called,
+    and frees them when it returns; what `state()` does not give stays as it is."""
+    handles = []
+    for module, state in blocks:
+        loaded: list[str] = []  # the names this block holds while it runs
+
+        def fill(mod, *_, state=state, loaded=loaded):
+            tensors = state()
+            mod.load_state_dict({n: t.to(device) for n, t in tensors.items()}, strict=False, assign=True)
+            loaded[:] = tensors
+
+        def free(mod, *_, loaded=loaded):
+            held = dict(mod.state_dict())
+            mod.load_state_dict(
+                {n: torch.empty_like(held[n], device="meta") for n in loaded}, strict=False, assign=True
+            )
+            loaded.clear()
+
+        handles += [module.register_forward_pre_hook(fill), module.register_forward_hook(free)]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextlib.contextmanager
 def lazy(
     model: MoEMergeForCausalLM, load: Callable[[str], torch.Tensor], device: str | torch.device = "cpu"
 ) -> Iterator[MoEMergeForCausalLM]:
     """Within the block, `model` loads each block's tensors with `load(name)` (to `device`) as it is called and
     frees them when it returns; routers stay as they are."""
-    handles = []
-    for prefix, module in blocks(model):
+
+    def reader(prefix: str, module: nn.Module) -> Callable[[], dict[str, torch.Tensor]]:
         names = [n for n in module.state_dict() if not (n.startswith("router.") or ".router." in n)]
+        return lambda: {n: load(_stored_name(model, f"{prefix}.{n}")) for n in names}
 
-        def fill(mod, *_, prefix=prefix, names=names):
-            state = {n: load(_stored_name(model, f"{prefix}.{n}")).to(device) for n in names}
-            mod.load_state_dict(state, strict=False, assign=True)
-
-        def free(mod, *_, names=names):
-            state = dict(mod.state_dict())
-            mod.load_state_dict(
-                {n: torch.empty_like(state[n], device="meta") for n in names}, strict=False, assign=True
-            )
-
-        handles += [module.register_forward_pre_hook(fill), module.register_forward_hook(free)]
-    try:
+    with lazy_blocks([(module, reader(prefix, module)) for prefix, module in blocks(model)], device):
         yield model
-    finally:
-        for h in handles:
-            h.remove()

@@ -42,18 +42,19 @@ NO_PROMPTS = "no prompts to measure: give experts `eval_prompts` (or `positive_p
 # ----------------------------------------------------------------------------------------- stock MoE
 
 
-def layer_stats(layer: int, logits: list, streams: list, weight: torch.Tensor, scale: float | None) -> dict:
-    """Routing of every eval stream by one stock layer's router; `logits[i]` is [B, T, E] for expert i's prompts."""
+def layer_stats(layer: int, routed: list, weight: torch.Tensor, scale: float | None) -> dict:
+    """Routing of every expert's eval prompts by one stock layer's gate; `routed[i]` holds the gate's logits on
+    expert i's prompts (a TokenSet of [B, T, E] and its mask), None where it has none."""
     num_experts = weight.shape[0]
     share: list[list[float] | None] = []
     correct: list[torch.Tensor | None] = []
-    for i, (lg, s) in enumerate(zip(logits, streams)):
-        if lg is None:
+    for i, r in enumerate(routed):
+        if r is None:
             share.append(None)
             correct.append(None)
             continue
-        top1 = lg.argmax(-1)  # [B, T]
-        real = s.mask.bool()
+        top1 = r.states.argmax(-1)  # [B, T]
+        real = r.mask.bool()
         counts = torch.bincount(top1[real], minlength=num_experts).float()
         share.append((counts / counts.sum()).tolist())
         correct.append((top1 == i) | ~real)  # padding counts as correct so `all` over T works
@@ -66,7 +67,7 @@ def layer_stats(layer: int, logits: list, streams: list, weight: torch.Tensor, s
         "scale": scale,
         "max_router_cosine": cos.max().item() if num_experts > 1 else None,
         "_correct": correct,
-        "_masks": [s.mask.bool() if s is not None else None for s in streams],
+        "_masks": [r.mask.bool() if r is not None else None for r in routed],
     }
 
 
@@ -129,18 +130,18 @@ def routing_report(
     """How each router of a dynamic model sends every expert's held-out prompts (`eval_prompts`, else
     `positive_prompts`); `scales` are the routers' calibration scales, if known."""
     from moe_merge.assemble.lazy import compute_device
+    from moe_merge.assemble.prompts import encode
 
     R = model.config.num_routers
     prompts = [(e.eval_prompts if e.eval_prompts is not None else e.positive_prompts) or [] for e in config.experts]
     per_expert: list[torch.Tensor | None] = [None] * len(prompts)
     if any(prompts):  # one forward pass for every expert's prompts: a model streamed from disk reads itself once
-        enc = tokenizer([p for ps in prompts for p in ps], return_tensors="pt", padding=True, padding_side="left").to(
-            compute_device(model)
-        )
-        w = model.model(**enc, use_cache=False).merge_weights  # [B, R, E] or [B, R, T, E]; no logits needed
-        if w.dim() == 4:
-            w = masked_mean(w.permute(0, 2, 1, 3).flatten(2), enc["attention_mask"]).view(w.shape[0], w.shape[1], -1)
-        rows = w.float().cpu().split([len(ps) for ps in prompts])
+        batch, device = encode(tokenizer, [(ps, e) for e, ps in enumerate(prompts)]), compute_device(model)
+        mask = batch.mask.to(device)
+        w = model.model(input_ids=batch.ids.to(device), attention_mask=mask, use_cache=False).merge_weights
+        if w.dim() == 4:  # [B, R, T, E]: per token; else [B, R, E]
+            w = masked_mean(w.permute(0, 2, 1, 3).flatten(2), mask).view(w.shape[0], w.shape[1], -1)
+        rows = w.float().cpu().split(batch.sizes)
         per_expert = [w if ps else None for w, ps in zip(rows, prompts)]
 
     def each(f):

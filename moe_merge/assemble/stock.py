@@ -1,30 +1,33 @@
 """FFN-level sparse assembly: dense experts in, a stock Mixtral / Qwen-MoE checkpoint out.
 
-`plan()` decides where every output tensor comes from without reading tensor data; `assemble_stock()`
-executes the plan layer by layer: it reads one layer of every expert, fits that layer's router on
-the prompts, measures the routing report, and streams the tensors into sharded safetensors.
-Peak memory is one output shard plus one layer's experts, whatever the number of experts.
+`plan()` decides where every output tensor comes from without reading tensor data; `assemble_stock()` executes it
+as the dynamic path does (execute.py streams every tensor but the gates into shards), then runs the prompts through
+the written layers of the output architecture's own decoder (prompts.py, one layer in memory at a time) to fit the
+gates (routing.py) and to measure the routing report on the checkpoint as written.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
-import zlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from moe_merge.arch import MLP_KEY, MLP_PROJS, is_mlp_tensor, layer_of
-from moe_merge.assemble import output, read, report
-from moe_merge.assemble.probe import LayerRunner, Stream, make_streams
-from moe_merge.config import PROMPT_INITS
+from moe_merge.assemble import output, report
+from moe_merge.assemble.execute import COMPUTED, execute
+from moe_merge.assemble.lazy import lazy_blocks
+from moe_merge.assemble.prompts import PromptBatch, capture, encode
+from moe_merge.assemble.routing import by_kind, calibration_groups, gate_rows, shared_gate
 from moe_merge.export import card
 from moe_merge.outdir import atomic_output_dir
 from moe_merge.recipe import Recipe, TensorPlan
-from moe_merge.routers import prompt_init
+from moe_merge.routers.prompt_init import TokenSet
+from moe_merge.sources import Checkpoint
 from moe_merge.writer import ShardWriter
 
 logger = logging.getLogger(__name__)
@@ -100,35 +103,6 @@ def plan(recipe: Recipe) -> list[TensorPlan]:
     return out
 
 
-class TensorReader:
-    """Produces each planned tensor from the sources, in the output dtype (assemble/read.py reads them)."""
-
-    def __init__(self, recipe: Recipe, dtype: torch.dtype | None, seed: int):
-        self.recipe, self.dtype, self.seed = recipe, dtype, seed
-
-    def __call__(self, p: TensorPlan) -> torch.Tensor:
-        cfg, name, base = self.recipe.config, p.tensor, self.recipe.base
-        assert name is not None, f"{p.name} is computed, not read"
-        if p.source == "base":
-            t = base.get(name)
-        elif p.source == "static":
-            t = read.static_merge(self.recipe, name, self.seed).to(self.dtype or base.get(name).dtype)
-        else:
-            if p.source == "shared":
-                expert, spec = self.recipe.shared, cfg.shared_experts[0]
-            else:
-                assert p.expert is not None, f"{p.name} names no expert"
-                expert, spec = self.recipe.experts[p.expert], cfg.experts[p.expert]
-            assert expert is not None, "a shared plan needs the recipe's shared expert"
-            t = read.expert_tensor(expert, name, base.shape(name), dtype=None)
-            if spec.noise_scale:
-                g = torch.Generator().manual_seed(self.seed ^ zlib.crc32(p.name.encode()))
-                t = t + torch.randn(t.shape, generator=g).to(t.dtype) * spec.noise_scale
-            if spec.residual_scale is not None and name.endswith("down_proj.weight"):
-                t = t * spec.residual_scale
-        return t.to(self.dtype) if self.dtype else t
-
-
 def assemble_stock(
     recipe: Recipe,
     out_dir: Path,
@@ -141,43 +115,42 @@ def assemble_stock(
     device: str,
     eval_data: tuple[Path, list[dict]] | None,
 ) -> Path:
-    """Stream the stock MoE into `out_dir` layer by layer, fitting each layer's router as it passes."""
-    out_dtype = recipe.output_dtype
+    """Write the stock MoE into `out_dir`, atomically: every planned tensor but the gates, streamed into shards; then
+    the gates, fitted on the recipe's prompts run through the written layers one at a time; then the routing report,
+    measured on the checkpoint as written. Peak memory: one tensor of every expert, one layer, one shard buffer."""
+    out_dtype = recipe.output_dtype  # None: each tensor in the base's dtype
+    gate_dtype = out_dtype or torch.float32
     out_config = moe_config(recipe)
     entries = plan(recipe)
-    read = TensorReader(recipe, out_dtype, seed)
-    layers = out_config.num_hidden_layers
     logger.info(
-        "assembling %d experts x %d layers into %s (%s)", len(recipe.experts), layers, recipe.fmt.architecture, out_dir
+        "assembling %d experts x %d layers into %s (%s)",
+        len(recipe.experts),
+        out_config.num_hidden_layers,
+        recipe.fmt.architecture,
+        out_dir,
     )
-
     with atomic_output_dir(out_dir, force=force) as tmp:
         writer = ShardWriter(tmp, shard_size)
-        fitter = RouterFitter(recipe, out_config, tokenizer, seed, device, out_dtype or torch.float32)
-        by_layer: dict[int | None, list[TensorPlan]] = {}
-        for p in entries:
-            by_layer.setdefault(layer_of(p.name), []).append(p)
-        for p in by_layer.pop(None):
-            t = read(p)
+        for p, t in execute(recipe, entries, seed, torch.float32, device, out_dtype):
             writer.add(p.name, t)
-            if p.name == "model.embed_tokens.weight":
-                fitter.start(t)
-        for layer in tqdm(range(layers), desc="assembling layers", disable=None):
-            tensors = {p.name: read(p) for p in by_layer[layer] if p.tensor is not None}
-            routers = fitter.layer(layer, tensors)
-            for p in by_layer[layer]:
-                writer.add(
-                    p.name,
-                    tensors[p.name] if p.tensor is not None else routers[p.source].to(out_dtype or torch.float32),
-                )
-            del tensors
+        model = StockDecoder(recipe, out_config, entries, device)
+        with model.reading(lambda n: writer.get(n).float()):
+            gates, scales = fit_gates(model, recipe, tokenizer, seed)
+        for p in entries:
+            if p.source in COMPUTED:
+                writer.add(p.name, gates[p.name].to(gate_dtype))
         writer.finalize()
         _write_config(out_config, tmp)
+        model.set_gates({n: g.to(gate_dtype) for n, g in gates.items()})
+        written = Checkpoint(tmp)
+        with model.reading(lambda n: written.get(n).to(gate_dtype)):
+            rep = routing_report(model, recipe, tokenizer, scales)
+        del model
         output.finish(
             tmp,
             recipe,
             shown,
-            fitter.report(),
+            rep,
             tokenizer=tokenizer,
             eval_data=eval_data,
             device=device,
@@ -205,128 +178,143 @@ def _write_config(config, out: Path) -> None:
         (out / "config.json").write_text(json.dumps(data | legacy, indent=2, sort_keys=True) + "\n")
 
 
-class RouterFitter:
-    """Fits each layer's router on the prompts as the layers stream past, and records the routing report."""
+class StockDecoder:
+    """The output architecture's own decoder (`{Prefix}Model`, what transformers computes when it loads the result)
+    on the meta device, but for its RoPE tables and its gates, which stay in memory (zero until set). Within
+    `reading(load)`, each block reads its tensors from the checkpoint being written as it is called (lazy.py),
+    the layers' experts fused as transformers 5 holds them."""
 
-    def __init__(self, recipe: Recipe, out_config, tokenizer, seed: int, device: str, dtype: torch.dtype):
-        self.recipe, self.config, self.tokenizer, self.dtype = recipe, out_config, tokenizer, dtype
-        self.spec = recipe.config.router_spec
-        self.runner = LayerRunner(out_config, recipe.fmt, device)
-        self.generator = torch.Generator().manual_seed(seed)
-        self.layers: list[dict] = []
+    def __init__(self, recipe: Recipe, config, entries: list[TensorPlan], device: str):
+        self.recipe, self.fmt, self.device = recipe, recipe.fmt, torch.device(device)
+        config._attn_implementation = "sdpa"
+        config._experts_implementation = "eager"
+        with torch.device("meta"):
+            self.model = self.fmt.cls("Model")(config)
+        self.model.rotary_emb = self.fmt.cls("RotaryEmbedding")(config).to(self.device)
+        self.gates: dict[str, Any] = {}  # output name -> gate module
+        for layer, module in enumerate(self.model.layers):
+            mlp: Any = module.mlp  # the stock sparse MoE block
+            self.gates[self.fmt.router_key.format(layer=layer)] = mlp.gate
+            if recipe.shared is not None:
+                self.gates[self.fmt.shared_tensor(layer)] = mlp.shared_expert_gate
+        for gate in self.gates.values():
+            gate.to_empty(device=self.device)
+            gate.weight.data.zero_()
+        # layer (None: global) -> the names of its tensors that are neither experts nor gates
+        self.dense: dict[int | None, list[str]] = {}
+        for p in entries:
+            if p.source in ("base", "static"):
+                self.dense.setdefault(layer_of(p.name), []).append(p.name)
 
-    def start(self, embed: torch.Tensor) -> None:
-        experts = self.recipe.config.experts
-        embed = embed.float()
-        self.calib = make_streams(self.tokenizer, embed, [e.positive_prompts for e in experts], force=True)
-        self.negative = make_streams(self.tokenizer, embed, [e.negative_prompts for e in experts], force=True)
-        self.examples = make_streams(self.tokenizer, embed, [e.examples for e in experts], force=True)
-        shared = self.recipe.config.shared_experts
-        self.shared_calib = (
-            make_streams(self.tokenizer, embed, [shared[0].positive_prompts], force=True)[0] if shared else None
-        )
-        evals = [e.eval_prompts if e.eval_prompts is not None else e.positive_prompts for e in experts]
-        self.evals = make_streams(self.tokenizer, embed, evals, force=False)
-        self.embed_means = [
-            prompt_init.TokenSet(s.hidden, s.mask).prompt_means() if s is not None else None
-            for s in self.calib + self.negative
-        ]
+    def set_gates(self, gates: dict[str, torch.Tensor]) -> None:
+        for name, weight in gates.items():
+            self.gates[name].weight.data = weight.to(self.device)
 
-    def layer(self, layer: int, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Fit this layer's routers; advance every stream through the finished layer."""
-        num_experts, hidden = len(self.recipe.experts), self.config.hidden_size
-        state = self._layer_state(layer, tensors, torch.zeros(num_experts, hidden))
-        module = self.runner.build(layer, state)
-        mlp: Any = module.mlp  # the stock sparse MoE block
-        positive = self._features(module, self.calib)
-        negative = self._features(module, self.negative)
-        examples = self._features(module, self.examples)
-        shared_features = self._features(module, [self.shared_calib])[0] if self.shared_calib else None
-        weight = self._init(positive, negative, examples)
-        scale = None
-        calib_tokens = [s.tokens() for s in positive + examples if s is not None]
-        target = self.recipe.config.calibration_target
-        if target is not None and self.spec.init in PROMPT_INITS and calib_tokens:
-            weight, scale = prompt_init.calibrate(weight, torch.cat(calib_tokens), target)
-        routers = {"router": weight}
-        if self.recipe.shared is not None:
-            routers["shared_router"] = self._shared_router(shared_features, positive)
-            mlp.shared_expert_gate.weight.data = routers["shared_router"].float()
-        # The report measures the layer as it ships: in the output dtype, its router rounded to it too (a stock
-        # MoE's router computes in the model's dtype).
-        mlp.gate.weight.data = weight.float()
-        module.to(self.dtype)
-        stats = [self.runner.step(module, s)[1].float() if s is not None else None for s in self.evals]
-        self.layers.append(report.layer_stats(layer, stats, self.evals, weight, scale))
-        return routers
+    def layer_gates(self) -> list[Any]:
+        return [module.mlp.gate for module in self.model.layers]  # type: ignore[union-attr]
 
-    def _features(self, module, streams: list[Stream | None]) -> list[prompt_init.TokenSet | None]:
-        return [self.runner.step(module, s)[0] if s is not None else None for s in streams]
+    def reading(self, load: Callable[[str], torch.Tensor]):
+        """Within the block, every block reads its tensors with `load(name)` (output names) while it runs."""
+        inner = self.model
 
-    def _init(self, positive, negative, examples) -> torch.Tensor:
-        init, num_experts, hidden = self.spec.init, len(self.recipe.experts), self.config.hidden_size
-        if init == "hidden":
-            return prompt_init.hidden(positive, negative)
-        if init == "hidden_last":
-            return prompt_init.hidden_last(positive, negative)
-        if init == "fit":
-            sets = [_join(p, x) for p, x in zip(positive, examples)]
-            return prompt_init.fit(sets, self.recipe.config.ridge)
-        if init == "cheap_embed":
-            pos, neg = self.embed_means[:num_experts], self.embed_means[num_experts:]
-            return prompt_init.cheap_embed(pos, neg)
-        if init == "random":
-            return prompt_init.random(num_experts, hidden, self.spec.random_std, self.generator)
-        return prompt_init.uniform(num_experts, hidden, self.generator)
+        def glob(prefix: str) -> Callable[[], dict[str, torch.Tensor]]:
+            return lambda: {n.removeprefix(prefix): load(n) for n in self.dense[None] if n.startswith(prefix)}
 
-    def _shared_router(self, shared_features, positive) -> torch.Tensor:
-        """Qwen2-MoE's sigmoid gate on the shared expert: zero (a constant 0.5) unless the shared expert has
-        prompts, then their direction against the routed experts' prompts, as mergekit does."""
-        if shared_features is None:
-            return torch.zeros(1, self.config.hidden_size)
-        others = torch.cat([p.prompt_means() for p in positive if p is not None])
-        return prompt_init.direction_rows([shared_features.prompt_means()], [others])
+        blocks = [(inner.embed_tokens, glob("model.embed_tokens.")), (inner.norm, glob("model.norm."))]
+        blocks += [(module, functools.partial(self._layer_state, i, load)) for i, module in enumerate(inner.layers)]
+        return lazy_blocks(blocks, self.device)
 
-    def _layer_state(
-        self, layer: int, tensors: dict[str, torch.Tensor], router: torch.Tensor
-    ) -> dict[str, torch.Tensor]:
-        """The stock decoder layer's in-memory state dict (transformers 5 fused experts) from output tensors."""
-        fmt, prefix = self.recipe.fmt, f"model.layers.{layer}."
-        state = {}
-        expert_names: set[str] = set()
-        for e in range(len(self.recipe.experts)):
-            expert_names.update(fmt.expert_tensor(layer, e, p) for p in MLP_PROJS)
-        for name, t in tensors.items():
-            if name not in expert_names and not (fmt.shared_expert_key and ".shared_expert." in name):
-                state[name.removeprefix(prefix)] = t
+    def _layer_state(self, layer: int, load: Callable[[str], torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Decoder layer `layer`'s state dict but its gates, from output tensors: the experts stacked and fused."""
+        fmt, prefix, E = self.fmt, f"model.layers.{layer}.", len(self.recipe.experts)
+        state = {name.removeprefix(prefix): load(name) for name in self.dense[layer]}
 
-        def stack(proj):
-            return torch.stack([tensors[fmt.expert_tensor(layer, e, proj)] for e in range(len(self.recipe.experts))])
+        def fused(projs: tuple[str, ...]) -> torch.Tensor:
+            """[E, rows of every proj, in]: filled one expert tensor at a time, so one layer is held once."""
+            shapes = [self.recipe.base.shape(MLP_KEY.format(layer=layer, proj=p)) for p in projs]
+            out: torch.Tensor | None = None
+            for e in range(E):
+                row = 0
+                for proj, (rows, cols) in zip(projs, shapes):
+                    t = load(fmt.expert_tensor(layer, e, proj))
+                    out = torch.empty(E, sum(s[0] for s in shapes), cols, dtype=t.dtype) if out is None else out
+                    out[e, row : row + rows] = t
+                    row += rows
+            assert out is not None, "a stock MoE has experts"
+            return out
 
-        state["mlp.experts.gate_up_proj"] = torch.cat([stack("gate_proj"), stack("up_proj")], dim=1)
-        state["mlp.experts.down_proj"] = stack("down_proj")
-        state["mlp.gate.weight"] = router
+        state["mlp.experts.gate_up_proj"] = fused(("gate_proj", "up_proj"))
+        state["mlp.experts.down_proj"] = fused(("down_proj",))
         if self.recipe.shared is not None:
             for proj in MLP_PROJS:
-                state[f"mlp.shared_expert.{proj}.weight"] = tensors[fmt.shared_tensor(layer, proj)]
-            state["mlp.shared_expert_gate.weight"] = torch.zeros(1, self.config.hidden_size)
+                state[f"mlp.shared_expert.{proj}.weight"] = load(fmt.shared_tensor(layer, proj))
         return state
 
-    def report(self) -> dict:
-        return report.summarise(self.layers, self.recipe.labels, self.recipe.config)
+    def run(self, batch: PromptBatch, forced: bool) -> None:
+        """The decoder on `batch`; `forced` routes every token one-hot to its row's expert."""
+        B, T = batch.ids.shape
+        experts = batch.experts[:, None].expand(B, T).reshape(-1, 1).to(self.device)
+
+        def force(_module, _args, out):
+            return out[0], torch.ones(len(experts), 1, dtype=out[1].dtype, device=self.device), experts
+
+        hooks = [g.register_forward_hook(force) for g in self.layer_gates()] if forced else []
+        try:
+            self.model(input_ids=batch.ids.to(self.device), attention_mask=batch.mask.to(self.device), use_cache=False)
+        finally:
+            for h in hooks:
+                h.remove()
 
 
-def _join(a: prompt_init.TokenSet | None, b: prompt_init.TokenSet | None) -> prompt_init.TokenSet:
-    parts = [s for s in (a, b) if s is not None]
-    if len(parts) == 1:
-        return parts[0]
-    width = max(s.states.shape[1] for s in parts)
+def fit_gates(
+    model: StockDecoder, recipe: Recipe, tokenizer, seed: int
+) -> tuple[dict[str, torch.Tensor], list[float | None]]:
+    """Every gate (and Qwen2-MoE's shared-expert gates) from the states the prompts give where each gate reads,
+    every token routed one-hot to its prompt's expert; returns them by output name, and each layer's calibration
+    scale."""
+    cfg, fmt = recipe.config, recipe.fmt
+    hidden, layers = model.model.config.hidden_size, len(model.model.layers)
+    groups = calibration_groups(cfg)
+    shared = cfg.shared_experts[0].positive_prompts if cfg.shared_experts else []
+    groups.append((shared or [], 0))  # through expert 0: its gate needs only their direction against the experts'
+    captured: list[list[Any]] = [[None] * len(groups)] * (layers + 1)  # no prompts: nothing to read
+    if any(ps for ps, _ in groups):
+        batch = encode(tokenizer, groups)
+        modules = [model.model.layers[0], *model.layer_gates()]  # the embeddings (layer 0's input), each gate's
+        captured = capture(modules, lambda: model.run(batch, forced=True), batch)
+    embeds = by_kind(captured[0], cfg)
+    embed_means = (
+        [s.prompt_means() if s is not None else None for s in embeds["positive_prompts"]],
+        [s.prompt_means() if s is not None else None for s in embeds["negative_prompts"]],
+    )
+    g = torch.Generator().manual_seed(seed)
+    gates: dict[str, torch.Tensor] = {}
+    scales: list[float | None] = []
+    for layer, sets in enumerate(captured[1:]):
+        kinds = by_kind(sets, cfg)
+        weight, scale = gate_rows(cfg, kinds, embed_means, hidden, g)
+        gates[fmt.router_key.format(layer=layer)] = weight
+        scales.append(scale)
+        if recipe.shared is not None:
+            gates[fmt.shared_tensor(layer)] = shared_gate(
+                sets[-1] if shared else None, kinds["positive_prompts"], hidden
+            )
+    return gates, scales
 
-    def pad(s):
-        return (
-            torch.nn.functional.pad(s.states, (0, 0, 0, width - s.states.shape[1])),
-            torch.nn.functional.pad(s.mask, (0, width - s.mask.shape[1])),
-        )
 
-    (xa, ma), (xb, mb) = pad(parts[0]), pad(parts[1])
-    return prompt_init.TokenSet(torch.cat([xa, xb]), torch.cat([ma, mb]))
+def routing_report(model: StockDecoder, recipe: Recipe, tokenizer, scales: list[float | None]) -> dict:
+    """Where each expert's held-out prompts (`eval_prompts`, else `positive_prompts`) are routed, token by token, by
+    every gate of the model as it is set, in its dtype."""
+    cfg = recipe.config
+    evals = [(e.eval_prompts if e.eval_prompts is not None else e.positive_prompts) or [] for e in cfg.experts]
+    gates = model.layer_gates()
+    logits: list[list[TokenSet | None]] = [[None] * len(evals) for _ in gates]
+    if any(evals):
+        batch = encode(tokenizer, [(ps, e) for e, ps in enumerate(evals)])
+        captured = capture(gates, lambda: model.run(batch, forced=False), batch, output=True)
+        logits = [[s if ps else None for s, ps in zip(sets, evals)] for sets in captured]
+    layers = [
+        report.layer_stats(layer, sets, gate.weight.detach().cpu(), scales[layer])
+        for layer, (gate, sets) in enumerate(zip(gates, logits))
+    ]
+    return report.summarise(layers, recipe.labels, cfg)
