@@ -45,6 +45,7 @@ import yaml
 from moe_merge import realzoo
 from moe_merge.assemble import assemble
 from moe_merge.config import MergeConfig
+from moe_merge.methods import DYNAMIC_PAIRS
 from moe_merge.quality import exact_match, oracle_scores
 from moe_merge.tokens import load_tokenizer
 
@@ -53,16 +54,6 @@ from assemble import measure
 from decode import peer_env
 
 RESULTS = Path(__file__).parent / "results"
-DYNAMIC = [
-    ("smear", "ffn"),
-    ("wemoe", "ffn"),
-    ("twin", "ffn"),
-    ("smear", "block"),
-    ("wemoe", "block"),
-    ("twin", "block"),
-    ("sparse", "block"),
-    ("sparse", "model"),
-]
 STOCK = {  # name -> recipe overrides: the stock Mixtral export
     "mergekit's YAML (gate_mode hidden, top-2, the base's attention)": {
         "gate_mode": "hidden",
@@ -181,7 +172,7 @@ def quality(zoo: Path, work: Path, steps: int, sets: list[str]) -> dict:
                 exported, summary = trained(model_dir, work / f"{target.name}-run", tasks, steps)
                 row["trained"], row["seconds_per_step"] = scores(load(exported), tok, rows), summary["seconds_per_step"]
             print(experts, name, row, flush=True)
-        for method, level in DYNAMIC:
+        for method, level in DYNAMIC_PAIRS:
             t0 = time.perf_counter()
             model_dir = assemble(
                 MergeConfig.model_validate(realzoo.zoo_recipe(zoo, experts, method=method, level=level)),

@@ -9,6 +9,7 @@ from typing import Any
 import yaml
 
 from moe_merge import zoo
+from moe_merge.methods import DYNAMIC_PAIRS
 from moe_merge.tokens import load_tokenizer
 
 SPARSE_FFN = {  # stock Mixtral outputs (Foundation): name -> recipe overrides
@@ -16,17 +17,6 @@ SPARSE_FFN = {  # stock Mixtral outputs (Foundation): name -> recipe overrides
     "sparse ffn, router.init fit, top-1": {"router": {"init": "fit"}, "experts_per_token": 1},
 }
 STATIC = ("average", "task_arithmetic", "ties")
-# Dynamic models, each with nothing but method and level set: training-free, prompt-initialised routers.
-DYNAMIC = [
-    ("smear", "ffn"),
-    ("wemoe", "ffn"),
-    ("twin", "ffn"),
-    ("smear", "block"),
-    ("wemoe", "block"),
-    ("twin", "block"),
-    ("sparse", "block"),
-    ("sparse", "model"),
-]
 
 
 TRAIN_STEPS = 300  # router-only steps for every trained row (the goal's budget)
@@ -216,7 +206,7 @@ def run_demo(out: Path) -> dict:
             f"| model | {tasks} | worst | oracle: worst | trained: worst |\n|---|"
             + "---|" * (len(zoo.EXPERT_TASKS) + 3)
         )
-        for method, level in DYNAMIC:
+        for method, level in DYNAMIC_PAIRS:
             name = f"{method} {level}"
             target = _assemble(
                 zoo_dir, variant, {"method": method, "level": level}, out / f"{variant}-{method}-{level}"
@@ -349,7 +339,7 @@ def run_real_demo(out: Path, base: str) -> dict:
         row(name, results[name])
     print("\nDynamic models, training-free; the oracle forces each task's merge weights one-hot to its expert:\n")
     print(f"| model | {' | '.join(tasks)} | worst | oracle: worst |\n|---|" + "---|" * (len(tasks) + 2))
-    for method, level in DYNAMIC:
+    for method, level in DYNAMIC_PAIRS:
         target = (
             smear
             if (method, level) == ("smear", "block")

@@ -286,3 +286,12 @@ METHODS: dict[str, Method] = {
         ),
     )
 }
+
+# Every (method, level) that assembles a dynamic model, level by level, parameter merges before output mixing: what
+# the demo, the real-model tests and benchmarks run, so that a new record reaches all of them.
+DYNAMIC_PAIRS: tuple[tuple[str, Level], ...] = tuple(
+    (m.name, level)
+    for level in LEVELS
+    for m in sorted(METHODS.values(), key=lambda m: m.mixes_outputs)
+    if level in m.levels and not m.writes_stock(level)
+)

@@ -15,7 +15,7 @@ from moe_merge.config import MergeConfig
 from moe_merge.errors import ModelConfigError
 from moe_merge.export.bake import baked_model
 from moe_merge.merge import StaticSpec
-from moe_merge.methods import METHODS, Method
+from moe_merge.methods import DYNAMIC_PAIRS, LEVELS, METHODS, Method
 from moe_merge.modeling import MoEMergeConfig
 from moe_merge.recipe import open_recipe
 from tests.conftest import pico_recipe
@@ -27,6 +27,21 @@ def test_a_recipe_names_a_registered_method_or_is_refused_with_the_choices(pico)
         assert MergeConfig.model_validate(pico_recipe(pico, method=name, level="block")).merging is METHODS[name]
     with pytest.raises(ValueError, match=r"`method: ties_routed` is not a merging method; choose one of sparse, smear"):
         MergeConfig.model_validate(pico_recipe(pico, method="ties_routed", level="block"))
+
+
+def test_the_dynamic_pairs_are_every_method_and_level_a_recipe_accepts_as_a_dynamic_model(pico):
+    """The demo, the real-model tests and benchmarks run `DYNAMIC_PAIRS`: a new record or level reaches them all."""
+    accepted = []
+    for level in LEVELS:
+        for name in METHODS:
+            try:
+                cfg = MergeConfig.model_validate(pico_recipe(pico, method=name, level=level))
+            except ValueError:
+                continue
+            if cfg.dynamic:
+                accepted.append((name, level))
+    assert sorted(accepted) == sorted(DYNAMIC_PAIRS) and len(set(DYNAMIC_PAIRS)) == len(DYNAMIC_PAIRS)
+    assert ("sparse", "ffn") not in DYNAMIC_PAIRS and ("smear", "model") not in DYNAMIC_PAIRS
 
 
 @pytest.mark.parametrize(

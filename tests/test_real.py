@@ -27,24 +27,15 @@ from moe_merge import realzoo
 from moe_merge.assemble import assemble
 from moe_merge.cli import main as cli_main
 from moe_merge.config import MergeConfig
+from moe_merge.methods import DYNAMIC_PAIRS
 from moe_merge.quality import exact_match
 from moe_merge.tokens import load_tokenizer
 from tests.test_realistic import assert_close_in_bf16
 
 pytestmark = pytest.mark.slow
 
-LORA_DYNAMIC = {  # name -> (experts, recipe overrides): every dynamic method at ffn, block and model level
-    f"{method}-{level}": ("lora", {"method": method, "level": level})
-    for method, level in [
-        ("smear", "ffn"),
-        ("wemoe", "ffn"),
-        ("twin", "ffn"),
-        ("smear", "block"),
-        ("wemoe", "block"),
-        ("twin", "block"),
-        ("sparse", "block"),
-        ("sparse", "model"),
-    ]
+LORA_DYNAMIC = {  # name -> (experts, recipe overrides): every dynamic method at every level it runs at
+    f"{method}-{level}": ("lora", {"method": method, "level": level}) for method, level in DYNAMIC_PAIRS
 }
 RECIPES = {
     "stock": ("lora", {"router": {"init": "fit"}, "experts_per_token": 1}),  # a stock Mixtral
