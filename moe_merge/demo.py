@@ -253,7 +253,7 @@ def _assemble(zoo_dir: Path, variant: str, overrides: dict, target: Path) -> Pat
 def _samples(model_dir: Path) -> None:
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    model: Any = AutoModelForCausalLM.from_pretrained(model_dir)  # a dynamic model: generate's annotations vary
     tok = load_tokenizer(model_dir)
     for task in zoo.EXPERT_TASKS:
         word = zoo.task_prompts(task)["eval_words"][0]

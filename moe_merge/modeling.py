@@ -39,6 +39,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PreT
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
 from transformers.configuration_utils import SubConfigSpec
+from transformers.generation.continuous_batching import PagedAttentionCache
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
@@ -359,12 +360,12 @@ class MoEMergeDecoderLayer(GradientCheckpointingLayer):
             q, k = apply(attn.q_norm, q, w), apply(attn.k_norm, k, w)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         q, k = self._rope(q, k, *position_embeddings)
-        if cache is not None:
-            k, v = (
-                cache.update(k, v, attn.layer_idx, kwargs=kwargs)
-                if CACHE == "cache"
-                else cache.update(k, v, attn.layer_idx)
-            )
+        if cache is not None and CACHE == "cache":
+            k, v = cache.update(k, v, attn.layer_idx, kwargs=kwargs)
+        elif isinstance(cache, PagedAttentionCache):  # 5.23: the paged attention function updates it, as `cache`
+            kwargs["cache"] = cache
+        elif cache is not None:
+            k, v = cache.update(k, v, attn.layer_idx)
         interface = ALL_ATTENTION_FUNCTIONS.get_interface(attn.config._attn_implementation, self._eager)
         extra = {
             name: getattr(attn, key)

@@ -455,7 +455,8 @@ def _build(tmp: Path, out_dir: Path, settings: ZooSettings) -> dict[str, dict]:
         for k, task in enumerate(EXPERT_TASKS):
             name = f"{variant}/{task}-lora" if task in LORA_EXPERTS else f"{variant}/{task}"
             torch.manual_seed(seed + k)
-            model = AutoModelForCausalLM.from_pretrained(tmp / "base", dtype=torch.float32)
+            # Any: transformers' and PEFT's annotations disagree across the tested releases on what this becomes
+            model: Any = AutoModelForCausalLM.from_pretrained(tmp / "base", dtype=torch.float32)
             if task in LORA_EXPERTS:
                 from peft import get_peft_model
 
